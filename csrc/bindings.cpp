@@ -1,0 +1,242 @@
+// The one Python binding file: wraps the C++ core (dola-engine.h) for dola_cpp/_core.
+#include "dola-engine.h"
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <optional>
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+py::array_t<T> to_array(std::vector<T> && v, std::vector<py::ssize_t> shape) {
+    auto * heap = new std::vector<T>(std::move(v));
+    py::capsule owner(heap, [](void * p) { delete static_cast<std::vector<T> *>(p); });
+    return py::array_t<T>(shape, heap->data(), owner);
+}
+
+std::vector<int32_t> to_tokens(const py::array_t<int64_t, py::array::c_style | py::array::forcecast> & a) {
+    if (a.ndim() != 1) throw py::value_error("token ids must be a 1-D sequence of integers");
+    std::vector<int32_t> out(a.size());
+    const int64_t * d = a.data();
+    for (py::ssize_t i = 0; i < a.size(); ++i) {
+        if (d[i] < INT32_MIN || d[i] > INT32_MAX) throw py::value_error("token id " + std::to_string(d[i]) + " is outside the vocabulary");
+        out[i] = (int32_t) d[i];
+    }
+    return out;
+}
+
+// A session plus the Python-side interrupt plumbing: while llama.cpp computes without the GIL,
+// the abort callback briefly takes the GIL every ~20 ms to run Python's signal handlers, so
+// Ctrl-C on the main thread stops prefill and decode; the handler's exception is re-raised.
+class py_session {
+public:
+    py_session(std::shared_ptr<dola::model> m, const dola::context_params & p) : s(std::move(m), p) {
+        s.set_interrupt_check([this] {
+            if (PyGILState_Check()) return false;  // never re-enter while holding the GIL
+            py::gil_scoped_acquire gil;
+            if (PyErr_CheckSignals() != 0) {
+                pending.emplace();  // fetches and clears the handler's exception
+                return true;
+            }
+            return false;
+        });
+    }
+
+    template <typename F>
+    auto run(F && f) -> decltype(f()) {
+        s.reset_cancel();
+        try {
+            py::gil_scoped_release release;
+            return f();
+        } catch (const dola::aborted &) {
+            if (pending) {
+                py::error_already_set e = std::move(*pending);
+                pending.reset();
+                e.restore();
+                throw py::error_already_set();
+            }
+            throw;
+        }
+    }
+
+    dola::session s;
+    std::optional<py::error_already_set> pending;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+    m.doc() = "dola-cpp C++ core (private; use the dola_cpp package)";
+
+    static py::exception<dola::error> dola_error(m, "Error", PyExc_ValueError);
+    static py::exception<dola::aborted> dola_cancelled(m, "Cancelled", PyExc_RuntimeError);
+    py::register_exception_translator([](std::exception_ptr p) {
+        try {
+            if (p) std::rethrow_exception(p);
+        } catch (const dola::error & e) {
+            py::set_error(dola_error, e.what());
+        } catch (const dola::aborted & e) {
+            py::set_error(dola_cancelled, e.what());
+        }
+    });
+
+    m.def("check_gguf_file", &dola::check_gguf_file, py::arg("path"));
+    m.def("convert_model", &dola::convert_model, py::arg("src"), py::arg("dst"), py::arg("type") = "F32",
+          py::arg("n_threads") = 0, py::call_guard<py::gil_scoped_release>());
+    m.def("system_info", [] { dola::backend_init_once(); return std::string(llama_print_system_info()); });
+    m.def("supports_gpu_offload", [] { dola::backend_init_once(); return llama_supports_gpu_offload(); });
+
+    // Vector kernels, exposed for the tests' numpy reference checks.
+    using farr = py::array_t<float, py::array::c_style | py::array::forcecast>;
+    m.def("log_softmax", [](farr z) {
+        std::vector<float> out(z.size());
+        dola::log_softmax(z.data(), out.data(), z.size());
+        return to_array(std::move(out), {z.size()});
+    });
+    m.def("jsd", [](farr lp, farr lq) {
+        if (lp.size() != lq.size()) throw py::value_error("lp and lq differ in length");
+        return dola::jsd(lp.data(), lq.data(), lp.size());
+    });
+    m.def("dola_step", [](farr z_mature, farr z_cand, double relative_top) {
+        if (z_cand.ndim() != 2 || z_cand.shape(1) != z_mature.size()) throw py::value_error("z_cand must be [K, n_vocab]");
+        const int64_t n = z_mature.size();
+        const int32_t K = (int32_t) z_cand.shape(0);
+        if (K < 1) throw py::value_error("need at least one candidate");
+        std::vector<float> cand(z_cand.data(), z_cand.data() + z_cand.size()), lp(n), scores(n);
+        dola::contrast_result r = dola::dola_step(z_mature.data(), cand.data(), K, n, relative_top, lp.data(), scores.data());
+        return py::make_tuple(r.premature_index, to_array(std::move(r.jsd), {(py::ssize_t) r.jsd.size()}),
+                              to_array(std::move(scores), {n}));
+    }, py::arg("z_mature"), py::arg("z_cand"), py::arg("relative_top") = 0.1);
+    m.def("repetition_penalty", [](farr scores, py::array_t<int32_t, py::array::c_style | py::array::forcecast> ids, float penalty) {
+        std::vector<float> out(scores.data(), scores.data() + scores.size());
+        dola::repetition_penalty(out.data(), out.size(), ids.data(), ids.size(), penalty);
+        return to_array(std::move(out), {scores.size()});
+    });
+    m.def("lm_score_diff", [](farr lp, farr lq, bool post_softmax, double relative_top, float mask_value) {
+        std::vector<float> out(lp.size());
+        dola::lm_score_diff(lp.data(), lq.data(), lp.size(), post_softmax, relative_top, mask_value, out.data());
+        return to_array(std::move(out), {lp.size()});
+    });
+
+    py::class_<dola::model, std::shared_ptr<dola::model>>(m, "Model")
+        .def(py::init([](const std::string & path, int32_t n_gpu_layers, bool use_mmap) {
+                 dola::model_params p;
+                 p.n_gpu_layers = n_gpu_layers;
+                 p.use_mmap = use_mmap;
+                 py::gil_scoped_release release;  // loading reads hundreds of MB
+                 return std::make_shared<dola::model>(path, p);
+             }),
+             py::arg("path"), py::arg("n_gpu_layers") = -1, py::arg("use_mmap") = true)
+        .def_property_readonly("n_layer", &dola::model::n_layer)
+        .def_property_readonly("n_embd", &dola::model::n_embd)
+        .def_property_readonly("n_vocab", &dola::model::n_vocab)
+        .def_property_readonly("n_ctx_train", &dola::model::n_ctx_train)
+        .def_property_readonly("tied_embeddings", &dola::model::tied_embeddings)
+        .def_property_readonly("architecture", &dola::model::architecture)
+        .def_property_readonly("description", &dola::model::description)
+        .def_property_readonly("chat_template", &dola::model::chat_template)
+        .def_property_readonly("add_bos", &dola::model::add_bos)
+        .def_property_readonly("eos", &dola::model::eos)
+        .def_property_readonly("n_params", &dola::model::n_params)
+        .def_property_readonly("size_bytes", &dola::model::size_bytes)
+        .def("meta", &dola::model::meta, py::arg("key"))
+        .def("metadata", &dola::model::metadata)
+        .def("is_eog", &dola::model::is_eog, py::arg("token"))
+        .def("tokenize", &dola::model::tokenize, py::arg("text"), py::arg("add_special"), py::arg("parse_special"))
+        .def("token_to_piece", [](const dola::model & self, int32_t t, bool special) {
+            if (t < 0 || t >= self.n_vocab()) throw dola::error("token id " + std::to_string(t) + " is outside the vocabulary");
+            return py::bytes(self.token_to_piece(t, special));
+        }, py::arg("token"), py::arg("special") = false)
+        .def("detokenize", [](const dola::model & self, py::array_t<int64_t, py::array::c_style | py::array::forcecast> ids, bool special) {
+            std::vector<int32_t> toks = to_tokens(ids);
+            for (int32_t t : toks) {
+                if (t < 0 || t >= self.n_vocab()) throw dola::error("token id " + std::to_string(t) + " is outside the vocabulary");
+            }
+            return py::bytes(self.detokenize(toks, special));
+        }, py::arg("tokens"), py::arg("special") = false)
+        .def("apply_chat_template", &dola::model::apply_chat_template, py::arg("messages"),
+             py::arg("add_assistant") = true, py::arg("template") = "");
+
+    py::class_<dola::step_result>(m, "Step")
+        .def_readonly("token", &dola::step_result::token)
+        .def_readonly("premature_layer", &dola::step_result::premature_layer)
+        .def_property_readonly("jsd", [](const dola::step_result & s) {
+            std::vector<float> v = s.jsd;
+            return to_array(std::move(v), {(py::ssize_t) s.jsd.size()});
+        })
+        .def_readonly("mature_logprob", &dola::step_result::mature_logprob)
+        .def_readonly("score", &dola::step_result::score)
+        .def_readonly("entropy", &dola::step_result::entropy);
+
+    py::class_<dola::score_result>(m, "ScoreResult")
+        .def_readonly("total", &dola::score_result::total)
+        .def_readonly("token_scores", &dola::score_result::token_scores)
+        .def_readonly("premature_layers", &dola::score_result::premature_layers);
+
+    py::class_<dola::decode_params>(m, "DecodeParams")
+        .def(py::init<>())
+        .def_readwrite("candidates", &dola::decode_params::candidates)
+        .def_readwrite("mature", &dola::decode_params::mature)
+        .def_readwrite("relative_top", &dola::decode_params::relative_top)
+        .def_readwrite("repetition_penalty", &dola::decode_params::repetition_penalty)
+        .def_readwrite("premature_norm", &dola::decode_params::premature_norm)
+        .def_readwrite("temperature", &dola::decode_params::temperature)
+        .def_readwrite("top_k", &dola::decode_params::top_k)
+        .def_readwrite("top_p", &dola::decode_params::top_p)
+        .def_readwrite("min_p", &dola::decode_params::min_p)
+        .def_readwrite("seed", &dola::decode_params::seed);
+
+    py::class_<py_session>(m, "Session")
+        .def(py::init([](std::shared_ptr<dola::model> mdl, uint32_t n_ctx, int32_t n_threads, uint32_t n_batch,
+                         const std::string & kv_type) {
+                 dola::context_params p;
+                 p.kv_type = kv_type;
+                 p.n_ctx = n_ctx;
+                 p.n_threads = n_threads;
+                 p.n_batch = n_batch;
+                 return std::make_unique<py_session>(std::move(mdl), p);
+             }),
+             py::arg("model"), py::arg("n_ctx") = 2048, py::arg("n_threads") = 0, py::arg("n_batch") = 512, py::arg("kv_type") = "f16")
+        .def_property_readonly("n_ctx", [](const py_session & self) { return self.s.n_ctx(); })
+        .def_property_readonly("n_threads", [](const py_session & self) { return self.s.n_threads(); })
+        .def_property_readonly("n_cached", [](const py_session & self) { return self.s.tokens().size(); })
+        .def_property_readonly("cached_tokens", [](const py_session & self) { return self.s.tokens(); })
+        .def("configure", [](py_session & self, const dola::decode_params & p) { self.s.configure(p); })
+        .def("prefill", [](py_session & self, py::array_t<int64_t, py::array::c_style | py::array::forcecast> ids) {
+            std::vector<int32_t> toks = to_tokens(ids);
+            self.run([&] { self.s.prefill(toks); });
+        })
+        .def("sample", [](py_session & self) { return self.run([&] { return self.s.sample(); }); })
+        .def("accept", [](py_session & self, int32_t t) { self.run([&] { self.s.accept(t); }); })
+        .def("clear", [](py_session & self) { self.s.clear(); })
+        .def("cancel", [](py_session & self) { self.s.cancel(); })  // any thread, GIL not needed
+        .def("layer_logits", [](py_session & self, py::array_t<int64_t, py::array::c_style | py::array::forcecast> ids,
+                                std::vector<int32_t> layers, bool premature_norm, bool project_final) {
+            std::vector<int32_t> toks = to_tokens(ids);
+            std::vector<float> out = self.run([&] { return self.s.layer_logits(toks, layers, premature_norm, project_final); });
+            const py::ssize_t nv = self.s.get_model().n_vocab();
+            return to_array(std::move(out), {(py::ssize_t) layers.size(), nv});
+        }, py::arg("tokens"), py::arg("layers"), py::arg("premature_norm") = false, py::arg("project_final") = false)
+        .def("score", [](py_session & self, py::array_t<int64_t, py::array::c_style | py::array::forcecast> ids, size_t n_prefix,
+                         bool post_softmax, double relative_top, float mask_value) {
+            std::vector<int32_t> toks = to_tokens(ids);
+            return self.run([&] { return self.s.score(toks, n_prefix, post_softmax, relative_top, mask_value); });
+        }, py::arg("tokens"), py::arg("n_prefix"), py::arg("post_softmax") = false, py::arg("relative_top") = 0.0,
+           py::arg("mask_value") = -1000.0f)
+        .def("timings", [](py_session & self) {
+            const dola::timings & t = self.s.stats();
+            py::dict d;
+            d["prefill_ms"] = t.prefill_ms;
+            d["decode_ms"] = t.decode_ms;
+            d["contrast_ms"] = t.contrast_ms;
+            d["n_prefill"] = t.n_prefill;
+            d["n_decode"] = t.n_decode;
+            return d;
+        })
+        .def("reset_timings", [](py_session & self) { self.s.stats() = dola::timings{}; });
+}

@@ -1,0 +1,93 @@
+#include "dola-capture.h"
+
+#include "ggml-backend.h"
+#include "ggml.h"
+
+#include <algorithm>
+#include <cstring>
+
+namespace dola {
+
+layer_capture::layer_capture(int32_t n_layer, int32_t n_embd)
+    : n_layer_(n_layer), n_embd_(n_embd), slot_of_layer_(n_layer + 1, -1) {}
+
+void layer_capture::set_layers(const std::vector<int32_t> & layers) {
+    std::fill(slot_of_layer_.begin(), slot_of_layer_.end(), -1);
+    layers_ = layers;
+    for (size_t s = 0; s < layers_.size(); ++s) slot_of_layer_[layers_[s]] = (int32_t) s;
+    seen_.assign(layers_.size(), 0);
+}
+
+void layer_capture::expect(int32_t n_tokens, int32_t row_begin, int32_t row_end) {
+    n_tokens_ = n_tokens;
+    row_begin_ = row_begin;
+    row_end_ = row_end;
+    std::fill(seen_.begin(), seen_.end(), 0);
+    type_error_ = false;
+    const size_t need = layers_.size() * (size_t) n_rows() * n_embd_;
+    if (data_.size() < need) data_.resize(need);
+}
+
+bool layer_capture::complete() const {
+    return std::all_of(seen_.begin(), seen_.end(), [](uint8_t s) { return s != 0; }) && !type_error_;
+}
+
+std::string layer_capture::missing_layers() const {
+    std::string out;
+    for (size_t s = 0; s < layers_.size(); ++s) {
+        if (!seen_[s]) out += (out.empty() ? "" : ", ") + std::to_string(layers_[s]);
+    }
+    return out;
+}
+
+// Called for every graph node in the ask phase: keep it to a couple of byte compares.
+int32_t layer_capture::slot_of(const ggml_tensor * t) const {
+    const char * name = t->name;
+    if (name[0] == 'l' && std::strncmp(name, "l_out-", 6) == 0) {
+        int32_t il = 0;
+        const char * p = name + 6;
+        if (*p < '0' || *p > '9') return -1;
+        for (; *p >= '0' && *p <= '9'; ++p) il = il * 10 + (*p - '0');
+        if (*p != '\0' || il + 1 > n_layer_) return -1;
+        return slot_of_layer_[il + 1];
+    }
+    // Layer 0: "embd" (older llama.cpp: "inp_embd"); Gemma's "inp_scaled" follows it in the graph
+    // and overwrites it.
+    if ((name[0] == 'e' && std::strcmp(name, "embd") == 0) ||
+        (name[0] == 'i' && (std::strcmp(name, "inp_scaled") == 0 || std::strcmp(name, "inp_embd") == 0))) {
+        return slot_of_layer_[0];
+    }
+    return -1;
+}
+
+bool layer_capture::callback(ggml_tensor * t, bool ask, void * user_data) {
+    auto * self = static_cast<layer_capture *>(user_data);
+    if (self->layers_.empty() || self->row_end_ <= self->row_begin_) return false;
+    const int32_t slot = self->slot_of(t);
+    if (ask) return slot >= 0;
+    if (slot < 0) return true;
+    if (t->type != GGML_TYPE_F32 || t->ne[0] != self->n_embd_ || !ggml_is_contiguous_rows(t)) {
+        self->type_error_ = true;
+        return true;
+    }
+    const int32_t rows_in_t = (int32_t) t->ne[1];
+    // Full tensors hold every token of the ubatch; the last block's output holds only the rows
+    // that produce logits, which the engine makes exactly [row_begin, row_end).
+    int32_t first;
+    if (rows_in_t == self->n_tokens_) {
+        first = self->row_begin_;
+    } else if (rows_in_t == self->n_rows()) {
+        first = 0;
+    } else {
+        return true;  // not the rows we asked for (e.g. an unexpected pruning): left unseen
+    }
+    const size_t row_bytes = (size_t) self->n_embd_ * sizeof(float);
+    float * dst = self->data_.data() + (size_t) slot * self->n_rows() * self->n_embd_;
+    for (int32_t r = 0; r < self->n_rows(); ++r) {
+        ggml_backend_tensor_get(t, dst + (size_t) r * self->n_embd_, (size_t) (first + r) * t->nb[1], row_bytes);
+    }
+    self->seen_[slot] = 1;
+    return true;
+}
+
+}  // namespace dola

@@ -1,0 +1,52 @@
+// Capture of intermediate layer outputs through llama.cpp's eval callback (cb_eval).
+// Layer j follows transformers' hidden_states[j]: 0 = embedding output ("embd", or "inp_scaled"
+// for Gemma), j >= 1 = output of block j-1 (llama.cpp tensor "l_out-{j-1}").
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+struct ggml_tensor;
+
+namespace dola {
+
+class layer_capture {
+public:
+    layer_capture(int32_t n_layer, int32_t n_embd);
+
+    // Layers to capture, in slot order; empty = capture nothing (the callback then costs one
+    // string compare per graph node).
+    void set_layers(const std::vector<int32_t> & layers);
+    const std::vector<int32_t> & layers() const { return layers_; }
+
+    // Rows of the next ubatch to keep: [row_begin, row_end) of its tokens. The last block's output
+    // is pruned to the rows that produce logits; rows are then taken in output order.
+    void expect(int32_t n_tokens, int32_t row_begin, int32_t row_end);
+
+    // True when every layer was seen since the last expect().
+    bool complete() const;
+    std::string missing_layers() const;
+    bool type_error() const { return type_error_; }
+
+    // [slot][row][n_embd]
+    const float * rows(int32_t slot) const { return data_.data() + (size_t) slot * n_rows() * n_embd_; }
+    int32_t n_rows() const { return row_end_ - row_begin_; }
+    int32_t n_embd() const { return n_embd_; }
+
+    static bool callback(ggml_tensor * t, bool ask, void * user_data);
+
+private:
+    int32_t slot_of(const ggml_tensor * t) const;
+
+    int32_t n_layer_;
+    int32_t n_embd_;
+    std::vector<int32_t> layers_;
+    std::vector<int32_t> slot_of_layer_;  // n_layer + 1 entries, -1 = not captured
+    std::vector<uint8_t> seen_;
+    std::vector<float> data_;
+    int32_t n_tokens_ = 0, row_begin_ = 0, row_end_ = 0;
+    bool type_error_ = false;
+};
+
+}  // namespace dola

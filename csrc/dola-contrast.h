@@ -1,0 +1,50 @@
+// DoLa contrast kernels: pure functions over float vectors, no llama.cpp.
+// Semantics follow transformers' _dola_decoding / _relative_top_filter and the DoLa repo's lm_score
+// (SPEC §5). Vectors are length n_vocab; K candidate rows are stored contiguously.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace dola {
+
+// out[i] = z[i] - logsumexp(z). Returns logsumexp(z). out may alias z.
+float log_softmax(const float * z, float * out, int64_t n);
+
+// Jensen-Shannon divergence as transformers computes it:
+//   0.5 * (mean_v M (log M - lp) + mean_v M (log M - lq)),  M = (exp(lp) + exp(lq)) / 2,
+// where lp, lq are log-probabilities; terms with M == 0 contribute 0 (torch's xlogy).
+double jsd(const float * lp, const float * lq, int64_t n);
+
+// Entropy of a distribution given by its log-probabilities.
+double entropy(const float * lp, int64_t n);
+
+// Relative-top threshold: max(lp) + log(relative_top), in float as torch computes it.
+float relative_top_threshold(const float * lp, int64_t n, double relative_top);
+
+// scores = lp - lq, where lp < threshold: score = -inf (transformers fills lp with -inf and lq with
+// -1e-3). relative_top <= 0 disables the filter.
+void contrast_scores(const float * lp, const float * lq, int64_t n, double relative_top, float * scores);
+
+// transformers' RepetitionPenaltyLogitsProcessor: every id once, s < 0 ? s * p : s / p.
+void repetition_penalty(float * scores, int64_t n, const int32_t * ids, int64_t n_ids, float penalty);
+
+struct contrast_result {
+    int32_t premature_index = 0;  // index into the candidate rows
+    std::vector<float> jsd;       // one per candidate (empty for a single candidate)
+    float mature_lse = 0.0f;      // logsumexp of the mature logits
+    double entropy = 0.0;         // entropy of the mature distribution
+};
+
+// One DoLa step. z_mature: n logits; z_cand: K*n candidate logits (overwritten with their
+// log-softmax); lp_out: n (log-softmax of z_mature); scores: n (the contrast, before any
+// logits processor). K == 1 is static DoLa (no JSD).
+contrast_result dola_step(const float * z_mature, float * z_cand, int32_t K, int64_t n,
+                          double relative_top, float * lp_out, float * scores);
+
+// lm_score's per-position diff (DoLa repo): diff = lp - lq; post_softmax → log_softmax(diff);
+// relative_top > 0 → entries with lp < threshold set to mask_value.
+void lm_score_diff(const float * lp, const float * lq, int64_t n, bool post_softmax,
+                   double relative_top, float mask_value, float * diff);
+
+}  // namespace dola

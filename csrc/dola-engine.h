@@ -1,0 +1,193 @@
+// The dola-cpp engine: a loaded GGUF model and decoding sessions on it. Knows no Python.
+#pragma once
+
+#include "dola-capture.h"
+#include "dola-contrast.h"
+#include "dola-error.h"
+#include "dola-project.h"
+
+#include "llama.h"
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace dola {
+
+void backend_init_once();
+
+// Validates a GGUF file's header and tensor extents without llama.cpp (whose loader may assert).
+void check_gguf_file(const std::string & path);
+
+// Writes an F32 (or other type) copy of a GGUF with llama.cpp's quantizer.
+void convert_model(const std::string & src, const std::string & dst, const std::string & type, int32_t n_threads);
+
+struct model_params {
+    int32_t n_gpu_layers = -1;  // -1 = all
+    bool use_mmap = true;
+};
+
+class model {
+public:
+    model(const std::string & path, const model_params & params);
+    ~model();
+    model(const model &) = delete;
+    model & operator=(const model &) = delete;
+
+    llama_model * get() const { return model_; }
+    const llama_vocab * vocab() const { return vocab_; }
+
+    int32_t n_layer() const { return n_layer_; }
+    int32_t n_embd() const { return n_embd_; }
+    int32_t n_vocab() const { return n_vocab_; }
+    int32_t n_ctx_train() const;
+    bool tied_embeddings() const { return tied_; }
+    std::string architecture() const;
+    std::string description() const;
+    std::string meta(const std::string & key) const;  // "" when absent
+    std::vector<std::pair<std::string, std::string>> metadata() const;
+    std::string chat_template() const;
+    bool add_bos() const;
+    llama_token eos() const;
+    bool is_eog(llama_token t) const;
+    uint64_t n_params() const;
+    uint64_t size_bytes() const;
+
+    std::vector<llama_token> tokenize(const std::string & text, bool add_special, bool parse_special) const;
+    std::string token_to_piece(llama_token t, bool special) const;
+    std::string detokenize(const std::vector<llama_token> & tokens, bool special) const;
+    // Renders chat messages with the GGUF's template through llama.cpp's built-in template
+    // matcher (which never executes the template text).
+    std::string apply_chat_template(const std::vector<std::pair<std::string, std::string>> & messages,
+                                    bool add_assistant, const std::string & tmpl_override) const;
+
+private:
+    llama_model * model_ = nullptr;
+    const llama_vocab * vocab_ = nullptr;
+    int32_t n_layer_ = 0, n_embd_ = 0, n_vocab_ = 0;
+    bool tied_ = false;
+};
+
+struct context_params {
+    uint32_t n_ctx = 2048;
+    int32_t n_threads = 0;  // 0 = hardware concurrency
+    uint32_t n_batch = 512;
+    std::string kv_type = "f16";  // KV cache type: f16, f32, q8_0
+};
+
+// Mirrors dola_cpp.DecodeConfig.
+struct decode_params {
+    std::vector<int32_t> candidates;  // premature candidate layers; empty = plain decoding
+    int32_t mature = -1;              // mature layer; -1 or n_layer = the model's final logits
+    double relative_top = 0.1;
+    float repetition_penalty = 1.0f;
+    bool premature_norm = false;
+    // sampling; temperature <= 0 = greedy
+    float temperature = 0.0f;
+    int32_t top_k = 0;
+    float top_p = 1.0f;
+    float min_p = 0.0f;
+    uint32_t seed = 0xFFFFFFFF;
+};
+
+struct step_result {
+    llama_token token = -1;
+    int32_t premature_layer = -1;  // -1 for plain decoding
+    std::vector<float> jsd;        // per candidate (dynamic DoLa)
+    float mature_logprob = 0.0f;   // log p_mature(token)
+    float score = 0.0f;            // processed score of the token (after repetition penalty)
+    float entropy = 0.0f;          // entropy of the mature distribution (nats)
+};
+
+struct score_result {
+    double total = 0.0;
+    std::vector<float> token_scores;     // per continuation token
+    std::vector<int32_t> premature_layers;  // per continuation token (-1 for plain)
+};
+
+struct timings {
+    double prefill_ms = 0.0, decode_ms = 0.0, contrast_ms = 0.0;
+    int64_t n_prefill = 0, n_decode = 0;
+};
+
+class session {
+public:
+    session(std::shared_ptr<model> mdl, const context_params & params);
+    ~session();
+    session(const session &) = delete;
+    session & operator=(const session &) = delete;
+
+    const model & get_model() const { return *model_; }
+    uint32_t n_ctx() const { return n_ctx_; }
+    int32_t n_threads() const { return n_threads_; }
+    const std::vector<llama_token> & tokens() const { return tokens_; }
+
+    // Throws dola::error on invalid layers or sampling values.
+    void configure(const decode_params & params);
+    const decode_params & params() const { return params_; }
+
+    // Makes the context hold `prompt` and the outputs of its last token, reusing the longest
+    // cached prefix. Throws aborted when interrupted (the cache then holds what was decoded).
+    void prefill(const std::vector<llama_token> & prompt);
+    // Chooses the next token from the current outputs (does not decode it).
+    step_result sample();
+    // Appends a token and decodes it.
+    void accept(llama_token token);
+    void clear();
+
+    // Logits of `layers` (n_layer = final logits) at the last position of `prompt`:
+    // [len(layers)][n_vocab]. project_final projects the captured last block instead of
+    // returning llama.cpp's logits for n_layer (a self-check of the projection).
+    std::vector<float> layer_logits(const std::vector<llama_token> & prompt, const std::vector<int32_t> & layers,
+                                    bool premature_norm, bool project_final);
+
+    // Teacher-forced DoLa score of tokens[n_prefix:] given tokens[:n_prefix] (DoLa repo lm_score)
+    // with the current candidates / mature layer. mode: plain when no candidates.
+    score_result score(const std::vector<llama_token> & tokens, size_t n_prefix, bool post_softmax,
+                       double relative_top, float mask_value);
+
+    // Interruption: cancel() from any thread; the check function is polled every ~20 ms while
+    // llama.cpp computes (the bindings use it for Ctrl-C).
+    void cancel() { cancel_.store(true); }
+    void reset_cancel() { cancel_.store(false); }
+    bool cancelled() const { return cancel_.load(); }
+    void set_interrupt_check(std::function<bool()> fn) { interrupt_check_ = std::move(fn); }
+
+    timings & stats() { return timings_; }
+
+private:
+    static bool abort_cb(void * data);
+    void decode_chunk(const llama_token * toks, int32_t n, int32_t row_begin, int32_t row_end);
+    void sync_cache_after_failure();
+    void validate_tokens(const std::vector<llama_token> & toks) const;
+    void capture_layers_for(const std::vector<int32_t> & layers);
+    bool uses_hidden(int32_t layer) const { return layer != model_->n_layer(); }
+
+    std::shared_ptr<model> model_;
+    llama_context * ctx_ = nullptr;
+    uint32_t n_ctx_ = 0, n_batch_ = 0;
+    int32_t n_threads_ = 0;
+    layer_capture capture_;
+    std::unique_ptr<projector> projector_;
+    decode_params params_;
+    std::vector<int32_t> capture_layers_;  // hidden layers captured for the current params
+    llama_sampler * chain_ = nullptr;
+
+    std::vector<llama_token> tokens_;  // what the KV cache holds
+    bool have_outputs_ = false;        // the last decode's last row is available
+    std::vector<float> mature_hidden_logits_;  // scratch
+    std::vector<float> cand_logits_, lp_, scores_, hidden_;
+    std::vector<llama_token_data> cur_;
+
+    std::atomic<bool> cancel_{false};
+    std::function<bool()> interrupt_check_;
+    std::chrono::steady_clock::time_point last_check_;
+    timings timings_;
+};
+
+}  // namespace dola

@@ -1,0 +1,110 @@
+#include "dola-project.h"
+
+#include "dola-error.h"
+
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+#include "ggml-cpu.h"
+#include "ggml.h"
+#include "llama-model.h"  // internal: the output matrix and final norm of the loaded model
+
+#include <cstring>
+#include <string>
+
+namespace dola {
+
+namespace {
+
+// Architectures whose final norm is a plain RMSNorm times a weight (no bias, no extra scale).
+bool final_norm_is_rms(llm_arch arch) {
+    switch (arch) {
+        case LLM_ARCH_LLAMA:
+        case LLM_ARCH_MISTRAL3:
+        case LLM_ARCH_QWEN2:
+        case LLM_ARCH_QWEN3:
+        case LLM_ARCH_GEMMA:
+        case LLM_ARCH_GEMMA2:
+        case LLM_ARCH_GEMMA3:
+        case LLM_ARCH_PHI3:
+        case LLM_ARCH_OLMO2:
+            return true;
+        default:
+            return false;
+    }
+}
+
+}  // namespace
+
+projector::projector(const llama_model * model) {
+    output_ = model->output ? model->output : model->tok_embd;
+    if (!output_ || !output_->buffer) throw error("this model has no output matrix to project layers with");
+    if (model->output_b) throw error("early exit is not supported for models with an output bias");
+    output_norm_ = model->output_norm;
+    norm_eps_ = model->hparams.f_norm_rms_eps;
+    norm_supported_ = output_norm_ && !model->output_norm_b && final_norm_is_rms(model->arch);
+    n_embd_ = (int32_t) output_->ne[0];
+    n_vocab_ = output_->ne[1];
+
+    // Run where the weights live: CPU (incl. repacked CPU buffers) or the GPU holding them.
+    ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(output_->buffer));
+    if (dev == nullptr || ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU) {
+        backend_ = ggml_backend_cpu_init();
+        is_cpu_ = true;
+    } else {
+        backend_ = ggml_backend_dev_init(dev, nullptr);
+    }
+    if (!backend_) throw error("could not initialise a backend for the output matrix");
+    backend_name_ = ggml_backend_name(backend_);
+    galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_));
+}
+
+projector::~projector() {
+    if (ctx_) ggml_free(ctx_);
+    if (galloc_) ggml_gallocr_free(galloc_);
+    if (backend_) ggml_backend_free(backend_);
+}
+
+void projector::set_n_threads(int32_t n_threads) {
+    if (is_cpu_) ggml_backend_cpu_set_n_threads(backend_, n_threads);
+}
+
+void projector::build(int32_t n_rows, bool norm) {
+    if (ctx_) ggml_free(ctx_);
+    ggml_init_params params = {
+        /*.mem_size   =*/ ggml_tensor_overhead() * 8 + ggml_graph_overhead(),
+        /*.mem_buffer =*/ nullptr,
+        /*.no_alloc   =*/ true,
+    };
+    ctx_ = ggml_init(params);
+    in_ = ggml_new_tensor_2d(ctx_, GGML_TYPE_F32, n_embd_, n_rows);
+    ggml_set_input(in_);
+    ggml_tensor * x = in_;
+    if (norm) {
+        x = ggml_rms_norm(ctx_, x, norm_eps_);
+        x = ggml_mul(ctx_, x, output_norm_);
+    }
+    out_ = ggml_mul_mat(ctx_, output_, x);  // [n_vocab, n_rows]
+    ggml_set_output(out_);
+    graph_ = ggml_new_graph(ctx_);
+    ggml_build_forward_expand(graph_, out_);
+    if (!ggml_gallocr_alloc_graph(galloc_, graph_)) throw error("could not allocate the projection graph");
+    built_rows_ = n_rows;
+    built_norm_ = norm;
+}
+
+void projector::project(const float * hidden, int32_t n_rows, bool norm, float * out) {
+    if (n_rows <= 0) return;
+    if (norm && !norm_supported_) throw error("premature_norm is not supported for this architecture");
+    if (n_rows != built_rows_ || norm != built_norm_) {
+        build(n_rows, norm);
+    } else if (!ggml_gallocr_alloc_graph(galloc_, graph_)) {
+        throw error("could not allocate the projection graph");
+    }
+    ggml_backend_tensor_set(in_, hidden, 0, ggml_nbytes(in_));
+    if (ggml_backend_graph_compute(backend_, graph_) != GGML_STATUS_SUCCESS) {
+        throw error("the early-exit projection failed on backend " + backend_name_);
+    }
+    ggml_backend_tensor_get(out_, out, 0, ggml_nbytes(out_));
+}
+
+}  // namespace dola

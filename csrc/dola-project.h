@@ -1,0 +1,54 @@
+// Early exit: project hidden states through the model's own output matrix, in one matmul on the
+// backend that holds that matrix (no dequantized host copy of the LM head).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+struct llama_model;
+struct ggml_tensor;
+struct ggml_context;
+struct ggml_cgraph;
+typedef struct ggml_backend * ggml_backend_t;
+typedef struct ggml_gallocr * ggml_gallocr_t;
+
+namespace dola {
+
+class projector {
+public:
+    explicit projector(const llama_model * model);
+    ~projector();
+    projector(const projector &) = delete;
+    projector & operator=(const projector &) = delete;
+
+    void set_n_threads(int32_t n_threads);
+
+    // hidden: [n_rows][n_embd]; out: [n_rows][n_vocab]. norm applies the final norm first
+    // (logit lens); check norm_supported() before asking for it.
+    void project(const float * hidden, int32_t n_rows, bool norm, float * out);
+
+    bool norm_supported() const { return norm_supported_; }
+    const std::string & backend_name() const { return backend_name_; }
+
+private:
+    void build(int32_t n_rows, bool norm);
+
+    ggml_tensor * output_ = nullptr;
+    ggml_tensor * output_norm_ = nullptr;
+    float norm_eps_ = 0.0f;
+    bool norm_supported_ = false;
+    int32_t n_embd_ = 0;
+    int64_t n_vocab_ = 0;
+    ggml_backend_t backend_ = nullptr;
+    bool is_cpu_ = false;
+    std::string backend_name_;
+    ggml_gallocr_t galloc_ = nullptr;
+    ggml_context * ctx_ = nullptr;
+    ggml_cgraph * graph_ = nullptr;
+    ggml_tensor * in_ = nullptr;
+    ggml_tensor * out_ = nullptr;
+    int32_t built_rows_ = -1;
+    bool built_norm_ = false;
+};
+
+}  // namespace dola

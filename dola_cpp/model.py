@@ -1,0 +1,470 @@
+"""The public Python API: :class:`Model`."""
+
+from __future__ import annotations
+
+import codecs
+import os
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from . import _core
+from .layers import LayerPlan, LayerSpec, resolve_layers
+from .results import GenerationResult, ScoreResult, StepInfo
+
+Prompt = Union[str, Sequence[int], np.ndarray]
+
+DolaError = _core.Error
+RECOMMENDED_REPETITION_PENALTY = 1.2
+_warned_penalty = False
+
+
+class Model:
+    """A GGUF model loaded with llama.cpp, with one decoding context.
+
+    ``Model.share()`` makes another context on the same weights (e.g. one per UI thread).
+    Generation releases the GIL; ``cancel()`` from another thread, closing a ``stream()``, or
+    Ctrl-C stops it promptly and leaves the model usable.
+    """
+
+    def __init__(
+        self,
+        path: Union[str, os.PathLike],
+        n_ctx: int = 2048,
+        n_threads: Optional[int] = None,
+        n_gpu_layers: int = -1,
+        *,
+        n_batch: int = 512,
+        kv_type: str = "f16",
+        use_mmap: bool = True,
+        _weights: Optional[_core.Model] = None,
+    ) -> None:
+        self.path = Path(path)
+        if _weights is None:
+            if not self.path.exists():
+                raise FileNotFoundError(f"model file not found: {self.path} (give a path to a .gguf file)")
+            if self.path.is_dir():
+                raise IsADirectoryError(f"{self.path} is a directory; give the path of a .gguf file")
+            _weights = _core.Model(str(self.path), n_gpu_layers=int(n_gpu_layers), use_mmap=use_mmap)
+        if n_ctx < 0:
+            raise ValueError("n_ctx must be >= 0 (0 = the model's training context)")
+        if n_threads is not None and n_threads < 1:
+            raise ValueError("n_threads must be >= 1")
+        if n_batch < 1:
+            raise ValueError("n_batch must be >= 1")
+        self._weights = _weights
+        self._session = _core.Session(
+            _weights, n_ctx=int(n_ctx), n_threads=int(n_threads or 0), n_batch=int(n_batch), kv_type=kv_type
+        )
+        self._kv_type = kv_type
+        self._busy = threading.Lock()
+        self._cancel = threading.Event()
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def n_layers(self) -> int:
+        """Number of transformer blocks N (layer N = the final logits)."""
+        return self._weights.n_layer
+
+    @property
+    def n_vocab(self) -> int:
+        return self._weights.n_vocab
+
+    @property
+    def n_embd(self) -> int:
+        return self._weights.n_embd
+
+    @property
+    def n_ctx(self) -> int:
+        return self._session.n_ctx
+
+    @property
+    def n_ctx_train(self) -> int:
+        return self._weights.n_ctx_train
+
+    @property
+    def architecture(self) -> str:
+        return self._weights.architecture
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return self._weights.tied_embeddings
+
+    @property
+    def chat_template(self) -> str:
+        return self._weights.chat_template
+
+    @property
+    def description(self) -> str:
+        return self._weights.description
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._weights.metadata())
+
+    def share(self, n_ctx: Optional[int] = None, n_threads: Optional[int] = None) -> "Model":
+        """Another context on the same loaded weights."""
+        return Model(
+            self.path,
+            n_ctx=self.n_ctx if n_ctx is None else n_ctx,
+            n_threads=n_threads or self._session.n_threads,
+            kv_type=self._kv_type,
+            _weights=self._weights,
+        )
+
+    # ------------------------------------------------------------------ tokens
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids of ``text``; ``add_special`` adds BOS when the GGUF asks for it."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return list(self._weights.tokenize(text, add_special, parse_special))
+
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
+        return self._weights.detokenize(np.asarray(list(tokens), dtype=np.int64), special).decode("utf-8", "replace")
+
+    def token_bytes(self, token: int) -> bytes:
+        return self._weights.token_to_piece(int(token), False)
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        """Render ``[{"role": ..., "content": ...}]`` with the GGUF's chat template. llama.cpp matches
+        the template against the formats it knows; the template text is never executed."""
+        pairs = [(str(m["role"]), str(m["content"])) for m in messages]
+        return self._weights.apply_chat_template(pairs, add_generation_prompt)
+
+    def _prompt_ids(self, prompt: Prompt, add_special: bool = True) -> list[int]:
+        if isinstance(prompt, str):
+            if prompt == "":
+                raise ValueError("the prompt is empty")
+            ids = self.tokenize(prompt, add_special=add_special)
+        else:
+            arr = np.asarray(prompt)
+            if arr.dtype.kind not in "iu" and arr.size:
+                raise TypeError("a token-id prompt must contain integers")
+            ids = [int(t) for t in arr.reshape(-1)]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.n_vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
+        if len(ids) > self.n_ctx:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens but the context holds {self.n_ctx}; "
+                f"create the Model with a larger n_ctx or shorten the prompt"
+            )
+        return ids
+
+    # ------------------------------------------------------------------ layers
+
+    def resolve_layers(self, layers: LayerSpec) -> LayerPlan:
+        """What a layer spec ('high', 'low', [ints], '16,18,32') means for this model."""
+        return resolve_layers(layers, self.n_layers, self.tied_embeddings)
+
+    # ------------------------------------------------------------------ generation
+
+    def _params(
+        self,
+        plan: LayerPlan,
+        repetition_penalty: Optional[float],
+        relative_top: float,
+        premature_norm: bool,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        min_p: float,
+        seed: Optional[int],
+    ) -> _core.DecodeParams:
+        global _warned_penalty
+        if repetition_penalty is None:
+            repetition_penalty = 1.0 if plan.is_plain else RECOMMENDED_REPETITION_PENALTY
+        elif not plan.is_plain and repetition_penalty < RECOMMENDED_REPETITION_PENALTY and not _warned_penalty:
+            _warned_penalty = True
+            warnings.warn(
+                f"DoLa decoding is recommended with repetition_penalty >= {RECOMMENDED_REPETITION_PENALTY} "
+                f"(got {repetition_penalty})",
+                UserWarning,
+                stacklevel=4,
+            )
+        p = _core.DecodeParams()
+        p.candidates = list(plan.candidates)
+        p.mature = plan.mature
+        p.relative_top = float(relative_top)
+        p.repetition_penalty = float(repetition_penalty)
+        p.premature_norm = bool(premature_norm)
+        p.temperature = float(temperature)
+        p.top_k = int(top_k)
+        p.top_p = float(top_p)
+        p.min_p = float(min_p)
+        p.seed = 0xFFFFFFFF if seed is None else int(seed) & 0xFFFFFFFF
+        return p
+
+    def generate(self, prompt: Prompt, max_tokens: int = 256, **options) -> GenerationResult:
+        """Generate a completion (greedy unless ``temperature`` > 0).
+
+        Options: ``layers`` (None = plain; 'high', 'low', [ints], '16,18,32'),
+        ``repetition_penalty`` (default 1.2 with DoLa, 1.0 plain), ``relative_top`` (0.1),
+        ``premature_norm`` (False), ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``seed``,
+        ``stop`` (strings), ``ignore_eos``, ``add_special`` (BOS per the GGUF).
+        """
+        run = _Run(self, prompt, max_tokens, **options)
+        for _ in run:
+            pass
+        return run.result()
+
+    def stream(self, prompt: Prompt, max_tokens: int = 256, **options) -> Iterator[str]:
+        """Like :meth:`generate`, yielding text pieces as they are produced. Closing the iterator
+        stops decoding."""
+        run = _Run(self, prompt, max_tokens, **options)
+        yield from run
+
+    def stream_steps(self, prompt: Prompt, max_tokens: int = 256, **options) -> "_Run":
+        """An iterator of text pieces whose ``steps`` and ``result()`` expose the diagnostics."""
+        return _Run(self, prompt, max_tokens, **options)
+
+    def cancel(self) -> None:
+        """Stop the running generation (callable from any thread)."""
+        self._cancel.set()
+        self._session.cancel()
+
+    # ------------------------------------------------------------------ analysis
+
+    def layer_logits(self, prompt: Prompt, layers: Sequence[int], premature_norm: bool = False) -> np.ndarray:
+        """Logits of each layer at the last prompt position, ``[len(layers), n_vocab]``. Layer N is
+        the model's own logits; others are the raw hidden state through the output matrix
+        (through the final norm first with ``premature_norm=True``)."""
+        ids = self._prompt_ids(prompt)
+        layers = [int(layer) for layer in layers]
+        for layer in layers:
+            if not 0 <= layer <= self.n_layers:
+                raise ValueError(f"layer {layer} is out of range: valid layers are 0..{self.n_layers}")
+        with self._claim():
+            return self._session.layer_logits(ids, layers, premature_norm, False)
+
+    def _project_final(self, prompt: Prompt, premature_norm: bool = True) -> np.ndarray:
+        """Self-check: the last block's hidden state through our projection (≈ the logits)."""
+        ids = self._prompt_ids(prompt)
+        with self._claim():
+            return self._session.layer_logits(ids, [self.n_layers], premature_norm, True)[0]
+
+    def score(
+        self,
+        prefix: Prompt,
+        continuation: Prompt,
+        layers: LayerSpec = None,
+        relative_top: float = 0.0,
+        post_softmax: bool = False,
+        premature_norm: bool = False,
+        relative_top_value: float = -1000.0,
+    ) -> ScoreResult:
+        """Teacher-forced score of ``continuation`` after ``prefix`` in one forward pass, as the DoLa
+        repo's ``lm_score``: plain = sum of log-probs; DoLa = sum of
+        ``log_softmax(z_N) - log_softmax(z_prem)`` with the premature layer chosen per position by
+        JSD (optionally post-softmaxed and relative-top masked with ``relative_top_value``).
+
+        Strings are tokenized as the repo does: ``tokens(prefix + continuation)`` split after
+        ``len(tokens(prefix))``. Token-id lists are used as given. The prefix's KV cache is reused
+        between calls that share it.
+        """
+        if isinstance(prefix, str) != isinstance(continuation, str):
+            raise TypeError("prefix and continuation must both be strings or both be token ids")
+        if isinstance(prefix, str):
+            if not continuation:
+                raise ValueError("the continuation is empty")
+            prefix_ids = self._prompt_ids(prefix)
+            ids = self._prompt_ids(prefix + continuation)
+        else:
+            prefix_ids = self._prompt_ids(prefix)
+            cont = [int(t) for t in np.asarray(continuation).reshape(-1)]
+            if not cont:
+                raise ValueError("the continuation is empty")
+            ids = self._prompt_ids(prefix_ids + cont)
+        n_prefix = len(prefix_ids)
+        if n_prefix >= len(ids):
+            raise ValueError("the continuation adds no tokens to the prefix")
+        plan = self.resolve_layers(layers)
+        params = self._params(plan, 1.0, 0.1, premature_norm, 0.0, 0, 1.0, 0.0, None)
+        with self._claim():
+            self._session.configure(params)
+            r = self._session.score(ids, n_prefix, post_softmax, float(relative_top), float(relative_top_value))
+        return ScoreResult(
+            score=float(r.total),
+            token_scores=np.asarray(r.token_scores, dtype=np.float32),
+            premature_layers=[None if layer < 0 else layer for layer in r.premature_layers],
+            continuation_tokens=ids[n_prefix:],
+        )
+
+    # ------------------------------------------------------------------ internals
+
+    def _claim(self) -> "_Claim":
+        return _Claim(self)
+
+    def timings(self) -> dict:
+        return self._session.timings()
+
+
+class _Claim:
+    """One generation at a time per context; a second concurrent one gets a clear error."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+
+    def __enter__(self) -> None:
+        if not self.model._busy.acquire(blocking=False):
+            raise RuntimeError(
+                "this Model is already generating (an unfinished stream?); close it, or use Model.share() "
+                "for a second context on the same weights"
+            )
+        self.model._cancel.clear()
+
+    def __exit__(self, *exc) -> None:
+        self.model._busy.release()
+
+
+class _Run:
+    """One generation: an iterator of text pieces; ``result()`` once it is exhausted."""
+
+    def __init__(
+        self,
+        model: Model,
+        prompt: Prompt,
+        max_tokens: int = 256,
+        *,
+        layers: LayerSpec = None,
+        repetition_penalty: Optional[float] = None,
+        relative_top: float = 0.1,
+        premature_norm: bool = False,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        seed: Optional[int] = None,
+        stop: Union[str, Sequence[str], None] = None,
+        ignore_eos: bool = False,
+        add_special: bool = True,
+    ) -> None:
+        if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
+            raise ValueError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
+        self.model = model
+        self.ids = model._prompt_ids(prompt, add_special=add_special)
+        self.plan = model.resolve_layers(layers)
+        self.params = model._params(
+            self.plan, repetition_penalty, relative_top, premature_norm, temperature, top_k, top_p, min_p, seed
+        )
+        self.max_tokens = int(max_tokens)
+        if isinstance(stop, str):
+            stop = [stop]
+        self.stop = [s for s in (stop or []) if s]
+        self.ignore_eos = ignore_eos
+        self.tokens: list[int] = []
+        self.steps: list[StepInfo] = []
+        self.text = ""
+        self.finish_reason = "length"
+        self.prefill_seconds = 0.0
+        self.decode_seconds = 0.0
+        self._iter = self._generate()
+
+    def __iter__(self) -> "_Run":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._iter)
+
+    def close(self) -> None:
+        self._iter.close()
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(
+            text=self.text,
+            tokens=list(self.tokens),
+            steps=list(self.steps),
+            finish_reason=self.finish_reason,
+            prompt_tokens=len(self.ids),
+            prefill_seconds=self.prefill_seconds,
+            decode_seconds=self.decode_seconds,
+            layers=self.plan.candidates,
+            mature_layer=None if self.plan.is_plain else self.plan.mature,
+        )
+
+    def _held_back(self, text: str) -> int:
+        """Length of the longest suffix of ``text`` that could start a stop string."""
+        keep = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), keep, -1):
+                if s.startswith(text[-k:]):
+                    keep = k
+                    break
+        return keep
+
+    def _generate(self) -> Iterator[str]:
+        m = self.model
+        sess = m._session
+        weights = m._weights
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        emitted = 0
+        with m._claim():
+            try:
+                if self.max_tokens == 0:
+                    self.finish_reason = "length"
+                    return
+                sess.configure(self.params)
+                t0 = time.perf_counter()
+                sess.prefill(self.ids)
+                self.prefill_seconds = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                for i in range(self.max_tokens):
+                    if m._cancel.is_set():
+                        self.finish_reason = "cancelled"
+                        break
+                    st = sess.sample()
+                    if not self.ignore_eos and weights.is_eog(st.token):
+                        self.finish_reason = "stop"
+                        break
+                    self.tokens.append(st.token)
+                    self.steps.append(
+                        StepInfo(
+                            token=st.token,
+                            premature_layer=None if st.premature_layer < 0 else st.premature_layer,
+                            jsd=st.jsd,
+                            mature_logprob=st.mature_logprob,
+                            score=st.score,
+                            entropy=st.entropy,
+                        )
+                    )
+                    self.text += decoder.decode(weights.token_to_piece(st.token, False))
+                    cut = self._find_stop(emitted)
+                    if cut is not None:
+                        self.text = self.text[:cut]
+                        self.finish_reason = "stop"
+                        break
+                    safe = len(self.text) - self._held_back(self.text[emitted:])
+                    if safe > emitted:
+                        piece, emitted = self.text[emitted:safe], safe
+                        yield piece
+                    if i + 1 == self.max_tokens:
+                        break
+                    if sess.n_cached >= sess.n_ctx:
+                        self.finish_reason = "length"
+                        break
+                    sess.accept(st.token)
+                else:
+                    self.finish_reason = "length"
+            except _core.Cancelled:
+                self.finish_reason = "cancelled"
+            finally:
+                self.decode_seconds = time.perf_counter() - t0 if "t0" in locals() else 0.0
+            if self.finish_reason != "stop" or not self.stop:
+                self.text += decoder.decode(b"", final=True)
+            if len(self.text) > emitted:
+                yield self.text[emitted:]
+
+    def _find_stop(self, emitted: int) -> Optional[int]:
+        if not self.stop:
+            return None
+        longest = max(len(s) for s in self.stop)
+        start = max(0, emitted - longest)
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        return min(hits) if hits else None
