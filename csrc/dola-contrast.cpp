@@ -31,7 +31,7 @@ inline float fast_exp(float x) {
     return x < lo ? 0.0f : p * scale;
 }
 
-// For x > 0 and finite (callers guard zero).
+// For x > 0 and finite (callers guard zero). Written without conditionals so loops vectorise.
 inline float fast_log(float x) {
     int32_t bits;
     std::memcpy(&bits, &x, sizeof bits);
@@ -39,9 +39,9 @@ inline float fast_log(float x) {
     bits = (bits & 0x007fffff) | 0x3f000000;  // mantissa in [0.5, 1)
     float m;
     std::memcpy(&m, &bits, sizeof m);
-    const bool small = m < 0.707106781186547524f;
-    e -= small ? 1 : 0;
-    m = small ? m + m - 1.0f : m - 1.0f;
+    const int32_t small = m < 0.707106781186547524f;  // 0 or 1
+    e -= small;
+    m = m + m * static_cast<float>(small) - 1.0f;
     const float z = m * m;
     float y = 7.0376836292e-2f;
     y = y * m - 1.1514610310e-1f;
@@ -59,6 +59,25 @@ inline float fast_log(float x) {
     return m + y + fe * 0.693359375f;
 }
 
+// Sum of f(i) over [0, n): 16 float lanes (so the loop vectorises without reassociating float
+// math), flushed into a double every 1024 elements.
+template <typename F>
+inline double lane_sum(int64_t n, F f) {
+    constexpr int64_t L = 16;
+    double acc = 0.0;
+    int64_t i = 0;
+    for (; i + L <= n;) {
+        float part[L] = {};
+        const int64_t end = std::min(n - (n - i) % L, i + 1024);
+        for (; i < end; i += L) {
+            for (int64_t j = 0; j < L; ++j) part[j] += f(i + j);
+        }
+        for (int64_t j = 0; j < L; ++j) acc += part[j];
+    }
+    for (; i < n; ++i) acc += f(i);
+    return acc;
+}
+
 inline float max_of(const float * z, int64_t n) {
     float mx = -std::numeric_limits<float>::infinity();
     for (int64_t i = 0; i < n; ++i) mx = std::max(mx, z[i]);
@@ -73,52 +92,27 @@ float log_softmax(const float * z, float * out, int64_t n) {
         for (int64_t i = 0; i < n; ++i) out[i] = z[i] - mx;
         return mx;
     }
-    // Sum in float lanes, then double across chunks: vectorisable and accurate for n ~ 1e5.
-    double sum = 0.0;
-    constexpr int64_t chunk = 1024;
-    for (int64_t i0 = 0; i0 < n; i0 += chunk) {
-        const int64_t i1 = std::min(n, i0 + chunk);
-        float s = 0.0f;
-        for (int64_t i = i0; i < i1; ++i) s += fast_exp(z[i] - mx);
-        sum += s;
-    }
+    const double sum = lane_sum(n, [=](int64_t i) { return fast_exp(z[i] - mx); });
     const float lse = mx + static_cast<float>(std::log(sum));
     for (int64_t i = 0; i < n; ++i) out[i] = z[i] - lse;
     return lse;
 }
 
 double jsd(const float * lp, const float * lq, int64_t n) {
-    double acc = 0.0;
-    constexpr int64_t chunk = 1024;
-    for (int64_t i0 = 0; i0 < n; i0 += chunk) {
-        const int64_t i1 = std::min(n, i0 + chunk);
-        float s = 0.0f;
-        for (int64_t i = i0; i < i1; ++i) {
-            const float p = fast_exp(lp[i]);
-            const float q = fast_exp(lq[i]);
-            const float m = 0.5f * (p + q);
-            // M(log M - lp) + M(log M - lq) = M (2 log M - lp - lq); 0 where M underflows.
-            const float t = m * (2.0f * fast_log(m > 0.0f ? m : 1.0f) - lp[i] - lq[i]);
-            s += m > 0.0f ? t : 0.0f;
-        }
-        acc += s;
-    }
+    const double acc = lane_sum(n, [=](int64_t i) {
+        const float p = fast_exp(lp[i]);
+        const float q = fast_exp(lq[i]);
+        const float m = 0.5f * (p + q);
+        // M(log M - lp) + M(log M - lq) = M (2 log M - lp - lq). Where M underflows to 0 the clamps
+        // keep the bracket finite so the term is 0 (torch's xlogy), without a branch.
+        const float lm = fast_log(std::max(m, 1e-30f));
+        return m * (2.0f * lm - std::max(lp[i], -1e30f) - std::max(lq[i], -1e30f));
+    });
     return 0.5 * acc / static_cast<double>(n);
 }
 
 double entropy(const float * lp, int64_t n) {
-    double acc = 0.0;
-    constexpr int64_t chunk = 1024;
-    for (int64_t i0 = 0; i0 < n; i0 += chunk) {
-        const int64_t i1 = std::min(n, i0 + chunk);
-        float s = 0.0f;
-        for (int64_t i = i0; i < i1; ++i) {
-            const float p = fast_exp(lp[i]);
-            s += p > 0.0f ? -p * lp[i] : 0.0f;
-        }
-        acc += s;
-    }
-    return acc;
+    return lane_sum(n, [=](int64_t i) { return -fast_exp(lp[i]) * std::max(lp[i], -1e30f); });
 }
 
 float relative_top_threshold(const float * lp, int64_t n, double relative_top) {
