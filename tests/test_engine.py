@@ -1,0 +1,291 @@
+"""The engine on the real default model (SmolLM2-135M-Instruct Q4_1)."""
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import dola_cpp
+from dola_cpp import DolaError, Model
+
+PROMPT = "Q: What is the capital of France?\nA:"
+
+
+def test_model_properties(smollm2):
+    assert smollm2.architecture == "llama"
+    assert smollm2.n_layers == 30
+    assert smollm2.n_vocab == 49152
+    assert smollm2.tied_embeddings
+    assert smollm2.n_ctx == 1024
+    assert "im_start" in smollm2.chat_template
+
+
+def test_generate_answers(smollm2):
+    r = smollm2.generate(PROMPT, max_tokens=12)
+    assert "Paris" in r.text
+    assert 0 < len(r.tokens) <= 12
+    assert r.text == smollm2.detokenize(r.tokens)
+    assert r.prompt_tokens == len(smollm2.tokenize(PROMPT))
+    assert all(s.premature_layer is None and s.jsd.size == 0 for s in r.steps)
+    # greedy is deterministic, also when the KV cache is reused
+    assert smollm2.generate(PROMPT, max_tokens=12).tokens == r.tokens
+
+
+def test_prompt_as_token_ids_is_used_as_given(smollm2):
+    ids = smollm2.tokenize(PROMPT)
+    assert smollm2.generate(ids, max_tokens=8).tokens == smollm2.generate(PROMPT, max_tokens=8).tokens
+    assert smollm2.generate(np.array(ids), max_tokens=8).tokens == smollm2.generate(PROMPT, max_tokens=8).tokens
+
+
+def test_max_tokens_and_ignore_eos(smollm2):
+    r = smollm2.generate(PROMPT, max_tokens=40, ignore_eos=True)
+    assert len(r.tokens) == 40 and r.finish_reason == "length"
+    assert smollm2.generate(PROMPT, max_tokens=0).tokens == []
+
+
+def test_stops_at_end_of_turn(smollm2):
+    chat = smollm2.apply_chat_template(
+        [
+            {"role": "system", "content": "You are a helpful AI assistant named SmolLM, trained by Hugging Face"},
+            {"role": "user", "content": "Say hello."},
+        ]
+    )
+    r = smollm2.generate(chat, max_tokens=200)
+    assert r.finish_reason == "stop" and len(r.tokens) < 200
+    assert "<|im_end|>" not in r.text
+
+
+def test_stop_strings(smollm2):
+    full = smollm2.generate(PROMPT, max_tokens=30, ignore_eos=True).text
+    word = full.split()[1]
+    r = smollm2.generate(PROMPT, max_tokens=30, ignore_eos=True, stop=[word])
+    assert r.finish_reason == "stop"
+    assert r.text == full[: full.index(word)]
+    assert "".join(smollm2.stream(PROMPT, max_tokens=30, ignore_eos=True, stop=[word])) == r.text
+
+
+def test_stream_pieces_concatenate_to_generate(smollm2):
+    pieces = list(smollm2.stream(PROMPT, max_tokens=20, ignore_eos=True))
+    assert len(pieces) > 3
+    assert "".join(pieces) == smollm2.generate(PROMPT, max_tokens=20, ignore_eos=True).text
+
+
+def test_sampling_is_seeded(smollm2):
+    a = smollm2.generate(PROMPT, max_tokens=16, temperature=0.9, top_k=40, top_p=0.95, seed=7, ignore_eos=True)
+    b = smollm2.generate(PROMPT, max_tokens=16, temperature=0.9, top_k=40, top_p=0.95, seed=7, ignore_eos=True)
+    c = smollm2.generate(PROMPT, max_tokens=16, temperature=1.5, seed=8, ignore_eos=True)
+    assert a.tokens == b.tokens
+    assert a.tokens != c.tokens
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Hello, world!", "héllo wörld — naïve café", "日本語のテキスト", "emoji 🎉🦙 mix", "  leading spaces\n\ttabs"],
+)
+def test_tokenize_detokenize_round_trip(smollm2, text):
+    ids = smollm2.tokenize(text, add_special=False)
+    assert smollm2.detokenize(ids) == text
+
+
+def test_multibyte_utf8_split_across_tokens_streams_whole_characters(smollm2):
+    text = "🦙"
+    ids = smollm2.tokenize(text, add_special=False)
+    pieces = [smollm2.token_bytes(t) for t in ids]
+    assert len(ids) > 1 and all(p != text.encode() for p in pieces)  # the emoji spans several tokens
+    with pytest.raises(UnicodeDecodeError):
+        pieces[0].decode("utf-8")
+    # stream a prompt that makes the model repeat the emoji: no piece holds a broken character
+    prompt = smollm2.tokenize("Repeat: 🦙🦙🦙🦙 🦙🦙🦙🦙 🦙🦙🦙🦙", add_special=False)
+    out = list(smollm2.stream(prompt + ids, max_tokens=12, ignore_eos=True))
+    assert "\ufffd" not in "".join(out)
+
+
+def test_invalid_utf8_is_replaced_not_raised(smollm2):
+    ids = smollm2.tokenize("🦙", add_special=False)
+    assert smollm2.detokenize(ids[:1]) == "\ufffd" * len(smollm2.detokenize(ids[:1]))
+
+
+# ------------------------------------------------------------------------------- bad input
+
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError, match="model file not found"):
+        Model("/nonexistent/model.gguf")
+
+
+def test_not_a_gguf(tmp_path):
+    p = tmp_path / "notes.gguf"
+    p.write_text("this is not a model")
+    with pytest.raises(DolaError, match="not a GGUF model file"):
+        Model(p)
+
+
+def test_truncated_gguf(smollm2_path, tmp_path):
+    p = tmp_path / "truncated.gguf"
+    with open(smollm2_path, "rb") as f:
+        p.write_bytes(f.read(5_000_000))
+    with pytest.raises(DolaError, match="truncated"):
+        Model(p)
+
+
+def test_truncated_header(smollm2_path, tmp_path):
+    p = tmp_path / "header.gguf"
+    with open(smollm2_path, "rb") as f:
+        p.write_bytes(f.read(2000))
+    with pytest.raises(DolaError, match="malformed or truncated"):
+        Model(p)
+
+
+def test_prompt_longer_than_context(smollm2_path):
+    m = Model(smollm2_path, n_ctx=64)
+    assert m.n_ctx >= 64  # llama.cpp may round the context up
+    with pytest.raises(ValueError, match=f"context holds {m.n_ctx}"):
+        m.generate("word " * (m.n_ctx + 10), max_tokens=4)
+    assert m.generate(PROMPT, max_tokens=4).tokens  # still usable
+
+
+def test_generation_stops_when_the_context_is_full(smollm2_path):
+    m = Model(smollm2_path, n_ctx=32)
+    ids = m.tokenize("word " * (m.n_ctx - 5))
+    r = m.generate(ids, max_tokens=100, ignore_eos=True)
+    assert r.finish_reason == "length" and len(ids) + len(r.tokens) == m.n_ctx + 1
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, "10"])
+def test_bad_max_tokens(smollm2, bad):
+    with pytest.raises(ValueError, match="max_tokens"):
+        smollm2.generate(PROMPT, max_tokens=bad)
+
+
+@pytest.mark.parametrize("ids", [[1, 2, 49152], [-1], [10**12]])
+def test_token_ids_outside_vocabulary(smollm2, ids):
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        smollm2.generate(ids, max_tokens=2)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        smollm2.detokenize(ids)
+
+
+@pytest.mark.parametrize("prompt", ["", []])
+def test_empty_prompt(smollm2, prompt):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        smollm2.generate(prompt, max_tokens=2)
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_k=-3), "top_k"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(layers="4,99"), "valid layers are 0..30"),
+        (dict(layers="high", relative_top=1.5), "relative_top"),
+    ],
+)
+def test_bad_options(smollm2, option, message):
+    with pytest.raises(ValueError, match=message):
+        smollm2.generate(PROMPT, max_tokens=2, **option)
+
+
+def test_bad_constructor_arguments(smollm2_path):
+    with pytest.raises(ValueError, match="n_ctx"):
+        Model(smollm2_path, n_ctx=-5)
+    with pytest.raises(DolaError, match="kv cache type"):
+        Model(smollm2_path, kv_type="f8")
+
+
+# ------------------------------------------------------------------------------- interruption
+
+
+def _interrupt_main_after(seconds):
+    main = threading.main_thread().ident
+    timer = threading.Timer(seconds, lambda: signal.pthread_kill(main, signal.SIGINT))
+    timer.start()
+    return timer
+
+
+def test_ctrl_c_during_prefill(smollm2_path):
+    m = Model(smollm2_path, n_ctx=4096, n_batch=4096)
+    long_prompt = m.tokenize("The quick brown fox jumps over the lazy dog. " * 300)
+    t0 = time.perf_counter()
+    m.generate(long_prompt, max_tokens=1)
+    full = time.perf_counter() - t0
+    m._session.clear()
+    _interrupt_main_after(full / 4)
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        m.generate(long_prompt, max_tokens=1)
+    assert time.perf_counter() - t0 < full * 0.8  # stopped well before the prefill's end
+    assert "Paris" in m.generate(PROMPT, max_tokens=8).text  # the model stays usable
+
+
+def test_ctrl_c_during_decode(smollm2):
+    _interrupt_main_after(0.3)
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        smollm2.generate(PROMPT, max_tokens=5000, ignore_eos=True)
+    assert time.perf_counter() - t0 < 2.0
+    assert "Paris" in smollm2.generate(PROMPT, max_tokens=8).text
+
+
+def test_cancel_from_another_thread(smollm2):
+    out = {}
+
+    def work():
+        out["r"] = smollm2.generate(PROMPT, max_tokens=5000, ignore_eos=True)
+
+    t = threading.Thread(target=work)
+    t.start()
+    time.sleep(0.3)
+    smollm2.cancel()
+    t.join(timeout=5)
+    assert not t.is_alive()
+    assert out["r"].finish_reason == "cancelled" and 0 < len(out["r"].tokens) < 5000
+    assert "Paris" in smollm2.generate(PROMPT, max_tokens=8).text
+
+
+def test_closing_a_stream_frees_the_model(smollm2):
+    it = smollm2.stream(PROMPT, max_tokens=100, ignore_eos=True)
+    next(it)
+    with pytest.raises(RuntimeError, match="already generating"):
+        smollm2.generate(PROMPT, max_tokens=2)
+    it.close()
+    assert smollm2.generate(PROMPT, max_tokens=4).tokens
+
+
+# ------------------------------------------------------------------------------- several models
+
+
+def test_two_models_and_shared_weights(smollm2_path, smollm2):
+    other = Model(smollm2_path, n_ctx=256)
+    shared = smollm2.share(n_ctx=256)
+    expected = smollm2.generate(PROMPT, max_tokens=10).tokens
+    assert other.generate(PROMPT, max_tokens=10).tokens == expected
+    assert shared.generate(PROMPT, max_tokens=10).tokens == expected
+
+
+def test_threads_generate_concurrently_without_holding_the_gil(smollm2):
+    a, b = smollm2.share(n_ctx=256, n_threads=1), smollm2.share(n_ctx=256, n_threads=1)
+    expected = a.generate(PROMPT, max_tokens=30, ignore_eos=True).tokens
+    results = {}
+    ticks = []
+
+    def run(name, m):
+        results[name] = m.generate(PROMPT, max_tokens=30, ignore_eos=True).tokens
+
+    threads = [threading.Thread(target=run, args=(n, m)) for n, m in (("a", a), ("b", b))]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):  # this thread keeps running Python meanwhile
+        ticks.append(time.perf_counter())
+        time.sleep(0.001)
+    assert results == {"a": expected, "b": expected}
+    assert len(ticks) > 20
+
+
+def test_convert_model_rejects_bad_type(smollm2_path, tmp_path):
+    with pytest.raises(DolaError, match="unsupported conversion type"):
+        dola_cpp.convert_model(smollm2_path, tmp_path / "x.gguf", "Q9")
