@@ -177,11 +177,12 @@ class Model:
         top_p: float,
         min_p: float,
         seed: Optional[int],
+        warn: bool = True,
     ) -> _core.DecodeParams:
         global _warned_penalty
         if repetition_penalty is None:
             repetition_penalty = 1.0 if plan.is_plain else RECOMMENDED_REPETITION_PENALTY
-        elif not plan.is_plain and repetition_penalty < RECOMMENDED_REPETITION_PENALTY and not _warned_penalty:
+        elif warn and not plan.is_plain and repetition_penalty < RECOMMENDED_REPETITION_PENALTY and not _warned_penalty:
             _warned_penalty = True
             warnings.warn(
                 f"DoLa decoding is recommended with repetition_penalty >= {RECOMMENDED_REPETITION_PENALTY} "
@@ -286,7 +287,7 @@ class Model:
         if n_prefix >= len(ids):
             raise ValueError("the continuation adds no tokens to the prefix")
         plan = self.resolve_layers(layers)
-        params = self._params(plan, 1.0, 0.1, premature_norm, 0.0, 0, 1.0, 0.0, None)
+        params = self._params(plan, 1.0, 0.1, premature_norm, 0.0, 0, 1.0, 0.0, None, warn=False)
         with self._claim():
             self._session.configure(params)
             r = self._session.score(ids, n_prefix, post_softmax, float(relative_top), float(relative_top_value))

@@ -289,3 +289,14 @@ def test_threads_generate_concurrently_without_holding_the_gil(smollm2):
 def test_convert_model_rejects_bad_type(smollm2_path, tmp_path):
     with pytest.raises(DolaError, match="unsupported conversion type"):
         dola_cpp.convert_model(smollm2_path, tmp_path / "x.gguf", "Q9")
+
+
+def test_dola_warns_once_below_recommended_penalty(smollm2, monkeypatch):
+    import dola_cpp.model as model_module
+
+    monkeypatch.setattr(model_module, "_warned_penalty", False)
+    with pytest.warns(UserWarning, match="repetition_penalty >= 1.2"):
+        smollm2.generate(PROMPT, max_tokens=2, layers="high", repetition_penalty=1.0)
+    smollm2.generate(PROMPT, max_tokens=2, layers="high", repetition_penalty=1.0)  # once only (no error)
+    r = smollm2.generate(PROMPT, max_tokens=4, layers="high")  # default 1.2 with DoLa: no warning
+    assert all(s.premature_layer in smollm2.resolve_layers("high").candidates for s in r.steps)
