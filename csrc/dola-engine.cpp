@@ -249,8 +249,11 @@ session::session(std::shared_ptr<model> mdl, const context_params & params)
     cp.n_seq_max = 1;
     cp.n_threads = n_threads_;
     cp.n_threads_batch = n_threads_;
-    cp.cb_eval = layer_capture::callback;
-    cp.cb_eval_user_data = &capture_;
+    capture_enabled_ = params.capture;
+    if (capture_enabled_) {
+        cp.cb_eval = layer_capture::callback;
+        cp.cb_eval_user_data = &capture_;
+    }
     cp.abort_callback = abort_cb;
     cp.abort_callback_data = this;
     cp.no_perf = true;
@@ -315,6 +318,9 @@ void session::configure(const decode_params & p) {
     }
     if (!p.candidates.empty() && mature != N && std::find(layers.begin(), layers.end(), mature) == layers.end()) {
         layers.push_back(mature);
+    }
+    if ((!layers.empty() || mature != N) && !capture_enabled_) {
+        throw error("this context was created without layer capture; DoLa needs it");
     }
     if (!layers.empty() || mature != N) {
         if (!projector_) projector_ = std::make_unique<projector>(model_->get());
@@ -518,6 +524,7 @@ std::vector<float> session::layer_logits(const std::vector<llama_token> & prompt
             hidden_layers.push_back(l);
         }
     }
+    if (!hidden_layers.empty() && !capture_enabled_) throw error("this context was created without layer capture");
     if (!hidden_layers.empty() && !projector_) projector_ = std::make_unique<projector>(model_->get());
     if (projector_) projector_->set_n_threads(n_threads_);
     if (premature_norm && !projector_->norm_supported()) {

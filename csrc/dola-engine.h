@@ -78,6 +78,7 @@ struct context_params {
     int32_t n_threads = 0;  // 0 = hardware concurrency
     uint32_t n_batch = 512;
     std::string kv_type = "f16";  // KV cache type: f16, f32, q8_0
+    bool capture = true;          // register the layer-capture eval callback (needed for DoLa)
 };
 
 // Mirrors dola_cpp.DecodeConfig.
@@ -172,6 +173,7 @@ private:
     llama_context * ctx_ = nullptr;
     uint32_t n_ctx_ = 0, n_batch_ = 0;
     int32_t n_threads_ = 0;
+    bool capture_enabled_ = true;
     layer_capture capture_;
     std::unique_ptr<projector> projector_;
     decode_params params_;

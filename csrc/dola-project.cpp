@@ -95,16 +95,24 @@ void projector::build(int32_t n_rows, bool norm) {
 void projector::project(const float * hidden, int32_t n_rows, bool norm, float * out) {
     if (n_rows <= 0) return;
     if (norm && !norm_supported_) throw error("premature_norm is not supported for this architecture");
-    if (n_rows != built_rows_ || norm != built_norm_) {
-        build(n_rows, norm);
+    // CPU matmul kernels work on tiles of 4 columns and handle remainders slowly (measured on
+    // Q8_0: 7 rows cost 40% more than 8), so pad the batch with zero rows to a multiple of 4.
+    const int32_t padded = (n_rows == 1 || !is_cpu_) ? n_rows : (n_rows + 3) / 4 * 4;
+    if (padded != built_rows_ || norm != built_norm_) {
+        build(padded, norm);
     } else if (!ggml_gallocr_alloc_graph(galloc_, graph_)) {
         throw error("could not allocate the projection graph");
     }
-    ggml_backend_tensor_set(in_, hidden, 0, ggml_nbytes(in_));
+    const size_t row_bytes = (size_t) n_embd_ * sizeof(float);
+    ggml_backend_tensor_set(in_, hidden, 0, row_bytes * n_rows);
+    if (padded > n_rows) {
+        pad_.assign((size_t) (padded - n_rows) * n_embd_, 0.0f);
+        ggml_backend_tensor_set(in_, pad_.data(), row_bytes * n_rows, row_bytes * (padded - n_rows));
+    }
     if (ggml_backend_graph_compute(backend_, graph_) != GGML_STATUS_SUCCESS) {
         throw error("the early-exit projection failed on backend " + backend_name_);
     }
-    ggml_backend_tensor_get(out_, out, 0, ggml_nbytes(out_));
+    ggml_backend_tensor_get(out_, out, 0, (size_t) n_vocab_ * n_rows * sizeof(float));
 }
 
 }  // namespace dola

