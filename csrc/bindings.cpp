@@ -193,17 +193,19 @@ PYBIND11_MODULE(_core, m) {
 
     py::class_<py_session>(m, "Session")
         .def(py::init([](std::shared_ptr<dola::model> mdl, uint32_t n_ctx, int32_t n_threads, uint32_t n_batch,
-                         const std::string & kv_type) {
+                         const std::string & kv_type, bool capture) {
                  dola::context_params p;
                  p.kv_type = kv_type;
+                 p.capture = capture;
                  p.n_ctx = n_ctx;
                  p.n_threads = n_threads;
                  p.n_batch = n_batch;
                  return std::make_unique<py_session>(std::move(mdl), p);
              }),
-             py::arg("model"), py::arg("n_ctx") = 2048, py::arg("n_threads") = 0, py::arg("n_batch") = 512, py::arg("kv_type") = "f16")
+             py::arg("model"), py::arg("n_ctx") = 2048, py::arg("n_threads") = 0, py::arg("n_batch") = 512, py::arg("kv_type") = "f16", py::arg("capture") = true)
         .def_property_readonly("n_ctx", [](const py_session & self) { return self.s.n_ctx(); })
         .def_property_readonly("n_threads", [](const py_session & self) { return self.s.n_threads(); })
+        .def_property_readonly("projection_backend", [](const py_session & self) { return self.s.projection_backend(); })
         .def_property_readonly("n_cached", [](const py_session & self) { return self.s.tokens().size(); })
         .def_property_readonly("cached_tokens", [](const py_session & self) { return self.s.tokens(); })
         .def("configure", [](py_session & self, const dola::decode_params & p) { self.s.configure(p); })

@@ -160,6 +160,8 @@ public:
     void set_interrupt_check(std::function<bool()> fn) { interrupt_check_ = std::move(fn); }
 
     timings & stats() { return timings_; }
+    // Where the early-exit projection runs ("" until DoLa is first configured).
+    std::string projection_backend() const { return projector_ ? projector_->backend_name() : ""; }
 
 private:
     static bool abort_cb(void * data);

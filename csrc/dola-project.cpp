@@ -1,6 +1,7 @@
 #include "dola-project.h"
 
 #include "dola-error.h"
+#include "dola-q8.h"
 
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
@@ -8,6 +9,8 @@
 #include "ggml.h"
 #include "llama-model.h"  // internal: the output matrix and final norm of the loaded model
 
+#include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -56,6 +59,16 @@ projector::projector(const llama_model * model) {
     if (!backend_) throw error("could not initialise a backend for the output matrix");
     backend_name_ = ggml_backend_name(backend_);
     galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_));
+
+    // Host Q8_0 weights in ggml's plain layout (not a repacked CPU buffer) can use our kernel.
+    const char * no_kernel = std::getenv("DOLA_CPP_NO_Q8_KERNEL");
+    const char * buft_name = ggml_backend_buft_name(ggml_backend_buffer_get_type(output_->buffer));
+    use_q8_ = is_cpu_ && q8_0_kernel_available() && !(no_kernel && *no_kernel && std::strcmp(no_kernel, "0") != 0) &&
+              output_->type == GGML_TYPE_Q8_0 && ggml_backend_buffer_is_host(output_->buffer) &&
+              std::strstr(buft_name, "REPACK") == nullptr && ggml_is_contiguous(output_) && n_embd_ % 32 == 0 &&
+              (!output_norm_ || (output_norm_->type == GGML_TYPE_F32 && ggml_backend_buffer_is_host(output_norm_->buffer)));
+    if (use_q8_) backend_name_ = "CPU (dola-cpp Q8_0 kernel)";
+    backend_name_ += std::string(" [weights: ") + ggml_type_name(output_->type) + " in " + buft_name + "]";
 }
 
 projector::~projector() {
@@ -65,6 +78,7 @@ projector::~projector() {
 }
 
 void projector::set_n_threads(int32_t n_threads) {
+    n_threads_ = n_threads;
     if (is_cpu_) ggml_backend_cpu_set_n_threads(backend_, n_threads);
 }
 
@@ -95,6 +109,23 @@ void projector::build(int32_t n_rows, bool norm) {
 void projector::project(const float * hidden, int32_t n_rows, bool norm, float * out) {
     if (n_rows <= 0) return;
     if (norm && !norm_supported_) throw error("premature_norm is not supported for this architecture");
+    if (use_q8_) {
+        const float * x = hidden;
+        if (norm) {  // RMSNorm times the final norm weight, as the model's graph computes it
+            const float * g = static_cast<const float *>(output_norm_->data);
+            normed_.resize((size_t) n_rows * n_embd_);
+            for (int32_t r = 0; r < n_rows; ++r) {
+                const float * h = hidden + (size_t) r * n_embd_;
+                double ss = 0.0;
+                for (int32_t i = 0; i < n_embd_; ++i) ss += (double) h[i] * h[i];
+                const float scale = 1.0f / std::sqrt((float) (ss / n_embd_) + norm_eps_);
+                for (int32_t i = 0; i < n_embd_; ++i) normed_[(size_t) r * n_embd_ + i] = h[i] * scale * g[i];
+            }
+            x = normed_.data();
+        }
+        q8_0_matmul(output_->data, n_vocab_, n_embd_, output_->nb[1], x, n_rows, out, n_threads_);
+        return;
+    }
     // CPU matmul kernels work on tiles of 4 columns and handle remainders slowly (measured on
     // Q8_0: 7 rows cost 40% more than 8), so pad the batch with zero rows to a multiple of 4.
     const int32_t padded = (n_rows == 1 || !is_cpu_) ? n_rows : (n_rows + 3) / 4 * 4;

@@ -29,6 +29,8 @@ public:
     void project(const float * hidden, int32_t n_rows, bool norm, float * out);
 
     bool norm_supported() const { return norm_supported_; }
+    // True when the projection runs on dola-cpp's own Q8_0 CPU kernel instead of a ggml graph.
+    bool uses_q8_kernel() const { return use_q8_; }
     const std::string & backend_name() const { return backend_name_; }
 
 private:
@@ -42,6 +44,9 @@ private:
     int64_t n_vocab_ = 0;
     ggml_backend_t backend_ = nullptr;
     bool is_cpu_ = false;
+    bool use_q8_ = false;
+    int32_t n_threads_ = 1;
+    std::vector<float> normed_;
     std::string backend_name_;
     ggml_gallocr_t galloc_ = nullptr;
     ggml_context * ctx_ = nullptr;
