@@ -300,3 +300,41 @@ def test_dola_warns_once_below_recommended_penalty(smollm2, monkeypatch):
     smollm2.generate(PROMPT, max_tokens=2, layers="high", repetition_penalty=1.0)  # once only (no error)
     r = smollm2.generate(PROMPT, max_tokens=4, layers="high")  # default 1.2 with DoLa: no warning
     assert all(s.premature_layer in smollm2.resolve_layers("high").candidates for s in r.steps)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc (Linux)")
+def test_no_leak_under_repeated_model_and_context_creation(smollm2_path, smollm2):
+    import gc
+
+    def cycle():
+        m = Model(smollm2_path, n_ctx=256)
+        m.generate(PROMPT, max_tokens=2, layers="high")
+        m.share().generate(PROMPT, max_tokens=2)
+
+    for _ in range(3):
+        cycle()
+    gc.collect()
+    before = _rss_mb()
+    for _ in range(12):
+        cycle()
+    gc.collect()
+    assert _rss_mb() - before < 40  # a leaked context or model would cost tens of MB each
+
+
+def test_score_rejects_bad_input(smollm2):
+    with pytest.raises(ValueError, match="continuation is empty"):
+        smollm2.score("Q: hi\nA:", "")
+    with pytest.raises(TypeError, match="both be strings"):
+        smollm2.score("Q: hi\nA:", [1, 2])
+    with pytest.raises(ValueError, match="valid layers are 0..30"):
+        smollm2.score("Q: hi\nA:", " yes", layers="3,31")
+    with pytest.raises(ValueError, match="valid layers are 0..30"):
+        smollm2.layer_logits("Q: hi\nA:", [31])
