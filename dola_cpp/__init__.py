@@ -4,7 +4,7 @@ on llama.cpp."""
 from ._core import Cancelled, Error as DolaError
 from .hub import DEFAULT_MODEL, DEMO_MODELS, demo_model_path, resolve_model
 from .layers import LayerPlan, resolve_layers
-from .model import Model
+from .model import RECOMMENDED_REPETITION_PENALTY, Model, PenaltyWarning
 from .results import GenerationResult, ScoreResult, StepInfo
 
 __version__ = "0.1.0"
@@ -17,6 +17,8 @@ __all__ = [
     "GenerationResult",
     "LayerPlan",
     "Model",
+    "PenaltyWarning",
+    "RECOMMENDED_REPETITION_PENALTY",
     "ScoreResult",
     "StepInfo",
     "convert_model",

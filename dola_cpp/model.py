@@ -18,9 +18,12 @@ from .results import GenerationResult, ScoreResult, StepInfo
 
 Prompt = Union[str, Sequence[int], np.ndarray]
 
-DolaError = _core.Error
 RECOMMENDED_REPETITION_PENALTY = 1.2
 _warned_penalty = False
+
+
+class PenaltyWarning(UserWarning):
+    """DoLa ran with a repetition penalty below the recommended 1.2."""
 
 
 class Model:
@@ -194,7 +197,7 @@ class Model:
             warnings.warn(
                 f"DoLa decoding is recommended with repetition_penalty >= {RECOMMENDED_REPETITION_PENALTY} "
                 f"(got {repetition_penalty})",
-                UserWarning,
+                PenaltyWarning,
                 stacklevel=4,
             )
         p = _core.DecodeParams()
@@ -419,9 +422,9 @@ class _Run:
                     self.finish_reason = "length"
                     return
                 sess.configure(self.params)
-                t0 = time.perf_counter()
+                t_prefill = time.perf_counter()
                 sess.prefill(self.ids)
-                self.prefill_seconds = time.perf_counter() - t0
+                self.prefill_seconds = time.perf_counter() - t_prefill
                 t0 = time.perf_counter()
                 for i in range(self.max_tokens):
                     if m._cancel.is_set():
@@ -462,7 +465,12 @@ class _Run:
                     self.finish_reason = "length"
             except _core.Cancelled:
                 self.finish_reason = "cancelled"
+            except KeyboardInterrupt:
+                self.finish_reason = "interrupted"
+                raise
             finally:
+                if self.prefill_seconds == 0.0 and "t_prefill" in locals():
+                    self.prefill_seconds = time.perf_counter() - t_prefill
                 self.decode_seconds = time.perf_counter() - t0 if "t0" in locals() else 0.0
             if self.finish_reason != "stop" or not self.stop:
                 self.text += decoder.decode(b"", final=True)

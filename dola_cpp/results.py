@@ -30,7 +30,7 @@ class GenerationResult:
     text: str
     tokens: list[int]
     steps: list[StepInfo]
-    finish_reason: str  # "stop" (EOS/EOT or a stop string), "length", "cancelled"
+    finish_reason: str  # "stop" (EOS/EOT or a stop string), "length", "cancelled", "interrupted"
     prompt_tokens: int
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0

@@ -1,0 +1,61 @@
+"""The ``dola-cpp`` application: wiring only; each command lives in its own module."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from .. import __version__
+from ._cli_utils import DEBUG_ENV, DolaGroup
+from .compare import COMPARE_EXAMPLES, compare
+from .generate import GENERATE_EXAMPLES, generate
+from .info import INFO_EXAMPLES, info
+from .pull import PULL_EXAMPLES, pull
+from .run import RUN_EXAMPLES, run
+
+try:  # the eval commands are optional: skip them only when their module does not exist
+    from .eval import app as eval_app
+except ModuleNotFoundError as e:
+    if e.name != f"{__package__}.eval":
+        raise
+    eval_app = None
+
+app = typer.Typer(
+    name="dola-cpp",
+    help="DoLa (Decoding by Contrasting Layers) for GGUF models on llama.cpp.",
+    epilog=f"Set {DEBUG_ENV}=1 to see full tracebacks.",
+    cls=DolaGroup,
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dola-cpp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Show the version and exit.")] = None,
+) -> None:
+    pass
+
+
+app.command(epilog=RUN_EXAMPLES)(run)
+app.command(epilog=GENERATE_EXAMPLES)(generate)
+app.command(epilog=COMPARE_EXAMPLES)(compare)
+app.command(epilog=INFO_EXAMPLES)(info)
+app.command(epilog=PULL_EXAMPLES)(pull)
+if eval_app is not None:
+    app.add_typer(eval_app, name="eval")
+
+
+def main() -> None:
+    app(prog_name="dola-cpp")

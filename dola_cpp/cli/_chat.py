@@ -1,0 +1,429 @@
+"""The terminal chat behind ``dola-cpp run``.
+
+Each turn re-sends the whole conversation; the engine reuses the longest common token prefix of
+its KV cache, so only the new turn is prefilled. An answer stopped with Ctrl-C is dropped
+together with its question: the conversation stays a clean alternation of complete turns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import Counter
+from typing import Callable, Optional
+
+import typer
+
+from .. import DolaError, GenerationResult, LayerPlan, Model
+from ..hub import cache_dir
+from ._cli_utils import CLIError, DecodeSettings, Template, one_line, penalty_note, quiet_penalty_warning
+from ._input import Interrupted, LineReader, line_reader
+from ._render import describe_plan, histogram, stats_line
+
+MULTILINE = '"""'
+
+HELP = f"""\
+Commands:
+  /set                         show the settings
+  /set layers high|low|none|16,18,32
+  /set repetition_penalty X    (auto = 1.2 with DoLa, 1.0 plain)
+  /set premature_norm on|off   (final norm on premature layers: logit lens)
+  /set temperature X           (0 = greedy)
+  /set max_tokens N
+  /set top_k K | top_p P | seed N|random
+  /set system TEXT             (nothing after it removes the system prompt)
+  /dola on|off                 DoLa decoding on, or plain decoding
+  /clear                       forget the conversation
+  /stats                       speed and premature-layer histogram
+  /bye                         exit (also /exit, Ctrl-D)
+  /help                        this help
+  {MULTILINE}                          start or end a multi-line message
+Ctrl-C stops an answer (the question and partial answer are forgotten);
+at an empty prompt it exits."""
+
+_TRANSCRIPT_STOP = ["\nUser:"]
+
+
+@dataclasses.dataclass
+class Exchange:
+    user: str
+    assistant: str
+
+
+class Conversation:
+    """The turns so far and how they become one prompt: the GGUF's chat template, or a plain
+    ``User: …`` / ``Assistant: …`` transcript for models without one."""
+
+    def __init__(self, model: Model, system: Optional[str], use_template: bool) -> None:
+        self.model = model
+        self.system = system
+        self.use_template = use_template
+        self.exchanges: list[Exchange] = []
+
+    @property
+    def stop(self) -> list[str]:
+        return [] if self.use_template else list(_TRANSCRIPT_STOP)
+
+    def render(self, user: str, exchanges: list[Exchange]) -> str:
+        if self.use_template:
+            messages = [{"role": "system", "content": self.system}] if self.system else []
+            for ex in exchanges:
+                messages += [{"role": "user", "content": ex.user}, {"role": "assistant", "content": ex.assistant}]
+            messages.append({"role": "user", "content": user})
+            return self.model.apply_chat_template(messages)
+        text = f"{self.system}\n\n" if self.system else ""
+        for ex in exchanges:
+            text += f"User: {ex.user}\nAssistant: {ex.assistant}\n"
+        return text + f"User: {user}\nAssistant:"
+
+    def prompt(self, user: str, budget: int) -> tuple[str, int]:
+        """The prompt for ``user``'s message within ``budget`` tokens, dropping the oldest
+        exchanges when needed; also returns how many were dropped."""
+        for dropped in range(len(self.exchanges) + 1):
+            text = self.render(user, self.exchanges[dropped:])
+            n = len(self.model.tokenize(text))
+            if n <= budget:
+                if dropped:
+                    del self.exchanges[:dropped]
+                return text, dropped
+        raise CLIError(f"this message needs {n} tokens but only {budget} fit in the context "
+                       f"(with room for the answer); start the chat with a larger --ctx")
+
+    def add(self, user: str, assistant: str) -> None:
+        self.exchanges.append(Exchange(user, assistant))
+
+    def clear(self) -> None:
+        self.exchanges.clear()
+
+
+def template_choice(model: Model, template: Template) -> tuple[bool, Optional[str]]:
+    """Whether to use the chat template, and a note for the user when falling back."""
+    if template is Template.none:
+        return False, None
+    if not model.chat_template:
+        if template is Template.chat:
+            raise CLIError("this model has no chat template in its GGUF; use --template none")
+        return False, "this model has no chat template; using a plain 'User: … / Assistant:' transcript"
+    try:
+        model.apply_chat_template([{"role": "user", "content": "hi"}])
+    except DolaError:
+        if template is Template.chat:
+            raise
+        return False, ("llama.cpp does not recognise this model's chat template; "
+                       "using a plain 'User: … / Assistant:' transcript")
+    return True, None
+
+
+class Output:
+    """Where the chat writes: in a terminal, answers and status on stdout with colours; piped,
+    only answers on stdout and everything else on stderr, without colours."""
+
+    def __init__(self, interactive: bool) -> None:
+        self.interactive = interactive
+        self.color = interactive and not os.environ.get("NO_COLOR")
+
+    def _style(self, text: str, **style) -> str:
+        return typer.style(text, **style) if self.color else text
+
+    def piece(self, text: str) -> None:
+        typer.echo(text, nl=False, color=self.color or None)
+
+    def newline(self) -> None:
+        typer.echo("")
+
+    def status(self, text: str) -> None:
+        typer.echo(self._style(text, dim=True), err=not self.interactive, color=self.color or None)
+
+    def note(self, text: str) -> None:
+        typer.echo(self._style(text, fg="yellow"), err=not self.interactive, color=self.color or None)
+
+    def error(self, text: str) -> None:
+        typer.echo(self._style(f"Error: {text}", fg="red"), err=True, color=self.color or None)
+
+    def prompt(self, continuation: bool = False) -> str:
+        if not self.interactive:
+            return ""
+        return self._style("... " if continuation else ">>> ", bold=True)
+
+
+class Chat:
+    def __init__(self, model: Model, settings: DecodeSettings, system: Optional[str] = None,
+                 template: Template = Template.auto, interactive: bool = True) -> None:
+        self.model = model
+        self.out = Output(interactive)
+        use_template, self.template_note = template_choice(model, template)
+        self.conversation = Conversation(model, system, use_template)
+        self.settings = settings
+        self.plan = self._plan(settings.layers)
+        self._dola_layers = settings.layers if not self.plan.is_plain else "high"
+        self.last: Optional[GenerationResult] = None
+        self.last_interrupted = False
+        self.session_hist: Counter[int] = Counter()
+        self.session_tokens = 0
+        self.session_seconds = 0.0
+        self.answers = 0
+        self.failed = False
+        self._eof = False
+
+    # ------------------------------------------------------------------ loop
+
+    def repl(self, reader: Optional[LineReader] = None) -> int:
+        """Chat until /bye, Ctrl-D, Ctrl-C at an empty prompt or the end of piped input. Returns
+        the exit code: 0, or 1 when a piped turn failed."""
+        reader = reader or line_reader(self.out.interactive, cache_dir() / "chat_history")
+        self._banner()
+        try:
+            while not self._eof:
+                try:
+                    text = self._read_message(reader)
+                except EOFError:
+                    break
+                except Interrupted as e:
+                    if e.had_text:
+                        continue
+                    break
+                if text is None or not text.strip():
+                    continue
+                if text.lstrip().startswith("/"):
+                    if not self.command(text.strip()):
+                        break
+                else:
+                    try:
+                        self.ask(text.strip())
+                    except KeyboardInterrupt:  # before decoding started, e.g. while tokenizing
+                        self.out.newline()
+                        self.out.status("[interrupted]")
+        finally:
+            reader.close()
+        return 1 if self.failed and not self.out.interactive else 0
+
+    def _read_message(self, reader: LineReader) -> Optional[str]:
+        """One user message; a line starting with three double quotes opens a block that runs
+        to the line ending with them. Ctrl-C inside a block discards it."""
+        line = reader.read(self.out.prompt())
+        stripped = line.strip()
+        if not stripped.startswith(MULTILINE):
+            return line
+        rest = stripped[len(MULTILINE):]
+        if rest.endswith(MULTILINE) and len(rest) >= len(MULTILINE):
+            return rest[: -len(MULTILINE)]
+        lines = [rest] if rest else []
+        while True:
+            try:
+                line = reader.read(self.out.prompt(continuation=True))
+            except Interrupted:
+                return None
+            except EOFError:
+                self._eof = True
+                break
+            if line.rstrip().endswith(MULTILINE):
+                lines.append(line.rstrip()[: -len(MULTILINE)])
+                break
+            lines.append(line)
+        return "\n".join(lines)
+
+    def _banner(self) -> None:
+        if self.template_note:
+            self.out.note(f"note: {self.template_note}")
+        note = penalty_note(self.plan, self.settings.repetition_penalty)
+        if note:
+            self.out.note(note)
+        if not self.out.interactive:
+            return
+        m = self.model
+        self.out.status(f"{m.path.name} ({m.architecture}, {m.n_layers} layers) · {self._decoding()}")
+        self.out.status(f"Type /help for commands, {MULTILINE} for multi-line input, /bye or Ctrl-D to exit.")
+
+    def _decoding(self) -> str:
+        return (f"{describe_plan(self.plan, self.model.n_layers)} · "
+                f"repetition penalty {self.settings.effective_penalty(self.plan)}")
+
+    # ------------------------------------------------------------------ answers
+
+    def ask(self, text: str) -> Optional[GenerationResult]:
+        """Answer one message, streaming it; None when it failed."""
+        budget = self.model.n_ctx - min(self.settings.max_tokens, self.model.n_ctx // 2)
+        try:
+            prompt, dropped = self.conversation.prompt(text, budget)
+            with quiet_penalty_warning():
+                run = self.model.stream_steps(prompt, stop=self.conversation.stop, **self.settings.kwargs())
+        except (CLIError, ValueError, TypeError, RuntimeError) as e:
+            self._fail(e)
+            return None
+        if dropped:
+            self.out.note(f"note: dropped the {dropped} oldest exchange(s) to fit the context")
+        interrupted = False
+        started = False
+        pending = ""  # trailing whitespace, shown only once more text follows: answers print stripped
+        try:
+            for piece in run:
+                if not started:
+                    piece = piece.lstrip()
+                    started = bool(piece)
+                chunk = pending + piece
+                shown = chunk.rstrip()
+                pending = chunk[len(shown):]
+                if shown:
+                    self.out.piece(shown)
+        except KeyboardInterrupt:
+            interrupted = True
+        except (ValueError, RuntimeError) as e:
+            self.out.newline()
+            self._fail(e)
+            return None
+        finally:
+            run.close()  # releases the model when Ctrl-C landed in our code rather than in the engine
+        result = run.result()
+        self.out.newline()
+        if interrupted:
+            self.out.status("[interrupted: this question and the partial answer are not kept]")
+        else:
+            self.conversation.add(text, result.text.strip())
+        self._record(result, interrupted)
+        if self.out.interactive:
+            self.out.status(stats_line(result, interrupted))
+        return result
+
+    def _record(self, result: GenerationResult, interrupted: bool) -> None:
+        self.last, self.last_interrupted = result, interrupted
+        self.answers += 1
+        self.session_tokens += len(result.tokens)
+        self.session_seconds += result.decode_seconds
+        for s in result.steps:
+            if s.premature_layer is not None:
+                self.session_hist[s.premature_layer] += 1
+
+    def _fail(self, error: BaseException) -> None:
+        self.failed = True
+        self.out.error(one_line(error))
+
+    # ------------------------------------------------------------------ commands
+
+    def command(self, line: str) -> bool:
+        """Run a /command; False means exit."""
+        name, _, arg = line[1:].partition(" ")
+        name, arg = name.lower(), arg.strip()
+        handlers: dict[str, Callable[[str], Optional[bool]]] = {
+            "help": self._cmd_help, "?": self._cmd_help,
+            "set": self._cmd_set,
+            "dola": self._cmd_dola,
+            "clear": self._cmd_clear,
+            "stats": self._cmd_stats,
+        }
+        if name in ("bye", "exit", "quit"):
+            return False
+        handler = handlers.get(name)
+        if handler is None:
+            self._fail(CLIError(f"unknown command /{name}; /help lists the commands"))
+            return True
+        try:
+            handler(arg)
+        except (CLIError, ValueError, TypeError) as e:
+            self._fail(e)
+        return True
+
+    def _cmd_help(self, arg: str) -> None:
+        self.out.status(HELP)
+
+    def _cmd_clear(self, arg: str) -> None:
+        self.conversation.clear()
+        self.out.status("conversation cleared")
+
+    def _cmd_dola(self, arg: str) -> None:
+        if arg.lower() in ("on", "1", "true"):
+            self._apply(layers=self._dola_layers)
+        elif arg.lower() in ("off", "0", "false"):
+            self._apply(layers="none")
+        elif arg:
+            raise CLIError("use /dola on or /dola off")
+        self.out.status(self._decoding())
+
+    def _cmd_stats(self, arg: str) -> None:
+        if self.last is None:
+            self.out.status("no answers yet")
+            return
+        self.out.status(f"last answer: {stats_line(self.last, self.last_interrupted)}")
+        if self.last.mature_layer is not None:
+            self.out.status(histogram(self.last.layer_histogram()))
+        speed = self.session_tokens / self.session_seconds if self.session_seconds > 0 else 0.0
+        self.out.status(f"session: {self.answers} answer(s), {self.session_tokens} tokens, {speed:.1f} tok/s")
+        if self.session_hist:
+            self.out.status(histogram(dict(self.session_hist)))
+
+    def _cmd_set(self, arg: str) -> None:
+        if not arg:
+            self._show_settings()
+            return
+        key, _, value = arg.partition(" ")
+        key, value = key.lower().replace("-", "_"), value.strip()
+        if key == "system":
+            self.conversation.system = value or None
+            self.out.status("system prompt set" if value else "system prompt removed")
+            return
+        if not value:
+            raise CLIError(f"/set {key} needs a value")
+        if key == "layers":
+            self._apply(layers=value)
+        elif key in ("repetition_penalty", "penalty", "rp"):
+            self._apply(repetition_penalty=None if value.lower() == "auto" else _number(key, value, float, 1e-9))
+        elif key == "premature_norm":
+            if value.lower() not in ("on", "off"):
+                raise CLIError("/set premature_norm takes on or off")
+            self._apply(premature_norm=value.lower() == "on")
+        elif key == "temperature":
+            self._apply(temperature=_number(key, value, float, 0.0))
+        elif key == "max_tokens":
+            self._apply(max_tokens=_number(key, value, int, 1))
+        elif key == "top_k":
+            self._apply(top_k=_number(key, value, int, 0))
+        elif key == "top_p":
+            self._apply(top_p=_number(key, value, float, 0.0, 1.0))
+        elif key == "seed":
+            self._apply(seed=None if value.lower() == "random" else _number(key, value, int, 0))
+        else:
+            raise CLIError(f"unknown setting {key!r}; /set without arguments lists them")
+        self.out.status(f"{key} = {value} · {self._decoding()}")
+
+    def _show_settings(self) -> None:
+        s, plan = self.settings, self.plan
+        penalty = "auto" if s.repetition_penalty is None else f"{s.repetition_penalty:g}"
+        rows = [
+            ("layers", f"{s.layers} ({describe_plan(plan, self.model.n_layers)})"),
+            ("repetition_penalty", f"{penalty} (now {s.effective_penalty(plan)})"),
+            ("premature_norm", "on" if s.premature_norm else "off"),
+            ("temperature", f"{s.temperature:g}"),
+            ("top_k", str(s.top_k)),
+            ("top_p", f"{s.top_p:g}"),
+            ("seed", "random" if s.seed is None else str(s.seed)),
+            ("max_tokens", str(s.max_tokens)),
+            ("system", repr(self.conversation.system) if self.conversation.system else "(none)"),
+            ("format", "chat template" if self.conversation.use_template else "User:/Assistant: transcript"),
+        ]
+        self.out.status("\n".join(f"  {k:<19} {v}" for k, v in rows))
+
+    def _apply(self, **changes) -> None:
+        settings = dataclasses.replace(self.settings, **changes)
+        plan = self._plan(settings.layers)
+        self.settings, self.plan = settings, plan
+        if not plan.is_plain:
+            self._dola_layers = settings.layers
+        note = penalty_note(plan, settings.repetition_penalty)
+        if note and ("layers" in changes or "repetition_penalty" in changes):
+            self.out.note(note)
+
+    def _plan(self, layers: str) -> LayerPlan:
+        try:
+            return self.model.resolve_layers(layers)
+        except (ValueError, TypeError) as e:
+            raise CLIError(f"layers {layers}: {e}") from None
+
+
+def _number(key: str, value: str, kind: type, low: float, high: Optional[float] = None):
+    try:
+        x = kind(value)
+    except ValueError:
+        raise CLIError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+    if x < low or (high is not None and x > high):
+        bound = f"between {low:g} and {high:g}" if high is not None else f">= {low:g}"
+        raise CLIError(f"{key} must be {bound}, got {value}")
+    return x

@@ -1,0 +1,265 @@
+"""Shared pieces of the command line: the one user-facing error type and its handler, reusable
+options, the decoding settings object, and model loading."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+import traceback
+import warnings
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Iterator, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from .. import DEMO_MODELS, DolaError, LayerPlan, Model, resolve_model
+from .. import RECOMMENDED_REPETITION_PENALTY, PenaltyWarning
+
+DEBUG_ENV = "DOLA_CPP_DEBUG"
+
+
+class CLIError(Exception):
+    """A problem to report to the user in one line (no traceback)."""
+
+
+# Library errors that mean "bad input" rather than "bug": reported like a CLIError. OSError covers
+# FileNotFoundError, IsADirectoryError, permissions and Hub download failures.
+USER_ERRORS = (CLIError, DolaError, ValueError, TypeError, OSError, RuntimeError)
+
+
+def debug_enabled() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line: multi-line messages (e.g. pip's stderr) keep their
+    first and last lines."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}"
+
+
+def report_error(error: BaseException) -> None:
+    if debug_enabled():
+        traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+    typer.echo(f"Error: {one_line(error)}", err=True)
+
+
+class DolaGroup(TyperGroup):
+    """The top-level group: every command (sub-apps included) runs inside this ``invoke``, so
+    this is the one place where user errors become a one-line message and exit code 1."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, BrokenPipeError):
+            raise  # click's control flow (RuntimeError subclasses) and `| head`, which Typer handles
+        except USER_ERRORS as e:
+            report_error(e)
+            raise typer.Exit(1) from None
+
+
+def examples(*commands: str) -> str:
+    """A help epilog listing example commands (``\\b`` keeps click from re-wrapping them)."""
+    return "\b\nExamples:\n" + "\n".join(f"  $ {c}" for c in commands)
+
+
+# ---------------------------------------------------------------------------------------- choices
+
+
+class Template(str, Enum):
+    """How a prompt is turned into model input."""
+
+    auto = "auto"  # the GGUF's chat template when it has one llama.cpp knows, else none
+    chat = "chat"  # the chat template, an error if the model has none
+    none = "none"  # raw text (generate/compare) or a plain User:/Assistant: transcript (run)
+
+
+class Layout(str, Enum):
+    auto = "auto"
+    columns = "columns"
+    rows = "rows"
+
+
+# ---------------------------------------------------------------------------------------- options
+
+_MODEL_HELP = (
+    "A .gguf path, hf://owner/repo/file.gguf, or a demo model name ("
+    + ", ".join(DEMO_MODELS)
+    + ")."
+)
+_DECODE = "Decoding"
+_ENGINE = "Engine"
+
+
+def _check_layer_syntax(value: Optional[str]) -> Optional[str]:
+    """Reject what can never be a layer spec before loading the model; ranges are checked
+    against the model once it is loaded."""
+    if value is None:
+        return value
+    s = value.strip().lower()
+    if s in ("", "none", "off", "plain", "vanilla", "low", "high"):
+        return value
+    try:
+        [int(x) for x in s.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is not a layer spec: use high, low, none, or comma-separated layer numbers "
+            f"such as 16,18,32 (the last is the mature layer)"
+        ) from None
+    return value
+
+
+def _check_positive(value: Optional[float]) -> Optional[float]:
+    if value is not None and value <= 0:
+        raise typer.BadParameter(f"must be > 0 (1.0 = no penalty), got {value:g}")
+    return value
+
+
+ModelArg = Annotated[Optional[str], typer.Argument(help=_MODEL_HELP + " Default: the default demo model.",
+                                                   show_default=False)]
+ModelRequiredArg = Annotated[str, typer.Argument(help=_MODEL_HELP, show_default=False)]
+PromptArg = Annotated[str, typer.Argument(help="The prompt text.", show_default=False)]
+LayersOpt = Annotated[
+    str,
+    typer.Option(
+        "--layers", "-l", callback=_check_layer_syntax, rich_help_panel=_DECODE,
+        help="Premature layers to contrast: high, low, none (plain decoding), or a list like 16,18,32 "
+             "(last = mature layer; one value = plain decoding from that layer).",
+    ),
+]
+RepetitionPenaltyOpt = Annotated[
+    Optional[float],
+    typer.Option("--repetition-penalty", "--rp", callback=_check_positive, rich_help_panel=_DECODE,
+                 show_default=False,
+                 help=f"Repetition penalty. Default: {RECOMMENDED_REPETITION_PENALTY} with DoLa, 1.0 plain."),
+]
+PrematureNormOpt = Annotated[
+    bool,
+    typer.Option("--premature-norm/--raw", rich_help_panel=_DECODE,
+                 help="Apply the final norm to premature layers before projecting them (logit lens). The "
+                      "default, --raw, projects the raw hidden state as the DoLa paper and transformers do."),
+]
+SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", rich_help_panel=_DECODE,
+                                                  help="System prompt (with the chat template).")]
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=0, rich_help_panel=_DECODE,
+                                           help="Most tokens to generate per answer.")]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", "-t", min=0.0, rich_help_panel=_DECODE,
+                                               help="Sampling temperature; 0 = greedy.")]
+TopKOpt = Annotated[int, typer.Option("--top-k", min=0, rich_help_panel=_DECODE,
+                                      help="Sample from the k best tokens (0 = all).")]
+TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, rich_help_panel=_DECODE,
+                                        help="Nucleus sampling threshold.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", min=0, rich_help_panel=_DECODE, show_default=False,
+                                                help="Random seed for sampling (default: random).")]
+TemplateOpt = Annotated[Template, typer.Option("--template", rich_help_panel=_DECODE,
+                                               help="auto: the model's chat template if it has one; "
+                                                    "chat: require it; none: no template.")]
+CtxOpt = Annotated[int, typer.Option("--ctx", "-c", min=0, rich_help_panel=_ENGINE,
+                                     help="Context size in tokens (0 = the model's training context).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, rich_help_panel=_ENGINE, show_default=False,
+                                                   help="CPU threads (default: all cores).")]
+GpuLayersOpt = Annotated[int, typer.Option("--gpu-layers", "-ngl", rich_help_panel=_ENGINE,
+                                           help="Layers to offload to the GPU (-1 = all, 0 = none).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+
+# ---------------------------------------------------------------------------------------- settings
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+    """What one answer is generated with; the chat's /set replaces fields."""
+
+    layers: str = "high"
+    repetition_penalty: Optional[float] = None  # None = the library's default for the layer plan
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    max_tokens: int = 256
+    premature_norm: bool = False
+
+    def kwargs(self) -> dict:
+        """Keyword arguments for ``Model.generate`` / ``Model.stream_steps``."""
+        return dict(
+            max_tokens=self.max_tokens,
+            layers=self.layers,
+            repetition_penalty=self.repetition_penalty,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            seed=self.seed,
+            premature_norm=self.premature_norm,
+        )
+
+    def effective_penalty(self, plan: LayerPlan) -> float:
+        if self.repetition_penalty is not None:
+            return float(self.repetition_penalty)
+        return 1.0 if plan.is_plain else RECOMMENDED_REPETITION_PENALTY
+
+
+def penalty_note(plan: LayerPlan, repetition_penalty: Optional[float]) -> Optional[str]:
+    """The CLI's one-line version of the library's low-penalty UserWarning."""
+    if plan.is_plain or repetition_penalty is None or repetition_penalty >= RECOMMENDED_REPETITION_PENALTY:
+        return None
+    return (f"note: DoLa is recommended with --repetition-penalty >= {RECOMMENDED_REPETITION_PENALTY} "
+            f"(got {repetition_penalty:g}); answers may repeat themselves")
+
+
+@contextlib.contextmanager
+def quiet_penalty_warning() -> Iterator[None]:
+    """Silence the library's penalty warning: the CLI shows :func:`penalty_note` instead."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PenaltyWarning)
+        yield
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def model_path(ref: Optional[str]) -> Path:
+    """Resolve a model reference, downloading demo models and Hub files (progress on stderr)."""
+    path = resolve_model(ref, progress=lambda msg: typer.echo(msg, err=True))
+    if not path.exists():
+        if "/" in str(ref) or os.sep in str(ref) or str(ref).endswith(".gguf"):
+            raise CLIError(f"model file not found: {path}")
+        raise CLIError(f"{ref!r} is neither a file nor a demo model name ({', '.join(DEMO_MODELS)}); "
+                       f"give a .gguf path or hf://owner/repo/file.gguf")
+    return path
+
+
+def load_model(ref: Optional[str], ctx: int = 2048, threads: Optional[int] = None, gpu_layers: int = -1) -> Model:
+    return Model(model_path(ref), n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers)
+
+
+def layer_plan(model: Model, layers: str) -> LayerPlan:
+    """``--layers`` checked against the loaded model."""
+    try:
+        return model.resolve_layers(layers)
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"--layers {layers}: {e}") from None
+
+
+def prompt_text(model: Model, prompt: str, template: Template, system: Optional[str] = None) -> tuple[str, bool]:
+    """The model input for a one-shot prompt and whether the chat template was applied."""
+    if not prompt.strip():
+        raise CLIError("the prompt is empty")
+    if template is not Template.none:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        if model.chat_template:
+            try:
+                return model.apply_chat_template(messages), True
+            except DolaError as e:
+                if template is Template.chat:
+                    raise CLIError(f"{e} (--template none sends the prompt as it is)") from None
+        elif template is Template.chat:
+            raise CLIError("this model has no chat template in its GGUF; use --template none")
+    if system:
+        typer.echo("note: --system needs the chat template; ignored", err=True)
+    return prompt, False

@@ -1,0 +1,108 @@
+"""``dola-cpp generate``: one completion."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Annotated, List, Optional
+
+import typer
+
+from .. import GenerationResult, LayerPlan, Model
+from ._cli_utils import (
+    CtxOpt, DecodeSettings, GpuLayersOpt, JsonOpt, LayersOpt, MaxTokensOpt, ModelRequiredArg, PromptArg,
+    PrematureNormOpt, RepetitionPenaltyOpt, SeedOpt, SystemOpt, TemperatureOpt, Template, TemplateOpt, ThreadsOpt, TopKOpt,
+    TopPOpt, examples, layer_plan, load_model, penalty_note, prompt_text, quiet_penalty_warning,
+)
+
+GENERATE_EXAMPLES = examples(
+    "dola-cpp generate smollm2 'The capital of France is' --template none -n 16",
+    "dola-cpp generate model.gguf 'Who wrote Hamlet?' --layers low",
+    "dola-cpp generate smollm2 'Name three planets.' --json | jq '.steps[].premature_layer'",
+)
+
+StopOpt = Annotated[Optional[List[str]], typer.Option("--stop", show_default=False,
+                                                      help="Stop at this text (repeatable).")]
+
+
+def generate(
+    model: ModelRequiredArg,
+    prompt: PromptArg,
+    layers: LayersOpt = "high",
+    repetition_penalty: RepetitionPenaltyOpt = None,
+    premature_norm: PrematureNormOpt = False,
+    system: SystemOpt = None,
+    max_tokens: MaxTokensOpt = 256,
+    temperature: TemperatureOpt = 0.0,
+    top_k: TopKOpt = 0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = None,
+    stop: StopOpt = None,
+    template: TemplateOpt = Template.auto,
+    ctx: CtxOpt = 2048,
+    threads: ThreadsOpt = None,
+    gpu_layers: GpuLayersOpt = -1,
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate one completion of PROMPT and print it to stdout.
+
+    With --json, print the text, token ids and per-step diagnostics (premature layer chosen,
+    JSD per candidate layer, mature log-probability, entropy) as one JSON object.
+    """
+    m = load_model(model, ctx, threads, gpu_layers)
+    settings = DecodeSettings(layers=layers, repetition_penalty=repetition_penalty, premature_norm=premature_norm,
+                              temperature=temperature,
+                              top_k=top_k, top_p=top_p, seed=seed, max_tokens=max_tokens)
+    plan = layer_plan(m, layers)
+    note = penalty_note(plan, repetition_penalty)
+    if note:
+        typer.echo(note, err=True)
+    text, templated = prompt_text(m, prompt, template, system)
+    with quiet_penalty_warning():
+        run = m.stream_steps(text, stop=stop, **settings.kwargs())
+    if as_json:
+        for _ in run:
+            pass
+        typer.echo(json.dumps(result_json(m, plan, run.result(), settings, templated), indent=2))
+        return
+    for piece in run:
+        typer.echo(piece, nl=False)
+    typer.echo()
+
+
+def result_json(model: Model, plan: LayerPlan, result: GenerationResult, settings: DecodeSettings,
+                templated: bool) -> dict:
+    """Everything a generation reports; ``steps[i].jsd`` lines up with ``layers.candidates``."""
+    return {
+        "model": str(model.path),
+        "template": "chat" if templated else "none",
+        "layers": {"spec": settings.layers, "candidates": list(plan.candidates), "mature": plan.mature},
+        "repetition_penalty": settings.effective_penalty(plan),
+        "text": result.text,
+        "finish_reason": result.finish_reason,
+        "prompt_tokens": result.prompt_tokens,
+        "tokens": list(result.tokens),
+        "prefill_seconds": result.prefill_seconds,
+        "decode_seconds": result.decode_seconds,
+        "tokens_per_second": result.tokens_per_second,
+        "layer_histogram": {str(k): v for k, v in result.layer_histogram().items()},
+        "steps": [
+            {
+                "token": s.token,
+                "piece": model.detokenize([s.token]),
+                "premature_layer": s.premature_layer,
+                "jsd": [_finite(x) for x in s.jsd],
+                "mature_logprob": _finite(s.mature_logprob),
+                "confidence": _finite(s.confidence),
+                "entropy": _finite(s.entropy),
+                "score": _finite(s.score),
+            }
+            for s in result.steps
+        ],
+    }
+
+
+def _finite(x: float) -> Optional[float]:
+    """JSON has no inf/nan: those become null."""
+    x = float(x)
+    return x if math.isfinite(x) else None

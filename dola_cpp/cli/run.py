@@ -1,0 +1,51 @@
+"""``dola-cpp run``: chat in the terminal."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from ._chat import Chat
+from ._cli_utils import (
+    CtxOpt, DecodeSettings, GpuLayersOpt, LayersOpt, MaxTokensOpt, ModelArg, PrematureNormOpt, RepetitionPenaltyOpt,
+    SeedOpt, SystemOpt, TemperatureOpt, Template, TemplateOpt, ThreadsOpt, TopKOpt, TopPOpt, examples, load_model,
+)
+
+RUN_EXAMPLES = examples(
+    "dola-cpp run",
+    "dola-cpp run smollm2 --layers high --repetition-penalty 1.2",
+    "dola-cpp run model.gguf --layers 16,18,32 --system 'Answer briefly.'",
+    "dola-cpp run hf://owner/repo/model.Q4_K_M.gguf --ctx 4096",
+    "printf 'What is the capital of France?\\n' | dola-cpp run smollm2",
+)
+
+
+def run(
+    model: ModelArg = None,
+    layers: LayersOpt = "high",
+    repetition_penalty: RepetitionPenaltyOpt = None,
+    premature_norm: PrematureNormOpt = False,
+    system: SystemOpt = None,
+    max_tokens: MaxTokensOpt = 512,
+    temperature: TemperatureOpt = 0.0,
+    top_k: TopKOpt = 0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = None,
+    template: TemplateOpt = Template.auto,
+    ctx: CtxOpt = 2048,
+    threads: ThreadsOpt = None,
+    gpu_layers: GpuLayersOpt = -1,
+) -> None:
+    """Chat with a model in the terminal, with DoLa decoding.
+
+    Type /help in the chat for its commands (/set layers, /dola off, /stats, ...). Ctrl-C stops
+    an answer; Ctrl-C at an empty prompt or Ctrl-D exits. With stdin not a terminal, each input
+    line is a user turn and only the answers are printed.
+    """
+    m = load_model(model, ctx, threads, gpu_layers)
+    settings = DecodeSettings(layers=layers, repetition_penalty=repetition_penalty, premature_norm=premature_norm,
+                              temperature=temperature,
+                              top_k=top_k, top_p=top_p, seed=seed, max_tokens=max_tokens)
+    chat = Chat(m, settings, system=system, template=template, interactive=sys.stdin.isatty())
+    raise typer.Exit(chat.repl())

@@ -1,0 +1,589 @@
+"""The ``dola-cpp`` command line: commands through Typer's CliRunner, the piped chat through a
+subprocess, and the interactive chat in a real terminal (tmux)."""
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import dola_cpp
+from dola_cpp.cli._app import app
+from dola_cpp.cli._chat import Chat, Conversation, Exchange, template_choice
+from dola_cpp.cli._cli_utils import CLIError, DecodeSettings, Template, one_line
+from dola_cpp.cli._render import histogram, side_by_side, stats_line
+
+# Short generations, one thread: the suite shares two cores with benchmarks.
+FAST = ["--threads", "1"]
+COMMANDS = ["run", "generate", "compare", "info", "pull"]
+
+
+@pytest.fixture()
+def cli():
+    """Invoke the app in-process (stdin is not a terminal there: the chat runs in batch mode)."""
+    runner = CliRunner(env={"DOLA_CPP_DEBUG": None, "NO_COLOR": "1", "COLUMNS": "80"})
+
+    def invoke(*args, input=None):
+        return runner.invoke(app, [str(a) for a in args], input=input)
+
+    return invoke
+
+
+def single_error_line(result) -> str:
+    """The one line a failed command prints (on stderr), checked to be one line and no traceback."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ")
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------- help
+
+
+def test_root_help_lists_the_commands(cli):
+    result = cli("--help")
+    assert result.exit_code == 0
+    for name in COMMANDS:
+        assert re.search(rf"^\s+{name}\s", result.stdout, re.M), name
+    assert "DOLA_CPP_DEBUG" in result.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_help_has_an_example(cli, command):
+    result = cli(command, "--help")
+    assert result.exit_code == 0
+    assert "Examples:" in result.stdout
+    assert f"$ dola-cpp {command}" in result.stdout
+
+
+def test_version(cli):
+    result = cli("--version")
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"dola-cpp {dola_cpp.__version__}"
+
+
+def test_package_exports_main():
+    import dola_cpp.cli
+
+    if getattr(dola_cpp.cli, "__file__", None) is None:
+        pytest.skip("dola_cpp.cli is a namespace package in this editable install, made before "
+                    "dola_cpp/cli/__init__.py existed: reinstall (pip install --no-build-isolation -ve .)")
+    assert dola_cpp.cli.main is not None and dola_cpp.cli.app is app
+
+
+# ---------------------------------------------------------------------------------- info
+
+
+def test_info_shows_the_model_and_its_layer_sets(cli, smollm2_path):
+    result = cli("info", smollm2_path)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert re.search(r"^architecture\s+llama$", out, re.M)
+    assert re.search(r"^layers\s+30 blocks", out, re.M)
+    assert re.search(r"^vocabulary\s+49152 tokens$", out, re.M)
+    assert re.search(r"^quantization\s+Q4_1$", out, re.M)
+    assert re.search(r"^context length\s+8192 tokens", out, re.M)
+    assert re.search(r"^tied embeddings\s+yes$", out, re.M)
+    assert re.search(r"^chat template\s+yes", out, re.M)
+    assert "<|im_start|>" in out  # the template's first lines
+    # tied embeddings: candidates start at 2 (transformers skips the embedding output)
+    assert re.search(r"^--layers high\s+15,17,19,21,23,25,27,29 vs 30$", out, re.M)
+    assert re.search(r"^--layers low\s+2,4,6,8,10,12,14 vs 30$", out, re.M)
+
+
+def test_info_json_matches_resolve_layers(cli, smollm2_path, smollm2):
+    result = cli("info", smollm2_path, "--json")
+    assert result.exit_code == 0, result.output
+    facts = json.loads(result.stdout)
+    for name in ("high", "low"):
+        plan = smollm2.resolve_layers(name)
+        assert facts["layers"][name] == {"candidates": list(plan.candidates), "mature": plan.mature}
+    assert facts["n_layers"] == 30 and facts["n_vocab"] == 49152 and facts["tied_embeddings"] is True
+    assert facts["chat_template_recognised"] is True
+
+
+# ---------------------------------------------------------------------------------- generate
+
+
+def test_generate_prints_the_completion(cli, smollm2_path):
+    result = cli("generate", smollm2_path, "The capital of France is", "--template", "none", "--layers", "none",
+                 "-n", 4, *FAST)
+    assert result.exit_code == 0, result.output
+    assert "Paris" in result.stdout
+    assert result.stderr == ""
+
+
+def test_generate_json_has_per_step_diagnostics(cli, smollm2_path):
+    result = cli("generate", smollm2_path, "The capital of France is", "--template", "none", "-n", 6, "--json", *FAST)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    candidates = data["layers"]["candidates"]
+    assert candidates == [15, 17, 19, 21, 23, 25, 27, 29] and data["layers"]["mature"] == 30
+    assert data["repetition_penalty"] == 1.2
+    assert 0 < len(data["tokens"]) <= 6
+    assert [s["token"] for s in data["steps"]] == data["tokens"]
+    assert "".join(s["piece"] for s in data["steps"]) == data["text"]
+    for step in data["steps"]:
+        assert step["premature_layer"] in candidates
+        assert len(step["jsd"]) == len(candidates) and all(j >= 0 for j in step["jsd"])
+        assert step["mature_logprob"] <= 0 and 0 < step["confidence"] <= 1
+        assert step["entropy"] >= 0
+    assert sum(data["layer_histogram"].values()) == len(data["tokens"])
+    assert data["finish_reason"] in ("stop", "length")
+
+
+def test_generate_premature_norm_changes_the_contrast(cli, smollm2_path):
+    def steps(*extra):
+        result = cli("generate", smollm2_path, "The capital of France is", "--template", "none", "-n", 4, "--json",
+                     *extra, *FAST)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["steps"]
+
+    raw, normed = steps(), steps("--premature-norm")
+    assert [s["mature_logprob"] for s in raw][:1] == [s["mature_logprob"] for s in normed][:1]  # same mature layer
+    assert [s["score"] for s in raw] != [s["score"] for s in normed]
+
+
+def test_generate_json_plain_has_no_premature_layers(cli, smollm2_path):
+    result = cli("generate", smollm2_path, "Hello", "--template", "none", "--layers", "none", "-n", 3, "--json", *FAST)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["layers"]["candidates"] == [] and data["repetition_penalty"] == 1.0
+    assert all(s["premature_layer"] is None and s["jsd"] == [] for s in data["steps"])
+
+
+def test_low_repetition_penalty_is_a_one_line_note(cli, smollm2_path):
+    # filterwarnings=error: a Python UserWarning escaping the CLI would fail this test
+    result = cli("generate", smollm2_path, "Hello", "--rp", "1.0", "-n", 2, *FAST)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith("note: DoLa is recommended with --repetition-penalty >= 1.2")
+    assert len(result.stderr.splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------- errors
+
+
+def test_missing_model_file_is_a_one_line_error(cli, tmp_path):
+    result = cli("generate", tmp_path / "missing.gguf", "Hello")
+    assert result.exit_code == 1
+    assert single_error_line(result) == f"Error: model file not found: {tmp_path / 'missing.gguf'}"
+
+
+def test_unknown_model_name_is_a_one_line_error(cli):
+    result = cli("info", "no-such-model")
+    assert result.exit_code == 1
+    line = single_error_line(result)
+    assert "'no-such-model' is neither a file nor a demo model name (smollm2, gemma3-270m)" in line
+
+
+def test_not_a_gguf_file_is_a_one_line_error(cli, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_text("not a model\n")
+    result = cli("info", bad)
+    assert result.exit_code == 1
+    assert "is not a GGUF model file" in single_error_line(result)
+
+
+def test_debug_env_shows_the_traceback(tmp_path):
+    runner = CliRunner(env={"DOLA_CPP_DEBUG": "1"})
+    bad = tmp_path / "bad.gguf"
+    bad.write_text("not a model\n")
+    result = runner.invoke(app, ["info", str(bad)])
+    assert result.exit_code == 1
+    assert "Traceback (most recent call last)" in result.stderr
+    assert result.stderr.rstrip().splitlines()[-1].startswith("Error: ")
+
+
+@pytest.mark.parametrize(
+    "layers, code, message",
+    [
+        pytest.param("middle", 2, "'middle' is not a layer spec: use high, low, none", id="not-a-spec"),
+        pytest.param("12,x", 2, "is not a layer spec", id="not-a-number"),
+        pytest.param("99", 1, "Error: --layers 99: layer 99 is out of range: valid layers are 0..30", id="out-of-range"),
+        pytest.param("16,30,30", 1, "layer 30 is both a premature candidate and the mature layer", id="mature-twice"),
+    ],
+)
+def test_bad_layers_is_a_clear_error(cli, smollm2_path, layers, code, message):
+    result = cli("generate", smollm2_path, "Hello", "--layers", layers, "-n", 1)
+    assert result.exit_code == code
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", ["generate", "compare"])
+def test_empty_prompt_is_a_one_line_error(cli, smollm2_path, command):
+    result = cli(command, smollm2_path, "  ")
+    assert result.exit_code == 1
+    assert single_error_line(result) == "Error: the prompt is empty"
+
+
+def test_compare_refuses_plain_layers(cli, smollm2_path):
+    result = cli("compare", smollm2_path, "Hello", "--layers", "none")
+    assert result.exit_code == 1
+    assert "nothing to compare" in single_error_line(result)
+
+
+# ---------------------------------------------------------------------------------- pull
+
+
+def test_pull_unknown_name_fails_cleanly(cli):
+    result = cli("pull", "no-such-model")
+    assert result.exit_code == 1
+    line = single_error_line(result)
+    assert "unknown model 'no-such-model'" in line and "smollm2" in line and "hf://" in line
+
+
+def test_pull_malformed_hub_reference_fails_cleanly(cli):
+    result = cli("pull", "hf://just-an-owner")
+    assert result.exit_code == 1
+    assert "is not of the form hf://owner/repo/file.gguf" in single_error_line(result)
+
+
+def test_pull_cached_demo_model_prints_its_path(cli, smollm2_path):
+    result = cli("pull", "smollm2")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(smollm2_path.resolve())
+
+
+# ---------------------------------------------------------------------------------- compare
+
+
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_compare_shows_both_answers(cli, smollm2_path, layout):
+    result = cli("compare", smollm2_path, "The capital of France is", "--template", "none", "-n", 4,
+                 "--layout", layout, *FAST)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "Paris" in out
+    if layout == "columns":  # COLUMNS=80: two 38-character columns
+        lines = out.splitlines()
+        assert lines[0].startswith("plain (repetition") and "│ DoLa: layers" in lines[0]
+        assert all(len(line) <= 80 for line in lines)
+        assert any(re.fullmatch(r"─+ │ ─+", line) for line in lines)
+    else:
+        titles = [line for line in out.splitlines() if line.startswith("── ")]
+        assert len(titles) == 2
+        assert titles[0].startswith("── plain (repetition penalty 1.0)")
+        assert titles[1].startswith("── DoLa: layers 15,17,19,21,23,25,27,29 vs 30 (repetition penalty 1.2)")
+
+
+# ---------------------------------------------------------------------------------- piped chat
+
+
+def test_run_with_piped_input_answers_each_line(cli, smollm2_path):
+    # the second question only makes sense with the first exchange in the history
+    result = cli("run", smollm2_path, "--layers", "none", "-n", 16, *FAST,
+                 input="What is the capital of France?\n\nAnd of Germany?\n")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2, result.stdout
+    assert "Paris" in lines[0] and "Berlin" in lines[1]
+    assert ">>>" not in result.output and "tok/s" not in result.output
+
+
+def test_run_piped_commands_and_multiline_block(cli, smollm2_path):
+    script = "\n".join([
+        "/set max_tokens 6",
+        "/dola off",
+        '"""',
+        "Name a primary",
+        "colour.",
+        '"""',
+        "/bye",
+        "never asked",
+    ]) + "\n"
+    result = cli("run", smollm2_path, "-n", 200, *FAST, input=script)
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.strip().splitlines()) == 1  # one answer, then /bye
+    assert "max_tokens = 6" in result.stderr and "plain decoding" in result.stderr
+
+
+def test_run_piped_bad_command_exits_nonzero_but_goes_on(cli, smollm2_path):
+    result = cli("run", smollm2_path, "--layers", "none", "-n", 8, *FAST,
+                 input="/set layers 99\n/frobnicate\nWhat is the capital of France?\n")
+    assert result.exit_code == 1
+    assert "Error: layers 99: layer 99 is out of range" in result.stderr
+    assert "Error: unknown command /frobnicate" in result.stderr
+    assert "Paris" in result.stdout
+
+
+def test_run_without_template_uses_a_transcript(cli, smollm2_path):
+    result = cli("run", smollm2_path, "--template", "none", "--layers", "none", "-n", 16, *FAST,
+                 input="What is the capital of France?\n")
+    assert result.exit_code == 0, result.output
+    assert "Paris" in result.stdout and "User:" not in result.stdout
+
+
+def test_run_piped_subprocess(smollm2_path, tmp_path):
+    env = dict(os.environ, DOLA_CPP_CACHE=str(tmp_path))
+    env.pop("DOLA_CPP_DEBUG", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dola_cpp.cli", "run", str(smollm2_path), "--layers", "none", "-n", "16", *FAST],
+        input="What is the capital of France?\nAnd of Germany?\n/bye\nnever asked\n",
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2, proc.stdout
+    assert "Paris" in lines[0] and "Berlin" in lines[1]
+    assert "\x1b[" not in proc.stdout and ">>>" not in proc.stdout
+    assert "Traceback" not in proc.stderr and "Warning" not in proc.stderr
+
+
+@pytest.fixture(scope="session")
+def no_template_path(smollm2_path, tmp_path_factory) -> Path:
+    """SmolLM2 without its chat template, standing in for a base model such as gemma3-270m."""
+    out = tmp_path_factory.mktemp("no-template") / "smollm2-no-template.gguf"
+    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", "--remove-metadata",
+                    "tokenizer.chat_template", "--force", str(smollm2_path), str(out)], check=True, capture_output=True)
+    return out
+
+
+def test_run_without_a_chat_template_says_so_once(cli, no_template_path):
+    result = cli("run", no_template_path, "--layers", "none", "-n", 12, *FAST,
+                 input="What is the capital of France?\nAnd of Germany?\n")
+    assert result.exit_code == 0, result.output
+    assert result.stderr == "note: this model has no chat template; using a plain 'User: … / Assistant:' transcript\n"
+    assert "Paris" in result.stdout and "User:" not in result.stdout
+
+
+def test_model_without_a_chat_template(cli, no_template_path):
+    result = cli("info", no_template_path)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"^chat template\s+none", result.stdout, re.M)
+    result = cli("generate", no_template_path, "Hello", "--template", "chat", "-n", 1)
+    assert result.exit_code == 1
+    assert "no chat template" in single_error_line(result)
+
+
+# ---------------------------------------------------------------------------------- chat pieces
+
+
+class _NoTemplate:
+    chat_template = ""
+
+
+class _UnknownTemplate:
+    chat_template = "{{ something llama.cpp has never seen }}"
+
+    def apply_chat_template(self, messages):
+        raise dola_cpp.DolaError("the model's chat template is not one llama.cpp recognises")
+
+
+def test_template_fallback_is_announced():
+    use, note = template_choice(_NoTemplate(), Template.auto)
+    assert use is False and "no chat template" in note and "User:" in note
+    use, note = template_choice(_UnknownTemplate(), Template.auto)
+    assert use is False and "does not recognise" in note
+    assert template_choice(_NoTemplate(), Template.none) == (False, None)
+    with pytest.raises(CLIError, match="no chat template"):
+        template_choice(_NoTemplate(), Template.chat)
+    with pytest.raises(dola_cpp.DolaError):
+        template_choice(_UnknownTemplate(), Template.chat)
+
+
+def test_transcript_format():
+    conv = Conversation(_NoTemplate(), "Be brief.", use_template=False)
+    text = conv.render("And Germany?", [Exchange("Capital of France?", "Paris.")])
+    assert text == "Be brief.\n\nUser: Capital of France?\nAssistant: Paris.\nUser: And Germany?\nAssistant:"
+    assert conv.stop == ["\nUser:"]
+
+
+def test_conversation_drops_the_oldest_exchanges_to_fit(smollm2):
+    conv = Conversation(smollm2, None, use_template=True)
+    for i in range(3):
+        conv.add(f"Question {i}?", f"Answer {i}.")
+    keep_one = len(smollm2.tokenize(conv.render("Last?", conv.exchanges[2:])))
+    text, dropped = conv.prompt("Last?", budget=keep_one)
+    assert dropped == 2 and [e.user for e in conv.exchanges] == ["Question 2?"]
+    assert "Question 2?" in text and "Question 1?" not in text
+    with pytest.raises(CLIError, match="larger --ctx"):
+        conv.prompt("word " * 200, budget=50)
+
+
+def test_chat_set_commands_validate(smollm2):
+    chat = Chat(smollm2, DecodeSettings(), interactive=False)
+    assert chat.command("/set layers low") and chat.plan == smollm2.resolve_layers("low")
+    assert chat.command("/set repetition_penalty 1.3") and chat.settings.repetition_penalty == 1.3
+    assert chat.command("/set rp auto") and chat.settings.repetition_penalty is None
+    assert chat.command("/set temperature 0.7") and chat.settings.temperature == 0.7
+    assert chat.command("/set max-tokens 12") and chat.settings.max_tokens == 12
+    assert chat.command("/set premature_norm on") and chat.settings.premature_norm
+    assert chat.command("/set premature_norm off") and not chat.settings.premature_norm
+    assert chat.command("/dola off") and chat.plan.is_plain
+    assert chat.command("/dola on") and chat.plan == smollm2.resolve_layers("low")
+    assert not chat.failed
+    for bad in ("/set layers 99", "/set premature_norm maybe", "/set temperature hot", "/set top_p 2", "/set colour blue", "/dola maybe"):
+        chat.failed = False
+        assert chat.command(bad)  # reported, the chat goes on
+        assert chat.failed, bad
+    assert chat.plan == smollm2.resolve_layers("low")  # unchanged by the bad /set layers
+    assert chat.command("/bye") is False
+
+
+# ---------------------------------------------------------------------------------- rendering
+
+
+def test_side_by_side_fits_the_width():
+    text = side_by_side(("plain", "a " * 60), ("DoLa: layers 15,17 vs 30", "b " * 90), width=60)
+    lines = text.splitlines()
+    assert all(len(line) <= 60 for line in lines)
+    assert all(" │ " in line or line.endswith(" │") for line in lines)
+    assert lines[1].startswith("─" * 28)  # both texts start on the same row
+
+
+def test_histogram_scales_to_the_most_chosen_layer():
+    lines = histogram({15: 0, 17: 2, 29: 8}, width=8).splitlines()
+    assert [line.split("│")[0].split()[-1] for line in lines] == ["15", "17", "29"]
+    assert lines[2].split("│")[1].startswith("█" * 8)
+    assert lines[1].split("│")[1].startswith("██ ")
+    assert lines[2].rstrip().endswith("80.0%")
+
+
+def test_stats_line_for_an_answer_interrupted_during_prefill():
+    result = dola_cpp.GenerationResult(text="", tokens=[], steps=[], finish_reason="length", prompt_tokens=2810)
+    assert stats_line(result, interrupted=True) == "interrupted while reading the prompt (2810 tokens)"
+
+
+def test_one_line_error_messages():
+    assert one_line(RuntimeError("could not download x:\nERROR: a\nERROR: No matching distribution")) == \
+        "could not download x: … ERROR: No matching distribution"
+    assert one_line(ValueError("")) == "ValueError"
+
+
+# ---------------------------------------------------------------------------------- terminal chat
+
+TMUX = shutil.which("tmux")
+needs_tmux = pytest.mark.skipif(TMUX is None, reason="tmux is not installed (apt-get install -y tmux)")
+
+
+class Terminal:
+    """A program running in a detached tmux session on a private server socket."""
+
+    def __init__(self, command: str, tmp_path: Path) -> None:
+        self.socket = f"dola-cli-test-{os.getpid()}-{time.monotonic_ns()}"
+        self.status = tmp_path / "status"
+        env = f"DOLA_CPP_CACHE={shlex.quote(str(tmp_path / 'cache'))} NO_COLOR= DOLA_CPP_DEBUG="
+        shell = f"env {env} {command}; echo $? > {shlex.quote(str(self.status))}; echo '[exited]'; sleep 600"
+        self._tmux("new-session", "-d", "-s", "chat", "-x", "160", "-y", "50", shell)
+
+    def _tmux(self, *args: str) -> str:
+        return subprocess.run([TMUX, "-L", self.socket, *args], check=True, capture_output=True, text=True).stdout
+
+    def keys(self, *keys: str) -> None:
+        self._tmux("send-keys", "-t", "chat", *keys)
+
+    def type(self, text: str) -> None:
+        time.sleep(0.2)  # a moment after the prompt appears, as a person would take
+        self._tmux("send-keys", "-t", "chat", "-l", text)
+        self.keys("Enter")
+
+    def screen(self) -> str:
+        text = self._tmux("capture-pane", "-p", "-J", "-t", "chat", "-S", "-500")
+        return "\n".join(line.rstrip() for line in text.splitlines())
+
+    def wait_for(self, predicate, what: str, timeout: float = 90.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            screen = self.screen()
+            if predicate(screen):
+                return screen
+            if self.status.exists():
+                break
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}; screen:\n{self.screen()}")
+
+    def wait_for_prompt(self, after: str = "") -> str:
+        """Wait until the chat is back at an empty '>>>' prompt, after ``after`` appeared."""
+        return self.wait_for(lambda s: after in s and s.rstrip().endswith(">>>")
+                             and s.rfind(after) < s.rstrip().rfind(">>>"), f"the prompt after {after!r}")
+
+    def exit_status(self, timeout: float = 30.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.status.exists() and self.status.read_text().strip():
+                return int(self.status.read_text())
+            time.sleep(0.2)
+        raise AssertionError(f"the chat did not exit; screen:\n{self.screen()}")
+
+    def close(self) -> None:
+        subprocess.run([TMUX, "-L", self.socket, "kill-server"], capture_output=True)
+
+
+@pytest.fixture()
+def terminal(tmp_path):
+    terminals = []
+
+    def start(*args: str) -> Terminal:
+        command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "dola_cpp.cli", *args])
+        t = Terminal(command, tmp_path)
+        terminals.append(t)
+        return t
+
+    yield start
+    for t in terminals:
+        t.close()
+
+
+@needs_tmux
+@pytest.mark.slow
+def test_chat_in_a_terminal(terminal, smollm2_path):
+    t = terminal("run", str(smollm2_path), "--max-tokens", "400", *FAST)
+    screen = t.wait_for_prompt("Type /help")
+    assert "DoLa: layers 15,17,19,21,23,25,27,29 vs 30 · repetition penalty 1.2" in screen
+
+    # a long answer, stopped with Ctrl-C once it is streaming
+    question = "Count from 1 to 200, separated by commas."
+    t.type(question)
+    t.wait_for(lambda s: re.search(re.escape(question) + r"\n\S.{20}", s) is not None, "the answer to stream")
+    t.keys("C-c")
+    screen = t.wait_for_prompt("[interrupted")
+    assert re.search(r"\d+ tokens · [\d.]+ tok/s · .* · interrupted", screen)
+
+    # the model is still usable: a shorter answer this time, with its stats line
+    t.type("/set max_tokens 24")
+    t.wait_for_prompt("max_tokens = 24")
+    question = "What is the capital of France?"
+    t.type(question)
+    screen = t.wait_for_prompt(question)
+    answer = screen[screen.rfind(question):]
+    assert re.search(r"\n\S.*\n\d+ tokens · [\d.]+ tok/s · prompt \d+ tokens in [\d.]+ s · layers \d+×\d+", answer)
+
+    t.type("/set layers low")
+    screen = t.wait_for_prompt("layers = low")
+    assert "DoLa: layers 2,4,6,8,10,12,14 vs 30" in screen
+
+    t.type("/stats")
+    screen = t.wait_for_prompt("session: 2 answer(s)")
+    assert re.search(r"layer +\d+ │█", screen)
+
+    t.type("/bye")
+    assert t.exit_status() == 0
+
+
+@needs_tmux
+@pytest.mark.parametrize("key", ["C-c", "C-d"])
+def test_chat_exits_cleanly_at_an_empty_prompt(terminal, smollm2_path, key):
+    t = terminal("run", str(smollm2_path), *FAST)
+    t.wait_for_prompt("Type /help")
+    # Pauses as a person makes them: a signal that lands while readline handles other keys can
+    # be held until the next key (CPython's readline checks for signals only around its select).
+    time.sleep(0.3)
+    t.keys("partly typed")
+    t.wait_for(lambda s: s.rstrip().endswith(">>> partly typed"), "the typed text")
+    time.sleep(0.3)
+    t.keys("C-c")  # discards the line, does not exit
+    t.wait_for(lambda s: s.rstrip().endswith(">>> partly typed\n>>>"), "a fresh prompt")
+    time.sleep(0.3)
+    t.keys(key)
+    assert t.exit_status() == 0
+    # leaving the cursor on a fresh line for the shell
+    assert t.wait_for(lambda s: "[exited]" in s, "the exit").rstrip().endswith(">>> partly typed\n>>>\n[exited]")
