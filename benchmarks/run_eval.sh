@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The README's multiple-choice evaluation table: SmolLM2 and Gemma-3-270M, plain / DoLa low /
+# DoLa high / DoLa high with the premature norm, on TruthfulQA MC (dev half) and EXPERT-FACTOR.
+# Results are resumable JSON lines in benchmarks/eval_runs/; rerunning with a larger limit
+# extends them. Usage: benchmarks/run_eval.sh TFQA_LIMIT FACTOR_LIMIT [MODEL...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TQ_LIMIT=${1:-409}
+FA_LIMIT=${2:-236}
+shift 2 || true
+MODELS=${*:-smollm2 gemma3-270m}
+TFQA=/work/shared/data/truthfulqa/TruthfulQA_dev.csv
+FACTOR=/work/shared/data/factor/expert_factor.csv
+OUT=benchmarks/eval_runs
+# EVAL_ENTRY: a script that runs the eval app (e.g. from a frozen copy of the package)
+if [ -n "${EVAL_ENTRY:-}" ]; then
+  EVAL=(nice -n 19 python "$EVAL_ENTRY")
+else
+  EVAL=(nice -n 19 python -c 'from dola_cpp.cli.eval import app; app(prog_name="dola-cpp eval")')
+fi
+for model in $MODELS; do
+  for mode in plain low high high-norm; do
+    case $mode in
+      plain) opts=(--early-exit-layers=-1) ;;
+      low) opts=(--layers low) ;;
+      high) opts=(--layers high) ;;
+      high-norm) opts=(--layers high --premature-norm) ;;
+    esac
+    for task in tfqa-mc factor; do
+      if [ $task = tfqa-mc ]; then data=$TFQA; limit=$TQ_LIMIT; else data=$FACTOR; limit=$FA_LIMIT; fi
+      echo "== $model $mode $task limit $limit $(date +%T)"
+      "${EVAL[@]}" $task $model --data $data "${opts[@]}" --limit $limit --threads 1 \
+        --json $OUT/$model.$mode.$task.jsonl >> $OUT/$model.$mode.$task.log 2>&1 || echo "FAILED"
+      grep "^summary" $OUT/$model.$mode.$task.log | tail -1 || true
+    done
+  done
+done

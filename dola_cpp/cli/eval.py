@@ -1,0 +1,199 @@
+"""``dola-cpp eval``: the DoLa paper's multiple-choice evaluations (TruthfulQA MC, FACTOR)."""
+
+from __future__ import annotations
+
+import json
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .. import evaluate as ev
+
+app = typer.Typer(
+    help="Reproduce the DoLa paper's multiple-choice evaluations with the DoLa repository's protocol.",
+    no_args_is_help=True,
+)
+
+ModelArg = Annotated[str, typer.Argument(help="A .gguf path, hf://owner/repo/file.gguf, or a demo name (smollm2, gemma3-270m).")]
+DataOpt = Annotated[Path, typer.Option("--data", help="The dataset CSV.")]
+EarlyExitOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--early-exit-layers",
+        help="The DoLa repo's layer string: one value (-1) = plain, two = static 'premature,mature', "
+        "more = dynamic with the last as mature.",
+    ),
+]
+LayersOpt = Annotated[
+    Optional[str], typer.Option("--layers", help="'high', 'low', 'none' or a layer string such as '16,18,32'.")
+]
+PrematureNormOpt = Annotated[
+    bool, typer.Option("--premature-norm", help="Apply the final norm to premature hidden states (logit lens).")
+]
+LimitOpt = Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluate only the first N items.")]
+JsonOpt = Annotated[
+    Optional[Path], typer.Option("--json", help="Append per-item results as JSON lines here; a rerun resumes.")
+]
+CtxOpt = Annotated[int, typer.Option("--ctx", min=0, help="Context size in tokens (0 = the model's).")]
+
+
+class KVType(str, Enum):
+    f32 = "f32"
+    f16 = "f16"
+
+
+KVTypeOpt = Annotated[
+    KVType,
+    typer.Option(
+        "--kv-type",
+        help="KV cache type. f32 (default) makes a score independent of whether the prompt's cache was "
+        "reused; with f16, llama.cpp's attention kernels differ between a long and a short batch.",
+    ),
+]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (default: all).")]
+
+
+def _layer_spec(early_exit_layers: Optional[str], layers: Optional[str]):
+    if early_exit_layers is not None and layers is not None:
+        raise typer.BadParameter("give either --early-exit-layers or --layers, not both", param_hint="--layers")
+    if early_exit_layers is not None:
+        try:
+            return ev.early_exit_layers(early_exit_layers)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--early-exit-layers") from None
+    return layers
+
+
+def _load_model(ref: str, ctx: int, threads: Optional[int], kv_type: KVType):
+    from .. import Model, resolve_model
+
+    try:
+        path = resolve_model(ref)
+        return Model(path, n_ctx=ctx, n_threads=threads, kv_type=kv_type.value)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise typer.BadParameter(str(e).splitlines()[0], param_hint="MODEL") from None
+
+
+def _run(task: str, model_ref: str, data: Path, spec, premature_norm: bool, limit, json_out, ctx, threads, kv_type) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    console = Console()
+    try:
+        items = ev.load_truthfulqa(data) if task == ev.TFQA else ev.load_factor(data)
+    except ev.EvalDataError as e:
+        raise typer.BadParameter(str(e), param_hint="--data") from None
+    items = items[:limit] if limit else items
+    model = _load_model(model_ref, ctx, threads, kv_type)
+    try:
+        plan = model.resolve_layers(spec)
+    except (TypeError, ValueError) as e:
+        raise typer.BadParameter(str(e), param_hint="--layers") from None
+    mode = plan.mode + (" (premature norm)" if premature_norm and not plan.is_plain else "")
+    console.print(
+        f"[bold]{task}[/] {model.path.name}: {len(items)} items, {mode}"
+        + (f", candidates {list(plan.candidates)} vs {plan.mature}" if not plan.is_plain else "")
+    )
+
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    counts = {"n": 0, "sum": 0.0}
+
+    with Progress(*columns, console=console, transient=False) as bar:
+        bar_id = bar.add_task(task, total=len(items), status="")
+
+        def progress(done: int, total: int, rec: dict) -> None:
+            if rec:
+                counts["n"] += 1
+                counts["sum"] += rec["MC1"] if task == ev.TFQA else float(rec["correct"])
+            status = f"{'MC1' if task == ev.TFQA else 'acc'} {counts['sum'] / counts['n']:.3f}" if counts["n"] else ""
+            bar.update(bar_id, completed=done, status=status)
+
+        t0 = time.perf_counter()
+        try:
+            summary = ev.run_eval(
+                task,
+                model,
+                items,
+                layers=spec,
+                premature_norm=premature_norm,
+                results_path=json_out,
+                progress=progress,
+                header_extra={"data": data.name, "kv_type": kv_type.value},
+            )
+        except ev.EvalDataError as e:
+            raise typer.BadParameter(str(e), param_hint="--json") from None
+        wall = time.perf_counter() - t0
+
+    table = Table()
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("items", str(summary.n) + (f" ({summary.resumed} resumed)" if summary.resumed else ""))
+    for k, v in summary.metrics.items():
+        if k == "MC2_nan":
+            if v:
+                table.add_row("MC2 overflow → 0", str(v))
+        else:
+            table.add_row(k, f"{v:.4f}")
+    table.add_row("wall time", f"{wall:.1f} s")
+    if summary.resumed:
+        table.add_row("scoring time (all items)", f"{summary.scoring_seconds:.1f} s")
+    console.print(table)
+    if summary.layer_histogram:
+        total = sum(summary.layer_histogram.values()) or 1
+        hist = Table(caption="premature layer usage, per scored token")
+        hist.add_column("layer", justify="right")
+        hist.add_column("tokens", justify="right")
+        hist.add_column("%", justify="right")
+        for layer, count in sorted(summary.layer_histogram.items()):
+            hist.add_row(str(layer), str(count), f"{100 * count / total:.1f}")
+        console.print(hist)
+    if json_out is not None:
+        console.print(f"results: {json_out}")
+        console.print(
+            "summary: " + json.dumps({**summary.as_dict(), "wall_seconds": round(wall, 2)}), soft_wrap=True, markup=False
+        )
+
+
+@app.command("tfqa-mc")
+def tfqa_mc(
+    model: ModelArg,
+    data: DataOpt,
+    early_exit_layers: EarlyExitOpt = None,
+    layers: LayersOpt = None,
+    premature_norm: PrematureNormOpt = False,
+    limit: LimitOpt = None,
+    json_out: JsonOpt = None,
+    ctx: CtxOpt = 2048,
+    threads: ThreadsOpt = None,
+    kv_type: KVTypeOpt = KVType.f32,
+) -> None:
+    """TruthfulQA MC1/MC2/MC3 (the DoLa repo's tfqa_mc_eval.py: 6-shot prompt, relative_top=0)."""
+    _run(ev.TFQA, model, data, _layer_spec(early_exit_layers, layers), premature_norm, limit, json_out, ctx, threads, kv_type)
+
+
+@app.command("factor")
+def factor(
+    model: ModelArg,
+    data: DataOpt,
+    early_exit_layers: EarlyExitOpt = None,
+    layers: LayersOpt = None,
+    premature_norm: PrematureNormOpt = False,
+    limit: LimitOpt = None,
+    json_out: JsonOpt = None,
+    ctx: CtxOpt = 2048,
+    threads: ThreadsOpt = None,
+    kv_type: KVTypeOpt = KVType.f32,
+) -> None:
+    """FACTOR accuracy (the DoLa repo's factor_eval.py: relative_top=0.1, post-softmax)."""
+    _run(ev.FACTOR, model, data, _layer_spec(early_exit_layers, layers), premature_norm, limit, json_out, ctx, threads, kv_type)
