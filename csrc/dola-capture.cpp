@@ -24,6 +24,7 @@ void layer_capture::expect(int32_t n_tokens, int32_t row_begin, int32_t row_end)
     row_end_ = row_end;
     std::fill(seen_.begin(), seen_.end(), 0);
     type_error_ = false;
+    final_seen_ = false;
     const size_t need = layers_.size() * (size_t) n_rows() * n_embd_;
     if (data_.size() < need) data_.resize(need);
 }
@@ -63,6 +64,14 @@ int32_t layer_capture::slot_of(const ggml_tensor * t) const {
 bool layer_capture::callback(ggml_tensor * t, bool ask, void * user_data) {
     auto * self = static_cast<layer_capture *>(user_data);
     if (self->layers_.empty() || self->row_end_ <= self->row_begin_) return false;
+    if (self->final_ && self->n_rows() == 1 && t->name[0] == 'r' && std::strcmp(t->name, "result_norm") == 0) {
+        if (ask) return true;
+        if (t->type != GGML_TYPE_F32 || t->ne[0] != self->n_embd_ || t->ne[1] != 1) return true;  // compute on
+        self->final_row_.resize(self->n_embd_);
+        ggml_backend_tensor_get(t, self->final_row_.data(), 0, (size_t) self->n_embd_ * sizeof(float));
+        self->final_seen_ = true;
+        return false;  // stop here: the engine computes the logits itself
+    }
     const int32_t slot = self->slot_of(t);
     if (ask) return slot >= 0;
     if (slot < 0) return true;

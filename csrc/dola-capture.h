@@ -20,6 +20,14 @@ public:
     void set_layers(const std::vector<int32_t> & layers);
     const std::vector<int32_t> & layers() const { return layers_; }
 
+    // Also keep the final normed hidden state ("result_norm", one row) and stop the graph right
+    // after it, skipping llama.cpp's own LM head: the engine then projects it together with the
+    // premature layers in one pass over the output matrix.
+    void set_final(bool on) { final_ = on; }
+    bool final_enabled() const { return final_; }
+    bool final_seen() const { return final_seen_; }
+    const float * final_row() const { return final_row_.data(); }
+
     // Rows of the next ubatch to keep: [row_begin, row_end) of its tokens. The last block's output
     // is pruned to the rows that produce logits; rows are then taken in output order.
     void expect(int32_t n_tokens, int32_t row_begin, int32_t row_end);
@@ -47,6 +55,9 @@ private:
     std::vector<float> data_;
     int32_t n_tokens_ = 0, row_begin_ = 0, row_end_ = 0;
     bool type_error_ = false;
+    bool final_ = false;
+    bool final_seen_ = false;
+    std::vector<float> final_row_;
 };
 
 }  // namespace dola

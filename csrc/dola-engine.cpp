@@ -329,9 +329,15 @@ void session::configure(const decode_params & p) {
             throw error("premature_norm is not supported for architecture '" + model_->architecture() + "'");
         }
     }
-    if (layers != capture_layers_) have_outputs_ = false;
+    // With DoLa against the final layer, the logits come from the same projection as the
+    // premature rows: one pass over the output matrix instead of two (SPEC §7).
+    const bool fuse = !p.candidates.empty() && mature == N && !p.premature_norm && std::getenv("DOLA_CPP_NO_FUSE") == nullptr &&
+                      projector_ && projector_->can_fuse_final();
+    if (layers != capture_layers_ || fuse != fuse_final_) have_outputs_ = false;
     capture_layers_ = layers;
+    fuse_final_ = fuse;
     capture_.set_layers(layers);
+    capture_.set_final(fuse);
 
     params_ = p;
     params_.mature = mature;
@@ -458,18 +464,24 @@ step_result session::sample() {
     step_result res;
 
     const float * mature = nullptr;
-    if (params_.mature == N) {
+    const bool fused = fuse_final_ && capture_.final_seen();
+    if (params_.mature == N && !fused) {
         mature = llama_get_logits_ith(ctx_, -1);
         if (!mature) throw error("llama.cpp returned no logits");
     }
     if (K > 0 || params_.mature != N) {
-        // Gather the captured last rows of all needed layers and project them in one matmul.
+        // Gather the captured last rows of all needed layers (and the final normed state when
+        // fused) and project them in one matmul.
         const int32_t E = model_->n_embd();
-        const int32_t n_proj = (int32_t) capture_layers_.size();
+        const int32_t n_proj = (int32_t) capture_layers_.size() + (fused ? 1 : 0);
         hidden_.resize((size_t) n_proj * E);
-        for (int32_t s = 0; s < n_proj; ++s) std::memcpy(hidden_.data() + (size_t) s * E, capture_.rows(s), E * sizeof(float));
+        for (int32_t s = 0; s < (int32_t) capture_layers_.size(); ++s) {
+            std::memcpy(hidden_.data() + (size_t) s * E, capture_.rows(s), E * sizeof(float));
+        }
+        if (fused) std::memcpy(hidden_.data() + (size_t) (n_proj - 1) * E, capture_.final_row(), E * sizeof(float));
         cand_logits_.resize((size_t) n_proj * V);
         projector_->project(hidden_.data(), n_proj, params_.premature_norm, cand_logits_.data());
+        if (fused) mature = cand_logits_.data() + (size_t) (n_proj - 1) * V;
         if (params_.mature != N) {
             const size_t slot = std::find(capture_layers_.begin(), capture_layers_.end(), params_.mature) - capture_layers_.begin();
             mature_hidden_logits_.assign(cand_logits_.begin() + slot * V, cand_logits_.begin() + (slot + 1) * V);
@@ -531,6 +543,7 @@ std::vector<float> session::layer_logits(const std::vector<llama_token> & prompt
         throw error("premature_norm is not supported for architecture '" + model_->architecture() + "'");
     }
     capture_.set_layers(hidden_layers);
+    capture_.set_final(false);
     std::vector<float> out(layers.size() * V);
     try {
         tokens_.clear();  // force a full decode so every row is captured from this prompt
@@ -555,10 +568,12 @@ std::vector<float> session::layer_logits(const std::vector<llama_token> & prompt
         }
     } catch (...) {
         capture_.set_layers(capture_layers_);
+        capture_.set_final(fuse_final_);
         have_outputs_ = false;
         throw;
     }
     capture_.set_layers(capture_layers_);
+    capture_.set_final(fuse_final_);
     have_outputs_ = false;
     return out;
 }
@@ -588,6 +603,12 @@ score_result session::score(const std::vector<llama_token> & toks, size_t n_pref
         tokens_.resize(common);
     }
     have_outputs_ = false;
+    capture_.set_final(false);  // several rows: the mature logits come from llama.cpp
+    struct restore_final {
+        layer_capture & c;
+        bool on;
+        ~restore_final() { c.set_final(on); }
+    } restore{capture_, fuse_final_};
 
     // Rows with outputs are projected K at a time per row; bound the scratch to ~128 MB.
     const size_t rows_per_chunk = std::max<size_t>(1, std::min<size_t>(n_batch_, (size_t) (32u << 20) / ((size_t) std::max(n_proj, 1) * V)));

@@ -180,6 +180,7 @@ private:
     std::unique_ptr<projector> projector_;
     decode_params params_;
     std::vector<int32_t> capture_layers_;  // hidden layers captured for the current params
+    bool fuse_final_ = false;              // final logits computed with the premature rows
     llama_sampler * chain_ = nullptr;
 
     std::vector<llama_token> tokens_;  // what the KV cache holds

@@ -48,6 +48,11 @@ projector::projector(const llama_model * model) {
     n_embd_ = (int32_t) output_->ne[0];
     n_vocab_ = output_->ne[1];
 
+    // Graphs whose logits are exactly output @ result_norm (src/models/<arch>.cpp).
+    can_fuse_final_ = norm_supported_ && model->output_s == nullptr &&
+                      (model->arch == LLM_ARCH_LLAMA || model->arch == LLM_ARCH_QWEN2 || model->arch == LLM_ARCH_QWEN3 ||
+                       (model->arch == LLM_ARCH_GEMMA3 && model->hparams.f_final_logit_softcapping == 0.0f));
+
     // Run where the weights live: CPU (incl. repacked CPU buffers) or the GPU holding them.
     ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(output_->buffer));
     if (dev == nullptr || ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU) {

@@ -31,6 +31,9 @@ public:
     bool norm_supported() const { return norm_supported_; }
     // True when the projection runs on dola-cpp's own Q8_0 CPU kernel instead of a ggml graph.
     bool uses_q8_kernel() const { return use_q8_; }
+    // The model's logits are exactly output @ result_norm (no bias, scale, soft-cap or LoRA), so
+    // the engine may compute them itself together with the premature rows.
+    bool can_fuse_final() const { return can_fuse_final_; }
     const std::string & backend_name() const { return backend_name_; }
 
 private:
@@ -45,6 +48,7 @@ private:
     ggml_backend_t backend_ = nullptr;
     bool is_cpu_ = false;
     bool use_q8_ = false;
+    bool can_fuse_final_ = false;
     int32_t n_threads_ = 1;
     std::vector<float> normed_;
     std::string backend_name_;
