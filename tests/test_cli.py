@@ -329,6 +329,7 @@ def test_run_piped_subprocess(smollm2_path, tmp_path):
         [sys.executable, "-m", "dola_cpp.cli", "run", str(smollm2_path), "--layers", "none", "-n", "16", *FAST],
         input="What is the capital of France?\nAnd of Germany?\n/bye\nnever asked\n",
         capture_output=True, text=True, timeout=300, env=env,
+        cwd=tmp_path,  # not the source tree, whose dola_cpp/ has no compiled module
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -473,7 +474,8 @@ class Terminal:
         self.status = tmp_path / "status"
         env = f"DOLA_CPP_CACHE={shlex.quote(str(tmp_path / 'cache'))} NO_COLOR= DOLA_CPP_DEBUG="
         shell = f"env {env} {command}; echo $? > {shlex.quote(str(self.status))}; echo '[exited]'; sleep 600"
-        self._tmux("new-session", "-d", "-s", "chat", "-x", "160", "-y", "50", shell)
+        # start outside the source tree: its dola_cpp/ folder would shadow the installed package
+        self._tmux("new-session", "-d", "-s", "chat", "-c", str(tmp_path), "-x", "160", "-y", "50", shell)
 
     def _tmux(self, *args: str) -> str:
         return subprocess.run([TMUX, "-L", self.socket, *args], check=True, capture_output=True, text=True).stdout
