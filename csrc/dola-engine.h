@@ -13,7 +13,6 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -168,8 +167,6 @@ private:
     void decode_chunk(const llama_token * toks, int32_t n, int32_t row_begin, int32_t row_end);
     void sync_cache_after_failure();
     void validate_tokens(const std::vector<llama_token> & toks) const;
-    void capture_layers_for(const std::vector<int32_t> & layers);
-    bool uses_hidden(int32_t layer) const { return layer != model_->n_layer(); }
 
     std::shared_ptr<model> model_;
     llama_context * ctx_ = nullptr;
