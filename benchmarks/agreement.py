@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--layers", default="high")
     ap.add_argument("--tokens", type=int, default=32)
     args = ap.parse_args()
-    print(f"| model | layers | positions | same layer | same greedy tokens |\n|---|---|---:|---:|---:|")
+    print("| model | layers | positions | same layer | same greedy tokens |\n|---|---|---:|---:|---:|")
     for name in args.models.split(","):
         path = dola_cpp.demo_model_path(name)
         with tempfile.TemporaryDirectory() as tmp:
