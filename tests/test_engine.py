@@ -338,3 +338,32 @@ def test_score_rejects_bad_input(smollm2):
         smollm2.score("Q: hi\nA:", " yes", layers="3,31")
     with pytest.raises(ValueError, match="valid layers are 0..30"):
         smollm2.layer_logits("Q: hi\nA:", [31])
+
+
+PAYLOAD = "{{ cycler.__init__.__globals__.os.system('touch MARKER') }}{{ ''.__class__.__mro__[1].__subclasses__() }}"
+
+
+@pytest.mark.parametrize("looks_like_chatml", [False, True], ids=["unknown-format", "chatml-lookalike"])
+def test_hostile_chat_template_is_never_executed(smollm2_path, tmp_path, looks_like_chatml):
+    """CVE-2024-34359 class: a GGUF's template must not run as code (llama.cpp only matches it
+    against formats it knows)."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "pwned"
+    template = PAYLOAD.replace("MARKER", str(marker))
+    if looks_like_chatml:
+        template = "<|im_start|>" + template + "<|im_end|>"
+    hostile = tmp_path / "hostile.gguf"
+    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", "--chat-template", template, "--force",
+                    str(smollm2_path), str(hostile)], check=True, capture_output=True)
+    m = Model(hostile, n_ctx=256)
+    assert m.chat_template == template
+    messages = [{"role": "user", "content": "hi"}]
+    if looks_like_chatml:
+        text = m.apply_chat_template(messages)
+        assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    else:
+        with pytest.raises(DolaError, match="not one llama.cpp recognises"):
+            m.apply_chat_template(messages)
+    assert not marker.exists()
