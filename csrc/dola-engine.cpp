@@ -418,20 +418,25 @@ void session::clear() {
     have_outputs_ = false;
 }
 
-void session::prefill(const std::vector<llama_token> & prompt) {
-    validate_tokens(prompt);
-    const auto t0 = std::chrono::steady_clock::now();
+size_t session::keep_cached_prefix(const std::vector<llama_token> & toks, size_t max_keep) {
     size_t common = 0;
-    const size_t limit = std::min(tokens_.size(), prompt.size() - 1);  // always decode the last token
-    while (common < limit && tokens_[common] == prompt[common]) ++common;
+    const size_t limit = std::min({tokens_.size(), toks.size(), max_keep});
+    while (common < limit && tokens_[common] == toks[common]) ++common;
     if (common < tokens_.size()) {
         if (!llama_memory_seq_rm(llama_get_memory(ctx_), 0, (llama_pos) common, -1)) {
-            clear();
+            clear();  // memories that cannot drop a suffix (recurrent) start over
             common = 0;
         }
         tokens_.resize(common);
     }
     have_outputs_ = false;
+    return common;
+}
+
+void session::prefill(const std::vector<llama_token> & prompt) {
+    validate_tokens(prompt);
+    const auto t0 = std::chrono::steady_clock::now();
+    const size_t common = keep_cached_prefix(prompt, prompt.size() - 1);  // always decode the last token
     for (size_t i = common; i < prompt.size(); i += n_batch_) {
         const int32_t n = (int32_t) std::min<size_t>(n_batch_, prompt.size() - i);
         const bool last = i + n == prompt.size();
@@ -592,17 +597,7 @@ score_result session::score(const std::vector<llama_token> & toks, size_t n_pref
     score_result res;
 
     // Reuse the cached prefix, but never past first_row (its row must be recomputed).
-    size_t common = 0;
-    const size_t limit = std::min(tokens_.size(), first_row);
-    while (common < limit && tokens_[common] == toks[common]) ++common;
-    if (common < tokens_.size()) {
-        if (!llama_memory_seq_rm(llama_get_memory(ctx_), 0, (llama_pos) common, -1)) {
-            clear();
-            common = 0;
-        }
-        tokens_.resize(common);
-    }
-    have_outputs_ = false;
+    const size_t common = keep_cached_prefix(toks, first_row);
     capture_.set_final(false);  // several rows: the mature logits come from llama.cpp
     struct restore_final {
         layer_capture & c;

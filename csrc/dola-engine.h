@@ -166,6 +166,9 @@ private:
     static bool abort_cb(void * data);
     void decode_chunk(const llama_token * toks, int32_t n, int32_t row_begin, int32_t row_end);
     void sync_cache_after_failure();
+    // Keeps the longest cached prefix shared with toks (at most max_keep tokens), drops the
+    // rest of the KV cache, and returns its length.
+    size_t keep_cached_prefix(const std::vector<llama_token> & toks, size_t max_keep);
     void validate_tokens(const std::vector<llama_token> & toks) const;
 
     std::shared_ptr<model> model_;
