@@ -9,6 +9,8 @@ TQ_LIMIT=${1:-409}
 FA_LIMIT=${2:-236}
 shift 2 || true
 MODELS=${*:-smollm2 gemma3-270m}
+# TASKS=tfqa-mc or TASKS=factor runs one chain (two chains can run side by side, 1 thread each)
+TASKS=${TASKS:-tfqa-mc factor}
 TFQA=/work/shared/data/truthfulqa/TruthfulQA_dev.csv
 FACTOR=/work/shared/data/factor/expert_factor.csv
 OUT=benchmarks/eval_runs
@@ -26,7 +28,7 @@ for model in $MODELS; do
       high) opts=(--layers high) ;;
       high-norm) opts=(--layers high --premature-norm) ;;
     esac
-    for task in tfqa-mc factor; do
+    for task in $TASKS; do
       if [ $task = tfqa-mc ]; then data=$TFQA; limit=$TQ_LIMIT; else data=$FACTOR; limit=$FA_LIMIT; fi
       echo "== $model $mode $task limit $limit $(date +%T)"
       "${EVAL[@]}" $task $model --data $data "${opts[@]}" --limit $limit --threads 1 \

@@ -19,6 +19,19 @@ py::array_t<T> to_array(std::vector<T> && v, std::vector<py::ssize_t> shape) {
     return py::array_t<T>(shape, heap->data(), owner);
 }
 
+// GGUF strings and llama.cpp messages are untrusted bytes: decode them with U+FFFD replacement
+// instead of letting pybind11 raise UnicodeDecodeError.
+py::str lenient_str(const std::string & s) {
+    PyObject * o = PyUnicode_DecodeUTF8(s.data(), (Py_ssize_t) s.size(), "replace");
+    if (!o) throw py::error_already_set();
+    return py::reinterpret_steal<py::str>(o);
+}
+
+void set_error(PyObject * type, const char * what) {
+    py::str msg = lenient_str(what);
+    PyErr_SetObject(type, msg.ptr());
+}
+
 std::vector<int32_t> to_tokens(const py::array_t<int64_t, py::array::c_style | py::array::forcecast> & a) {
     if (a.ndim() != 1) throw py::value_error("token ids must be a 1-D sequence of integers");
     std::vector<int32_t> out(a.size());
@@ -79,9 +92,9 @@ PYBIND11_MODULE(_core, m) {
         try {
             if (p) std::rethrow_exception(p);
         } catch (const dola::error & e) {
-            py::set_error(dola_error, e.what());
+            set_error(dola_error.ptr(), e.what());
         } catch (const dola::aborted & e) {
-            py::set_error(dola_cancelled, e.what());
+            set_error(dola_cancelled.ptr(), e.what());
         }
     });
 
@@ -137,15 +150,19 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("n_vocab", &dola::model::n_vocab)
         .def_property_readonly("n_ctx_train", &dola::model::n_ctx_train)
         .def_property_readonly("tied_embeddings", &dola::model::tied_embeddings)
-        .def_property_readonly("architecture", &dola::model::architecture)
-        .def_property_readonly("description", &dola::model::description)
-        .def_property_readonly("chat_template", &dola::model::chat_template)
+        .def_property_readonly("architecture", [](const dola::model & self) { return lenient_str(self.architecture()); })
+        .def_property_readonly("description", [](const dola::model & self) { return lenient_str(self.description()); })
+        .def_property_readonly("chat_template", [](const dola::model & self) { return lenient_str(self.chat_template()); })
         .def_property_readonly("add_bos", &dola::model::add_bos)
         .def_property_readonly("eos", &dola::model::eos)
         .def_property_readonly("n_params", &dola::model::n_params)
         .def_property_readonly("size_bytes", &dola::model::size_bytes)
-        .def("meta", &dola::model::meta, py::arg("key"))
-        .def("metadata", &dola::model::metadata)
+        .def("meta", [](const dola::model & self, const std::string & key) { return lenient_str(self.meta(key)); }, py::arg("key"))
+        .def("metadata", [](const dola::model & self) {
+            py::list out;
+            for (const auto & [k, v] : self.metadata()) out.append(py::make_tuple(lenient_str(k), lenient_str(v)));
+            return out;
+        })
         .def("is_eog", &dola::model::is_eog, py::arg("token"))
         .def("tokenize", &dola::model::tokenize, py::arg("text"), py::arg("add_special"), py::arg("parse_special"))
         .def("token_to_piece", [](const dola::model & self, int32_t t, bool special) {
@@ -159,8 +176,10 @@ PYBIND11_MODULE(_core, m) {
             }
             return py::bytes(self.detokenize(toks, special));
         }, py::arg("tokens"), py::arg("special") = false)
-        .def("apply_chat_template", &dola::model::apply_chat_template, py::arg("messages"),
-             py::arg("add_assistant") = true, py::arg("template") = "");
+        .def("apply_chat_template", [](const dola::model & self, const std::vector<std::pair<std::string, std::string>> & messages,
+                                       bool add_assistant, const std::string & tmpl) {
+            return lenient_str(self.apply_chat_template(messages, add_assistant, tmpl));
+        }, py::arg("messages"), py::arg("add_assistant") = true, py::arg("template") = "");
 
     py::class_<dola::step_result>(m, "Step")
         .def_readonly("token", &dola::step_result::token)

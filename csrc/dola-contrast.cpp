@@ -86,6 +86,11 @@ inline float max_of(const float * z, int64_t n) {
 
 }  // namespace
 
+bool all_finite(const float * z, int64_t n) {
+    // 0 * x is NaN exactly when x is inf or NaN; the lane sum vectorises
+    return std::isfinite(lane_sum(n, [=](int64_t i) { return 0.0f * z[i]; }));
+}
+
 float log_softmax(const float * z, float * out, int64_t n) {
     const float mx = max_of(z, n);
     if (!std::isfinite(mx)) {  // all -inf (or +inf/NaN): let the caller see non-finite values

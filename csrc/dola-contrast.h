@@ -8,6 +8,9 @@
 
 namespace dola {
 
+// True when no element is inf or NaN.
+bool all_finite(const float * z, int64_t n);
+
 // out[i] = z[i] - logsumexp(z). Returns logsumexp(z). out may alias z.
 float log_softmax(const float * z, float * out, int64_t n);
 

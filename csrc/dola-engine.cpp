@@ -12,7 +12,9 @@
 #include <limits>
 #include <mutex>
 #include <set>
+#include <string_view>
 #include <thread>
+#include <unordered_set>
 
 namespace dola {
 
@@ -23,9 +25,10 @@ std::string g_last_error;
 bool g_verbose = false;
 
 void log_cb(ggml_log_level level, const char * text, void *) {
-    if (level == GGML_LOG_LEVEL_ERROR || level == GGML_LOG_LEVEL_WARN) {
+    if (level == GGML_LOG_LEVEL_ERROR) {
+        // keep the first error since the last clear: later ones are usually "failed to load model"
         std::lock_guard<std::mutex> lock(g_log_mutex);
-        if (level == GGML_LOG_LEVEL_ERROR) g_last_error = text;
+        if (g_last_error.empty()) g_last_error = text;
     }
     if (g_verbose) std::fputs(text, stderr);
 }
@@ -34,6 +37,12 @@ std::string last_error() {
     std::lock_guard<std::mutex> lock(g_log_mutex);
     std::string s = g_last_error;
     while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
+    // "llama_model_load: error loading model: X" -> "X"
+    for (const char * prefix : {"error loading model: ", "error loading model hyperparameters: ",
+                                "error loading model vocabulary: "}) {
+        const size_t at = s.find(prefix);
+        if (at != std::string::npos) s = s.substr(at + std::strlen(prefix));
+    }
     return s;
 }
 
@@ -60,6 +69,64 @@ void backend_init_once() {
     });
 }
 
+namespace {
+
+bool gguf_get_int(const gguf_context * g, const std::string & key, int64_t & out) {
+    const int64_t id = gguf_find_key(g, key.c_str());
+    if (id < 0) return false;
+    switch (gguf_get_kv_type(g, id)) {
+        case GGUF_TYPE_UINT8: out = gguf_get_val_u8(g, id); return true;
+        case GGUF_TYPE_INT8: out = gguf_get_val_i8(g, id); return true;
+        case GGUF_TYPE_UINT16: out = gguf_get_val_u16(g, id); return true;
+        case GGUF_TYPE_INT16: out = gguf_get_val_i16(g, id); return true;
+        case GGUF_TYPE_UINT32: out = gguf_get_val_u32(g, id); return true;
+        case GGUF_TYPE_INT32: out = gguf_get_val_i32(g, id); return true;
+        case GGUF_TYPE_UINT64: out = (int64_t) std::min<uint64_t>(gguf_get_val_u64(g, id), INT64_MAX); return true;
+        case GGUF_TYPE_INT64: out = gguf_get_val_i64(g, id); return true;
+        default: return false;
+    }
+}
+
+// Metadata that llama.cpp checks with GGML_ASSERT (an abort, not an error) while loading or
+// evaluating; found by fuzzing (tests/test_fuzz.py). Returns a description of the first problem.
+std::string check_gguf_metadata(const gguf_context * g) {
+    const int64_t arch_id = gguf_find_key(g, "general.architecture");
+    if (arch_id < 0 || gguf_get_kv_type(g, arch_id) != GGUF_TYPE_STRING) return "";  // llama.cpp says so itself
+    const std::string arch = gguf_get_val_str(g, arch_id);
+    int64_t n_layer = 0;
+    if (gguf_get_int(g, arch + ".block_count", n_layer) && (n_layer < 1 || n_layer > 512)) {
+        return arch + ".block_count is " + std::to_string(n_layer) + " (llama.cpp supports 1..512 layers)";
+    }
+    for (const char * k : {".attention.layer_norm_rms_epsilon", ".attention.layer_norm_epsilon"}) {
+        const int64_t id = gguf_find_key(g, (arch + k).c_str());
+        if (id >= 0 && gguf_get_kv_type(g, id) == GGUF_TYPE_FLOAT32) {
+            const float eps = gguf_get_val_f32(g, id);
+            if (!(eps >= 0.0f) || !std::isfinite(eps)) return arch + k + " is " + std::to_string(eps) + " (must be >= 0)";
+        }
+    }
+    const int64_t tok_id = gguf_find_key(g, "tokenizer.ggml.tokens");
+    if (tok_id >= 0 && gguf_get_kv_type(g, tok_id) == GGUF_TYPE_ARRAY && gguf_get_arr_type(g, tok_id) == GGUF_TYPE_STRING) {
+        const size_t n = gguf_get_arr_n(g, tok_id);
+        std::unordered_set<std::string_view> seen;
+        seen.reserve(n);
+        for (size_t i = 0; i < n; ++i) {
+            const char * t = gguf_get_arr_str(g, tok_id, i);
+            if (!seen.insert(std::string_view(t)).second) {
+                return "the vocabulary lists the token '" + std::string(t).substr(0, 40) + "' twice (id " + std::to_string(i) + ")";
+            }
+        }
+    }
+    return "";
+}
+
+void check_finite(const float * logits, int64_t n) {
+    if (!all_finite(logits, n)) {
+        throw error("the model produced non-finite logits (NaN or inf): its weights are corrupt or its activations overflow");
+    }
+}
+
+}  // namespace
+
 void check_gguf_file(const std::string & path) {
     std::ifstream f(path, std::ios::binary | std::ios::ate);
     if (!f) throw error("cannot open model file '" + path + "': no such file or not readable");
@@ -81,7 +148,15 @@ void check_gguf_file(const std::string & path) {
         const uint64_t end = data_offset + gguf_get_tensor_offset(g, i) + gguf_get_tensor_size(g, i);
         if (end > file_size) bad = gguf_get_tensor_name(g, i);
     }
+    std::string problem;
+    try {
+        problem = check_gguf_metadata(g);
+    } catch (...) {
+        gguf_free(g);
+        throw;
+    }
     gguf_free(g);
+    if (!problem.empty()) throw error("'" + path + "' has invalid metadata: " + problem);
     if (!bad.empty()) {
         throw error("'" + path + "' is truncated: tensor '" + bad + "' extends past the end of the file (" +
                     std::to_string(file_size) + " bytes); download it again");
@@ -186,7 +261,7 @@ bool model::is_eog(llama_token t) const { return llama_vocab_is_eog(vocab_, t); 
 uint64_t model::n_params() const { return llama_model_n_params(model_); }
 uint64_t model::size_bytes() const { return llama_model_size(model_); }
 
-std::vector<llama_token> model::tokenize(const std::string & text, bool add_special, bool parse_special) const {
+std::vector<llama_token> model::tokenize_impl(const std::string & text, bool add_special, bool parse_special) const {
     const int32_t cap = (int32_t) std::min<size_t>(text.size() + 8, (size_t) INT32_MAX);
     std::vector<llama_token> out(cap);
     int32_t n = llama_tokenize(vocab_, text.data(), (int32_t) text.size(), out.data(), cap, add_special, parse_special);
@@ -197,6 +272,17 @@ std::vector<llama_token> model::tokenize(const std::string & text, bool add_spec
     if (n < 0) throw error("tokenization failed");
     out.resize(n);
     return out;
+}
+
+std::vector<llama_token> model::tokenize(const std::string & text, bool add_special, bool parse_special) const {
+    try {
+        return tokenize_impl(text, add_special, parse_special);
+    } catch (const error &) {
+        throw;
+    } catch (const std::exception & e) {
+        // e.g. a SentencePiece vocabulary without the <0xXX> byte tokens it falls back to
+        throw error(std::string("could not tokenize the text: the model's vocabulary is malformed (") + e.what() + ")");
+    }
 }
 
 std::string model::token_to_piece(llama_token t, bool special) const {
@@ -493,6 +579,7 @@ step_result session::sample() {
             mature = mature_hidden_logits_.data();
         }
     }
+    check_finite(mature, V);
     if (K > 0) {
         // candidates occupy the first K slots, in order
         contrast_result c = dola_step(mature, cand_logits_.data(), K, V, params_.relative_top, lp_.data(), scores_.data());
@@ -636,6 +723,7 @@ score_result session::score(const std::vector<llama_token> & toks, size_t n_pref
                     mature_buf.assign(row_proj + slot * V, row_proj + (slot + 1) * V);
                     mature = mature_buf.data();
                 }
+                check_finite(mature, V);
                 float s;
                 int32_t layer = -1;
                 if (K == 0) {

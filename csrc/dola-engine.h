@@ -57,6 +57,7 @@ public:
     uint64_t n_params() const;
     uint64_t size_bytes() const;
 
+    // llama.cpp's exceptions (e.g. a vocabulary without byte tokens) become dola::error
     std::vector<llama_token> tokenize(const std::string & text, bool add_special, bool parse_special) const;
     std::string token_to_piece(llama_token t, bool special) const;
     std::string detokenize(const std::vector<llama_token> & tokens, bool special) const;
@@ -66,6 +67,8 @@ public:
                                     bool add_assistant, const std::string & tmpl_override) const;
 
 private:
+    std::vector<llama_token> tokenize_impl(const std::string & text, bool add_special, bool parse_special) const;
+
     llama_model * model_ = nullptr;
     const llama_vocab * vocab_ = nullptr;
     int32_t n_layer_ = 0, n_embd_ = 0, n_vocab_ = 0;
