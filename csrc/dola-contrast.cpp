@@ -165,7 +165,7 @@ contrast_result dola_step(const float * z_mature, float * z_cand, int32_t K, int
             }
         }
     }
-    contrast_scores(lp_out, z_cand + res.premature_index * n, n, relative_top, scores);
+    if (scores) contrast_scores(lp_out, z_cand + res.premature_index * n, n, relative_top, scores);
     return res;
 }
 

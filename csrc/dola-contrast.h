@@ -41,7 +41,7 @@ struct contrast_result {
 
 // One DoLa step. z_mature: n logits; z_cand: K*n candidate logits (overwritten with their
 // log-softmax); lp_out: n (log-softmax of z_mature); scores: n (the contrast, before any
-// logits processor). K == 1 is static DoLa (no JSD).
+// logits processor), or null to only choose the premature layer. K == 1 is static DoLa (no JSD).
 contrast_result dola_step(const float * z_mature, float * z_cand, int32_t K, int64_t n,
                           double relative_top, float * lp_out, float * scores);
 

@@ -730,7 +730,7 @@ score_result session::score(const std::vector<llama_token> & toks, size_t n_pref
                     log_softmax(mature, lp.data(), V);
                     s = lp[y];
                 } else {
-                    contrast_result c = dola_step(mature, row_proj, K, V, 0.0, lp.data(), diff.data());
+                    contrast_result c = dola_step(mature, row_proj, K, V, 0.0, lp.data(), nullptr);
                     layer = params_.candidates[c.premature_index];
                     lm_score_diff(lp.data(), row_proj + (size_t) c.premature_index * V, V, post_softmax, relative_top, mask_value, diff.data());
                     s = diff[y];
