@@ -315,6 +315,18 @@ def test_run_piped_bad_command_exits_nonzero_but_goes_on(cli, smollm2_path):
     assert "Paris" in result.stdout
 
 
+def test_run_hints_premature_norm_once_when_raw_states_dominate(cli, smollm2_path):
+    questions = "What is the capital of France?\nName three primary colors.\n"
+    result = cli("run", smollm2_path, "--layers", "high", "-n", 24, *FAST, input=questions)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("was the premature layer for") == 1, result.stderr
+    assert re.search(r"note: layer 29 was the premature layer for (9\d|100)% of tokens", result.stderr)
+    result = cli("run", smollm2_path, "--layers", "high", "--premature-norm", "-n", 24, *FAST, input=questions)
+    assert result.exit_code == 0, result.output
+    assert "premature layer for" not in result.stderr
+    assert "Paris" in result.stdout
+
+
 def test_run_without_template_uses_a_transcript(cli, smollm2_path):
     result = cli("run", smollm2_path, "--template", "none", "--layers", "none", "-n", 16, *FAST,
                  input="What is the capital of France?\n")

@@ -164,6 +164,7 @@ class Chat:
         self.answers = 0
         self.failed = False
         self._eof = False
+        self._norm_hint_shown = False
 
     # ------------------------------------------------------------------ loop
 
@@ -282,7 +283,27 @@ class Chat:
         self._record(result, interrupted)
         if self.out.interactive:
             self.out.status(stats_line(result, interrupted))
+        self._maybe_hint_premature_norm(result)
         return result
+
+    def _maybe_hint_premature_norm(self, result: GenerationResult) -> None:
+        """Once per chat: when dynamic DoLa on raw hidden states keeps choosing the candidate next
+        to the mature layer, that layer's large raw activations dominate the contrast (both demo
+        models do this) and answers often read badly; the logit-lens variant is the usual remedy."""
+        cands = self.plan.candidates
+        if self._norm_hint_shown or self.settings.premature_norm or len(cands) < 2 or len(result.steps) < 8:
+            return
+        hist = result.layer_histogram()
+        top = max(hist, key=hist.get, default=None)
+        share = hist.get(top, 0) / len(result.steps)
+        if top == max(cands) and share >= 0.9:
+            self._norm_hint_shown = True
+            self.out.note(
+                f"note: layer {top} was the premature layer for {share:.0%} of tokens: on this model the raw "
+                "late-layer states dominate the contrast, which often garbles answers. "
+                "/set premature_norm on (or --premature-norm: the logit-lens variant) usually reads better; "
+                "the default follows the paper."
+            )
 
     def _record(self, result: GenerationResult, interrupted: bool) -> None:
         self.last, self.last_interrupted = result, interrupted
