@@ -324,6 +324,9 @@ std::string model::apply_chat_template(const std::vector<std::pair<std::string, 
 
 session::session(std::shared_ptr<model> mdl, const context_params & params)
     : model_(std::move(mdl)), capture_(model_->n_layer(), model_->n_embd()) {
+    if (params.n_threads > GGML_MAX_N_THREADS) {  // ggml's thread pool crashes beyond this
+        throw error("n_threads must be at most " + std::to_string(GGML_MAX_N_THREADS) + ", got " + std::to_string(params.n_threads));
+    }
     n_threads_ = params.n_threads > 0 ? params.n_threads : (int32_t) std::max(1u, std::thread::hardware_concurrency());
     const int32_t n_ctx_train = model_->n_ctx_train();
     n_ctx_ = params.n_ctx > 0 ? params.n_ctx : (uint32_t) std::max(n_ctx_train, 512);

@@ -59,12 +59,12 @@ class Model:
             if self.path.is_dir():
                 raise IsADirectoryError(f"{self.path} is a directory; give the path of a .gguf file")
             _weights = _core.Model(str(self.path), n_gpu_layers=int(n_gpu_layers), use_mmap=use_mmap)
-        if n_ctx < 0:
-            raise ValueError("n_ctx must be >= 0 (0 = the model's training context)")
-        if n_threads is not None and n_threads < 1:
-            raise ValueError("n_threads must be >= 1")
-        if n_batch < 1:
-            raise ValueError("n_batch must be >= 1")
+        if not 0 <= n_ctx < 2**31:
+            raise ValueError(f"n_ctx must be in 0..{2**31 - 1} (0 = the model's training context), got {n_ctx}")
+        if n_threads is not None and not 1 <= n_threads <= 512:
+            raise ValueError(f"n_threads must be in 1..512, got {n_threads}")
+        if not 1 <= n_batch < 2**31:
+            raise ValueError(f"n_batch must be in 1..{2**31 - 1}, got {n_batch}")
         self._weights = _weights
         self._session = _core.Session(
             _weights, n_ctx=int(n_ctx), n_threads=int(n_threads or 0), n_batch=int(n_batch), kv_type=kv_type,

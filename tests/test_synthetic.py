@@ -77,3 +77,21 @@ def test_random_bytes_stream_as_text(tmp_path):
     r = m.generate("the", max_tokens=120, ignore_eos=True, temperature=1.0, seed=1)
     assert "".join(m.stream("the", max_tokens=120, ignore_eos=True, temperature=1.0, seed=1)) == r.text
     assert "\ufffd" in r.text
+
+
+def test_context_options_are_validated(tmp_path):
+    path = write_llama_gguf(tmp_path / "m.gguf")
+    for kwargs, message in (
+        (dict(n_ctx=2**40), "n_ctx must be in"),
+        (dict(n_ctx=-1), "n_ctx must be in"),
+        (dict(n_threads=0), "n_threads must be in 1..512"),
+        (dict(n_threads=100000), "n_threads must be in 1..512"),  # ggml's thread pool used to segfault
+        (dict(n_batch=0), "n_batch must be in"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            Model(path, **kwargs)
+    m = Model(path, n_ctx=64)
+    from dola_cpp import _core
+
+    with pytest.raises(DolaError, match="n_threads must be at most 512"):
+        _core.Session(m._weights, n_ctx=64, n_threads=513)
