@@ -64,7 +64,8 @@ def run_children(worker: str, fixed: list[str], items: list[str]) -> list[str]:
     outcomes: list[str | None] = [None] * len(items)
     start = 0
     while start < len(items):
-        p = subprocess.run([sys.executable, "-c", worker, *fixed, *items[start:]], capture_output=True, text=True,
+        # -I: not the source checkout in the working directory (it has no compiled module)
+        p = subprocess.run([sys.executable, "-I", "-c", worker, *fixed, *items[start:]], capture_output=True, text=True,
                            errors="replace", timeout=900)
         current = start
         for line in p.stdout.splitlines():
