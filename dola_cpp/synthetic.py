@@ -139,8 +139,9 @@ def write_llama_gguf(
     def tensor_type(name: str, shape: tuple[int, ...]) -> str:
         if len(shape) == 1:
             return "F32"  # norms
-        return output_type if name in ("output.weight", "token_embd.weight") and (
-            name == "output.weight" or tied) else weight_type
+        # the output matrix (the embedding when tied) gets output_type, like llama.cpp's quantizer
+        is_output = name == "output.weight" or (tied and name == "token_embd.weight")
+        return output_type if is_output else weight_type
 
     def data(name: str, shape: tuple[int, ...]) -> np.ndarray:
         if len(shape) == 1:
