@@ -24,7 +24,6 @@ public:
     // after it, skipping llama.cpp's own LM head: the engine then projects it together with the
     // premature layers in one pass over the output matrix.
     void set_final(bool on) { final_ = on; }
-    bool final_enabled() const { return final_; }
     bool final_seen() const { return final_seen_; }
     const float * final_row() const { return final_row_.data(); }
 

@@ -639,37 +639,28 @@ std::vector<float> session::layer_logits(const std::vector<llama_token> & prompt
     }
     capture_.set_layers(hidden_layers);
     capture_.set_final(false);
+    capture_override restore{*this};
     std::vector<float> out(layers.size() * V);
-    try {
-        tokens_.clear();  // force a full decode so every row is captured from this prompt
-        llama_memory_clear(llama_get_memory(ctx_), true);
-        prefill(prompt);
-        std::vector<float> proj(hidden_layers.size() * V);
-        if (!hidden_layers.empty()) {
-            const int32_t E = model_->n_embd();
-            std::vector<float> h(hidden_layers.size() * E);
-            for (size_t s = 0; s < hidden_layers.size(); ++s) std::memcpy(h.data() + s * E, capture_.rows((int32_t) s), E * sizeof(float));
-            projector_->project(h.data(), (int32_t) hidden_layers.size(), premature_norm, proj.data());
-        }
-        for (size_t i = 0; i < layers.size(); ++i) {
-            const float * src;
-            if (layers[i] == N && !project_final) {
-                src = llama_get_logits_ith(ctx_, -1);
-            } else {
-                const size_t s = std::find(hidden_layers.begin(), hidden_layers.end(), layers[i]) - hidden_layers.begin();
-                src = proj.data() + s * V;
-            }
-            std::memcpy(out.data() + i * V, src, V * sizeof(float));
-        }
-    } catch (...) {
-        capture_.set_layers(capture_layers_);
-        capture_.set_final(fuse_final_);
-        have_outputs_ = false;
-        throw;
+    tokens_.clear();  // force a full decode so every row is captured from this prompt
+    llama_memory_clear(llama_get_memory(ctx_), true);
+    prefill(prompt);
+    std::vector<float> proj(hidden_layers.size() * V);
+    if (!hidden_layers.empty()) {
+        const int32_t E = model_->n_embd();
+        std::vector<float> h(hidden_layers.size() * E);
+        for (size_t s = 0; s < hidden_layers.size(); ++s) std::memcpy(h.data() + s * E, capture_.rows((int32_t) s), E * sizeof(float));
+        projector_->project(h.data(), (int32_t) hidden_layers.size(), premature_norm, proj.data());
     }
-    capture_.set_layers(capture_layers_);
-    capture_.set_final(fuse_final_);
-    have_outputs_ = false;
+    for (size_t i = 0; i < layers.size(); ++i) {
+        const float * src;
+        if (layers[i] == N && !project_final) {
+            src = llama_get_logits_ith(ctx_, -1);
+        } else {
+            const size_t s = std::find(hidden_layers.begin(), hidden_layers.end(), layers[i]) - hidden_layers.begin();
+            src = proj.data() + s * V;
+        }
+        std::memcpy(out.data() + i * V, src, V * sizeof(float));
+    }
     return out;
 }
 
@@ -689,11 +680,7 @@ score_result session::score(const std::vector<llama_token> & toks, size_t n_pref
     // Reuse the cached prefix, but never past first_row (its row must be recomputed).
     const size_t common = keep_cached_prefix(toks, first_row);
     capture_.set_final(false);  // several rows: the mature logits come from llama.cpp
-    struct restore_final {
-        layer_capture & c;
-        bool on;
-        ~restore_final() { c.set_final(on); }
-    } restore{capture_, fuse_final_};
+    capture_override restore{*this};
 
     // Rows with outputs are projected K at a time per row; bound the scratch to ~128 MB.
     const size_t rows_per_chunk = std::max<size_t>(1, std::min<size_t>(n_batch_, (size_t) (32u << 20) / ((size_t) std::max(n_proj, 1) * V)));

@@ -173,6 +173,17 @@ private:
     // rest of the KV cache, and returns its length.
     size_t keep_cached_prefix(const std::vector<llama_token> & toks, size_t max_keep);
     void validate_tokens(const std::vector<llama_token> & toks) const;
+    // For calls that capture other rows than decoding does (layer_logits, score): on return or
+    // throw, puts the capture back to the configured layers and fused-final state; the outputs
+    // they leave are not sampleable.
+    struct capture_override {
+        session & s;
+        ~capture_override() {
+            s.capture_.set_layers(s.capture_layers_);
+            s.capture_.set_final(s.fuse_final_);
+            s.have_outputs_ = false;
+        }
+    };
 
     std::shared_ptr<model> model_;
     llama_context * ctx_ = nullptr;

@@ -29,8 +29,6 @@ public:
     void project(const float * hidden, int32_t n_rows, bool norm, float * out);
 
     bool norm_supported() const { return norm_supported_; }
-    // True when the projection runs on dola-cpp's own Q8_0 CPU kernel instead of a ggml graph.
-    bool uses_q8_kernel() const { return use_q8_; }
     // The model's logits are exactly output @ result_norm (no bias, scale, soft-cap or LoRA), so
     // the engine may compute them itself together with the premature rows.
     bool can_fuse_final() const { return can_fuse_final_; }
