@@ -71,6 +71,7 @@ class Model:
             capture=capture,
         )
         self._kv_type = kv_type
+        self._capture = capture
         self._busy = threading.Lock()
         self._cancel = threading.Event()
 
@@ -123,6 +124,7 @@ class Model:
             n_ctx=self.n_ctx if n_ctx is None else n_ctx,
             n_threads=n_threads or self._session.n_threads,
             kv_type=self._kv_type,
+            capture=self._capture,
             _weights=self._weights,
         )
 

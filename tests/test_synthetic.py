@@ -95,3 +95,11 @@ def test_context_options_are_validated(tmp_path):
 
     with pytest.raises(DolaError, match="n_threads must be at most 512"):
         _core.Session(m._weights, n_ctx=64, n_threads=513)
+
+
+def test_share_keeps_the_capture_setting(tmp_path):
+    m = Model(write_llama_gguf(tmp_path / "m.gguf"), n_ctx=64, capture=False)
+    for model in (m, m.share()):
+        assert len(model.generate("the a", max_tokens=2).tokens) == 2
+        with pytest.raises(DolaError, match="without layer capture"):
+            model.generate("the a", max_tokens=2, layers="high")
