@@ -7,7 +7,6 @@ question are scored one after another after the same 6-shot prompt, which is dec
 
 import argparse
 import time
-import warnings
 
 import numpy as np
 
@@ -35,7 +34,6 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--kv-type", default="f16", help="f16 (the Model default) or f32 (exact mode)")
     args = ap.parse_args()
-    warnings.filterwarnings("ignore", message="DoLa decoding is recommended")
     model = dola_cpp.Model(dola_cpp.resolve_model(args.model), n_threads=args.threads, kv_type=args.kv_type)
     items = ev.load_truthfulqa(args.data)[: args.questions]
     n_answers = sum(len(i.true) + len(i.false) for i in items)

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import time
-import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -326,11 +325,12 @@ def _summarize(task: str, records: list[dict], candidates: Sequence[int]) -> tup
     return metrics, hist
 
 
-def _load_done(path: Path, header: dict) -> list[dict]:
-    """Records already in ``path`` (after checking they come from the same settings); a partial
-    last line from an interrupted write is cut off."""
+def _load_done(path: Path, header: dict) -> Optional[list[dict]]:
+    """Records already in ``path`` (after checking they come from the same settings), or None
+    when it holds no header yet (a new file); a partial last line from an interrupted write is
+    cut off."""
     if not path.exists() or path.stat().st_size == 0:
-        return []
+        return None
     raw = path.read_bytes()
     keep = raw.rfind(b"\n") + 1  # complete lines only
     if keep < len(raw):
@@ -344,7 +344,7 @@ def _load_done(path: Path, header: dict) -> list[dict]:
             except json.JSONDecodeError:
                 raise EvalDataError(f"{path}: line {n} is not JSON; choose another --json path") from None
     if not parsed:
-        return []
+        return None
     if parsed[0].get("type") != "header":
         raise EvalDataError(f"{path} exists and is not a dola-cpp results file; choose another --json path")
     old = {k: v for k, v in parsed[0].items() if k in header}
@@ -400,10 +400,10 @@ def run_eval(
     out = None
     if results_path is not None:
         path = Path(results_path)
-        done = [r for r in _load_done(path, header) if r["index"] in wanted]
-        fresh = not path.exists() or not path.read_bytes().strip()
+        loaded = _load_done(path, header)
+        done = [r for r in loaded or [] if r["index"] in wanted]
         out = path.open("a", encoding="utf-8")
-        if fresh:
+        if loaded is None:
             out.write(json.dumps(header) + "\n")
             out.flush()
     done_ids = {r["index"] for r in done}
@@ -414,19 +414,16 @@ def run_eval(
     try:
         if progress:
             progress(len(records), total, {})
-        with warnings.catch_warnings():
-            # Model.score warns about the repetition penalty, which scoring does not use.
-            warnings.filterwarnings("ignore", message="DoLa decoding is recommended", category=UserWarning)
-            for item in todo:
-                t0 = time.perf_counter()
-                rec = {"type": "result", **score_item(model, item, opts)}
-                rec["seconds"] = round(time.perf_counter() - t0, 4)
-                records.append(rec)
-                if out is not None:
-                    out.write(json.dumps(rec) + "\n")
-                    out.flush()
-                if progress:
-                    progress(len(records), total, rec)
+        for item in todo:
+            t0 = time.perf_counter()
+            rec = {"type": "result", **score_item(model, item, opts)}
+            rec["seconds"] = round(time.perf_counter() - t0, 4)
+            records.append(rec)
+            if out is not None:
+                out.write(json.dumps(rec) + "\n")
+                out.flush()
+            if progress:
+                progress(len(records), total, rec)
     finally:
         if out is not None:
             out.close()

@@ -418,6 +418,7 @@ class _Run:
         weights = m._weights
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         emitted = 0
+        t0: Optional[float] = None  # start of decoding
         with m._claim():
             try:
                 if self.max_tokens == 0:
@@ -425,8 +426,10 @@ class _Run:
                     return
                 sess.configure(self.params)
                 t_prefill = time.perf_counter()
-                sess.prefill(self.ids)
-                self.prefill_seconds = time.perf_counter() - t_prefill
+                try:
+                    sess.prefill(self.ids)
+                finally:  # also when Ctrl-C or cancel() stops the prefill
+                    self.prefill_seconds = time.perf_counter() - t_prefill
                 t0 = time.perf_counter()
                 for i in range(self.max_tokens):
                     if m._cancel.is_set():
@@ -471,9 +474,7 @@ class _Run:
                 self.finish_reason = "interrupted"
                 raise
             finally:
-                if self.prefill_seconds == 0.0 and "t_prefill" in locals():
-                    self.prefill_seconds = time.perf_counter() - t_prefill
-                self.decode_seconds = time.perf_counter() - t0 if "t0" in locals() else 0.0
+                self.decode_seconds = time.perf_counter() - t0 if t0 is not None else 0.0
             if self.finish_reason != "stop" or not self.stop:
                 self.text += decoder.decode(b"", final=True)
             if len(self.text) > emitted:

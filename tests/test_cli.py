@@ -415,7 +415,8 @@ def test_conversation_drops_the_oldest_exchanges_to_fit(smollm2):
     for i in range(3):
         conv.add(f"Question {i}?", f"Answer {i}.")
     keep_one = len(smollm2.tokenize(conv.render("Last?", conv.exchanges[2:])))
-    text, dropped = conv.prompt("Last?", budget=keep_one)
+    text, ids, dropped = conv.prompt("Last?", budget=keep_one)
+    assert ids == smollm2.tokenize(text)
     assert dropped == 2 and [e.user for e in conv.exchanges] == ["Question 2?"]
     assert "Question 2?" in text and "Question 1?" not in text
     with pytest.raises(CLIError, match="larger --ctx"):

@@ -336,8 +336,6 @@ def ref_cases():
 @needs_data
 @pytest.mark.reference
 @pytest.mark.slow
-# Model.score warns about the repetition penalty, which scoring does not use
-@pytest.mark.filterwarnings("ignore:DoLa decoding is recommended:UserWarning")
 @pytest.mark.parametrize("layers", [None, "15,30", "high"], ids=["vanilla", "static", "dynamic"])
 def test_scores_match_transformers(f32_scorer, hf_model, hf_forward, layers):
     m = f32_scorer

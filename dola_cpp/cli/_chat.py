@@ -76,16 +76,17 @@ class Conversation:
             text += f"User: {ex.user}\nAssistant: {ex.assistant}\n"
         return text + f"User: {user}\nAssistant:"
 
-    def prompt(self, user: str, budget: int) -> tuple[str, int]:
+    def prompt(self, user: str, budget: int) -> tuple[str, list[int], int]:
         """The prompt for ``user``'s message within ``budget`` tokens, dropping the oldest
-        exchanges when needed; also returns how many were dropped."""
+        exchanges when needed: its text, its token ids and how many exchanges were dropped."""
         for dropped in range(len(self.exchanges) + 1):
             text = self.render(user, self.exchanges[dropped:])
-            n = len(self.model.tokenize(text))
+            ids = self.model.tokenize(text)
+            n = len(ids)
             if n <= budget:
                 if dropped:
                     del self.exchanges[:dropped]
-                return text, dropped
+                return text, ids, dropped
         raise CLIError(f"this message needs {n} tokens but only {budget} fit in the context "
                        f"(with room for the answer); start the chat with a larger --ctx")
 
@@ -245,9 +246,9 @@ class Chat:
         """Answer one message, streaming it; None when it failed."""
         budget = self.model.n_ctx - min(self.settings.max_tokens, self.model.n_ctx // 2)
         try:
-            prompt, dropped = self.conversation.prompt(text, budget)
-            with quiet_penalty_warning():
-                run = self.model.stream_steps(prompt, stop=self.conversation.stop, **self.settings.kwargs())
+            _, ids, dropped = self.conversation.prompt(text, budget)
+            with quiet_penalty_warning():  # the ids, not the text: tokenized once per turn
+                run = self.model.stream_steps(ids, stop=self.conversation.stop, **self.settings.kwargs())
         except (CLIError, ValueError, TypeError, RuntimeError) as e:
             self._fail(e)
             return None
