@@ -16,7 +16,7 @@ import typer
 
 from .. import DolaError, GenerationResult, LayerPlan, Model
 from ..hub import cache_dir
-from ._cli_utils import CLIError, DecodeSettings, Template, one_line, penalty_note, quiet_penalty_warning
+from ._cli_utils import CLIError, DecodeSettings, Template, layer_plan, one_line, penalty_note, quiet_penalty_warning
 from ._input import Interrupted, LineReader, line_reader
 from ._render import describe_plan, histogram, stats_line
 
@@ -434,10 +434,7 @@ class Chat:
             self.out.note(note)
 
     def _plan(self, layers: str) -> LayerPlan:
-        try:
-            return self.model.resolve_layers(layers)
-        except (ValueError, TypeError) as e:
-            raise CLIError(f"layers {layers}: {e}") from None
+        return layer_plan(self.model, layers, label="layers")
 
 
 def _number(key: str, value: str, kind: type, low: float, high: Optional[float] = None):

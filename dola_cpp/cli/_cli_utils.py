@@ -238,12 +238,12 @@ def load_model(ref: Optional[str], ctx: int = 2048, threads: Optional[int] = Non
     return Model(model_path(ref), n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers)
 
 
-def layer_plan(model: Model, layers: str) -> LayerPlan:
-    """``--layers`` checked against the loaded model."""
+def layer_plan(model: Model, layers: str, label: str = "--layers") -> LayerPlan:
+    """``--layers`` (or the chat's ``/set layers``) checked against the loaded model."""
     try:
         return model.resolve_layers(layers)
     except (ValueError, TypeError) as e:
-        raise CLIError(f"--layers {layers}: {e}") from None
+        raise CLIError(f"{label} {layers}: {e}") from None
 
 
 def prompt_text(model: Model, prompt: str, template: Template, system: Optional[str] = None) -> tuple[str, bool]:
