@@ -139,16 +139,16 @@ def test_truncated_header(smollm2_path, tmp_path):
         Model(p)
 
 
-def test_prompt_longer_than_context(smollm2_path):
-    m = Model(smollm2_path, n_ctx=64)
+def test_prompt_longer_than_context(smollm2):
+    m = smollm2.share(n_ctx=64)
     assert m.n_ctx >= 64  # llama.cpp may round the context up
     with pytest.raises(ValueError, match=f"context holds {m.n_ctx}"):
         m.generate("word " * (m.n_ctx + 10), max_tokens=4)
     assert m.generate(PROMPT, max_tokens=4).tokens  # still usable
 
 
-def test_generation_stops_when_the_context_is_full(smollm2_path):
-    m = Model(smollm2_path, n_ctx=32)
+def test_generation_stops_when_the_context_is_full(smollm2):
+    m = smollm2.share(n_ctx=32)
     ids = m.tokenize("word " * (m.n_ctx - 5))
     r = m.generate(ids, max_tokens=100, ignore_eos=True)
     assert r.finish_reason == "length" and len(ids) + len(r.tokens) == m.n_ctx + 1
