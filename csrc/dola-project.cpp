@@ -9,6 +9,7 @@
 #include "ggml.h"
 #include "llama-model.h"  // internal: the output matrix and final norm of the loaded model
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -38,6 +39,21 @@ bool final_norm_is_rms(llm_arch arch) {
 
 }  // namespace
 
+std::vector<ggml_backend_buffer_type_t> cpu_extra_buffer_types() {
+    std::vector<ggml_backend_buffer_type_t> out;
+    ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    if (!cpu) return out;
+    auto get = (ggml_backend_dev_get_extra_bufts_t) ggml_backend_reg_get_proc_address(ggml_backend_dev_backend_reg(cpu),
+                                                                                      "ggml_backend_dev_get_extra_bufts");
+    for (ggml_backend_buffer_type_t * b = get ? get(cpu) : nullptr; b && *b; ++b) out.push_back(*b);
+    return out;
+}
+
+bool is_cpu_extra_buffer_type(ggml_backend_buffer_type_t buft) {
+    const auto extra = cpu_extra_buffer_types();
+    return std::find(extra.begin(), extra.end(), buft) != extra.end();
+}
+
 projector::projector(const llama_model * model) {
     output_ = model->output ? model->output : model->tok_embd;
     if (!output_ || !output_->buffer) throw error("this model has no output matrix to project layers with");
@@ -53,24 +69,33 @@ projector::projector(const llama_model * model) {
                       (model->arch == LLM_ARCH_LLAMA || model->arch == LLM_ARCH_QWEN2 || model->arch == LLM_ARCH_QWEN3 ||
                        (model->arch == LLM_ARCH_GEMMA3 && model->hparams.f_final_logit_softcapping == 0.0f));
 
-    // Run where the weights live: CPU (incl. repacked CPU buffers) or the GPU holding them.
-    ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(output_->buffer));
-    if (dev == nullptr || ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU) {
+    // Run where the weights live. A GPU's own buffers are computed on that GPU; everything else
+    // on the CPU backend: plain host memory (CPU, CUDA_Host pinned memory, whose device is the
+    // GPU although the GPU does not compute on it) and the CPU's extra buffer types (AMX,
+    // CPU_REPACK, KleidiAI), whose repacked layouts only the CPU backend's kernels for them read.
+    ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(output_->buffer);
+    const std::string buft_name = ggml_backend_buft_name(buft);
+    ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
+    if (dev != nullptr && ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU && ggml_backend_dev_supports_buft(dev, buft)) {
+        backend_ = ggml_backend_dev_init(dev, nullptr);
+    } else {
+        const bool host = ggml_backend_buffer_is_host(output_->buffer);
+        if (!host && !is_cpu_extra_buffer_type(buft)) {
+            throw error("the output matrix is in a " + buft_name + " buffer, which the early-exit projection cannot read; " +
+                        "load the model with repack=False (CLI: --no-repack)");
+        }
         backend_ = ggml_backend_cpu_init();
         is_cpu_ = true;
-    } else {
-        backend_ = ggml_backend_dev_init(dev, nullptr);
+        plain_host_ = host && !is_cpu_extra_buffer_type(buft);
     }
-    if (!backend_) throw error("could not initialise a backend for the output matrix");
+    if (!backend_) throw error("could not initialise a backend for the output matrix (" + buft_name + ")");
     backend_name_ = ggml_backend_name(backend_);
     galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_));
 
-    // Host Q8_0 weights in ggml's plain layout (not a repacked CPU buffer) can use our kernel.
+    // Q8_0 weights in plain host memory can use our kernel.
     const char * no_kernel = std::getenv("DOLA_CPP_NO_Q8_KERNEL");
-    const char * buft_name = ggml_backend_buft_name(ggml_backend_buffer_get_type(output_->buffer));
-    use_q8_ = is_cpu_ && q8_0_kernel_available() && !(no_kernel && *no_kernel && std::strcmp(no_kernel, "0") != 0) &&
-              output_->type == GGML_TYPE_Q8_0 && ggml_backend_buffer_is_host(output_->buffer) &&
-              std::strstr(buft_name, "REPACK") == nullptr && ggml_is_contiguous(output_) && n_embd_ % 32 == 0 &&
+    use_q8_ = plain_host_ && q8_0_kernel_available() && !(no_kernel && *no_kernel && std::strcmp(no_kernel, "0") != 0) &&
+              output_->type == GGML_TYPE_Q8_0 && ggml_is_contiguous(output_) && n_embd_ % 32 == 0 &&
               (!output_norm_ || (output_norm_->type == GGML_TYPE_F32 && ggml_backend_buffer_is_host(output_norm_->buffer)));
     if (use_q8_) backend_name_ = "CPU (dola-cpp Q8_0 kernel)";
     backend_name_ += std::string(" [weights: ") + ggml_type_name(output_->type) + " in " + buft_name + "]";
@@ -106,6 +131,16 @@ void projector::build(int32_t n_rows, bool norm) {
     ggml_set_output(out_);
     graph_ = ggml_new_graph(ctx_);
     ggml_build_forward_expand(graph_, out_);
+    // Whatever buffer llama.cpp chose for the weights, only run what the backend says it can.
+    for (int i = 0; i < ggml_graph_n_nodes(graph_); ++i) {
+        ggml_tensor * node = ggml_graph_node(graph_, i);
+        if (!ggml_backend_supports_op(backend_, node)) {
+            throw error(std::string("the early-exit projection (") + ggml_op_desc(node) + " of a " + ggml_type_name(output_->type) +
+                        " output matrix in a " + ggml_backend_buft_name(ggml_backend_buffer_get_type(output_->buffer)) +
+                        " buffer) is not supported by backend " + ggml_backend_name(backend_) +
+                        "; load the model with repack=False (CLI: --no-repack)");
+        }
+    }
     if (!ggml_gallocr_alloc_graph(galloc_, graph_)) throw error("could not allocate the projection graph");
     built_rows_ = n_rows;
     built_norm_ = norm;

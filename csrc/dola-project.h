@@ -12,8 +12,14 @@ struct ggml_context;
 struct ggml_cgraph;
 typedef struct ggml_backend * ggml_backend_t;
 typedef struct ggml_gallocr * ggml_gallocr_t;
+typedef struct ggml_backend_buffer_type * ggml_backend_buffer_type_t;
 
 namespace dola {
+
+// The CPU backend's extra (repacked-layout) buffer types this build and CPU offer: AMX,
+// CPU_REPACK, KleidiAI. llama.cpp may put the output matrix in one of them.
+std::vector<ggml_backend_buffer_type_t> cpu_extra_buffer_types();
+bool is_cpu_extra_buffer_type(ggml_backend_buffer_type_t buft);
 
 class projector {
 public:
@@ -45,6 +51,7 @@ private:
     int64_t n_vocab_ = 0;
     ggml_backend_t backend_ = nullptr;
     bool is_cpu_ = false;
+    bool plain_host_ = false;  // ggml's plain layout in host memory: our kernels may read it
     bool use_q8_ = false;
     bool can_fuse_final_ = false;
     int32_t n_threads_ = 1;

@@ -37,6 +37,10 @@ class Model:
     mode used for reference parity (F32 KV cache, no flash attention). ``capture=False`` creates a
     context without the layer-capture callback: plain llama.cpp decoding only (the benchmark's
     baseline).
+
+    ``repack=False`` keeps every weight in ggml's plain layout (llama.cpp's ``--no-repack``): no
+    AMX, CPU_REPACK or KleidiAI buffers. ``adaptive_threads`` (default) computes with fewer than
+    ``n_threads`` threads while other processes keep cores busy (see ``threads_in_use``).
     """
 
     def __init__(
@@ -50,6 +54,8 @@ class Model:
         kv_type: str = "f16",
         capture: bool = True,
         use_mmap: bool = True,
+        repack: bool = True,
+        adaptive_threads: bool = True,
         _weights: Optional[_core.Model] = None,
     ) -> None:
         self.path = Path(path)
@@ -58,7 +64,8 @@ class Model:
                 raise FileNotFoundError(f"model file not found: {self.path} (give a path to a .gguf file)")
             if self.path.is_dir():
                 raise IsADirectoryError(f"{self.path} is a directory; give the path of a .gguf file")
-            _weights = _core.Model(str(self.path), n_gpu_layers=int(n_gpu_layers), use_mmap=use_mmap)
+            _weights = _core.Model(str(self.path), n_gpu_layers=int(n_gpu_layers), use_mmap=use_mmap,
+                                   repack=bool(repack))
         if not 0 <= n_ctx < 2**31:
             raise ValueError(f"n_ctx must be in 0..{2**31 - 1} (0 = the model's training context), got {n_ctx}")
         if n_threads is not None and not 1 <= n_threads <= 512:
@@ -68,7 +75,7 @@ class Model:
         self._weights = _weights
         self._session = _core.Session(
             _weights, n_ctx=int(n_ctx), n_threads=int(n_threads or 0), n_batch=int(n_batch), kv_type=kv_type,
-            capture=capture,
+            capture=capture, adaptive_threads=bool(adaptive_threads),
         )
         self._kv_type = kv_type
         self._capture = capture
@@ -93,6 +100,24 @@ class Model:
     @property
     def n_ctx(self) -> int:
         return self._session.n_ctx
+
+    @property
+    def n_threads(self) -> int:
+        """The most threads this context computes with."""
+        return self._session.n_threads
+
+    @property
+    def threads_in_use(self) -> int:
+        """Threads the last decode used: fewer than ``n_threads`` while other processes keep
+        cores busy (ggml's threads wait for each other at every graph node, so one thread on a
+        contended core stalls them all)."""
+        return self._session.threads_in_use
+
+    @property
+    def projection_backend(self) -> str:
+        """Where the early-exit projection runs and which buffer type holds the output matrix
+        ("" until DoLa or ``layer_logits`` first needs it)."""
+        return self._session.projection_backend
 
     @property
     def n_ctx_train(self) -> int:
@@ -125,6 +150,7 @@ class Model:
             n_threads=n_threads or self._session.n_threads,
             kv_type=self._kv_type,
             capture=self._capture,
+            adaptive_threads=self._session.adaptive_threads,
             _weights=self._weights,
         )
 

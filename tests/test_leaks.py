@@ -57,6 +57,32 @@ def leak_report(lib: str, model: Path, tmp_path: Path, n: int) -> tuple[int, str
     return (int(m.group(1)) if m else 0), p.stderr
 
 
+# A leak is ours when a stack frame is in our code, llama.cpp or ggml: matched on the function (or,
+# unsymbolised, the extension's file name), never on a path, which may itself contain "dola-cpp"
+# or "llama" (a clone in ~/src/dola-cpp/.venv/... would otherwise claim numpy's allocations).
+OUR_FRAME = re.compile(r"#\d+ 0x[0-9a-f]+ in (?:dola::|llama_|llm_|ggml_|gguf_|_core::)|\(\S*/_core\.[^/\s]*\.so\+0x")
+
+
+def our_leaks(report: str) -> list[str]:
+    return [block for block in report.split("\n\n") if OUR_FRAME.search(block)]
+
+
+def test_leak_filter_matches_frames_not_paths():
+    numpy_in_a_clone = (
+        "Direct leak of 64 byte(s) in 1 object(s) allocated from:\n"
+        "    #0 0x7f00 in malloc (/usr/lib/x86_64-linux-gnu/liblsan.so.0+0xf3)\n"
+        "    #1 0x7f01 in PyDataMem_UserNEW /home/u/src/dola-cpp/.venv/lib/python3.11/site-packages/numpy/core/"
+        "multiarray.so+0x1f (/home/u/src/llama-dola/dola-cpp/.venv/numpy/_multiarray_umath.so+0x1f)")
+    ours = (
+        "Direct leak of 32 byte(s) in 1 object(s) allocated from:\n"
+        "    #0 0x7f00 in operator new(unsigned long) (/usr/lib/x86_64-linux-gnu/liblsan.so.0+0xf3)\n"
+        "    #1 0x7f02 in llama_model_load_from_file /home/u/dola-cpp/third_party/llama.cpp/src/llama.cpp:99")
+    unsymbolised = "    #1 0x7f03  (/home/u/dola-cpp/.venv/lib/python3.11/site-packages/dola_cpp/_core.cpython-311-x86_64-linux-gnu.so+0x1234)"
+    assert our_leaks(numpy_in_a_clone) == []
+    assert our_leaks(ours) == [ours]
+    assert our_leaks(unsymbolised) == [unsymbolised]
+
+
 def test_repeated_model_and_context_creation_leaks_nothing(tmp_path):
     lib = lsan_library()
     if lib is None:
@@ -67,6 +93,6 @@ def test_repeated_model_and_context_creation_leaks_nothing(tmp_path):
     once, _ = leak_report(lib, model, tmp_path, 1)
     many, report = leak_report(lib, model, tmp_path, 6)
     # the interpreter leaves a fixed set of objects at exit; anything of ours grows with n
-    ours = [block for block in report.split("\n\n") if re.search(r"_core\.|llama|ggml|dola", block)]
+    ours = our_leaks(report)
     assert not ours, "\n\n".join(ours)[:4000]
     assert many == once, report[-4000:]

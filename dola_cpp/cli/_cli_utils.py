@@ -166,6 +166,9 @@ ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, rich_help
                                                    help="CPU threads (default: all cores).")]
 GpuLayersOpt = Annotated[int, typer.Option("--gpu-layers", "-ngl", rich_help_panel=_ENGINE,
                                            help="Layers to offload to the GPU (-1 = all, 0 = none).")]
+RepackOpt = Annotated[bool, typer.Option("--repack/--no-repack", rich_help_panel=_ENGINE,
+                                         help="Let llama.cpp repack weights for this CPU (AMX, CPU_REPACK); "
+                                              "--no-repack keeps ggml's plain layout.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 
 
@@ -234,8 +237,9 @@ def model_path(ref: Optional[str]) -> Path:
     return path
 
 
-def load_model(ref: Optional[str], ctx: int = 2048, threads: Optional[int] = None, gpu_layers: int = -1) -> Model:
-    return Model(model_path(ref), n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers)
+def load_model(ref: Optional[str], ctx: int = 2048, threads: Optional[int] = None, gpu_layers: int = -1,
+               repack: bool = True) -> Model:
+    return Model(model_path(ref), n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, repack=repack)
 
 
 def layer_plan(model: Model, layers: str, label: str = "--layers") -> LayerPlan:

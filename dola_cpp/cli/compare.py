@@ -10,7 +10,7 @@ import typer
 
 from .. import GenerationResult
 from ._cli_utils import (
-    CLIError, CtxOpt, DecodeSettings, GpuLayersOpt, LayersOpt, Layout, MaxTokensOpt, ModelRequiredArg, PromptArg,
+    CLIError, CtxOpt, DecodeSettings, GpuLayersOpt, RepackOpt, LayersOpt, Layout, MaxTokensOpt, ModelRequiredArg, PromptArg,
     PrematureNormOpt, RepetitionPenaltyOpt, SystemOpt, Template, TemplateOpt, ThreadsOpt, examples, layer_plan, load_model,
     penalty_note, prompt_text, quiet_penalty_warning,
 )
@@ -41,13 +41,14 @@ def compare(
     ctx: CtxOpt = 2048,
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = -1,
+    repack: RepackOpt = True,
 ) -> None:
     """Answer PROMPT with plain greedy decoding and with DoLa, and show both.
 
     --repetition-penalty applies to both answers; without it, plain decoding uses 1.0 and DoLa
     1.2 (the library defaults), as the headings say.
     """
-    m = load_model(model, ctx, threads, gpu_layers)
+    m = load_model(model, ctx, threads, gpu_layers, repack)
     plan = layer_plan(m, layers)
     if plan.is_plain:
         raise CLIError(f"--layers {layers} means plain decoding: nothing to compare; use high, low or a layer list")

@@ -10,7 +10,7 @@ import typer
 
 from .. import GenerationResult, LayerPlan, Model
 from ._cli_utils import (
-    CtxOpt, DecodeSettings, GpuLayersOpt, JsonOpt, LayersOpt, MaxTokensOpt, ModelRequiredArg, PromptArg,
+    CtxOpt, DecodeSettings, GpuLayersOpt, RepackOpt, JsonOpt, LayersOpt, MaxTokensOpt, ModelRequiredArg, PromptArg,
     PrematureNormOpt, RepetitionPenaltyOpt, SeedOpt, SystemOpt, TemperatureOpt, Template, TemplateOpt, ThreadsOpt, TopKOpt,
     TopPOpt, examples, layer_plan, load_model, penalty_note, prompt_text, quiet_penalty_warning,
 )
@@ -42,6 +42,7 @@ def generate(
     ctx: CtxOpt = 2048,
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = -1,
+    repack: RepackOpt = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Generate one completion of PROMPT and print it to stdout.
@@ -49,7 +50,7 @@ def generate(
     With --json, print the text, token ids and per-step diagnostics (premature layer chosen,
     JSD per candidate layer, mature log-probability, entropy) as one JSON object.
     """
-    m = load_model(model, ctx, threads, gpu_layers)
+    m = load_model(model, ctx, threads, gpu_layers, repack)
     settings = DecodeSettings(layers=layers, repetition_penalty=repetition_penalty, premature_norm=premature_norm,
                               temperature=temperature,
                               top_k=top_k, top_p=top_p, seed=seed, max_tokens=max_tokens)

@@ -8,7 +8,7 @@ import typer
 
 from ._chat import Chat
 from ._cli_utils import (
-    CtxOpt, DecodeSettings, GpuLayersOpt, LayersOpt, MaxTokensOpt, ModelArg, PrematureNormOpt, RepetitionPenaltyOpt,
+    CtxOpt, DecodeSettings, GpuLayersOpt, RepackOpt, LayersOpt, MaxTokensOpt, ModelArg, PrematureNormOpt, RepetitionPenaltyOpt,
     SeedOpt, SystemOpt, TemperatureOpt, Template, TemplateOpt, ThreadsOpt, TopKOpt, TopPOpt, examples, load_model,
 )
 
@@ -36,6 +36,7 @@ def run(
     ctx: CtxOpt = 2048,
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = -1,
+    repack: RepackOpt = True,
 ) -> None:
     """Chat with a model in the terminal, with DoLa decoding.
 
@@ -43,7 +44,7 @@ def run(
     an answer; Ctrl-C at an empty prompt or Ctrl-D exits. With stdin not a terminal, each input
     line is a user turn and only the answers are printed.
     """
-    m = load_model(model, ctx, threads, gpu_layers)
+    m = load_model(model, ctx, threads, gpu_layers, repack)
     settings = DecodeSettings(layers=layers, repetition_penalty=repetition_penalty, premature_norm=premature_norm,
                               temperature=temperature,
                               top_k=top_k, top_p=top_p, seed=seed, max_tokens=max_tokens)

@@ -1,0 +1,83 @@
+"""DoLa on every CPU buffer type llama.cpp may put the output matrix in.
+
+llama.cpp moves weights into the CPU backend's extra buffer types (AMX on Sapphire Rapids and
+later, CPU_REPACK on x86 with AVX2 and on ARM, KleidiAI on ARM) in layouts that only those buffer
+types' own kernels read. The early-exit projection must give the same logits there as with the
+plain layout (``repack=False``), for one row (decoding), several (DoLa's candidates, batched) and
+many (``score``), and plain decoding of multi-token batches must run (the AMX crash)."""
+
+import re
+
+import numpy as np
+import pytest
+
+from dola_cpp import Model, _core
+from dola_cpp.synthetic import write_llama_gguf
+
+# The output-matrix type that each extra buffer type takes in this llama.cpp (repack: Q4_0 on
+# x86 AVX2 and ARM; AMX: Q4_0/Q4_1/Q8_0 and K-quants; KleidiAI: Q4_0).
+OUTPUT_TYPE = {"AMX": "Q8_0", "CPU_REPACK": "Q4_0", "KLEIDIAI": "Q4_0"}
+AVAILABLE = set(_core.cpu_extra_buffer_types())
+PROMPT = "the capital of France is Paris. the capital of"
+
+
+def _why_absent(buft: str) -> str:
+    if buft == "AMX":
+        return f"this machine offers no AMX buffer type (AMX {_core.amx_build_note()}; needs amx_int8 in /proc/cpuinfo)"
+    if buft == "KLEIDIAI":
+        return "this build has no KleidiAI buffer type (ARM only, -DGGML_CPU_KLEIDIAI=ON)"
+    return f"this build and CPU offer no {buft} buffer type (offered: {sorted(AVAILABLE) or 'none'})"
+
+
+@pytest.fixture(scope="module", params=sorted(OUTPUT_TYPE), ids=lambda b: b.lower())
+def model_pair(request, tmp_path_factory):
+    buft = request.param
+    if buft not in AVAILABLE:
+        pytest.skip(_why_absent(buft))
+    path = write_llama_gguf(tmp_path_factory.mktemp(buft) / "m.gguf", n_layer=6, n_embd=64, n_head=4, n_ff=128,
+                            n_vocab=512, output_type=OUTPUT_TYPE[buft], seed=11)
+    repacked = Model(path, n_ctx=256, n_threads=2, repack=True)
+    plain = Model(path, n_ctx=256, n_threads=2, repack=False)
+    return buft, repacked, plain
+
+
+@pytest.mark.hardware
+def test_output_matrix_lands_in_the_extra_buffer_type(model_pair):
+    buft, repacked, plain = model_pair
+    repacked.layer_logits(PROMPT, layers=[3])
+    plain.layer_logits(PROMPT, layers=[3])
+    assert f"in {buft}]" in repacked.projection_backend
+    assert re.search(r" in CPU(_Mapped)?\]$", plain.projection_backend), plain.projection_backend
+
+
+@pytest.mark.hardware
+@pytest.mark.parametrize("premature_norm", [False, True], ids=["raw", "normed"])
+def test_projection_matches_the_plain_layout(model_pair, premature_norm):
+    buft, repacked, plain = model_pair
+    layers = [0, 2, 3, 4, 5, 6]  # five projected rows (padded to 8) and the final logits
+    a = repacked.layer_logits(PROMPT, layers=layers, premature_norm=premature_norm)
+    b = plain.layer_logits(PROMPT, layers=layers, premature_norm=premature_norm)
+    assert a.shape == b.shape == (len(layers), repacked.n_vocab)
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * np.abs(b).max())
+    one_a = repacked.layer_logits(PROMPT, layers=[4], premature_norm=premature_norm)
+    np.testing.assert_allclose(one_a[0], b[3], rtol=1e-3, atol=1e-3 * np.abs(b[3]).max())
+
+
+@pytest.mark.hardware
+@pytest.mark.parametrize("layers", [None, "high", "2,6"], ids=["plain", "high", "static"])
+def test_generation_matches_the_plain_layout(model_pair, layers):
+    buft, repacked, plain = model_pair
+    a = repacked.generate(PROMPT, max_tokens=12, layers=layers, ignore_eos=True)
+    b = plain.generate(PROMPT, max_tokens=12, layers=layers, ignore_eos=True)
+    assert a.tokens == b.tokens
+    if layers is not None:
+        assert [s.premature_layer for s in a.steps] == [s.premature_layer for s in b.steps]
+
+
+@pytest.mark.hardware
+def test_score_matches_the_plain_layout(model_pair):
+    buft, repacked, plain = model_pair
+    a = repacked.score("the capital of France is", " Paris. the capital of France is Paris.", layers="high")
+    b = plain.score("the capital of France is", " Paris. the capital of France is Paris.", layers="high")
+    assert a.premature_layers == b.premature_layers
+    np.testing.assert_allclose(a.token_scores, b.token_scores, rtol=1e-3, atol=1e-3)
