@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from .. import DolaError, Model
+from .. import DolaError, Model, _core
 from ._cli_utils import JsonOpt, ModelRequiredArg, examples, load_model
 from ._render import layer_list
 
@@ -42,6 +42,8 @@ def info(model: ModelRequiredArg, as_json: JsonOpt = False) -> None:
     for name in ("high", "low"):
         plan = facts["layers"][name]
         rows.append((f"--layers {name}", f"{layer_list(tuple(plan['candidates']))} vs {plan['mature']}"))
+    rows.append(("CPU weight layouts", ", ".join(["plain"] + facts["cpu_extra_buffer_types"])
+                 + f" (AMX: {facts['amx']})"))
     rows.append(("chat template", _template_summary(facts)))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -74,6 +76,8 @@ def model_facts(m: Model) -> dict[str, Any]:
         "tied_embeddings": m.tied_embeddings,
         "chat_template": m.chat_template,
         "chat_template_recognised": recognised,
+        "cpu_extra_buffer_types": _core.cpu_extra_buffer_types(),
+        "amx": _core.amx_build_note(),
         "layers": {
             name: {"candidates": list(plan.candidates), "mature": plan.mature}
             for name, plan in ((n, m.resolve_layers(n)) for n in ("high", "low"))
