@@ -1,10 +1,22 @@
 """dola-cpp: DoLa (Decoding by Contrasting Layers) and factuality decoding for GGUF models,
 on llama.cpp."""
 
-from ._core import Cancelled, Error as DolaError
+try:
+    from ._core import Cancelled, Error as DolaError
+except ModuleNotFoundError as _e:  # the source folder imported without a build
+    if _e.name != f"{__name__}._core":
+        raise
+    import os as _os
+
+    raise ImportError(
+        f"dola_cpp's compiled core (_core) is not in {_os.path.dirname(__file__)}: Python imported the "
+        f"source folder, e.g. because it runs in the repository root. Install the package "
+        f"(`pip install .`) and run from another folder, or build in place for development "
+        f"(`pip install --no-build-isolation -e .`)."
+    ) from None
 from .hub import DEFAULT_MODEL, DEMO_MODELS, demo_model_path, resolve_model
 from .layers import LayerPlan, resolve_layers
-from .model import RECOMMENDED_REPETITION_PENALTY, Model, PenaltyWarning
+from .model import RECOMMENDED_REPETITION_PENALTY, Model, PenaltyWarning, PromptTooLongError, Stream
 from .results import GenerationResult, ScoreResult, StepInfo
 
 __version__ = "0.1.0"
@@ -18,9 +30,11 @@ __all__ = [
     "LayerPlan",
     "Model",
     "PenaltyWarning",
+    "PromptTooLongError",
     "RECOMMENDED_REPETITION_PENALTY",
     "ScoreResult",
     "StepInfo",
+    "Stream",
     "convert_model",
     "demo_model_path",
     "resolve_layers",

@@ -7,9 +7,12 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import urllib.parse
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,21 +112,56 @@ def demo_model_path(name: str = DEFAULT_MODEL, download: bool = True,
     return target
 
 
+HUB_PROBE_SECONDS = 3.0
 _HF_RE = re.compile(r"^hf://([^/]+)/([^/]+)/(.+\.gguf)$")
 
 
+def _reachable(url: str, timeout: float) -> bool:
+    """Whether a TCP connection to ``url``'s host opens within ``timeout`` seconds (name lookup
+    included: it runs in a thread, so a resolver that hangs cannot hold the caller)."""
+    parsed = urllib.parse.urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+            ok.append(True)
+        except (OSError, ValueError):
+            ok.append(False)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(ok and ok[0])
+
+
 def hf_model_path(uri: str, progress: bool = True) -> Path:
-    """Download ``hf://owner/repo/path/file.gguf`` with huggingface_hub (cached)."""
+    """Download ``hf://owner/repo/path/file.gguf`` with huggingface_hub (cached). Offline
+    (``HF_HUB_OFFLINE=1``, or the Hub unreachable within a few seconds) it uses the cache, and
+    says so at once when the file is not there."""
     m = _HF_RE.match(uri)
     if not m:
         raise ValueError(f"{uri!r} is not of the form hf://owner/repo/file.gguf")
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.utils import LocalEntryNotFoundError
 
     owner, repo, filename = m.groups()
     if not progress:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    return Path(hf_hub_download(repo_id=f"{owner}/{repo}", filename=filename,
-                                cache_dir=str(cache_dir() / "hf")))
+    kwargs = dict(repo_id=f"{owner}/{repo}", filename=filename, cache_dir=str(cache_dir() / "hf"))
+    offline = None
+    if constants.HF_HUB_OFFLINE:
+        offline = "HF_HUB_OFFLINE is set"
+    elif not _reachable(constants.ENDPOINT, HUB_PROBE_SECONDS):
+        offline = f"{constants.ENDPOINT} cannot be reached (no network?)"
+    if offline:
+        try:
+            return Path(hf_hub_download(**kwargs, local_files_only=True))
+        except LocalEntryNotFoundError:
+            raise OSError(f"{uri} is not in the cache and {offline}; connect and retry, "
+                          f"or download the .gguf file some other way and give its path") from None
+    return Path(hf_hub_download(**kwargs))
 
 
 def resolve_model(ref: Optional[str], download: bool = True,

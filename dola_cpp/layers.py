@@ -11,7 +11,8 @@ from typing import Sequence, Union
 
 LayerSpec = Union[str, Sequence[int], None]
 
-_PLAIN = {"", "none", "off", "plain", "vanilla"}
+_PLAIN = {"none", "off", "plain", "vanilla"}
+_NAMED = {"low", "high"}
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,26 @@ def _check_range(values: Sequence[int], n_layer: int, what: str) -> None:
             raise ValueError(f"{what} {v} is out of range: valid layers are 0..{n_layer} for this {n_layer}-layer model")
 
 
+def parse_layer_string(spec: str) -> Union[str, list[int]]:
+    """The grammar of a layer string, without a model: ``"none"`` (and its synonyms), ``"low"``,
+    ``"high"``, or comma-separated layer numbers. Raises ValueError saying what is wrong."""
+    s = spec.strip().lower()
+    if s in _PLAIN:
+        return "none"
+    if s in _NAMED:
+        return s
+    hint = "use high, low, none (plain decoding), or comma-separated layer numbers such as 16,18,32"
+    if not s:
+        raise ValueError(f"empty layer spec: {hint}")
+    parts = [x.strip() for x in s.split(",")]
+    if any(x == "" for x in parts):
+        raise ValueError(f"{spec!r} has an empty entry between commas: {hint}")
+    try:
+        return [int(x) for x in parts]
+    except ValueError:
+        raise ValueError(f"{spec!r} is not a layer spec: {hint}") from None
+
+
 def resolve_layers(spec: LayerSpec, n_layer: int, tied_embeddings: bool) -> LayerPlan:
     """Turn a user's layer spec into a :class:`LayerPlan`.
 
@@ -75,26 +96,22 @@ def resolve_layers(spec: LayerSpec, n_layer: int, tied_embeddings: bool) -> Laye
     if spec is None:
         return LayerPlan((), N)
     if isinstance(spec, str):
-        s = spec.strip().lower()
-        if s in _PLAIN:
+        parsed = parse_layer_string(spec)
+        if parsed == "none":
             return LayerPlan((), N)
-        if s in ("low", "high"):
-            return LayerPlan(tuple(named_layers(s, N, tied_embeddings)), N)
-        try:
-            values = [int(x) for x in s.replace(" ", "").split(",") if x != ""]
-        except ValueError:
-            raise ValueError(
-                f"invalid layer spec {spec!r}: use 'low', 'high', 'none', or comma-separated layer numbers "
-                f"in 0..{N} such as '{N // 2},{N}'"
-            ) from None
-        if not values:
-            raise ValueError(f"invalid layer spec {spec!r}: no layers given")
+        if isinstance(parsed, str):
+            return LayerPlan(tuple(named_layers(parsed, N, tied_embeddings)), N)
+        values = parsed
         _check_range(values, N, "layer")
         *cands, mature = values
         if mature < 1:
             raise ValueError(f"the mature layer must be in 1..{N}, got {mature}")
         if mature in cands:
             raise ValueError(f"layer {mature} is both a premature candidate and the mature layer")
+        above = [c for c in cands if c > mature]
+        if above:
+            raise ValueError(f"premature layer {above[0]} is above the mature layer {mature} (the last value): "
+                             f"DoLa contrasts the mature layer with earlier ones, e.g. {mature // 2},{mature}")
         return LayerPlan(tuple(dict.fromkeys(cands)), mature)
     if isinstance(spec, (bytes, bytearray)):
         raise TypeError("layers must be a string or a sequence of ints")

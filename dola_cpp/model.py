@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import codecs
+import difflib
+import inspect
 import os
 import threading
 import time
@@ -24,6 +26,27 @@ _warned_penalty = False
 
 class PenaltyWarning(UserWarning):
     """DoLa ran with a repetition penalty below the recommended 1.2."""
+
+
+class PromptTooLongError(ValueError):
+    """The prompt has more tokens than the context holds."""
+
+    def __init__(self, n_tokens: int, n_ctx: int) -> None:
+        super().__init__(f"the prompt has {n_tokens} tokens but the context holds {n_ctx}; "
+                         f"create the Model with a larger n_ctx or shorten the prompt")
+        self.n_tokens = n_tokens
+        self.n_ctx = n_ctx
+
+
+def _utf8(text: str, what: str = "text") -> str:
+    """``text`` if it encodes as UTF-8; a clear error for lone surrogates (undecodable bytes that
+    Python kept from a command line or a file read with errors="surrogateescape")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the {what} is not valid UTF-8: character {e.start} is an undecodable byte "
+                         f"({text[e.start]!r}); fix its encoding") from None
+    return text
 
 
 class Model:
@@ -160,7 +183,7 @@ class Model:
         """Token ids of ``text``; ``add_special`` adds BOS when the GGUF asks for it."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        return list(self._weights.tokenize(text, add_special, parse_special))
+        return list(self._weights.tokenize(_utf8(text), add_special, parse_special))
 
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
         return self._weights.detokenize(np.asarray(list(tokens), dtype=np.int64), special).decode("utf-8", "replace")
@@ -171,14 +194,14 @@ class Model:
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         """Render ``[{"role": ..., "content": ...}]`` with the GGUF's chat template. llama.cpp matches
         the template against the formats it knows; the template text is never executed."""
-        pairs = [(str(m["role"]), str(m["content"])) for m in messages]
+        pairs = [(_utf8(str(m["role"]), "role"), _utf8(str(m["content"]), "message")) for m in messages]
         return self._weights.apply_chat_template(pairs, add_generation_prompt)
 
     def _prompt_ids(self, prompt: Prompt, add_special: bool = True) -> list[int]:
         if isinstance(prompt, str):
             if prompt == "":
                 raise ValueError("the prompt is empty")
-            ids = self.tokenize(prompt, add_special=add_special)
+            ids = self.tokenize(_utf8(prompt, "prompt"), add_special=add_special)
         else:
             arr = np.asarray(prompt)
             if arr.dtype.kind not in "iu" and arr.size:
@@ -190,10 +213,7 @@ class Model:
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
         if len(ids) > self.n_ctx:
-            raise ValueError(
-                f"the prompt has {len(ids)} tokens but the context holds {self.n_ctx}; "
-                f"create the Model with a larger n_ctx or shorten the prompt"
-            )
+            raise PromptTooLongError(len(ids), self.n_ctx)
         return ids
 
     # ------------------------------------------------------------------ layers
@@ -249,20 +269,22 @@ class Model:
         ``premature_norm`` (False), ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``seed``,
         ``stop`` (strings), ``ignore_eos``, ``add_special`` (BOS per the GGUF).
         """
-        run = _Run(self, prompt, max_tokens, **options)
+        run = Stream._start(self, "generate", prompt, max_tokens, options)
         for _ in run:
             pass
         return run.result()
 
-    def stream(self, prompt: Prompt, max_tokens: int = 256, **options) -> Iterator[str]:
-        """Like :meth:`generate`, yielding text pieces as they are produced. Closing the iterator
-        stops decoding."""
-        run = _Run(self, prompt, max_tokens, **options)
-        yield from run
+    def stream(self, prompt: Prompt, max_tokens: int = 256, **options) -> "Stream":
+        """Like :meth:`generate`, as an iterator of text pieces produced as they are decoded.
 
-    def stream_steps(self, prompt: Prompt, max_tokens: int = 256, **options) -> "_Run":
-        """An iterator of text pieces whose ``steps`` and ``result()`` expose the diagnostics."""
-        return _Run(self, prompt, max_tokens, **options)
+        The arguments are checked here, before the first piece. Closing the stream (or
+        :meth:`cancel`) stops decoding; once it is exhausted, ``finish_reason`` says why it ended
+        ("stop", "length", "cancelled") and ``result()`` gives the whole result."""
+        return Stream._start(self, "stream", prompt, max_tokens, options)
+
+    def stream_steps(self, prompt: Prompt, max_tokens: int = 256, **options) -> "Stream":
+        """The same as :meth:`stream` (kept for compatibility)."""
+        return Stream._start(self, "stream_steps", prompt, max_tokens, options)
 
     def cancel(self) -> None:
         """Stop the running generation (callable from any thread)."""
@@ -363,8 +385,9 @@ class _Claim:
         self.model._busy.release()
 
 
-class _Run:
-    """One generation: an iterator of text pieces; ``result()`` once it is exhausted."""
+class Stream:
+    """One generation: an iterator of text pieces. ``steps`` grows as it runs; once it is
+    exhausted, ``finish_reason`` and ``result()`` say how it ended. ``close()`` stops it."""
 
     def __init__(
         self,
@@ -406,7 +429,17 @@ class _Run:
         self.decode_seconds = 0.0
         self._iter = self._generate()
 
-    def __iter__(self) -> "_Run":
+    @classmethod
+    def _start(cls, model: Model, method: str, prompt: Prompt, max_tokens: int, options: dict) -> "Stream":
+        unknown = [k for k in options if k not in _STREAM_OPTIONS]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], _STREAM_OPTIONS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"{method}() got an unexpected keyword argument {unknown[0]!r}{hint} "
+                            f"(options: {', '.join(_STREAM_OPTIONS)})")
+        return cls(model, prompt, max_tokens, **options)
+
+    def __iter__(self) -> "Stream":
         return self
 
     def __next__(self) -> str:
@@ -513,3 +546,6 @@ class _Run:
         start = max(0, emitted - longest)
         hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
         return min(hits) if hits else None
+
+
+_STREAM_OPTIONS = [name for name, p in inspect.signature(Stream.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY]

@@ -17,7 +17,7 @@ import typer
 from .. import DolaError, GenerationResult, LayerPlan, Model
 from ..hub import cache_dir
 from ._cli_utils import CLIError, DecodeSettings, Template, layer_plan, one_line, penalty_note, quiet_penalty_warning
-from ._input import Interrupted, LineReader, line_reader
+from ._input import Interrupted, LineReader, discard_typeahead, line_reader
 from ._render import describe_plan, histogram, stats_line
 
 MULTILINE = '"""'
@@ -237,7 +237,7 @@ class Chat:
         self.out.status(f"Type /help for commands, {MULTILINE} for multi-line input, /bye or Ctrl-D to exit.")
 
     def _decoding(self) -> str:
-        return (f"{describe_plan(self.plan, self.model.n_layers)} · "
+        return (f"{describe_plan(self.plan, self.model.n_layers, self.settings.premature_norm)} · "
                 f"repetition penalty {self.settings.effective_penalty(self.plan)}")
 
     # ------------------------------------------------------------------ answers
@@ -277,6 +277,9 @@ class Chat:
             run.close()  # releases the model when Ctrl-C landed in our code rather than in the engine
         result = run.result()
         self.out.newline()
+        if self.out.interactive and discard_typeahead():
+            self.out.note("note: what you typed while the answer was streaming was discarded; "
+                          "type your next message at the prompt")
         if interrupted:
             self.out.status("[interrupted: this question and the partial answer are not kept]")
         else:
@@ -410,7 +413,7 @@ class Chat:
         s, plan = self.settings, self.plan
         penalty = "auto" if s.repetition_penalty is None else f"{s.repetition_penalty:g}"
         rows = [
-            ("layers", f"{s.layers} ({describe_plan(plan, self.model.n_layers)})"),
+            ("layers", f"{s.layers} ({describe_plan(plan, self.model.n_layers, s.premature_norm)})"),
             ("repetition_penalty", f"{penalty} (now {s.effective_penalty(plan)})"),
             ("premature_norm", "on" if s.premature_norm else "off"),
             ("temperature", f"{s.temperature:g}"),

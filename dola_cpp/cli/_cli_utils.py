@@ -17,7 +17,8 @@ import typer
 from typer.core import TyperGroup
 
 from .. import DEMO_MODELS, DolaError, LayerPlan, Model, resolve_model
-from .. import RECOMMENDED_REPETITION_PENALTY, PenaltyWarning
+from ..layers import parse_layer_string
+from .. import RECOMMENDED_REPETITION_PENALTY, PenaltyWarning, PromptTooLongError
 
 DEBUG_ENV = "DOLA_CPP_DEBUG"
 
@@ -36,8 +37,12 @@ def debug_enabled() -> bool:
 
 
 def one_line(error: BaseException) -> str:
-    """The message of ``error`` on one line: multi-line messages (e.g. pip's stderr) keep their
-    first and last lines."""
+    """The message of ``error`` on one line, in the command line's terms: multi-line messages
+    (e.g. pip's stderr) keep their first and last lines."""
+    if isinstance(error, PromptTooLongError):
+        suggest = 1 << max(8, (error.n_tokens + 256).bit_length())
+        return (f"the prompt has {error.n_tokens} tokens but the context holds {error.n_ctx}; "
+                f"use a larger --ctx (e.g. --ctx {suggest}) or shorten the prompt")
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if not lines:
         return type(error).__name__
@@ -100,18 +105,11 @@ _ENGINE = "Engine"
 def _check_layer_syntax(value: Optional[str]) -> Optional[str]:
     """Reject what can never be a layer spec before loading the model; ranges are checked
     against the model once it is loaded."""
-    if value is None:
-        return value
-    s = value.strip().lower()
-    if s in ("", "none", "off", "plain", "vanilla", "low", "high"):
-        return value
-    try:
-        [int(x) for x in s.replace(" ", "").split(",") if x != ""]
-    except ValueError:
-        raise typer.BadParameter(
-            f"{value!r} is not a layer spec: use high, low, none, or comma-separated layer numbers "
-            f"such as 16,18,32 (the last is the mature layer)"
-        ) from None
+    if value is not None:
+        try:
+            parse_layer_string(value)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
     return value
 
 
@@ -239,7 +237,10 @@ def model_path(ref: Optional[str]) -> Path:
 
 def load_model(ref: Optional[str], ctx: int = 2048, threads: Optional[int] = None, gpu_layers: int = -1,
                repack: bool = True) -> Model:
-    return Model(model_path(ref), n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, repack=repack)
+    m = Model(model_path(ref), n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, repack=repack)
+    if ctx and m.n_ctx != ctx:
+        typer.echo(f"note: llama.cpp made the context {m.n_ctx} tokens (--ctx {ctx} asked for {ctx})", err=True)
+    return m
 
 
 def layer_plan(model: Model, layers: str, label: str = "--layers") -> LayerPlan:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Protocol
@@ -107,6 +108,24 @@ def _readline_safe(prompt: str) -> str:
             out.append(prompt[i])
             i += 1
     return "".join(out)
+
+
+def discard_typeahead() -> bool:
+    """Drop what was typed at the terminal while an answer streamed (it would otherwise become
+    the next message unseen, or be lost on Ctrl-C). True when there was something to drop."""
+    try:
+        import fcntl
+        import struct
+        import termios
+
+        fd = sys.stdin.fileno()
+        if not os.isatty(fd):
+            return False
+        pending = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+        termios.tcflush(fd, termios.TCIFLUSH)
+        return pending > 0
+    except (ImportError, OSError, ValueError):
+        return False
 
 
 def line_reader(interactive: bool, history: Optional[Path]) -> LineReader:

@@ -65,7 +65,7 @@ def compare(
     panes = [
         (f"plain (repetition penalty {plain_settings.effective_penalty(plain_plan)}) · {_speed(plain)}",
          plain.text.strip()),
-        (f"{describe_plan(plan, m.n_layers)} (repetition penalty {dola_settings.effective_penalty(plan)})"
+        (f"{describe_plan(plan, m.n_layers, premature_norm)} (repetition penalty {dola_settings.effective_penalty(plan)})"
          f" · {_speed(dola)} · chosen: {top_layers(dola.layer_histogram())}", dola.text.strip()),
     ]
     width = shutil.get_terminal_size().columns

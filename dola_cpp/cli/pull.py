@@ -23,7 +23,10 @@ NameArg = Annotated[str, typer.Argument(help="A demo model name or hf://owner/re
 
 def pull(name: NameArg) -> None:
     """Download a model into the cache (once) and print its path."""
-    if name not in DEMO_MODELS and not name.startswith("hf://") and not Path(name).expanduser().is_file():
+    if name not in DEMO_MODELS and Path(name).expanduser().exists():
+        raise CLIError(f"{name} is a local path: there is nothing to pull; use it directly, "
+                       f"e.g. dola-cpp run {name}")
+    if name not in DEMO_MODELS and not name.startswith("hf://"):
         raise CLIError(
             f"unknown model {name!r}: use a demo model name ({', '.join(DEMO_MODELS)}) "
             f"or hf://owner/repo/file.gguf"
