@@ -57,15 +57,22 @@ def model_path(name: str) -> Path:
     return path
 
 
-def decode_rate(m: Model, layers, n_tokens: int, repeats: int = 3) -> float:
-    ids = m.tokenize(PROMPT)
-    m.generate(ids, max_tokens=4, layers=layers, ignore_eos=True)  # warm up
-    rates = []
+def decode_rates(models: list[Model], layers, n_tokens: int, repeats: int = 3) -> list[float]:
+    """Median decode tok/s of each model, their runs interleaved so drift hits all alike."""
+    ids = models[0].tokenize(PROMPT)
+    for m in models:
+        m.generate(ids, max_tokens=4, layers=layers, ignore_eos=True)  # warm up
+    rates: list[list[float]] = [[] for _ in models]
     for _ in range(repeats):
-        m._session.clear()
-        r = m.generate(ids, max_tokens=n_tokens, layers=layers, ignore_eos=True)
-        rates.append(len(r.tokens) / r.decode_seconds)
-    return statistics.median(rates)
+        for m, out in zip(models, rates):
+            m._session.clear()
+            r = m.generate(ids, max_tokens=n_tokens, layers=layers, ignore_eos=True)
+            out.append(len(r.tokens) / r.decode_seconds)
+    return [statistics.median(r) for r in rates]
+
+
+def decode_rate(m: Model, layers, n_tokens: int, repeats: int = 3) -> float:
+    return decode_rates([m], layers, n_tokens, repeats)[0]
 
 
 def prefill_rate(m: Model, layers, repeats: int = 3) -> float:
@@ -195,7 +202,7 @@ def load_table(name: str, path: Path, args) -> list[str]:
              "adaptive: idle ÷ fixed | adaptive: loaded ÷ idle fixed |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for label, layers in (("plain", None), ("DoLa high", "high")):
-        idle = {a: decode_rate(m, layers, args.tokens, args.repeats) for a, m in models.items()}
+        idle = dict(zip(models, decode_rates(list(models.values()), layers, args.tokens, args.repeats)))
         with busy_process():
             # fixed threads can be 100x slower under load: fewer tokens, one run
             loaded_fixed = decode_rate(models[False], layers, max(8, args.tokens // 8), 1)

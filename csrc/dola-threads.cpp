@@ -9,6 +9,7 @@
 #include <string>
 
 #if defined(__linux__)
+#include <dirent.h>
 #include <sched.h>
 #endif
 
@@ -17,6 +18,24 @@ namespace dola {
 namespace {
 
 constexpr auto k_interval = std::chrono::milliseconds(200);
+
+#if defined(__linux__)
+// Threads of this process that are running or runnable now (/proc/self/task/*/stat).
+int64_t own_running_threads() {
+    int64_t n = 0;
+    DIR * dir = opendir("/proc/self/task");
+    if (!dir) return 1;
+    while (dirent * e = readdir(dir)) {
+        if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
+        std::ifstream f(std::string("/proc/self/task/") + e->d_name + "/stat");
+        std::string s((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+        const size_t paren = s.rfind(')');
+        if (paren != std::string::npos && paren + 2 < s.size() && s[paren + 2] == 'R') ++n;
+    }
+    closedir(dir);
+    return std::max<int64_t>(n, 1);
+}
+#endif
 
 }  // namespace
 
@@ -69,9 +88,10 @@ bool thread_governor::sample(double & other_cores) {
     const uint64_t self_time = utime + stime;
     bool ok = primed_ && total > last_total_;
     if (!primed_ && running > 0 && n_online > 0) {
-        // First look: no interval to measure yet, so count the runnable threads (this one aside),
-        // scaled to the share of the machine's CPUs that are ours.
-        other_cores = (double) (running - 1) * (double) cpus_.size() / (double) n_online;
+        // First look: no interval to measure yet, so count the runnable threads that are not ours
+        // (this one, and compute threads of other contexts still spinning), scaled to the share of
+        // the machine's CPUs that are ours.
+        other_cores = (double) std::max<int64_t>(0, running - own_running_threads()) * (double) cpus_.size() / (double) n_online;
         ok = true;
     } else if (ok) {
         const double d_total = (double) (total - last_total_);

@@ -147,7 +147,7 @@ def test_generate_premature_norm_changes_the_contrast(cli, smollm2_path):
         assert result.exit_code == 0, result.output
         return json.loads(result.stdout)["steps"]
 
-    raw, normed = steps(), steps("--premature-norm")
+    raw, normed = steps("--raw"), steps()  # the command line normes premature layers by default
     assert [s["mature_logprob"] for s in raw][:1] == [s["mature_logprob"] for s in normed][:1]  # same mature layer
     assert [s["score"] for s in raw] != [s["score"] for s in normed]
 
@@ -265,14 +265,14 @@ def test_compare_shows_both_answers(cli, smollm2_path, layout):
     assert "Paris" in out
     if layout == "columns":  # COLUMNS=80: two 38-character columns
         lines = out.splitlines()
-        assert lines[0].startswith("plain (repetition") and "│ DoLa: layers" in lines[0]
+        assert lines[0].startswith("plain (repetition") and "│ DoLa (normed premature layers): layers" in lines[0]
         assert all(len(line) <= 80 for line in lines)
         assert any(re.fullmatch(r"─+ │ ─+", line) for line in lines)
     else:
         titles = [line for line in out.splitlines() if line.startswith("── ")]
         assert len(titles) == 2
         assert titles[0].startswith("── plain (repetition penalty 1.0)")
-        assert titles[1].startswith("── DoLa: layers 15,17,19,21,23,25,27,29 vs 30 (repetition penalty 1.2)")
+        assert titles[1].startswith("── DoLa (normed premature layers): layers 15,17,19,21,23,25,27,29 vs 30 (repetition penalty 1.2)")
 
 
 # ---------------------------------------------------------------------------------- piped chat
@@ -317,11 +317,11 @@ def test_run_piped_bad_command_exits_nonzero_but_goes_on(cli, smollm2_path):
 
 def test_run_hints_premature_norm_once_when_raw_states_dominate(cli, smollm2_path):
     questions = "What is the capital of France?\nName three primary colors.\n"
-    result = cli("run", smollm2_path, "--layers", "high", "-n", 24, *FAST, input=questions)
+    result = cli("run", smollm2_path, "--layers", "high", "--raw", "-n", 24, *FAST, input=questions)
     assert result.exit_code == 0, result.output
     assert result.stderr.count("was the premature layer for") == 1, result.stderr
     assert re.search(r"note: layer 29 was the premature layer for (9\d|100)% of tokens", result.stderr)
-    result = cli("run", smollm2_path, "--layers", "high", "--premature-norm", "-n", 24, *FAST, input=questions)
+    result = cli("run", smollm2_path, "--layers", "high", "-n", 24, *FAST, input=questions)  # normed: the default
     assert result.exit_code == 0, result.output
     assert "premature layer for" not in result.stderr
     assert "Paris" in result.stdout
@@ -553,7 +553,7 @@ def terminal(tmp_path):
 def test_chat_in_a_terminal(terminal, smollm2_path):
     t = terminal("run", str(smollm2_path), "--max-tokens", "400", *FAST)
     screen = t.wait_for_prompt("Type /help")
-    assert "DoLa: layers 15,17,19,21,23,25,27,29 vs 30 · repetition penalty 1.2" in screen
+    assert "DoLa (normed premature layers): layers 15,17,19,21,23,25,27,29 vs 30 · repetition penalty 1.2" in screen
 
     # a long answer, stopped with Ctrl-C once it is streaming
     question = "Count from 1 to 200, separated by commas."
@@ -574,12 +574,31 @@ def test_chat_in_a_terminal(terminal, smollm2_path):
 
     t.type("/set layers low")
     screen = t.wait_for_prompt("layers = low")
-    assert "DoLa: layers 2,4,6,8,10,12,14 vs 30" in screen
+    assert "DoLa (normed premature layers): layers 2,4,6,8,10,12,14 vs 30" in screen
 
     t.type("/stats")
     screen = t.wait_for_prompt("session: 2 answer(s)")
     assert re.search(r"layer +\d+ │█", screen)
 
+    t.type("/bye")
+    assert t.exit_status() == 0
+
+
+@needs_tmux
+@pytest.mark.parametrize("enter", [True, False], ids=["line", "partial"])
+def test_chat_discards_what_was_typed_during_an_answer(terminal, smollm2_path, enter):
+    t = terminal("run", str(smollm2_path), "--layers", "none", "--max-tokens", "200", *FAST)
+    t.wait_for_prompt("Type /help")
+    question = "Count from 1 to 200, separated by commas."
+    t.type(question)
+    t.wait_for(lambda s: re.search(re.escape(question) + r"\n(.*\n){3}", s) is not None, "the answer to stream")
+    t.keys("-l", "typed ahead")
+    if enter:
+        t.keys("Enter")
+    screen = t.wait_for_prompt("was discarded")
+    assert "note: what you typed while the answer was streaming was discarded" in screen
+    assert screen.rstrip().endswith(">>>")  # an empty prompt: "typed ahead" is neither asked nor pending
+    assert screen.count(" tok/s") == 1  # one answer only
     t.type("/bye")
     assert t.exit_status() == 0
 

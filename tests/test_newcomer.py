@@ -20,7 +20,7 @@ from dola_cpp.cli._app import app
 @pytest.fixture()
 def cli():
     runner = CliRunner(env={"DOLA_CPP_DEBUG": None, "NO_COLOR": "1", "COLUMNS": "100"})
-    return lambda *args: runner.invoke(app, [str(a) for a in args])
+    return lambda *args, input=None: runner.invoke(app, [str(a) for a in args], input=input)
 
 
 def error_line(result) -> str:
@@ -28,6 +28,14 @@ def error_line(result) -> str:
     assert result.exit_code != 0 and lines, result.output
     assert "Traceback" not in result.output
     return lines[-1]
+
+
+def test_the_default_chat_answers_the_first_question(cli, smollm2_path):
+    """`dola-cpp run` as the README's first command types it: the default model, DoLa high, the
+    command line's default variant (normed premature layers)."""
+    result = cli("run", "--layers", "high", input="What is the capital of France?\n")
+    assert result.exit_code == 0, result.output
+    assert "Paris" in result.stdout
 
 
 def test_importing_the_source_folder_says_what_to_do(tmp_path):

@@ -305,8 +305,8 @@ class Chat:
             self.out.note(
                 f"note: layer {top} was the premature layer for {share:.0%} of tokens: on this model the raw "
                 "late-layer states dominate the contrast, which often garbles answers. "
-                "/set premature_norm on (or --premature-norm: the logit-lens variant) usually reads better; "
-                "the default follows the paper."
+                "/set premature_norm on (the logit-lens variant, the command line's default) usually reads "
+                "better; --raw follows the paper."
             )
 
     def _record(self, result: GenerationResult, interrupted: bool) -> None:

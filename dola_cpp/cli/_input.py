@@ -121,7 +121,15 @@ def discard_typeahead() -> bool:
         fd = sys.stdin.fileno()
         if not os.isatty(fd):
             return False
-        pending = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+        # In canonical mode the count covers finished lines only: look with ICANON off for a moment.
+        attrs = termios.tcgetattr(fd)
+        peek = list(attrs)
+        peek[3] &= ~termios.ICANON
+        termios.tcsetattr(fd, termios.TCSANOW, peek)
+        try:
+            pending = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+        finally:
+            termios.tcsetattr(fd, termios.TCSANOW, attrs)
         termios.tcflush(fd, termios.TCIFLUSH)
         return pending > 0
     except (ImportError, OSError, ValueError):

@@ -12,16 +12,16 @@ _PARTIAL = " ▏▎▍▌▋▊▉"
 
 
 def describe_plan(plan: LayerPlan, n_layers: int, premature_norm: bool = False) -> str:
-    """E.g. ``DoLa: layers 15,17,…,29 vs 30`` or ``plain decoding``; DoLa on normed premature
-    states (the logit lens) says so."""
+    """E.g. ``DoLa (normed premature layers): layers 15,17,…,29 vs 30`` or ``plain decoding``:
+    DoLa always says which variant runs, the paper's raw hidden states or the final norm first."""
     if plan.is_plain:
         if plan.mature == n_layers:
             return "plain decoding"
         return f"plain decoding from layer {plan.mature} (early exit)"
-    norm = ", final norm on premature layers" if premature_norm else ""
+    variant = "normed" if premature_norm else "raw"
     if len(plan.candidates) == 1:
-        return f"DoLa (static{norm}): layer {plan.candidates[0]} vs {plan.mature}"
-    return f"DoLa{f' ({norm[2:]})' if norm else ''}: layers {layer_list(plan.candidates)} vs {plan.mature}"
+        return f"DoLa (static, {variant} premature layer): layer {plan.candidates[0]} vs {plan.mature}"
+    return f"DoLa ({variant} premature layers): layers {layer_list(plan.candidates)} vs {plan.mature}"
 
 
 def layer_list(layers: tuple[int, ...]) -> str:

@@ -33,7 +33,7 @@ def compare(
     prompt: PromptArg,
     layers: LayersOpt = "high",
     repetition_penalty: RepetitionPenaltyOpt = None,
-    premature_norm: PrematureNormOpt = False,
+    premature_norm: PrematureNormOpt = True,
     max_tokens: MaxTokensOpt = 128,
     system: SystemOpt = None,
     template: TemplateOpt = Template.auto,

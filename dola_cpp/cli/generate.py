@@ -30,7 +30,7 @@ def generate(
     prompt: PromptArg,
     layers: LayersOpt = "high",
     repetition_penalty: RepetitionPenaltyOpt = None,
-    premature_norm: PrematureNormOpt = False,
+    premature_norm: PrematureNormOpt = True,
     system: SystemOpt = None,
     max_tokens: MaxTokensOpt = 256,
     temperature: TemperatureOpt = 0.0,

@@ -25,7 +25,7 @@ def run(
     model: ModelArg = None,
     layers: LayersOpt = "high",
     repetition_penalty: RepetitionPenaltyOpt = None,
-    premature_norm: PrematureNormOpt = False,
+    premature_norm: PrematureNormOpt = True,
     system: SystemOpt = None,
     max_tokens: MaxTokensOpt = 512,
     temperature: TemperatureOpt = 0.0,
