@@ -124,16 +124,17 @@ PYBIND11_MODULE(_core, m) {
         if (lp.size() != lq.size()) throw py::value_error("lp and lq differ in length");
         return dola::jsd(lp.data(), lq.data(), lp.size());
     });
-    m.def("dola_step", [](farr z_mature, farr z_cand, double relative_top) {
+    m.def("dola_step", [](farr z_mature, farr z_cand, double relative_top, int32_t n_threads) {
         if (z_cand.ndim() != 2 || z_cand.shape(1) != z_mature.size()) throw py::value_error("z_cand must be [K, n_vocab]");
         const int64_t n = z_mature.size();
         const int32_t K = (int32_t) z_cand.shape(0);
         if (K < 1) throw py::value_error("need at least one candidate");
         std::vector<float> cand(z_cand.data(), z_cand.data() + z_cand.size()), lp(n), scores(n);
-        dola::contrast_result r = dola::dola_step(z_mature.data(), cand.data(), K, n, relative_top, lp.data(), scores.data());
+        dola::contrast_result r = dola::dola_step(z_mature.data(), cand.data(), K, n, relative_top, lp.data(), scores.data(),
+                                                  n_threads);
         return py::make_tuple(r.premature_index, to_array(std::move(r.jsd), {(py::ssize_t) r.jsd.size()}),
                               to_array(std::move(scores), {n}));
-    }, py::arg("z_mature"), py::arg("z_cand"), py::arg("relative_top") = 0.1);
+    }, py::arg("z_mature"), py::arg("z_cand"), py::arg("relative_top") = 0.1, py::arg("n_threads") = 1);
     m.def("repetition_penalty", [](farr scores, py::array_t<int32_t, py::array::c_style | py::array::forcecast> ids, float penalty) {
         std::vector<float> out(scores.data(), scores.data() + scores.size());
         dola::repetition_penalty(out.data(), out.size(), ids.data(), ids.size(), penalty);

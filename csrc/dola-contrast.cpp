@@ -147,20 +147,28 @@ void repetition_penalty(float * scores, int64_t n, const int32_t * ids, int64_t 
 }
 
 contrast_result dola_step(const float * z_mature, float * z_cand, int32_t K, int64_t n,
-                          double relative_top, float * lp_out, float * scores) {
+                          double relative_top, float * lp_out, float * scores, int32_t n_threads) {
     contrast_result res;
     res.mature_lse = log_softmax(z_mature, lp_out, n);
     res.entropy = entropy(lp_out, n);
-    for (int32_t k = 0; k < K; ++k) log_softmax(z_cand + k * n, z_cand + k * n, n);
+    std::vector<double> d(K, 0.0);
+    // Each candidate is independent: its log-softmax and its JSD against the mature distribution
+    // (a large vocabulary makes these passes as long as a small model's whole token).
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static, 1) num_threads(std::max(1, std::min<int32_t>(n_threads, K))) if (K > 1 && n_threads > 1)
+#endif
+    for (int32_t k = 0; k < K; ++k) {
+        log_softmax(z_cand + k * n, z_cand + k * n, n);
+        if (K > 1) d[k] = jsd(lp_out, z_cand + k * n, n);
+    }
     if (K > 1) {
         res.jsd.resize(K);
         double best = -std::numeric_limits<double>::infinity();
         for (int32_t k = 0; k < K; ++k) {
-            const double d = jsd(lp_out, z_cand + k * n, n);
-            res.jsd[k] = static_cast<float>(d);
+            res.jsd[k] = static_cast<float>(d[k]);
             // Compare in float like torch's argmax over a float tensor (first on ties).
-            if (static_cast<float>(d) > best || k == 0) {
-                best = static_cast<float>(d);
+            if (static_cast<float>(d[k]) > best || k == 0) {
+                best = static_cast<float>(d[k]);
                 res.premature_index = k;
             }
         }

@@ -42,8 +42,10 @@ struct contrast_result {
 // One DoLa step. z_mature: n logits; z_cand: K*n candidate logits (overwritten with their
 // log-softmax); lp_out: n (log-softmax of z_mature); scores: n (the contrast, before any
 // logits processor), or null to only choose the premature layer. K == 1 is static DoLa (no JSD).
+// The candidates' softmax and JSD passes run on up to n_threads threads; results do not depend
+// on the thread count.
 contrast_result dola_step(const float * z_mature, float * z_cand, int32_t K, int64_t n,
-                          double relative_top, float * lp_out, float * scores);
+                          double relative_top, float * lp_out, float * scores, int32_t n_threads = 1);
 
 // lm_score's per-position diff (DoLa repo): diff = lp - lq; post_softmax → log_softmax(diff);
 // relative_top > 0 → entries with lp < threshold set to mask_value.

@@ -606,7 +606,8 @@ step_result session::sample() {
     check_finite(mature, V);
     if (K > 0) {
         // candidates occupy the first K slots, in order
-        contrast_result c = dola_step(mature, cand_logits_.data(), K, V, params_.relative_top, lp_.data(), scores_.data());
+        contrast_result c = dola_step(mature, cand_logits_.data(), K, V, params_.relative_top, lp_.data(), scores_.data(),
+                                      threads_now_);
         res.premature_layer = params_.candidates[c.premature_index];
         res.jsd = std::move(c.jsd);
         res.entropy = (float) c.entropy;
@@ -741,7 +742,7 @@ score_result session::score(const std::vector<llama_token> & toks, size_t n_pref
                     log_softmax(mature, lp.data(), V);
                     s = lp[y];
                 } else {
-                    contrast_result c = dola_step(mature, row_proj, K, V, 0.0, lp.data(), nullptr);
+                    contrast_result c = dola_step(mature, row_proj, K, V, 0.0, lp.data(), nullptr, threads_now_);
                     layer = params_.candidates[c.premature_index];
                     lm_score_diff(lp.data(), row_proj + (size_t) c.premature_index * V, V, post_softmax, relative_top, mask_value, diff.data());
                     s = diff[y];

@@ -10,6 +10,7 @@
 #include "llama-model.h"  // internal: the output matrix and final norm of the loaded model
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -92,12 +93,21 @@ projector::projector(const llama_model * model) {
     backend_name_ = ggml_backend_name(backend_);
     galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_));
 
-    // Q8_0 weights in plain host memory can use our kernel.
-    const char * no_kernel = std::getenv("DOLA_CPP_NO_Q8_KERNEL");
-    use_q8_ = plain_host_ && q8_0_kernel_available() && !(no_kernel && *no_kernel && std::strcmp(no_kernel, "0") != 0) &&
+    // Q8_0 weights in plain host memory can use our kernel. DOLA_CPP_Q8_KERNEL: auto (default:
+    // whichever measures faster), on (always ours), off (never).
+    const char * mode = std::getenv("DOLA_CPP_Q8_KERNEL");
+    const std::string q8_mode = mode ? mode : "auto";
+    if (q8_mode != "auto" && q8_mode != "on" && q8_mode != "off") {
+        throw error("DOLA_CPP_Q8_KERNEL must be auto, on or off, got '" + q8_mode + "'");
+    }
+    q8_always_ = q8_mode == "on";
+    use_q8_ = plain_host_ && q8_0_kernel_available() && q8_mode != "off" &&
               output_->type == GGML_TYPE_Q8_0 && ggml_is_contiguous(output_) && n_embd_ % 32 == 0 &&
               (!output_norm_ || (output_norm_->type == GGML_TYPE_F32 && ggml_backend_buffer_is_host(output_norm_->buffer)));
-    if (use_q8_) backend_name_ = "CPU (dola-cpp Q8_0 kernel)";
+    if (use_q8_) {
+        backend_name_ = q8_always_ ? "CPU (dola-cpp's Q8_0 kernel)"
+                                   : "CPU (dola-cpp's Q8_0 kernel or ggml's, whichever measures faster)";
+    }
     backend_name_ += std::string(" [weights: ") + ggml_type_name(output_->type) + " in " + buft_name + "]";
 }
 
@@ -149,23 +159,53 @@ void projector::build(int32_t n_rows, bool norm) {
 void projector::project(const float * hidden, int32_t n_rows, bool norm, float * out) {
     if (n_rows <= 0) return;
     if (norm && !norm_supported_) throw error("premature_norm is not supported for this architecture");
-    if (use_q8_) {
-        const float * x = hidden;
-        if (norm) {  // RMSNorm times the final norm weight, as the model's graph computes it
-            const float * g = static_cast<const float *>(output_norm_->data);
-            normed_.resize((size_t) n_rows * n_embd_);
-            for (int32_t r = 0; r < n_rows; ++r) {
-                const float * h = hidden + (size_t) r * n_embd_;
-                double ss = 0.0;
-                for (int32_t i = 0; i < n_embd_; ++i) ss += (double) h[i] * h[i];
-                const float scale = 1.0f / std::sqrt((float) (ss / n_embd_) + norm_eps_);
-                for (int32_t i = 0; i < n_embd_; ++i) normed_[(size_t) r * n_embd_ + i] = h[i] * scale * g[i];
-            }
-            x = normed_.data();
-        }
-        q8_0_matmul(output_->data, n_vocab_, n_embd_, output_->nb[1], x, n_rows, out, n_threads_);
-        return;
+    if (use_q8_ && q8_faster(hidden, n_rows, norm)) {
+        project_q8(hidden, n_rows, norm, out);
+    } else {
+        project_ggml(hidden, n_rows, norm, out);
     }
+}
+
+// Which of our Q8_0 kernel and ggml's is faster on this CPU for this many rows is measured, not
+// assumed: ours shares each weight block across rows, ggml's may have better kernels for the ISA
+// (each won on one machine and lost on another). Timed once per row count (up to 16 rows; more
+// rows reuse the 16-row verdict) on the first rows of the first real call.
+bool projector::q8_faster(const float * hidden, int32_t n_rows, bool norm) {
+    if (q8_always_) return true;
+    const int32_t rows = std::min(n_rows, 16);
+    const int32_t key = rows * 2 + (norm ? 1 : 0);
+    const auto known = q8_faster_.find(key);
+    if (known != q8_faster_.end()) return known->second;
+    std::vector<float> scratch((size_t) rows * n_vocab_);
+    auto seconds = [&](auto && run) {
+        run();  // warm: graph allocation, caches, thread start-up
+        const auto t0 = std::chrono::steady_clock::now();
+        run();
+        return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    };
+    const double ours = seconds([&] { project_q8(hidden, rows, norm, scratch.data()); });
+    const double ggml = seconds([&] { project_ggml(hidden, rows, norm, scratch.data()); });
+    return q8_faster_[key] = ours <= ggml;
+}
+
+void projector::project_q8(const float * hidden, int32_t n_rows, bool norm, float * out) {
+    const float * x = hidden;
+    if (norm) {  // RMSNorm times the final norm weight, as the model's graph computes it
+        const float * g = static_cast<const float *>(output_norm_->data);
+        normed_.resize((size_t) n_rows * n_embd_);
+        for (int32_t r = 0; r < n_rows; ++r) {
+            const float * h = hidden + (size_t) r * n_embd_;
+            double ss = 0.0;
+            for (int32_t i = 0; i < n_embd_; ++i) ss += (double) h[i] * h[i];
+            const float scale = 1.0f / std::sqrt((float) (ss / n_embd_) + norm_eps_);
+            for (int32_t i = 0; i < n_embd_; ++i) normed_[(size_t) r * n_embd_ + i] = h[i] * scale * g[i];
+        }
+        x = normed_.data();
+    }
+    q8_0_matmul(output_->data, n_vocab_, n_embd_, output_->nb[1], x, n_rows, out, n_threads_);
+}
+
+void projector::project_ggml(const float * hidden, int32_t n_rows, bool norm, float * out) {
     // CPU matmul kernels work on tiles of 4 columns and handle remainders slowly (measured on
     // Q8_0: 7 rows cost 40% more than 8), so pad the batch with zero rows to a multiple of 4.
     const int32_t padded = (n_rows == 1 || !is_cpu_) ? n_rows : (n_rows + 3) / 4 * 4;

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -42,6 +43,9 @@ public:
 
 private:
     void build(int32_t n_rows, bool norm);
+    bool q8_faster(const float * hidden, int32_t n_rows, bool norm);
+    void project_q8(const float * hidden, int32_t n_rows, bool norm, float * out);
+    void project_ggml(const float * hidden, int32_t n_rows, bool norm, float * out);
 
     ggml_tensor * output_ = nullptr;
     ggml_tensor * output_norm_ = nullptr;
@@ -53,6 +57,7 @@ private:
     bool is_cpu_ = false;
     bool plain_host_ = false;  // ggml's plain layout in host memory: our kernels may read it
     bool use_q8_ = false;
+    bool q8_always_ = false;
     bool can_fuse_final_ = false;
     int32_t n_threads_ = 1;
     std::vector<float> normed_;
@@ -65,6 +70,7 @@ private:
     int32_t built_rows_ = -1;
     bool built_norm_ = false;
     std::vector<float> pad_;
+    std::map<int32_t, bool> q8_faster_;  // (rows, norm) -> our kernel measured faster
 };
 
 }  // namespace dola

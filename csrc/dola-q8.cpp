@@ -13,11 +13,14 @@
 #include <immintrin.h>
 #define DOLA_Q8_VNNI 1
 #define DOLA_DPBUSD(acc, a, b) _mm256_dpbusd_avx_epi32((acc), (a), (b))
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define DOLA_Q8_AVX2 1
 #endif
 
 namespace dola {
 
-#if defined(DOLA_Q8_VNNI)
+#if defined(DOLA_Q8_VNNI) || defined(DOLA_Q8_AVX2)
 
 namespace {
 
@@ -38,8 +41,36 @@ inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-// Activations as ggml quantizes them for Q8_0 (scale amax/127, stored as fp16), kept as
-// q + 128 (unsigned) for the u8 x s8 dot instruction; the +128 is corrected per weight block.
+// The int8 dot product of one 32-value block, per 32-bit lane (summed later). A weight block is
+// prepared once and shared by every activation row.
+#if defined(DOLA_Q8_VNNI)
+// u8 x s8 instruction: activations are stored as q + 128, corrected by 128 * sum(w).
+constexpr int k_act_offset = 128;
+struct weight_block {
+    __m256i w, corr;
+};
+inline weight_block prepare(__m256i w) {
+    return {w, DOLA_DPBUSD(_mm256_setzero_si256(), _mm256_set1_epi8((char) 0x80), w)};
+}
+inline __m256i block_dot(const weight_block & b, __m256i qa) {
+    return _mm256_sub_epi32(DOLA_DPBUSD(_mm256_setzero_si256(), qa, b.w), b.corr);
+}
+#else
+// AVX2 has only u8 x s8 -> s16 pairs (maddubs): |w| times a with w's sign, as ggml does; Q8_0
+// values are in [-127, 127], so a pair sums to at most 2 * 127 * 127 and never saturates.
+constexpr int k_act_offset = 0;
+struct weight_block {
+    __m256i w, abs_w;
+};
+inline weight_block prepare(__m256i w) { return {w, _mm256_sign_epi8(w, w)}; }
+inline __m256i block_dot(const weight_block & b, __m256i qa) {
+    const __m256i pairs = _mm256_maddubs_epi16(b.abs_w, _mm256_sign_epi8(qa, b.w));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+#endif
+
+// Activations as ggml quantizes them for Q8_0 (scale amax/127, stored as fp16), offset by
+// k_act_offset for the dot instruction.
 struct quantized_rows {
     std::vector<uint8_t> q;   // [n_rows][n_blocks][32]
     std::vector<float> d;     // [n_rows][n_blocks]
@@ -59,7 +90,7 @@ quantized_rows quantize(const float * x, int32_t n_rows, int64_t n_in) {
             const float id = d != 0.0f ? 1.0f / d : 0.0f;
             out.d[(size_t) r * nb + b] = _cvtsh_ss(_cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT));
             uint8_t * qb = out.q.data() + ((size_t) r * nb + b) * QK;
-            for (int i = 0; i < QK; ++i) qb[i] = (uint8_t) ((int) std::nearbyint(xb[i] * id) + 128);
+            for (int i = 0; i < QK; ++i) qb[i] = (uint8_t) ((int) std::nearbyint(xb[i] * id) + k_act_offset);
         }
     }
     return out;
@@ -68,19 +99,17 @@ quantized_rows quantize(const float * x, int32_t n_rows, int64_t n_in) {
 template <int R>
 void rows_kernel(const uint8_t * wbase, int64_t o0, int64_t o1, size_t row_stride, int64_t nb,
                  const quantized_rows & a, int32_t r0, int64_t n_out, float * y) {
-    const __m256i v128 = _mm256_set1_epi8((char) 0x80);  // 128 as unsigned bytes
     for (int64_t o = o0; o < o1; ++o) {
         const block_q8_0 * wr = reinterpret_cast<const block_q8_0 *>(wbase + o * row_stride);
         __m256 acc[R];
         for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
         for (int64_t b = 0; b < nb; ++b) {
-            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(wr[b].qs));
-            const __m256i corr = DOLA_DPBUSD(_mm256_setzero_si256(), v128, w);  // 128 * sum(w), per lane
+            const weight_block wb = prepare(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(wr[b].qs)));
             const __m256 dw = _mm256_set1_ps(fp16_to_fp32(wr[b].d));
             for (int r = 0; r < R; ++r) {
                 const size_t idx = (size_t) (r0 + r) * nb + b;
                 const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(a.q.data() + idx * QK));
-                const __m256i dot = _mm256_sub_epi32(DOLA_DPBUSD(_mm256_setzero_si256(), qa, w), corr);
+                const __m256i dot = block_dot(wb, qa);
                 const __m256 s = _mm256_mul_ps(dw, _mm256_set1_ps(a.d[idx]));
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[r]);
             }

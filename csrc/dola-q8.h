@@ -8,7 +8,8 @@
 
 namespace dola {
 
-// Whether this build has the int8 dot-product (AVX-VNNI / AVX512-VNNI) kernel.
+// Whether this build has the kernel (AVX-VNNI / AVX512-VNNI int8 dot products, or AVX2's
+// maddubs where the build targets no VNNI).
 bool q8_0_kernel_available();
 
 // y[r * n_out + o] = sum_i W[o, i] * x[r * n_in + i] for a Q8_0 matrix W of n_out rows of n_in

@@ -11,6 +11,7 @@ import re
 import numpy as np
 import pytest
 
+import dola_cpp
 from dola_cpp import Model, _core
 from dola_cpp.synthetic import write_llama_gguf
 
@@ -81,3 +82,34 @@ def test_score_matches_the_plain_layout(model_pair):
     b = plain.score("the capital of France is", " Paris. the capital of France is Paris.", layers="high")
     assert a.premature_layers == b.premature_layers
     np.testing.assert_allclose(a.token_scores, b.token_scores, rtol=1e-3, atol=1e-3)
+
+
+@pytest.fixture()
+def q8_kernel(monkeypatch):
+    def model(mode: str, path) -> Model:
+        monkeypatch.setenv("DOLA_CPP_Q8_KERNEL", mode)
+        return Model(path, n_ctx=256, n_threads=2)
+    return model
+
+
+@pytest.mark.hardware
+def test_our_q8_kernel_matches_ggml(q8_kernel, smollm2_path):
+    """SmolLM2's tied output matrix is Q8_0 in plain host memory: our kernel (AVX2 or VNNI) and
+    ggml's must agree, for the row counts DoLa uses."""
+    layers = [2, 15, 17, 19, 21, 23, 25, 27, 29]
+    ours = q8_kernel("on", smollm2_path)  # the setting is read when the projection is first needed
+    a = ours.layer_logits(PROMPT, layers=layers)
+    if "dola-cpp's Q8_0 kernel" not in ours.projection_backend:
+        pytest.skip(f"this build has no Q8_0 kernel (needs AVX2 or VNNI): {ours.projection_backend}")
+    ggml = q8_kernel("off", smollm2_path)
+    b = ggml.layer_logits(PROMPT, layers=layers)
+    assert "dola-cpp" not in ggml.projection_backend
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-3 * np.abs(b).max())
+    assert ours.generate(PROMPT, max_tokens=8, layers="high").tokens == \
+        ggml.generate(PROMPT, max_tokens=8, layers="high").tokens
+
+
+def test_q8_kernel_setting_is_checked(q8_kernel, smollm2_path):
+    m = q8_kernel("sometimes", smollm2_path)
+    with pytest.raises(dola_cpp.DolaError, match="DOLA_CPP_Q8_KERNEL must be auto, on or off"):
+        m.generate(PROMPT, max_tokens=1, layers="high")

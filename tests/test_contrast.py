@@ -139,3 +139,16 @@ def test_lm_score_diff_post_softmax_and_mask():
     ref[mask] = -1000.0
     np.testing.assert_allclose(diff, ref, atol=1e-5)
     assert mask.tolist() == [False, False, True, True]
+
+
+@pytest.mark.parametrize("K", [2, 5, 8])
+def test_dola_step_threads_do_not_change_the_result(K):
+    rng = np.random.default_rng(K)
+    zm = rng.normal(size=4099).astype(np.float32) * 3
+    zc = rng.normal(size=(K, 4099)).astype(np.float32) * 3
+    one = _core.dola_step(zm, zc, 0.1, 1)
+    for n_threads in (2, 3, 16):
+        many = _core.dola_step(zm, zc, 0.1, n_threads)
+        assert many[0] == one[0]
+        np.testing.assert_array_equal(many[1], one[1])
+        np.testing.assert_array_equal(many[2], one[2])

@@ -43,7 +43,7 @@ def test_early_exit_layer_strings():
     assert early.is_plain and early.mature == 12
 
 
-@pytest.mark.parametrize("spec", [None, "none", "off", ""])
+@pytest.mark.parametrize("spec", [None, "none", "off", "plain", "vanilla"])
 def test_plain_specs(spec):
     assert resolve_layers(spec, 30, True).is_plain
 
@@ -51,7 +51,7 @@ def test_plain_specs(spec):
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("medium", "use 'low', 'high'"),
+        ("medium", "'medium' is not a layer spec: use high, low, none"),
         ("4,99", "valid layers are 0..30"),
         ("-1,30", "valid layers are 0..30"),
         ("4,0", "mature layer must be in 1..30"),
