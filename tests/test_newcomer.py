@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -141,3 +142,18 @@ def test_offline_hub_reference_fails_fast_and_says_why(tmp_path, env):
     assert r.returncode == 1
     assert "hf://someone/repo/model.gguf is not in the cache and" in r.stderr
     assert ("HF_HUB_OFFLINE is set" if "HF_HUB_OFFLINE" in env else "cannot be reached") in r.stderr
+
+
+def test_early_exit_string_with_one_value_decodes_from_that_layer(smollm2):
+    """The DoLa repo's --early-exit-layers with one value: plain decoding from that layer (this
+    crashed the interpreter: the layer was never captured)."""
+    prompt = "The capital of France is"
+    z = smollm2.layer_logits(prompt, layers=[20])[0]
+    r = smollm2.generate(prompt, max_tokens=3, layers="20", repetition_penalty=1.0)
+    assert r.tokens[0] == int(np.argmax(z)) and r.steps[0].premature_layer is None
+    s = smollm2.score(prompt, " Paris", layers="20")
+    ids = smollm2.tokenize(prompt)
+    lp = z - (z.max() + np.log(np.exp(z - z.max()).sum()))
+    assert s.continuation_tokens and s.token_scores[0] == pytest.approx(lp[s.continuation_tokens[0]], abs=1e-3)
+    static = smollm2.generate(prompt, max_tokens=3, layers="15,20")
+    assert static.steps[0].premature_layer == 15 and len(ids) > 0

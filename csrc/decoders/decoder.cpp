@@ -1,0 +1,18 @@
+#include "decoders/decoder.h"
+
+#include "dola-session.h"
+
+namespace dola {
+
+std::unique_ptr<decoder> make_decoder(const decode_params & p) {
+    if (p.candidates.empty()) return make_plain_decoder();
+    std::vector<int32_t> unique;
+    for (int32_t l : p.candidates) {
+        bool seen = false;
+        for (int32_t u : unique) seen = seen || u == l;
+        if (!seen) unique.push_back(l);
+    }
+    return make_dola_decoder(unique, p.relative_top);
+}
+
+}  // namespace dola

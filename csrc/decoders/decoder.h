@@ -1,0 +1,53 @@
+// Decoders: how one position's logits become the scores a token is chosen by. Shaped like
+// llama.cpp's llama_sampler_i: a decoder says which layers the engine must capture and project
+// (`layers`), turns a position's rows into scores for sampling (`step`) and into one token's score
+// for teacher-forced scoring (`score`). The session gathers the rows, calls the decoder, applies
+// the repetition penalty and samples; it knows no decoder by name. A new decoder is one file here,
+// a case in make_decoder, the binding's parameters and the Python option list.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+namespace dola {
+
+struct decode_params;
+struct step_result;
+
+// One position's logits, as the session gathered them.
+struct decoder_rows {
+    const float * mature = nullptr;  // [n_vocab]: the final layer's (or the early-exit mature layer's)
+    float * projected = nullptr;     // [layers().size()][n_vocab], in layers() order; may be overwritten
+    int64_t n_vocab = 0;
+    int32_t n_threads = 1;
+};
+
+// The DoLa repository's lm_score options for one teacher-forced position.
+struct score_options {
+    bool post_softmax = false;
+    double relative_top = 0.0;
+    float mask_value = -1000.0f;
+};
+
+class decoder {
+public:
+    virtual ~decoder() = default;
+    // Hidden layers to capture and project for every position this decoder sees, in order.
+    virtual const std::vector<int32_t> & layers() const = 0;
+    // lp: n_vocab, the mature log-softmax (for diagnostics); scores: n_vocab, what the repetition
+    // penalty and the sampler see. Fills the step's diagnostics except token/score/mature_logprob.
+    virtual void step(const decoder_rows & rows, float * lp, float * scores, step_result & res) = 0;
+    // The score of token y at this position (lp and work: n_vocab scratch); layer: the layer it
+    // was contrasted with, -1 for none.
+    virtual float score(const decoder_rows & rows, int32_t y, const score_options & opt, float * lp, float * work,
+                        int32_t & layer) = 0;
+};
+
+// The decoder a decode_params asks for: plain (no premature candidates) or DoLa.
+std::unique_ptr<decoder> make_decoder(const decode_params & p);
+
+std::unique_ptr<decoder> make_plain_decoder();
+std::unique_ptr<decoder> make_dola_decoder(const std::vector<int32_t> & candidates, double relative_top);
+
+}  // namespace dola

@@ -1,0 +1,52 @@
+// DoLa (Chuang et al., 2023), as transformers' generate(dola_layers=...) and the DoLa
+// repository's lm_score compute it: the premature layer is the candidate whose distribution is
+// furthest (JSD) from the mature one, and the scores are their log-probability difference.
+#include "decoders/decoder.h"
+
+#include "dola-contrast.h"
+#include "dola-session.h"
+
+#include <utility>
+
+namespace dola {
+
+namespace {
+
+class dola_decoder : public decoder {
+public:
+    dola_decoder(std::vector<int32_t> candidates, double relative_top)
+        : candidates_(std::move(candidates)), relative_top_(relative_top) {}
+
+    const std::vector<int32_t> & layers() const override { return candidates_; }
+
+    void step(const decoder_rows & rows, float * lp, float * scores, step_result & res) override {
+        contrast_result c = dola_step(rows.mature, rows.projected, (int32_t) candidates_.size(), rows.n_vocab,
+                                      relative_top_, lp, scores, rows.n_threads);
+        res.premature_layer = candidates_[c.premature_index];
+        res.jsd = std::move(c.jsd);
+        res.entropy = (float) c.entropy;
+    }
+
+    float score(const decoder_rows & rows, int32_t y, const score_options & opt, float * lp, float * work,
+                int32_t & layer) override {
+        const int64_t V = rows.n_vocab;
+        contrast_result c = dola_step(rows.mature, rows.projected, (int32_t) candidates_.size(), V, 0.0, lp, nullptr,
+                                      rows.n_threads);
+        layer = candidates_[c.premature_index];
+        lm_score_diff(lp, rows.projected + (size_t) c.premature_index * V, V, opt.post_softmax, opt.relative_top,
+                      opt.mask_value, work);
+        return work[y];
+    }
+
+private:
+    std::vector<int32_t> candidates_;  // premature candidates, in order, without duplicates
+    double relative_top_;
+};
+
+}  // namespace
+
+std::unique_ptr<decoder> make_dola_decoder(const std::vector<int32_t> & candidates, double relative_top) {
+    return std::make_unique<dola_decoder>(candidates, relative_top);
+}
+
+}  // namespace dola

@@ -1,0 +1,37 @@
+// Plain decoding: the mature logits as they are.
+#include "decoders/decoder.h"
+
+#include "dola-contrast.h"
+#include "dola-session.h"
+
+#include <cstring>
+
+namespace dola {
+
+namespace {
+
+class plain_decoder : public decoder {
+public:
+    const std::vector<int32_t> & layers() const override { return layers_; }
+
+    void step(const decoder_rows & rows, float * lp, float * scores, step_result & res) override {
+        log_softmax(rows.mature, lp, rows.n_vocab);
+        res.entropy = (float) entropy(lp, rows.n_vocab);
+        std::memcpy(scores, rows.mature, rows.n_vocab * sizeof(float));
+    }
+
+    float score(const decoder_rows & rows, int32_t y, const score_options &, float * lp, float *, int32_t & layer) override {
+        log_softmax(rows.mature, lp, rows.n_vocab);
+        layer = -1;
+        return lp[y];
+    }
+
+private:
+    std::vector<int32_t> layers_;
+};
+
+}  // namespace
+
+std::unique_ptr<decoder> make_plain_decoder() { return std::make_unique<plain_decoder>(); }
+
+}  // namespace dola

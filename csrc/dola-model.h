@@ -1,0 +1,60 @@
+// A loaded GGUF model: llama.cpp's weights, vocabulary and chat template. Knows no Python.
+#pragma once
+
+#include "llama-cpp.h"
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace dola {
+
+struct model_params {
+    int32_t n_gpu_layers = -1;  // -1 = all
+    bool use_mmap = true;
+    bool repack = true;  // let llama.cpp put weights in the CPU's extra buffer types (AMX, CPU_REPACK, ...)
+};
+
+class model {
+public:
+    model(const std::string & path, const model_params & params);
+
+    llama_model * get() const { return model_.get(); }
+    const llama_vocab * vocab() const { return vocab_; }
+
+    int32_t n_layer() const { return n_layer_; }
+    int32_t n_embd() const { return n_embd_; }
+    int32_t n_vocab() const { return n_vocab_; }
+    int32_t n_ctx_train() const;
+    bool tied_embeddings() const { return tied_; }
+    std::string architecture() const;
+    std::string description() const;
+    std::string meta(const std::string & key) const;  // "" when absent
+    std::vector<std::pair<std::string, std::string>> metadata() const;
+    std::string chat_template() const;
+    bool add_bos() const;
+    llama_token eos() const;
+    bool is_eog(llama_token t) const;
+    uint64_t n_params() const;
+    uint64_t size_bytes() const;
+
+    // llama.cpp's exceptions (e.g. a vocabulary without byte tokens) become dola::error
+    std::vector<llama_token> tokenize(const std::string & text, bool add_special, bool parse_special) const;
+    std::string token_to_piece(llama_token t, bool special) const;
+    std::string detokenize(const std::vector<llama_token> & tokens, bool special) const;
+    // Renders chat messages with the GGUF's template through llama.cpp's built-in template
+    // matcher (which never executes the template text).
+    std::string apply_chat_template(const std::vector<std::pair<std::string, std::string>> & messages,
+                                    bool add_assistant, const std::string & tmpl_override) const;
+
+private:
+    std::vector<llama_token> tokenize_impl(const std::string & text, bool add_special, bool parse_special) const;
+
+    llama_model_ptr model_;
+    const llama_vocab * vocab_ = nullptr;
+    int32_t n_layer_ = 0, n_embd_ = 0, n_vocab_ = 0;
+    bool tied_ = false;
+};
+
+}  // namespace dola

@@ -1,0 +1,166 @@
+// A decoding session: one llama.cpp context on a loaded model, with the layer capture, the
+// early-exit projection and a decoder. Knows no Python.
+#pragma once
+
+#include "decoders/decoder.h"
+#include "dola-capture.h"
+#include "dola-model.h"
+#include "dola-project.h"
+#include "dola-threads.h"
+
+#include "llama-cpp.h"
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace dola {
+
+struct context_params {
+    uint32_t n_ctx = 2048;
+    int32_t n_threads = 0;  // 0 = hardware concurrency
+    uint32_t n_batch = 512;
+    std::string kv_type = "f16";  // KV cache type: f16, f32, q8_0
+    bool capture = true;          // register the layer-capture eval callback (needed for DoLa)
+    bool adaptive_threads = true; // use fewer threads while other processes keep cores busy
+};
+
+// Mirrors dola_cpp.DecodeConfig.
+struct decode_params {
+    std::vector<int32_t> candidates;  // premature candidate layers; empty = plain decoding
+    int32_t mature = -1;              // mature layer; -1 or n_layer = the model's final logits
+    double relative_top = 0.1;
+    float repetition_penalty = 1.0f;
+    bool premature_norm = false;
+    // sampling; temperature <= 0 = greedy
+    float temperature = 0.0f;
+    int32_t top_k = 0;
+    float top_p = 1.0f;
+    float min_p = 0.0f;
+    uint32_t seed = 0xFFFFFFFF;
+};
+
+struct step_result {
+    llama_token token = -1;
+    int32_t premature_layer = -1;  // -1 for plain decoding
+    std::vector<float> jsd;        // per candidate (dynamic DoLa)
+    float mature_logprob = 0.0f;   // log p_mature(token)
+    float score = 0.0f;            // processed score of the token (after repetition penalty)
+    float entropy = 0.0f;          // entropy of the mature distribution (nats)
+};
+
+struct score_result {
+    double total = 0.0;
+    std::vector<float> token_scores;     // per continuation token
+    std::vector<int32_t> premature_layers;  // per continuation token (-1 for plain)
+};
+
+struct timings {
+    double prefill_ms = 0.0, decode_ms = 0.0, contrast_ms = 0.0;
+    int64_t n_prefill = 0, n_decode = 0;
+};
+
+class session {
+public:
+    session(std::shared_ptr<model> mdl, const context_params & params);
+    ~session();
+
+    const model & get_model() const { return *model_; }
+    uint32_t n_ctx() const { return n_ctx_; }
+    int32_t n_threads() const { return n_threads_; }
+    // Threads the last decode used (fewer than n_threads while other processes load the CPU).
+    int32_t threads_in_use() const { return threads_now_; }
+    bool adaptive_threads() const { return governor_.adaptive(); }
+    const std::vector<llama_token> & tokens() const { return tokens_; }
+
+    // Throws dola::error on invalid layers or sampling values.
+    void configure(const decode_params & params);
+    const decode_params & params() const { return params_; }
+
+    // Makes the context hold `prompt` and the outputs of its last token, reusing the longest
+    // cached prefix. Throws aborted when interrupted (the cache then holds what was decoded).
+    void prefill(const std::vector<llama_token> & prompt);
+    // Chooses the next token from the current outputs (does not decode it).
+    step_result sample();
+    // Appends a token and decodes it.
+    void accept(llama_token token);
+    void clear();
+
+    // Logits of `layers` (n_layer = final logits) at the last position of `prompt`:
+    // [len(layers)][n_vocab]. project_final projects the captured last block instead of
+    // returning llama.cpp's logits for n_layer (a self-check of the projection).
+    std::vector<float> layer_logits(const std::vector<llama_token> & prompt, const std::vector<int32_t> & layers,
+                                    bool premature_norm, bool project_final);
+
+    // Teacher-forced DoLa score of tokens[n_prefix:] given tokens[:n_prefix] (DoLa repo lm_score)
+    // with the current candidates / mature layer. mode: plain when no candidates.
+    score_result score(const std::vector<llama_token> & tokens, size_t n_prefix, bool post_softmax,
+                       double relative_top, float mask_value);
+
+    // Interruption: cancel() from any thread; the check function is polled every ~20 ms while
+    // llama.cpp computes (the bindings use it for Ctrl-C).
+    void cancel() { cancel_.store(true); }
+    void reset_cancel() { cancel_.store(false); }
+    bool cancelled() const { return cancel_.load(); }
+    void set_interrupt_check(std::function<bool()> fn) { interrupt_check_ = std::move(fn); }
+
+    timings & stats() { return timings_; }
+    // Where the early-exit projection runs ("" until DoLa is first configured).
+    std::string projection_backend() const { return projector_ ? projector_->backend_name() : ""; }
+
+private:
+    static bool abort_cb(void * data);
+    void decode_chunk(const llama_token * toks, int32_t n, int32_t row_begin, int32_t row_end);
+    void sync_cache_after_failure();
+    // Keeps the longest cached prefix shared with toks (at most max_keep tokens), drops the
+    // rest of the KV cache, and returns its length.
+    size_t keep_cached_prefix(const std::vector<llama_token> & toks, size_t max_keep);
+    void validate_tokens(const std::vector<llama_token> & toks) const;
+    void update_threads();
+    // For calls that capture other rows than decoding does (layer_logits, score): on return or
+    // throw, puts the capture back to the configured layers and fused-final state; the outputs
+    // they leave are not sampleable.
+    struct capture_override {
+        session & s;
+        ~capture_override() {
+            s.capture_.set_layers(s.capture_layers_);
+            s.capture_.set_final(s.fuse_final_);
+            s.have_outputs_ = false;
+        }
+    };
+
+    std::shared_ptr<model> model_;
+    llama_context_ptr ctx_;
+    uint32_t n_ctx_ = 0, n_batch_ = 0;
+    int32_t n_threads_ = 0;
+    int32_t threads_now_ = 0;
+    thread_governor governor_;
+    bool capture_enabled_ = true;
+    layer_capture capture_;
+    std::unique_ptr<projector> projector_;
+    std::unique_ptr<decoder> decoder_;
+    decode_params params_;
+    std::vector<int32_t> capture_layers_;  // hidden layers captured for the current params
+    bool fuse_final_ = false;              // final logits computed with the premature rows
+    llama_sampler_ptr chain_;
+
+    std::vector<llama_token> tokens_;  // what the KV cache holds
+    bool have_outputs_ = false;        // the last decode's last row is available
+    std::vector<float> mature_hidden_logits_;  // scratch
+    std::vector<float> cand_logits_, lp_, scores_, hidden_;
+    // Gathers the mature logits and the decoder's projected rows of output row `row` of the last
+    // decode (row_proj: that row's projected layers, in capture order), for step and score.
+    decoder_rows rows_for(const float * row_proj, int32_t row);
+    std::vector<llama_token_data> cur_;
+
+    std::atomic<bool> cancel_{false};
+    std::function<bool()> interrupt_check_;
+    std::chrono::steady_clock::time_point last_check_;
+    timings timings_;
+};
+
+}  // namespace dola
