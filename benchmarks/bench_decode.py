@@ -102,7 +102,7 @@ def floor_ms(m: Model, layers, repeats: int = 30) -> tuple[float, float]:
     zc = rng.normal(size=(len(plan.candidates), m.n_vocab)).astype(np.float32)
     t0 = time.perf_counter()
     for _ in range(repeats):
-        _core.dola_step(zm, zc, 0.1, m.n_threads)
+        _core.kernels.dola_step(zm, zc, 0.1, m.n_threads)
     contrast = (time.perf_counter() - t0) / repeats * 1e3
     return total, contrast
 

@@ -113,18 +113,19 @@ PYBIND11_MODULE(_core, m) {
     m.def("amx_build_note", [] { return std::string(DOLA_AMX_NOTE); });
     m.def("supports_gpu_offload", [] { dola::backend_init_once(); return llama_supports_gpu_offload(); });
 
-    // Vector kernels, exposed for the tests' numpy reference checks.
+    // Vector kernels, exposed for the tests' numpy reference checks and the benchmarks.
+    py::module_ k = m.def_submodule("kernels", "the contrast kernels (for tests and benchmarks)");
     using farr = py::array_t<float, py::array::c_style | py::array::forcecast>;
-    m.def("log_softmax", [](farr z) {
+    k.def("log_softmax", [](farr z) {
         std::vector<float> out(z.size());
         dola::log_softmax(z.data(), out.data(), z.size());
         return to_array(std::move(out), {z.size()});
     });
-    m.def("jsd", [](farr lp, farr lq) {
+    k.def("jsd", [](farr lp, farr lq) {
         if (lp.size() != lq.size()) throw py::value_error("lp and lq differ in length");
         return dola::jsd(lp.data(), lq.data(), lp.size());
     });
-    m.def("dola_step", [](farr z_mature, farr z_cand, double relative_top, int32_t n_threads) {
+    k.def("dola_step", [](farr z_mature, farr z_cand, double relative_top, int32_t n_threads) {
         if (z_cand.ndim() != 2 || z_cand.shape(1) != z_mature.size()) throw py::value_error("z_cand must be [K, n_vocab]");
         const int64_t n = z_mature.size();
         const int32_t K = (int32_t) z_cand.shape(0);
@@ -135,12 +136,12 @@ PYBIND11_MODULE(_core, m) {
         return py::make_tuple(r.premature_index, to_array(std::move(r.jsd), {(py::ssize_t) r.jsd.size()}),
                               to_array(std::move(scores), {n}));
     }, py::arg("z_mature"), py::arg("z_cand"), py::arg("relative_top") = 0.1, py::arg("n_threads") = 1);
-    m.def("repetition_penalty", [](farr scores, py::array_t<int32_t, py::array::c_style | py::array::forcecast> ids, float penalty) {
+    k.def("repetition_penalty", [](farr scores, py::array_t<int32_t, py::array::c_style | py::array::forcecast> ids, float penalty) {
         std::vector<float> out(scores.data(), scores.data() + scores.size());
         dola::repetition_penalty(out.data(), out.size(), ids.data(), ids.size(), penalty);
         return to_array(std::move(out), {scores.size()});
     });
-    m.def("lm_score_diff", [](farr lp, farr lq, bool post_softmax, double relative_top, float mask_value) {
+    k.def("lm_score_diff", [](farr lp, farr lq, bool post_softmax, double relative_top, float mask_value) {
         std::vector<float> out(lp.size());
         dola::lm_score_diff(lp.data(), lq.data(), lp.size(), post_softmax, relative_top, mask_value, out.data());
         return to_array(std::move(out), {lp.size()});

@@ -41,13 +41,13 @@ def dola_ref(z_mature, z_cand, relative_top=0.1):
 def test_log_softmax_matches_numpy():
     rng = np.random.default_rng(1)
     z = (rng.normal(size=49152) * 8).astype(np.float32)
-    np.testing.assert_allclose(_core.log_softmax(z), log_softmax(z), atol=2e-5)
+    np.testing.assert_allclose(_core.kernels.log_softmax(z), log_softmax(z), atol=2e-5)
 
 
 def test_log_softmax_hand_computed():
     # [0, ln 2, ln 3, ln 4] -> probabilities 0.1, 0.2, 0.3, 0.4
     z = np.log(np.array([1.0, 2.0, 3.0, 4.0], dtype=np.float32))
-    np.testing.assert_allclose(np.exp(_core.log_softmax(z)), [0.1, 0.2, 0.3, 0.4], atol=1e-6)
+    np.testing.assert_allclose(np.exp(_core.kernels.log_softmax(z)), [0.1, 0.2, 0.3, 0.4], atol=1e-6)
 
 
 def test_jsd_hand_computed():
@@ -55,8 +55,8 @@ def test_jsd_hand_computed():
     # mean over V=2: (0.7 ln 1.4 + 0.3 ln 0.6) / 2 = 0.0411417; (0.7 ln(7/9) + 0.3 ln 3) / 2 = 0.0768320
     p = np.log(np.array([0.5, 0.5], dtype=np.float32))
     q = np.log(np.array([0.9, 0.1], dtype=np.float32))
-    assert _core.jsd(p, q) == pytest.approx(0.5 * (0.0411417 + 0.0768320), abs=1e-6)
-    assert _core.jsd(p, p) == pytest.approx(0.0, abs=1e-7)
+    assert _core.kernels.jsd(p, q) == pytest.approx(0.5 * (0.0411417 + 0.0768320), abs=1e-6)
+    assert _core.kernels.jsd(p, p) == pytest.approx(0.0, abs=1e-7)
 
 
 @pytest.mark.parametrize("K", [1, 2, 8])
@@ -66,7 +66,7 @@ def test_dola_step_random(K, scale):
     V = 4099  # not a multiple of the vector width
     zm = (rng.normal(size=V) * scale).astype(np.float32)
     zc = (rng.normal(size=(K, V)) * scale).astype(np.float32)
-    idx, js, scores = _core.dola_step(zm, zc, 0.1)
+    idx, js, scores = _core.kernels.dola_step(zm, zc, 0.1)
     ridx, rjs, rscores = dola_ref(zm, zc)
     assert idx == ridx
     np.testing.assert_allclose(js, rjs, rtol=2e-4, atol=1e-9)
@@ -79,7 +79,7 @@ def test_dola_step_random(K, scale):
 def test_single_candidate_is_static():
     zm = np.array([2.0, 1.0, 0.5, -3.0], dtype=np.float32)
     zc = np.array([[0.0, 1.5, 0.5, 0.0]], dtype=np.float32)
-    idx, js, scores = _core.dola_step(zm, zc, 0.1)
+    idx, js, scores = _core.kernels.dola_step(zm, zc, 0.1)
     assert idx == 0 and js.size == 0
     lp, lq = log_softmax(zm), log_softmax(zc[0])
     thr = lp.max() + np.log(0.1)
@@ -92,7 +92,7 @@ def test_ties_pick_the_first_candidate():
     zm = np.array([3.0, 1.0, 0.0, -1.0], dtype=np.float32)
     same = np.array([0.0, 2.0, 1.0, 0.0], dtype=np.float32)
     zc = np.stack([same, same, same])
-    idx, js, _ = _core.dola_step(zm, zc, 0.1)
+    idx, js, _ = _core.kernels.dola_step(zm, zc, 0.1)
     assert idx == 0
     assert js[0] == js[1] == js[2]
 
@@ -103,7 +103,7 @@ def test_minus_infinity_and_extreme_logits():
     zm[5] = 1e4  # one-hot mature distribution
     zc = np.zeros((2, V), dtype=np.float32)
     zc[1, 5] = 80.0  # second candidate agrees with the mature layer
-    idx, js, scores = _core.dola_step(zm, zc, 0.1)
+    idx, js, scores = _core.kernels.dola_step(zm, zc, 0.1)
     assert np.all(np.isfinite(js))
     assert idx == 0  # the uniform candidate is the more different one
     assert np.isfinite(scores[5]) and np.sum(np.isfinite(scores)) == 1
@@ -111,20 +111,20 @@ def test_minus_infinity_and_extreme_logits():
     # -inf inputs to the JSD give finite results (terms with M = 0 contribute 0)
     lp = np.full(V, -np.inf, dtype=np.float32)
     lp[0] = 0.0
-    assert np.isfinite(_core.jsd(lp, lp)) and _core.jsd(lp, lp) == pytest.approx(0.0, abs=1e-9)
+    assert np.isfinite(_core.kernels.jsd(lp, lp)) and _core.kernels.jsd(lp, lp) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_relative_top_zero_disables_filter():
     rng = np.random.default_rng(3)
     zm = rng.normal(size=100).astype(np.float32) * 10
     zc = rng.normal(size=(1, 100)).astype(np.float32)
-    _, _, scores = _core.dola_step(zm, zc, 0.0)
+    _, _, scores = _core.kernels.dola_step(zm, zc, 0.0)
     assert np.all(np.isfinite(scores))
 
 
 def test_repetition_penalty_like_transformers():
     s = np.array([2.0, -2.0, 1.0, 0.0, -0.5], dtype=np.float32)
-    out = _core.repetition_penalty(s, np.array([0, 1, 1, 4, 99, -3], dtype=np.int32), 1.25)
+    out = _core.kernels.repetition_penalty(s, np.array([0, 1, 1, 4, 99, -3], dtype=np.int32), 1.25)
     # each id once, out-of-range ids ignored: positive / θ, negative * θ
     np.testing.assert_allclose(out, [1.6, -2.5, 1.0, 0.0, -0.625], rtol=1e-6)
 
@@ -132,7 +132,7 @@ def test_repetition_penalty_like_transformers():
 def test_lm_score_diff_post_softmax_and_mask():
     lp = log_softmax(np.array([3.0, 2.9, 0.0, -5.0])).astype(np.float32)
     lq = log_softmax(np.array([0.0, 1.0, 0.0, 0.0])).astype(np.float32)
-    diff = _core.lm_score_diff(lp, lq, True, 0.1, -1000.0)
+    diff = _core.kernels.lm_score_diff(lp, lq, True, 0.1, -1000.0)
     raw = lp.astype(np.float64) - lq
     ref = log_softmax(raw)
     mask = lp < lp.max() + np.log(0.1)
@@ -146,9 +146,9 @@ def test_dola_step_threads_do_not_change_the_result(K):
     rng = np.random.default_rng(K)
     zm = rng.normal(size=4099).astype(np.float32) * 3
     zc = rng.normal(size=(K, 4099)).astype(np.float32) * 3
-    one = _core.dola_step(zm, zc, 0.1, 1)
+    one = _core.kernels.dola_step(zm, zc, 0.1, 1)
     for n_threads in (2, 3, 16):
-        many = _core.dola_step(zm, zc, 0.1, n_threads)
+        many = _core.kernels.dola_step(zm, zc, 0.1, n_threads)
         assert many[0] == one[0]
         np.testing.assert_array_equal(many[1], one[1])
         np.testing.assert_array_equal(many[2], one[2])
