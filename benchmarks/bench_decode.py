@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 import dola_cpp
-from dola_cpp import Model, _core
+from dola_cpp import DecodeConfig, Model, _core
 from dola_cpp.synthetic import write_llama_gguf
 
 SYNTHETIC = {
@@ -89,7 +89,7 @@ def floor_ms(m: Model, layers, repeats: int = 30) -> tuple[float, float]:
     """(projection + contrast ms per token, contrast-only ms per token) for a layer spec."""
     plan = m.resolve_layers(layers)
     s = m._session
-    s.configure(m._params(plan, 1.2, 0.1, False, 0.0, 0, 1.0, 0.0, None, warn=False))
+    s.configure(DecodeConfig(layers=layers).to_core(plan))
     s.prefill(m.tokenize(PROMPT))
     for _ in range(3):
         s.sample()

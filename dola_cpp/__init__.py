@@ -16,7 +16,8 @@ except ModuleNotFoundError as _e:  # the source folder imported without a build
     ) from None
 from .hub import DEFAULT_MODEL, DEMO_MODELS, demo_model_path, resolve_model
 from .layers import LayerPlan, resolve_layers
-from .model import RECOMMENDED_REPETITION_PENALTY, Model, PenaltyWarning, PromptTooLongError, Stream
+from .config import RECOMMENDED_REPETITION_PENALTY, DecodeConfig
+from .model import Model, PenaltyWarning, PromptTooLongError, Stream
 from .results import GenerationResult, ScoreResult, StepInfo
 
 __version__ = "0.1.0"
@@ -26,6 +27,7 @@ __all__ = [
     "DolaError",
     "DEFAULT_MODEL",
     "DEMO_MODELS",
+    "DecodeConfig",
     "GenerationResult",
     "LayerPlan",
     "Model",

@@ -3,25 +3,24 @@
 from __future__ import annotations
 
 import codecs
-import difflib
-import inspect
 import os
 import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
 from . import _core
+from .config import RECOMMENDED_REPETITION_PENALTY, DecodeConfig
 from .layers import LayerPlan, LayerSpec, resolve_layers
 from .results import GenerationResult, ScoreResult, StepInfo
 
 Prompt = Union[str, Sequence[int], np.ndarray]
 
-RECOMMENDED_REPETITION_PENALTY = 1.2
 _warned_penalty = False
+_UNSET: Any = object()  # a keyword the caller did not pass: the config's value stands
 
 
 class PenaltyWarning(UserWarning):
@@ -224,67 +223,72 @@ class Model:
 
     # ------------------------------------------------------------------ generation
 
-    def _params(
+    def generate(
         self,
-        plan: LayerPlan,
-        repetition_penalty: Optional[float],
-        relative_top: float,
-        premature_norm: bool,
-        temperature: float,
-        top_k: int,
-        top_p: float,
-        min_p: float,
-        seed: Optional[int],
-        warn: bool = True,
-    ) -> _core.DecodeParams:
-        global _warned_penalty
-        if repetition_penalty is None:
-            repetition_penalty = 1.0 if plan.is_plain else RECOMMENDED_REPETITION_PENALTY
-        elif warn and not plan.is_plain and repetition_penalty < RECOMMENDED_REPETITION_PENALTY and not _warned_penalty:
-            _warned_penalty = True
-            warnings.warn(
-                f"DoLa decoding is recommended with repetition_penalty >= {RECOMMENDED_REPETITION_PENALTY} "
-                f"(got {repetition_penalty})",
-                PenaltyWarning,
-                stacklevel=4,
-            )
-        p = _core.DecodeParams()
-        p.candidates = list(plan.candidates)
-        p.mature = plan.mature
-        p.relative_top = float(relative_top)
-        p.repetition_penalty = float(repetition_penalty)
-        p.premature_norm = bool(premature_norm)
-        p.temperature = float(temperature)
-        p.top_k = int(top_k)
-        p.top_p = float(top_p)
-        p.min_p = float(min_p)
-        p.seed = 0xFFFFFFFF if seed is None else int(seed) & 0xFFFFFFFF
-        return p
-
-    def generate(self, prompt: Prompt, max_tokens: int = 256, **options) -> GenerationResult:
+        prompt: Prompt,
+        max_tokens: int = 256,
+        *,
+        config: Optional[DecodeConfig] = None,
+        layers: LayerSpec = _UNSET,
+        premature_norm: bool = _UNSET,
+        relative_top: float = _UNSET,
+        repetition_penalty: Optional[float] = _UNSET,
+        temperature: float = _UNSET,
+        top_k: int = _UNSET,
+        top_p: float = _UNSET,
+        min_p: float = _UNSET,
+        seed: Optional[int] = _UNSET,
+        stop: Union[str, Sequence[str], None] = None,
+        ignore_eos: bool = False,
+        add_special: bool = True,
+    ) -> GenerationResult:
         """Generate a completion (greedy unless ``temperature`` > 0).
 
-        Options: ``layers`` (None = plain; 'high', 'low', [ints], '16,18,32'),
-        ``repetition_penalty`` (default 1.2 with DoLa, 1.0 plain), ``relative_top`` (0.1),
-        ``premature_norm`` (False), ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``seed``,
-        ``stop`` (strings), ``ignore_eos``, ``add_special`` (BOS per the GGUF).
+        The decoding settings are a :class:`DecodeConfig` (``config``, default ``DecodeConfig()``:
+        plain greedy decoding) with any of its fields given as keywords replacing the config's:
+        ``layers``, ``premature_norm``, ``relative_top``, ``repetition_penalty``, ``temperature``,
+        ``top_k``, ``top_p``, ``min_p``, ``seed``. ``stop``: strings that end the answer (not
+        included); ``ignore_eos``; ``add_special``: BOS as the GGUF asks.
         """
-        run = Stream._start(self, "generate", prompt, max_tokens, options)
+        cfg = _config(config, layers=layers, premature_norm=premature_norm, relative_top=relative_top,
+                      repetition_penalty=repetition_penalty, temperature=temperature, top_k=top_k, top_p=top_p,
+                      min_p=min_p, seed=seed)
+        run = Stream(self, prompt, max_tokens, cfg, stop=stop, ignore_eos=ignore_eos, add_special=add_special)
         for _ in run:
             pass
         return run.result()
 
-    def stream(self, prompt: Prompt, max_tokens: int = 256, **options) -> "Stream":
+    def stream(
+        self,
+        prompt: Prompt,
+        max_tokens: int = 256,
+        *,
+        config: Optional[DecodeConfig] = None,
+        layers: LayerSpec = _UNSET,
+        premature_norm: bool = _UNSET,
+        relative_top: float = _UNSET,
+        repetition_penalty: Optional[float] = _UNSET,
+        temperature: float = _UNSET,
+        top_k: int = _UNSET,
+        top_p: float = _UNSET,
+        min_p: float = _UNSET,
+        seed: Optional[int] = _UNSET,
+        stop: Union[str, Sequence[str], None] = None,
+        ignore_eos: bool = False,
+        add_special: bool = True,
+    ) -> "Stream":
         """Like :meth:`generate`, as an iterator of text pieces produced as they are decoded.
 
         The arguments are checked here, before the first piece. Closing the stream (or
         :meth:`cancel`) stops decoding; once it is exhausted, ``finish_reason`` says why it ended
-        ("stop", "length", "cancelled") and ``result()`` gives the whole result."""
-        return Stream._start(self, "stream", prompt, max_tokens, options)
+        ("stop", "length", "cancelled"), ``steps`` holds each token's diagnostics and ``result()``
+        gives the whole result."""
+        cfg = _config(config, layers=layers, premature_norm=premature_norm, relative_top=relative_top,
+                      repetition_penalty=repetition_penalty, temperature=temperature, top_k=top_k, top_p=top_p,
+                      min_p=min_p, seed=seed)
+        return Stream(self, prompt, max_tokens, cfg, stop=stop, ignore_eos=ignore_eos, add_special=add_special)
 
-    def stream_steps(self, prompt: Prompt, max_tokens: int = 256, **options) -> "Stream":
-        """The same as :meth:`stream` (kept for compatibility)."""
-        return Stream._start(self, "stream_steps", prompt, max_tokens, options)
+    stream_steps = stream  # the name of earlier versions
 
     def cancel(self) -> None:
         """Stop the running generation (callable from any thread)."""
@@ -315,11 +319,13 @@ class Model:
         self,
         prefix: Prompt,
         continuation: Prompt,
-        layers: LayerSpec = None,
+        layers: LayerSpec = _UNSET,
         relative_top: float = 0.0,
         post_softmax: bool = False,
-        premature_norm: bool = False,
+        premature_norm: bool = _UNSET,
         relative_top_value: float = -1000.0,
+        *,
+        config: Optional[DecodeConfig] = None,
     ) -> ScoreResult:
         """Teacher-forced score of ``continuation`` after ``prefix`` in one forward pass, as the DoLa
         repo's ``lm_score``: plain = sum of log-probs; DoLa = sum of
@@ -328,7 +334,8 @@ class Model:
 
         Strings are tokenized as the repo does: ``tokens(prefix + continuation)`` split after
         ``len(tokens(prefix))``. Token-id lists are used as given. The prefix's KV cache is reused
-        between calls that share it.
+        between calls that share it. ``layers`` and ``premature_norm`` may come from ``config``
+        (a :class:`DecodeConfig`); its sampling fields do not apply to scoring.
         """
         if isinstance(prefix, str) != isinstance(continuation, str):
             raise TypeError("prefix and continuation must both be strings or both be token ids")
@@ -346,10 +353,10 @@ class Model:
         n_prefix = len(prefix_ids)
         if n_prefix >= len(ids):
             raise ValueError("the continuation adds no tokens to the prefix")
-        plan = self.resolve_layers(layers)
-        params = self._params(plan, 1.0, 0.1, premature_norm, 0.0, 0, 1.0, 0.0, None, warn=False)
+        cfg = _config(config, layers=layers, premature_norm=premature_norm)
+        plan = self.resolve_layers(cfg.layers)
         with self._claim():
-            self._session.configure(params)
+            self._session.configure(cfg.to_core(plan))
             r = self._session.score(ids, n_prefix, post_softmax, float(relative_top), float(relative_top_value))
         return ScoreResult(
             score=float(r.total),
@@ -365,6 +372,14 @@ class Model:
 
     def timings(self) -> dict:
         return self._session.timings()
+
+
+def _config(config: Optional[DecodeConfig], **fields: Any) -> DecodeConfig:
+    """``config`` (default: plain greedy) with the keywords the caller passed replacing its fields."""
+    if config is not None and not isinstance(config, DecodeConfig):
+        raise TypeError(f"config must be a DecodeConfig, got {type(config).__name__}")
+    changes = {k: v for k, v in fields.items() if v is not _UNSET}
+    return (config or DecodeConfig()).replace(**changes) if changes or config is None else config
 
 
 class _Claim:
@@ -393,29 +408,25 @@ class Stream:
         self,
         model: Model,
         prompt: Prompt,
-        max_tokens: int = 256,
+        max_tokens: int,
+        config: DecodeConfig,
         *,
-        layers: LayerSpec = None,
-        repetition_penalty: Optional[float] = None,
-        relative_top: float = 0.1,
-        premature_norm: bool = False,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        seed: Optional[int] = None,
         stop: Union[str, Sequence[str], None] = None,
         ignore_eos: bool = False,
         add_special: bool = True,
     ) -> None:
+        global _warned_penalty
         if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
             raise ValueError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
         self.model = model
         self.ids = model._prompt_ids(prompt, add_special=add_special)
-        self.plan = model.resolve_layers(layers)
-        self.params = model._params(
-            self.plan, repetition_penalty, relative_top, premature_norm, temperature, top_k, top_p, min_p, seed
-        )
+        self.plan = model.resolve_layers(config.layers)
+        self.config = config
+        self.params = config.to_core(self.plan)
+        note = config.penalty_note(self.plan)
+        if note and not _warned_penalty:
+            _warned_penalty = True
+            warnings.warn(note, PenaltyWarning, stacklevel=3)
         self.max_tokens = int(max_tokens)
         if isinstance(stop, str):
             stop = [stop]
@@ -428,16 +439,6 @@ class Stream:
         self.prefill_seconds = 0.0
         self.decode_seconds = 0.0
         self._iter = self._generate()
-
-    @classmethod
-    def _start(cls, model: Model, method: str, prompt: Prompt, max_tokens: int, options: dict) -> "Stream":
-        unknown = [k for k in options if k not in _STREAM_OPTIONS]
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], _STREAM_OPTIONS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise TypeError(f"{method}() got an unexpected keyword argument {unknown[0]!r}{hint} "
-                            f"(options: {', '.join(_STREAM_OPTIONS)})")
-        return cls(model, prompt, max_tokens, **options)
 
     def __iter__(self) -> "Stream":
         return self
@@ -547,5 +548,3 @@ class Stream:
         hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
         return min(hits) if hits else None
 
-
-_STREAM_OPTIONS = [name for name, p in inspect.signature(Stream.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY]

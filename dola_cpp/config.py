@@ -1,0 +1,126 @@
+"""DecodeConfig: the settings one generation decodes with, their defaults and their rules.
+
+Like transformers' ``GenerationConfig``: frozen, validated when made (``validate``), and the one
+place that knows the defaults that depend on the layer plan (the repetition penalty) and when
+to warn about them. ``Model.generate``/``stream`` take one (``config=``) and/or the same fields as
+keywords; the command line builds one from its options and the chat's ``/set`` replaces fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from . import _core
+from .layers import LayerPlan, LayerSpec, parse_layer_string
+
+RECOMMENDED_REPETITION_PENALTY = 1.2
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How the next token is chosen.
+
+    ``layers``: None = plain decoding; ``"high"``, ``"low"``, a list of premature layers, or the
+    DoLa repo's early-exit string ``"16,18,32"`` (one value = plain decoding from that layer, two =
+    static DoLa, more = dynamic DoLa whose last value is the mature layer).
+    ``premature_norm``: False = project the raw hidden state (the paper, transformers); True =
+    the final norm first (logit lens). ``relative_top``: DoLa's relative-top filter.
+    ``repetition_penalty``: None = 1.2 with DoLa, 1.0 plain. ``temperature`` 0 = greedy; then
+    ``top_k`` (0 = all), ``top_p``, ``min_p``, ``seed`` (None = random).
+    """
+
+    layers: LayerSpec = None
+    premature_norm: bool = False
+    relative_top: float = 0.1
+    repetition_penalty: Optional[float] = None
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError/TypeError naming the field for a value no model could decode with
+        (layer ranges are checked against the model when it resolves the layers)."""
+        if isinstance(self.layers, str):
+            parse_layer_string(self.layers)
+        elif self.layers is not None and (isinstance(self.layers, (bytes, bytearray))
+                                          or not all(_is_int(v) for v in self.layers)):
+            raise TypeError(f"layers must be 'low', 'high', a layer string or a sequence of ints, got {self.layers!r}")
+        if not isinstance(self.premature_norm, bool):
+            raise TypeError(f"premature_norm must be True or False, got {self.premature_norm!r}")
+        _check_number("relative_top", self.relative_top, 0.0, 1.0, high_open=True)
+        if self.repetition_penalty is not None:
+            _check_number("repetition_penalty", self.repetition_penalty, 0.0, None, low_open=True)
+        _check_number("temperature", self.temperature, 0.0, None)
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = all tokens), got {self.top_k!r}")
+        _check_number("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _check_number("min_p", self.min_p, 0.0, 1.0)
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+            raise ValueError(f"seed must be an integer >= 0 or None (random), got {self.seed!r}")
+
+    def replace(self, **changes: Any) -> "DecodeConfig":
+        """A copy with ``changes``; unknown names are a TypeError that suggests the right one."""
+        for name in changes:
+            if name not in FIELDS:
+                close = difflib.get_close_matches(name, FIELDS, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise TypeError(f"DecodeConfig has no field {name!r}{hint} (fields: {', '.join(FIELDS)})")
+        return dataclasses.replace(self, **changes)
+
+    def penalty(self, plan: LayerPlan) -> float:
+        """The repetition penalty this config decodes ``plan`` with."""
+        if self.repetition_penalty is not None:
+            return float(self.repetition_penalty)
+        return 1.0 if plan.is_plain else RECOMMENDED_REPETITION_PENALTY
+
+    def penalty_note(self, plan: LayerPlan) -> Optional[str]:
+        """Why DoLa with this penalty may repeat itself, or None."""
+        p = self.penalty(plan)
+        if plan.is_plain or p >= RECOMMENDED_REPETITION_PENALTY:
+            return None
+        return (f"DoLa decoding is recommended with repetition_penalty >= {RECOMMENDED_REPETITION_PENALTY} "
+                f"(got {p:g}); answers may repeat themselves")
+
+    def to_core(self, plan: LayerPlan) -> _core.DecodeParams:
+        """The C++ core's mirror of this config, for a resolved layer plan."""
+        p = _core.DecodeParams()
+        p.candidates = list(plan.candidates)
+        p.mature = plan.mature
+        p.relative_top = float(self.relative_top)
+        p.repetition_penalty = self.penalty(plan)
+        p.premature_norm = self.premature_norm
+        p.temperature = float(self.temperature)
+        p.top_k = int(self.top_k)
+        p.top_p = float(self.top_p)
+        p.min_p = float(self.min_p)
+        p.seed = 0xFFFFFFFF if self.seed is None else int(self.seed) & 0xFFFFFFFF
+        return p
+
+
+FIELDS = [f.name for f in dataclasses.fields(DecodeConfig)]
+
+
+def _is_int(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int) or type(v).__name__ in ("int64", "int32", "int16", "int8")
+
+
+def _check_number(name: str, value: Any, low: float, high: Optional[float], low_open: bool = False,
+                  high_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    v = float(value)
+    ok = math.isfinite(v) and (v > low if low_open else v >= low)
+    if high is not None:
+        ok = ok and (v < high if high_open else v <= high)
+    if not ok:
+        bounds = f"{'(' if low_open else '['}{low:g}, {'' if high is None else f'{high:g}'}{')' if high is None or high_open else ']'}"
+        raise ValueError(f"{name} must be in {bounds}, got {value!r}")
