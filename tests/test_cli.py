@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import dola_cpp
 from dola_cpp.cli._app import app
 from dola_cpp.cli._chat import Chat, Conversation, Exchange, template_choice
-from dola_cpp.cli._cli_utils import CLIError, DecodeSettings, Template, one_line
+from dola_cpp.cli._cli_utils import CLIError, Template, one_line
 from dola_cpp.cli._render import histogram, side_by_side, stats_line
 
 # Short generations, one thread: the suite shares two cores with benchmarks.
@@ -164,7 +164,7 @@ def test_low_repetition_penalty_is_a_one_line_note(cli, smollm2_path):
     # filterwarnings=error: a Python UserWarning escaping the CLI would fail this test
     result = cli("generate", smollm2_path, "Hello", "--rp", "1.0", "-n", 2, *FAST)
     assert result.exit_code == 0, result.output
-    assert result.stderr.startswith("note: DoLa is recommended with --repetition-penalty >= 1.2")
+    assert result.stderr.startswith("note: DoLa decoding is recommended with repetition_penalty >= 1.2")
     assert len(result.stderr.splitlines()) == 1
 
 
@@ -424,18 +424,19 @@ def test_conversation_drops_the_oldest_exchanges_to_fit(smollm2):
 
 
 def test_chat_set_commands_validate(smollm2):
-    chat = Chat(smollm2, DecodeSettings(), interactive=False)
+    chat = Chat(smollm2, dola_cpp.DecodeConfig(layers="high", premature_norm=True), interactive=False)
     assert chat.command("/set layers low") and chat.plan == smollm2.resolve_layers("low")
     assert chat.command("/set repetition_penalty 1.3") and chat.settings.repetition_penalty == 1.3
     assert chat.command("/set rp auto") and chat.settings.repetition_penalty is None
     assert chat.command("/set temperature 0.7") and chat.settings.temperature == 0.7
-    assert chat.command("/set max-tokens 12") and chat.settings.max_tokens == 12
+    assert chat.command("/set max-tokens 12") and chat.max_tokens == 12
     assert chat.command("/set premature_norm on") and chat.settings.premature_norm
     assert chat.command("/set premature_norm off") and not chat.settings.premature_norm
     assert chat.command("/dola off") and chat.plan.is_plain
     assert chat.command("/dola on") and chat.plan == smollm2.resolve_layers("low")
     assert not chat.failed
-    for bad in ("/set layers 99", "/set premature_norm maybe", "/set temperature hot", "/set top_p 2", "/set colour blue", "/dola maybe"):
+    for bad in ("/set layers 99", "/set premature_norm maybe", "/set temperature hot", "/set top_p 2", "/set colour blue",
+                "/dola maybe", "/set max_tokens 0", "/set top_k -1", "/set layer high"):
         chat.failed = False
         assert chat.command(bad)  # reported, the chat goes on
         assert chat.failed, bad

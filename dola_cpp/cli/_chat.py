@@ -14,9 +14,9 @@ from typing import Callable, Optional
 
 import typer
 
-from .. import DolaError, GenerationResult, LayerPlan, Model
+from .. import DecodeConfig, DolaError, GenerationResult, LayerPlan, Model
 from ..hub import cache_dir
-from ._cli_utils import CLIError, DecodeSettings, Template, layer_plan, one_line, penalty_note, quiet_penalty_warning
+from ._cli_utils import CLIError, Template, layer_plan, one_line
 from ._input import Interrupted, LineReader, discard_typeahead, line_reader
 from ._render import describe_plan, histogram, stats_line
 
@@ -148,13 +148,14 @@ class Output:
 
 
 class Chat:
-    def __init__(self, model: Model, settings: DecodeSettings, system: Optional[str] = None,
+    def __init__(self, model: Model, settings: DecodeConfig, max_tokens: int = 256, system: Optional[str] = None,
                  template: Template = Template.auto, interactive: bool = True) -> None:
         self.model = model
         self.out = Output(interactive)
         use_template, self.template_note = template_choice(model, template)
         self.conversation = Conversation(model, system, use_template)
         self.settings = settings
+        self.max_tokens = max_tokens
         self.plan = self._plan(settings.layers)
         self._dola_layers = settings.layers if not self.plan.is_plain else "high"
         self.last: Optional[GenerationResult] = None
@@ -227,9 +228,9 @@ class Chat:
     def _banner(self) -> None:
         if self.template_note:
             self.out.note(f"note: {self.template_note}")
-        note = penalty_note(self.plan, self.settings.repetition_penalty)
+        note = self.settings.penalty_note(self.plan)
         if note:
-            self.out.note(note)
+            self.out.note(f"note: {note}")
         if not self.out.interactive:
             return
         m = self.model
@@ -238,17 +239,17 @@ class Chat:
 
     def _decoding(self) -> str:
         return (f"{describe_plan(self.plan, self.model.n_layers, self.settings.premature_norm)} · "
-                f"repetition penalty {self.settings.effective_penalty(self.plan)}")
+                f"repetition penalty {self.settings.penalty(self.plan)}")
 
     # ------------------------------------------------------------------ answers
 
     def ask(self, text: str) -> Optional[GenerationResult]:
         """Answer one message, streaming it; None when it failed."""
-        budget = self.model.n_ctx - min(self.settings.max_tokens, self.model.n_ctx // 2)
+        budget = self.model.n_ctx - min(self.max_tokens, self.model.n_ctx // 2)
         try:
             _, ids, dropped = self.conversation.prompt(text, budget)
-            with quiet_penalty_warning():  # the ids, not the text: tokenized once per turn
-                run = self.model.stream_steps(ids, stop=self.conversation.stop, **self.settings.kwargs())
+            # the ids, not the text: tokenized once per turn
+            run = self.model.stream(ids, self.max_tokens, config=self.settings, stop=self.conversation.stop)
         except (CLIError, ValueError, TypeError, RuntimeError) as e:
             self._fail(e)
             return None
@@ -387,24 +388,24 @@ class Chat:
             return
         if not value:
             raise CLIError(f"/set {key} needs a value")
-        if key == "layers":
+        if key == "max_tokens":
+            self.max_tokens = _number(key, value, int)
+            if self.max_tokens < 1:
+                raise CLIError(f"max_tokens must be at least 1, got {value}")
+        elif key == "layers":
             self._apply(layers=value)
         elif key in ("repetition_penalty", "penalty", "rp"):
-            self._apply(repetition_penalty=None if value.lower() == "auto" else _number(key, value, float, 1e-9))
+            self._apply(repetition_penalty=None if value.lower() == "auto" else _number(key, value, float))
         elif key == "premature_norm":
             if value.lower() not in ("on", "off"):
                 raise CLIError("/set premature_norm takes on or off")
             self._apply(premature_norm=value.lower() == "on")
-        elif key == "temperature":
-            self._apply(temperature=_number(key, value, float, 0.0))
-        elif key == "max_tokens":
-            self._apply(max_tokens=_number(key, value, int, 1))
+        elif key in ("temperature", "top_p"):
+            self._apply(**{key: _number(key, value, float)})
         elif key == "top_k":
-            self._apply(top_k=_number(key, value, int, 0))
-        elif key == "top_p":
-            self._apply(top_p=_number(key, value, float, 0.0, 1.0))
+            self._apply(top_k=_number(key, value, int))
         elif key == "seed":
-            self._apply(seed=None if value.lower() == "random" else _number(key, value, int, 0))
+            self._apply(seed=None if value.lower() == "random" else _number(key, value, int))
         else:
             raise CLIError(f"unknown setting {key!r}; /set without arguments lists them")
         self.out.status(f"{key} = {value} · {self._decoding()}")
@@ -414,38 +415,36 @@ class Chat:
         penalty = "auto" if s.repetition_penalty is None else f"{s.repetition_penalty:g}"
         rows = [
             ("layers", f"{s.layers} ({describe_plan(plan, self.model.n_layers, s.premature_norm)})"),
-            ("repetition_penalty", f"{penalty} (now {s.effective_penalty(plan)})"),
+            ("repetition_penalty", f"{penalty} (now {s.penalty(plan)})"),
             ("premature_norm", "on" if s.premature_norm else "off"),
             ("temperature", f"{s.temperature:g}"),
             ("top_k", str(s.top_k)),
             ("top_p", f"{s.top_p:g}"),
             ("seed", "random" if s.seed is None else str(s.seed)),
-            ("max_tokens", str(s.max_tokens)),
+            ("max_tokens", str(self.max_tokens)),
             ("system", repr(self.conversation.system) if self.conversation.system else "(none)"),
             ("format", "chat template" if self.conversation.use_template else "User:/Assistant: transcript"),
         ]
         self.out.status("\n".join(f"  {k:<19} {v}" for k, v in rows))
 
     def _apply(self, **changes) -> None:
-        settings = dataclasses.replace(self.settings, **changes)
+        """Replace settings fields (DecodeConfig checks the values) and re-resolve the layers."""
+        settings = self.settings.replace(**changes)
         plan = self._plan(settings.layers)
         self.settings, self.plan = settings, plan
         if not plan.is_plain:
             self._dola_layers = settings.layers
-        note = penalty_note(plan, settings.repetition_penalty)
+        note = settings.penalty_note(plan)
         if note and ("layers" in changes or "repetition_penalty" in changes):
-            self.out.note(note)
+            self.out.note(f"note: {note}")
 
     def _plan(self, layers: str) -> LayerPlan:
         return layer_plan(self.model, layers, label="layers")
 
 
-def _number(key: str, value: str, kind: type, low: float, high: Optional[float] = None):
+def _number(key: str, value: str, kind: type):
+    """The text of a /set value as a number; its range is DecodeConfig's to check."""
     try:
-        x = kind(value)
+        return kind(value)
     except ValueError:
         raise CLIError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
-    if x < low or (high is not None and x > high):
-        bound = f"between {low:g} and {high:g}" if high is not None else f">= {low:g}"
-        raise CLIError(f"{key} must be {bound}, got {value}")
-    return x

@@ -3,20 +3,18 @@ options, the decoding settings object, and model loading."""
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import os
 import sys
 import traceback
 import warnings
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from typer.core import TyperGroup
 
-from .. import DEMO_MODELS, DolaError, LayerPlan, Model, resolve_model
+from .. import DEMO_MODELS, DecodeConfig, DolaError, LayerPlan, Model, resolve_model
 from ..layers import parse_layer_string
 from .. import RECOMMENDED_REPETITION_PENALTY, PenaltyWarning, PromptTooLongError
 
@@ -61,7 +59,9 @@ class DolaGroup(TyperGroup):
 
     def invoke(self, ctx: Any) -> Any:
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", PenaltyWarning)  # the commands print it as a note
+                return super().invoke(ctx)
         except (typer.Exit, typer.Abort, BrokenPipeError):
             raise  # click's control flow (RuntimeError subclasses) and `| head`, which Typer handles
         except USER_ERRORS as e:
@@ -174,52 +174,11 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tex
 # ---------------------------------------------------------------------------------------- settings
 
 
-@dataclasses.dataclass(frozen=True)
-class DecodeSettings:
-    """What one answer is generated with; the chat's /set replaces fields."""
-
-    layers: str = "high"
-    repetition_penalty: Optional[float] = None  # None = the library's default for the layer plan
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: Optional[int] = None
-    max_tokens: int = 256
-    premature_norm: bool = True  # the command line's default (measured: README, "Chat defaults")
-
-    def kwargs(self) -> dict:
-        """Keyword arguments for ``Model.generate`` / ``Model.stream_steps``."""
-        return dict(
-            max_tokens=self.max_tokens,
-            layers=self.layers,
-            repetition_penalty=self.repetition_penalty,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            seed=self.seed,
-            premature_norm=self.premature_norm,
-        )
-
-    def effective_penalty(self, plan: LayerPlan) -> float:
-        if self.repetition_penalty is not None:
-            return float(self.repetition_penalty)
-        return 1.0 if plan.is_plain else RECOMMENDED_REPETITION_PENALTY
-
-
-def penalty_note(plan: LayerPlan, repetition_penalty: Optional[float]) -> Optional[str]:
-    """The CLI's one-line version of the library's low-penalty UserWarning."""
-    if plan.is_plain or repetition_penalty is None or repetition_penalty >= RECOMMENDED_REPETITION_PENALTY:
-        return None
-    return (f"note: DoLa is recommended with --repetition-penalty >= {RECOMMENDED_REPETITION_PENALTY} "
-            f"(got {repetition_penalty:g}); answers may repeat themselves")
-
-
-@contextlib.contextmanager
-def quiet_penalty_warning() -> Iterator[None]:
-    """Silence the library's penalty warning: the CLI shows :func:`penalty_note` instead."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PenaltyWarning)
-        yield
+def note_penalty(config: DecodeConfig, plan: LayerPlan) -> None:
+    """The library's repetition-penalty warning, as the command line's one-line note."""
+    note = config.penalty_note(plan)
+    if note:
+        typer.echo(f"note: {note}", err=True)
 
 
 # ---------------------------------------------------------------------------------------- loading

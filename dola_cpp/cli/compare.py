@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from typing import Annotated
 
 import typer
 
-from .. import GenerationResult
+from .. import DecodeConfig, GenerationResult
 from ._cli_utils import (
-    CLIError, CtxOpt, DecodeSettings, GpuLayersOpt, RepackOpt, LayersOpt, Layout, MaxTokensOpt, ModelRequiredArg, PromptArg,
-    PrematureNormOpt, RepetitionPenaltyOpt, SystemOpt, Template, TemplateOpt, ThreadsOpt, examples, layer_plan, load_model,
-    penalty_note, prompt_text, quiet_penalty_warning,
+    CLIError, CtxOpt, GpuLayersOpt, LayersOpt, Layout, MaxTokensOpt, ModelRequiredArg, PrematureNormOpt, PromptArg,
+    RepackOpt, RepetitionPenaltyOpt, SystemOpt, Template, TemplateOpt, ThreadsOpt, examples, layer_plan, load_model,
+    note_penalty, prompt_text,
 )
 from ._render import describe_plan, side_by_side, top_layers
 
@@ -52,20 +51,16 @@ def compare(
     plan = layer_plan(m, layers)
     if plan.is_plain:
         raise CLIError(f"--layers {layers} means plain decoding: nothing to compare; use high, low or a layer list")
-    note = penalty_note(plan, repetition_penalty)
-    if note:
-        typer.echo(note, err=True)
+    plain_config = DecodeConfig(repetition_penalty=repetition_penalty)
+    dola_config = plain_config.replace(layers=layers, premature_norm=premature_norm)
+    note_penalty(dola_config, plan)
     text, _ = prompt_text(m, prompt, template, system)
-    plain_settings = DecodeSettings(layers="none", repetition_penalty=repetition_penalty, max_tokens=max_tokens)
-    dola_settings = dataclasses.replace(plain_settings, layers=layers, premature_norm=premature_norm)
-    plain = m.generate(text, **plain_settings.kwargs())
-    with quiet_penalty_warning():
-        dola = m.generate(text, **dola_settings.kwargs())
-    plain_plan = m.resolve_layers("none")
+    plain = m.generate(text, max_tokens, config=plain_config)
+    dola = m.generate(text, max_tokens, config=dola_config)
     panes = [
-        (f"plain (repetition penalty {plain_settings.effective_penalty(plain_plan)}) · {_speed(plain)}",
+        (f"plain (repetition penalty {plain_config.penalty(m.resolve_layers(None))}) · {_speed(plain)}",
          plain.text.strip()),
-        (f"{describe_plan(plan, m.n_layers, premature_norm)} (repetition penalty {dola_settings.effective_penalty(plan)})"
+        (f"{describe_plan(plan, m.n_layers, premature_norm)} (repetition penalty {dola_config.penalty(plan)})"
          f" · {_speed(dola)} · chosen: {top_layers(dola.layer_histogram())}", dola.text.strip()),
     ]
     width = shutil.get_terminal_size().columns

@@ -8,11 +8,11 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from .. import GenerationResult, LayerPlan, Model
+from .. import DecodeConfig, GenerationResult, LayerPlan, Model
 from ._cli_utils import (
-    CtxOpt, DecodeSettings, GpuLayersOpt, RepackOpt, JsonOpt, LayersOpt, MaxTokensOpt, ModelRequiredArg, PromptArg,
-    PrematureNormOpt, RepetitionPenaltyOpt, SeedOpt, SystemOpt, TemperatureOpt, Template, TemplateOpt, ThreadsOpt, TopKOpt,
-    TopPOpt, examples, layer_plan, load_model, penalty_note, prompt_text, quiet_penalty_warning,
+    CtxOpt, GpuLayersOpt, JsonOpt, LayersOpt, MaxTokensOpt, ModelRequiredArg, PrematureNormOpt, PromptArg, RepackOpt,
+    RepetitionPenaltyOpt, SeedOpt, SystemOpt, TemperatureOpt, Template, TemplateOpt, ThreadsOpt, TopKOpt, TopPOpt,
+    examples, layer_plan, load_model, note_penalty, prompt_text,
 )
 
 GENERATE_EXAMPLES = examples(
@@ -51,34 +51,31 @@ def generate(
     JSD per candidate layer, mature log-probability, entropy) as one JSON object.
     """
     m = load_model(model, ctx, threads, gpu_layers, repack)
-    settings = DecodeSettings(layers=layers, repetition_penalty=repetition_penalty, premature_norm=premature_norm,
-                              temperature=temperature,
-                              top_k=top_k, top_p=top_p, seed=seed, max_tokens=max_tokens)
+    config = DecodeConfig(layers=layers, repetition_penalty=repetition_penalty, premature_norm=premature_norm,
+                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     plan = layer_plan(m, layers)
-    note = penalty_note(plan, repetition_penalty)
-    if note:
-        typer.echo(note, err=True)
+    note_penalty(config, plan)
     text, templated = prompt_text(m, prompt, template, system)
-    with quiet_penalty_warning():
-        run = m.stream_steps(text, stop=stop, **settings.kwargs())
+    run = m.stream(text, max_tokens, config=config, stop=stop)
     if as_json:
         for _ in run:
             pass
-        typer.echo(json.dumps(result_json(m, plan, run.result(), settings, templated), indent=2))
+        typer.echo(json.dumps(result_json(m, plan, run.result(), config, templated), indent=2))
         return
     for piece in run:
         typer.echo(piece, nl=False)
     typer.echo()
 
 
-def result_json(model: Model, plan: LayerPlan, result: GenerationResult, settings: DecodeSettings,
+def result_json(model: Model, plan: LayerPlan, result: GenerationResult, config: DecodeConfig,
                 templated: bool) -> dict:
     """Everything a generation reports; ``steps[i].jsd`` lines up with ``layers.candidates``."""
     return {
         "model": str(model.path),
         "template": "chat" if templated else "none",
-        "layers": {"spec": settings.layers, "candidates": list(plan.candidates), "mature": plan.mature},
-        "repetition_penalty": settings.effective_penalty(plan),
+        "layers": {"spec": config.layers, "candidates": list(plan.candidates), "mature": plan.mature},
+        "premature_norm": config.premature_norm,
+        "repetition_penalty": config.penalty(plan),
         "text": result.text,
         "finish_reason": result.finish_reason,
         "prompt_tokens": result.prompt_tokens,

@@ -6,10 +6,11 @@ import sys
 
 import typer
 
+from .. import DecodeConfig
 from ._chat import Chat
 from ._cli_utils import (
-    CtxOpt, DecodeSettings, GpuLayersOpt, RepackOpt, LayersOpt, MaxTokensOpt, ModelArg, PrematureNormOpt, RepetitionPenaltyOpt,
-    SeedOpt, SystemOpt, TemperatureOpt, Template, TemplateOpt, ThreadsOpt, TopKOpt, TopPOpt, examples, load_model,
+    CtxOpt, GpuLayersOpt, LayersOpt, MaxTokensOpt, ModelArg, PrematureNormOpt, RepackOpt, RepetitionPenaltyOpt, SeedOpt,
+    SystemOpt, TemperatureOpt, Template, TemplateOpt, ThreadsOpt, TopKOpt, TopPOpt, examples, load_model,
 )
 
 RUN_EXAMPLES = examples(
@@ -45,8 +46,7 @@ def run(
     line is a user turn and only the answers are printed.
     """
     m = load_model(model, ctx, threads, gpu_layers, repack)
-    settings = DecodeSettings(layers=layers, repetition_penalty=repetition_penalty, premature_norm=premature_norm,
-                              temperature=temperature,
-                              top_k=top_k, top_p=top_p, seed=seed, max_tokens=max_tokens)
-    chat = Chat(m, settings, system=system, template=template, interactive=sys.stdin.isatty())
+    config = DecodeConfig(layers=layers, repetition_penalty=repetition_penalty, premature_norm=premature_norm,
+                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    chat = Chat(m, config, max_tokens=max_tokens, system=system, template=template, interactive=sys.stdin.isatty())
     raise typer.Exit(chat.repl())
