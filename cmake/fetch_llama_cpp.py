@@ -1,6 +1,6 @@
 """Obtain the pinned llama.cpp source without network access beyond PyPI.
 
-The source is `vendor/llama.cpp` inside the PyPI sdist of llama-cpp-python (SPEC §2). The sdist is
+The source is `vendor/llama.cpp` inside the PyPI sdist of llama-cpp-python (the pinned commit is in the README). The sdist is
 checked against its sha256, cached in the user cache, and its llama.cpp folder extracted to DEST.
 Called by CMakeLists.txt at configure time when third_party/llama.cpp is missing.
 """

@@ -1,6 +1,6 @@
 // DoLa contrast kernels: pure functions over float vectors, no llama.cpp.
-// Semantics follow transformers' _dola_decoding / _relative_top_filter and the DoLa repo's lm_score
-// (SPEC §5). Vectors are length n_vocab; K candidate rows are stored contiguously.
+// Semantics follow transformers' _dola_decoding / _relative_top_filter (4.43-4.55) and the DoLa
+// repository's lm_score (dola.py). Vectors are length n_vocab; K candidate rows are stored contiguously.
 #pragma once
 
 #include <cstdint>

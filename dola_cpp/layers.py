@@ -1,4 +1,5 @@
-"""Resolution of DoLa layer specs (SPEC §4–5).
+"""Resolution of DoLa layer specs, as transformers' ``generate(dola_layers=...)`` and the DoLa
+repository's ``--early-exit-layers`` define them.
 
 Layer ``j`` means what ``hidden_states[j]`` means in transformers: 0 = embedding output,
 1..N-1 = output of block j-1, N = the final layer (the model's own logits).

@@ -1,14 +1,11 @@
-"""The ``dola-cpp`` command line: commands through Typer's CliRunner, the piped chat through a
-subprocess, and the interactive chat in a real terminal (tmux)."""
+"""The ``dola-cpp`` command line: commands through Typer's CliRunner, the chat's pieces and the
+piped chat (in-process and as a subprocess). The chat in a real terminal: test_chat_terminal.py."""
 
 import json
 import os
 import re
-import shlex
-import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,8 +13,8 @@ from typer.testing import CliRunner
 
 import dola_cpp
 from dola_cpp.cli._app import app
-from dola_cpp.cli._chat import Chat, Conversation, Exchange, template_choice
-from dola_cpp.cli._cli_utils import CLIError, Template, one_line
+from dola_cpp.cli._chat import Chat, Conversation, Exchange
+from dola_cpp.cli._cli_utils import CLIError, Template, one_line, template_choice
 from dola_cpp.cli._render import histogram, side_by_side, stats_line
 
 # Short generations, one thread: the suite shares two cores with benchmarks.
@@ -382,13 +379,12 @@ def test_model_without_a_chat_template(cli, no_template_path):
 
 class _NoTemplate:
     chat_template = ""
+    chat_template_supported = False
 
 
 class _UnknownTemplate:
     chat_template = "{{ something llama.cpp has never seen }}"
-
-    def apply_chat_template(self, messages):
-        raise dola_cpp.DolaError("the model's chat template is not one llama.cpp recognises")
+    chat_template_supported = False
 
 
 def test_template_fallback_is_announced():
@@ -397,10 +393,14 @@ def test_template_fallback_is_announced():
     use, note = template_choice(_UnknownTemplate(), Template.auto)
     assert use is False and "does not recognise" in note
     assert template_choice(_NoTemplate(), Template.none) == (False, None)
-    with pytest.raises(CLIError, match="no chat template"):
-        template_choice(_NoTemplate(), Template.chat)
-    with pytest.raises(dola_cpp.DolaError):
-        template_choice(_UnknownTemplate(), Template.chat)
+    for model in (_NoTemplate(), _UnknownTemplate()):
+        with pytest.raises(CLIError, match="no chat template llama.cpp recognises"):
+            template_choice(model, Template.chat)
+
+
+def test_the_default_models_template_is_recognised(smollm2):
+    assert smollm2.chat_template_supported
+    assert template_choice(smollm2, Template.auto) == (True, None)
 
 
 def test_transcript_format():
@@ -473,152 +473,3 @@ def test_one_line_error_messages():
         "could not download x: … ERROR: No matching distribution"
     assert one_line(ValueError("")) == "ValueError"
 
-
-# ---------------------------------------------------------------------------------- terminal chat
-
-TMUX = shutil.which("tmux")
-needs_tmux = pytest.mark.skipif(TMUX is None, reason="tmux is not installed (apt-get install -y tmux)")
-
-
-class Terminal:
-    """A program running in a detached tmux session on a private server socket."""
-
-    def __init__(self, command: str, tmp_path: Path) -> None:
-        self.socket = f"dola-cli-test-{os.getpid()}-{time.monotonic_ns()}"
-        self.status = tmp_path / "status"
-        env = f"DOLA_CPP_CACHE={shlex.quote(str(tmp_path / 'cache'))} NO_COLOR= DOLA_CPP_DEBUG="
-        shell = f"env {env} {command}; echo $? > {shlex.quote(str(self.status))}; echo '[exited]'; sleep 600"
-        # start outside the source tree: its dola_cpp/ folder would shadow the installed package
-        self._tmux("new-session", "-d", "-s", "chat", "-c", str(tmp_path), "-x", "160", "-y", "50", shell)
-
-    def _tmux(self, *args: str) -> str:
-        return subprocess.run([TMUX, "-L", self.socket, *args], check=True, capture_output=True, text=True).stdout
-
-    def keys(self, *keys: str) -> None:
-        self._tmux("send-keys", "-t", "chat", *keys)
-
-    def type(self, text: str) -> None:
-        time.sleep(0.2)  # a moment after the prompt appears, as a person would take
-        self._tmux("send-keys", "-t", "chat", "-l", text)
-        self.keys("Enter")
-
-    def screen(self) -> str:
-        text = self._tmux("capture-pane", "-p", "-J", "-t", "chat", "-S", "-500")
-        return "\n".join(line.rstrip() for line in text.splitlines())
-
-    def wait_for(self, predicate, what: str, timeout: float = 90.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            screen = self.screen()
-            if predicate(screen):
-                return screen
-            if self.status.exists():
-                break
-            time.sleep(0.2)
-        raise AssertionError(f"timed out waiting for {what}; screen:\n{self.screen()}")
-
-    def wait_for_prompt(self, after: str = "") -> str:
-        """Wait until the chat is back at an empty '>>>' prompt, after ``after`` appeared."""
-        return self.wait_for(lambda s: after in s and s.rstrip().endswith(">>>")
-                             and s.rfind(after) < s.rstrip().rfind(">>>"), f"the prompt after {after!r}")
-
-    def exit_status(self, timeout: float = 30.0) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.status.exists() and self.status.read_text().strip():
-                return int(self.status.read_text())
-            time.sleep(0.2)
-        raise AssertionError(f"the chat did not exit; screen:\n{self.screen()}")
-
-    def close(self) -> None:
-        subprocess.run([TMUX, "-L", self.socket, "kill-server"], capture_output=True)
-
-
-@pytest.fixture()
-def terminal(tmp_path):
-    terminals = []
-
-    def start(*args: str) -> Terminal:
-        command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "dola_cpp.cli", *args])
-        t = Terminal(command, tmp_path)
-        terminals.append(t)
-        return t
-
-    yield start
-    for t in terminals:
-        t.close()
-
-
-@needs_tmux
-@pytest.mark.slow
-def test_chat_in_a_terminal(terminal, smollm2_path):
-    t = terminal("run", str(smollm2_path), "--max-tokens", "400", *FAST)
-    screen = t.wait_for_prompt("Type /help")
-    assert "DoLa (normed premature layers): layers 15,17,19,21,23,25,27,29 vs 30 · repetition penalty 1.2" in screen
-
-    # a long answer, stopped with Ctrl-C once it is streaming
-    question = "Count from 1 to 200, separated by commas."
-    t.type(question)
-    t.wait_for(lambda s: re.search(re.escape(question) + r"\n\S.{20}", s) is not None, "the answer to stream")
-    t.keys("C-c")
-    screen = t.wait_for_prompt("[interrupted")
-    assert re.search(r"\d+ tokens · [\d.]+ tok/s · .* · interrupted", screen)
-
-    # the model is still usable: a shorter answer this time, with its stats line
-    t.type("/set max_tokens 24")
-    t.wait_for_prompt("max_tokens = 24")
-    question = "What is the capital of France?"
-    t.type(question)
-    screen = t.wait_for_prompt(question)
-    answer = screen[screen.rfind(question):]
-    assert re.search(r"\n\S.*\n\d+ tokens · [\d.]+ tok/s · prompt \d+ tokens in [\d.]+ s · layers \d+×\d+", answer)
-
-    t.type("/set layers low")
-    screen = t.wait_for_prompt("layers = low")
-    assert "DoLa (normed premature layers): layers 2,4,6,8,10,12,14 vs 30" in screen
-
-    t.type("/stats")
-    screen = t.wait_for_prompt("session: 2 answer(s)")
-    assert re.search(r"layer +\d+ │█", screen)
-
-    t.type("/bye")
-    assert t.exit_status() == 0
-
-
-@needs_tmux
-@pytest.mark.parametrize("enter", [True, False], ids=["line", "partial"])
-def test_chat_discards_what_was_typed_during_an_answer(terminal, smollm2_path, enter):
-    t = terminal("run", str(smollm2_path), "--layers", "none", "--max-tokens", "200", *FAST)
-    t.wait_for_prompt("Type /help")
-    question = "Count from 1 to 200, separated by commas."
-    t.type(question)
-    t.wait_for(lambda s: re.search(re.escape(question) + r"\n(.*\n){3}", s) is not None, "the answer to stream")
-    t.keys("-l", "typed ahead")
-    if enter:
-        t.keys("Enter")
-    screen = t.wait_for_prompt("was discarded")
-    assert "note: what you typed while the answer was streaming was discarded" in screen
-    assert screen.rstrip().endswith(">>>")  # an empty prompt: "typed ahead" is neither asked nor pending
-    assert screen.count(" tok/s") == 1  # one answer only
-    t.type("/bye")
-    assert t.exit_status() == 0
-
-
-@needs_tmux
-@pytest.mark.parametrize("key", ["C-c", "C-d"])
-def test_chat_exits_cleanly_at_an_empty_prompt(terminal, smollm2_path, key):
-    t = terminal("run", str(smollm2_path), *FAST)
-    t.wait_for_prompt("Type /help")
-    # Pauses as a person makes them: a signal that lands while readline handles other keys can
-    # be held until the next key (CPython's readline checks for signals only around its select).
-    time.sleep(0.3)
-    t.keys("partly typed")
-    t.wait_for(lambda s: s.rstrip().endswith(">>> partly typed"), "the typed text")
-    time.sleep(0.3)
-    t.keys("C-c")  # discards the line, does not exit
-    t.wait_for(lambda s: s.rstrip().endswith(">>> partly typed\n>>>"), "a fresh prompt")
-    time.sleep(0.3)
-    t.keys(key)
-    assert t.exit_status() == 0
-    # leaving the cursor on a fresh line for the shell
-    assert t.wait_for(lambda s: "[exited]" in s, "the exit").rstrip().endswith(">>> partly typed\n>>>\n[exited]")

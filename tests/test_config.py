@@ -60,7 +60,7 @@ def test_keywords_replace_the_configs_fields(smollm2):
 
 
 def test_the_penalty_warning_comes_from_the_config(smollm2, monkeypatch):
-    import dola_cpp.model as model_module
+    import dola_cpp.stream as model_module
 
     monkeypatch.setattr(model_module, "_warned_penalty", False)
     with pytest.warns(PenaltyWarning, match="recommended with repetition_penalty >= 1.2"):

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dola_cpp import evaluate as ev
+from dola_cpp.cli._app import app as root_app
 from dola_cpp.cli.eval import app
 from dola_cpp.layers import resolve_layers
 
@@ -241,19 +242,25 @@ def test_cli_tfqa_runs_and_resumes(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "args, code, message",
     [
-        pytest.param(["factor", "smollm2", "--data", "/nonexistent.csv"], "data file not found", id="missing-data"),
-        pytest.param(["factor", "smollm2", "--data", str(TFQA_CSV)], "missing column", id="wrong-columns"),
+        pytest.param(["factor", "smollm2", "--data", "/nonexistent.csv"], 1, "data file not found", id="missing-data"),
+        pytest.param(["factor", "smollm2", "--data", str(TFQA_CSV)], 1, "missing column", id="wrong-columns"),
         pytest.param(["tfqa-mc", "smollm2", "--data", str(TFQA_CSV), "--layers", "high", "--early-exit-layers", "-1"],
-                     "not both", id="two-layer-options"),
-        pytest.param(["tfqa-mc", "/nonexistent.gguf", "--data", str(TFQA_CSV)], "not found", id="missing-model"),
+                     2, "not both", id="two-layer-options"),
+        pytest.param(["tfqa-mc", "smollm2", "--data", str(TFQA_CSV), "--layers", "1,,2"], 2, "empty entry",
+                     id="layer-syntax"),
+        pytest.param(["tfqa-mc", "smollm2", "--data", str(TFQA_CSV), "--layers", "20,99"], 1,
+                     "Error: --layers 20,99: layer 99 is out of range", id="layer-range"),
+        pytest.param(["tfqa-mc", "/nonexistent.gguf", "--data", str(TFQA_CSV)], 1, "not found", id="missing-model"),
     ],
 )
-def test_cli_bad_input(args, message):
-    r = CliRunner().invoke(app, args)
-    assert r.exit_code == 2
+def test_cli_bad_input(args, code, message):
+    """Like every other command: usage errors exit 2, bad data or models one 'Error:' line and 1."""
+    r = CliRunner().invoke(root_app, ["eval", *args])
+    assert r.exit_code == code, r.output
     assert message in " ".join(r.output.replace("│", " ").split())
+    assert "Traceback" not in r.output
 
 
 # ------------------------------------------------------------------------------- transformers reference
@@ -268,11 +275,12 @@ def hf_forward(hf_model):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the llama.cpp side and other jobs share the cores: no oversubscription
 
+    import torch_reference
+
     def forward(ids):
         key = tuple(ids)
         if key not in cache:
-            with torch.no_grad():
-                cache[key] = hf_model(torch.tensor([ids]), output_hidden_states=True)
+            cache[key] = torch_reference.forward(hf_model, ids)
         return cache[key]
 
     yield forward
@@ -284,43 +292,6 @@ def f32_scorer(f32_path):
     from dola_cpp import Model
 
     return Model(f32_path, n_ctx=512, n_threads=1, kv_type="f32")
-
-
-def ref_lm_score(hf, out, ids, n_prefix, plan, n_layer, relative_top, post_softmax):
-    """The DoLa repo's lm_score (dola.py) in transformers, on given token ids."""
-    import torch
-    import torch.nn.functional as F
-
-    with torch.no_grad():
-        sl = slice(n_prefix - 1, len(ids) - 1)  # the positions that predict the continuation
-
-        def logits(j):
-            return out.logits[0, sl] if j == n_layer else hf.lm_head(out.hidden_states[j][0, sl])
-
-        cont = torch.tensor(ids[n_prefix:])
-        rows = torch.arange(len(cont))
-        if plan.is_plain:
-            return logits(n_layer).log_softmax(-1)[rows, cont].sum().item(), [None] * len(cont)
-        final = logits(plan.mature)
-        premature = {j: logits(j) for j in plan.candidates}
-        if len(plan.candidates) == 1:
-            chosen = [plan.candidates[0]] * len(cont)
-        else:
-            stacked = torch.stack([premature[j] for j in plan.candidates])  # [C, T, V]
-            m = 0.5 * (final.softmax(-1)[None] + stacked.softmax(-1))
-            kl1 = F.kl_div(final.log_softmax(-1)[None].expand_as(m), m, reduction="none").mean(-1)
-            kl2 = F.kl_div(stacked.log_softmax(-1), m, reduction="none").mean(-1)
-            js = 0.5 * (kl1 + kl2)  # [C, T]
-            chosen = [plan.candidates[int(i)] for i in js.argmax(0)]
-        base = torch.stack([premature[j][t] for t, j in enumerate(chosen)])
-        lp = final.log_softmax(-1)
-        diff = lp - base.log_softmax(-1)
-        if post_softmax:
-            diff = diff.log_softmax(-1)
-        if relative_top > 0:
-            thr = lp.max(-1, keepdim=True).values + np.log(relative_top)
-            diff = torch.where(lp < thr, torch.tensor(-1000.0), diff)
-        return diff[rows, cont].sum().item(), chosen
 
 
 def ref_cases():
@@ -344,7 +315,10 @@ def test_scores_match_transformers(f32_scorer, hf_model, hf_forward, layers):
         ids = m.tokenize(prefix + cont)
         n_prefix = len(m.tokenize(prefix))
         r = m.score(prefix, cont, layers=layers, relative_top=rt, post_softmax=post)
-        want, chosen = ref_lm_score(hf_model, hf_forward(ids), ids, n_prefix, plan, m.n_layers, rt, post)
+        import torch_reference
+
+        want, chosen = torch_reference.lm_score(hf_model, hf_forward(ids), ids, n_prefix, list(plan.candidates),
+                                                plan.mature, rt, post)
         assert r.continuation_tokens == ids[n_prefix:]
         assert r.score == pytest.approx(want, abs=1e-3 + 1e-5 * abs(want)), (prefix[-40:], cont, rt)
-        assert r.premature_layers == chosen
+        assert r.premature_layers == (chosen or [None] * len(r.continuation_tokens))

@@ -1,4 +1,4 @@
-"""Malformed GGUF files get a Python exception, never an abort (SPEC §8).
+"""Malformed GGUF files get a Python exception, never an abort.
 
 Each file is loaded, described and run in a child process, so a GGML_ASSERT or a segfault shows
 up as a crashed child (and the name of the file) instead of killing pytest. The cases are the

@@ -1,4 +1,4 @@
-"""No leaks in the core under repeated model/context creation (SPEC §8), checked with
+"""No leaks in the core under repeated model/context creation, checked with
 LeakSanitizer preloaded into a child interpreter (LSan needs no instrumented build)."""
 
 import os

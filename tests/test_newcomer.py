@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 import dola_cpp
-from dola_cpp import DecodeConfig, Model, PromptTooLongError
+from dola_cpp import DecodeConfig, PromptTooLongError
 from dola_cpp.cli._app import app
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-F = torch.nn.functional
+import torch_reference  # noqa: E402  (needs torch)
 
 pytestmark = pytest.mark.reference
 
@@ -92,41 +92,6 @@ def test_projection_of_normed_final_state_reproduces_logits(smollm2):
     assert np.max(np.abs(raw - logits)) > 1.0  # and the raw state is really different
 
 
-def lm_score_reference(hf_model, ids, n_prefix, candidates, mature, relative_top, post_softmax):
-    """The DoLa repo's lm_score (dola.py), recomputed directly in torch."""
-    out, head = hf_hidden_logits(hf_model, ids)
-    n_layer = hf_model.config.num_hidden_layers
-
-    def layer(j):
-        return out.logits[0] if j == n_layer else head(out.hidden_states[j][0])
-
-    rows = slice(n_prefix - 1, len(ids) - 1)
-    final = layer(mature)[rows].log_softmax(-1)
-    cont = torch.tensor(ids[n_prefix:])
-    if not candidates:
-        return final[range(len(cont)), cont].sum().item(), []
-    cand = torch.stack([layer(j)[rows] for j in candidates])  # [K, T, V]
-    if len(candidates) == 1:
-        chosen = [candidates[0]] * len(cont)
-        base = cand[0]
-    else:
-        p = final.exp()
-        lq = cand.log_softmax(-1)
-        m = 0.5 * (p[None] + lq.exp())
-        js = 0.5 * (F.kl_div(final[None].expand_as(lq), m, reduction="none").mean(-1)
-                    + F.kl_div(lq, m, reduction="none").mean(-1))  # [K, T]
-        idx = js.argmax(0)
-        chosen = [candidates[i] for i in idx.tolist()]
-        base = cand[idx, torch.arange(len(cont))]
-    diff = final - base.log_softmax(-1)
-    if post_softmax:
-        diff = diff.log_softmax(-1)
-    if relative_top > 0:
-        mask = final < final.max(-1, keepdim=True).values + np.log(relative_top)
-        diff = torch.where(mask, torch.tensor(-1000.0), diff)
-    return diff[range(len(cont)), cont].sum().item(), chosen
-
-
 @pytest.mark.parametrize(
     "layers, relative_top, post_softmax",
     [
@@ -145,9 +110,8 @@ def test_score_matches_lm_score(f32_model, hf_model, layers, relative_top, post_
         ids = f32_model.tokenize(prefix + answer)
         n_prefix = len(f32_model.tokenize(prefix))
         plan = f32_model.resolve_layers(layers)
-        ref, chosen = lm_score_reference(
-            hf_model, ids, n_prefix, list(plan.candidates), plan.mature, relative_top, post_softmax
-        )
+        ref, chosen = torch_reference.lm_score(hf_model, torch_reference.forward(hf_model, ids), ids, n_prefix,
+                                               list(plan.candidates), plan.mature, relative_top, post_softmax)
         assert close(r.score, ref), (r.score, ref)
         assert r.continuation_tokens == ids[n_prefix:]
         if plan.candidates:

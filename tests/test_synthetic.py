@@ -15,7 +15,7 @@ def weights(path) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize(
     "n_layer, tied, low, high",
     [
-        # SPEC §5: start = 0 untied; tied: 2 if N > 2, 1 if N == 2, else 0
+        # transformers' _dola_decoding: start = 0 untied; tied: 2 if N > 2, 1 if N == 2, else 0
         (1, False, [0], [0]),
         (1, True, [0], [0]),
         (2, True, [1], [1]),

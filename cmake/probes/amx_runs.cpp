@@ -2,6 +2,8 @@
 // request once per process, a stack tile configuration loaded once per thread) and checks the
 // result. Exit 0: AMX works in binaries built with these flags on this machine; 77: this CPU has
 // no AMX (nothing to decide); anything else, or a signal: it does not.
+#include "tile_config.h"
+
 #include <immintrin.h>
 #include <cpuid.h>
 #include <cstdint>
@@ -11,14 +13,6 @@
 #include <unistd.h>
 
 namespace {
-
-struct tile_config {
-    uint8_t palette_id = 0;
-    uint8_t start_row = 0;
-    uint8_t reserved[14] = {0};
-    uint16_t colsb[16] = {0};
-    uint8_t rows[16] = {0};
-};
 
 bool cpu_has_amx_int8() {
     unsigned a, b, c, d;

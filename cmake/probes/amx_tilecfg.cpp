@@ -3,16 +3,10 @@
 // optimiser drops the row/column stores and the CPU gets an empty configuration: the next tile
 // instruction faults. dola-cpp compiles this function to assembly and checks that the store of
 // `rows` (the first argument's register) survived.
+#include "tile_config.h"
+
 #include <immintrin.h>
 #include <cstdint>
-
-struct tile_config {
-    uint8_t palette_id = 0;
-    uint8_t start_row = 0;
-    uint8_t reserved[14] = {0};
-    uint16_t colsb[16] = {0};
-    uint8_t rows[16] = {0};
-};
 
 extern "C" void dola_probe_tilecfg(uint8_t rows) {
     alignas(64) tile_config tc = {};

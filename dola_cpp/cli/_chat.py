@@ -14,9 +14,9 @@ from typing import Callable, Optional
 
 import typer
 
-from .. import DecodeConfig, DolaError, GenerationResult, LayerPlan, Model
+from .. import DecodeConfig, GenerationResult, LayerPlan, Model
 from ..hub import cache_dir
-from ._cli_utils import CLIError, Template, layer_plan, one_line
+from ._cli_utils import CLIError, Template, layer_plan, one_line, template_choice
 from ._input import Interrupted, LineReader, discard_typeahead, line_reader
 from ._render import describe_plan, histogram, stats_line
 
@@ -95,24 +95,6 @@ class Conversation:
 
     def clear(self) -> None:
         self.exchanges.clear()
-
-
-def template_choice(model: Model, template: Template) -> tuple[bool, Optional[str]]:
-    """Whether to use the chat template, and a note for the user when falling back."""
-    if template is Template.none:
-        return False, None
-    if not model.chat_template:
-        if template is Template.chat:
-            raise CLIError("this model has no chat template in its GGUF; use --template none")
-        return False, "this model has no chat template; using a plain 'User: … / Assistant:' transcript"
-    try:
-        model.apply_chat_template([{"role": "user", "content": "hi"}])
-    except DolaError:
-        if template is Template.chat:
-            raise
-        return False, ("llama.cpp does not recognise this model's chat template; "
-                       "using a plain 'User: … / Assistant:' transcript")
-    return True, None
 
 
 class Output:
@@ -250,7 +232,7 @@ class Chat:
             _, ids, dropped = self.conversation.prompt(text, budget)
             # the ids, not the text: tokenized once per turn
             run = self.model.stream(ids, self.max_tokens, config=self.settings, stop=self.conversation.stop)
-        except (CLIError, ValueError, TypeError, RuntimeError) as e:
+        except (CLIError, ValueError, TypeError, OSError) as e:
             self._fail(e)
             return None
         if dropped:
@@ -270,7 +252,7 @@ class Chat:
                     self.out.piece(shown)
         except KeyboardInterrupt:
             interrupted = True
-        except (ValueError, RuntimeError) as e:
+        except (ValueError, OSError) as e:
             self.out.newline()
             self._fail(e)
             return None

@@ -26,8 +26,9 @@ class CLIError(Exception):
 
 
 # Library errors that mean "bad input" rather than "bug": reported like a CLIError. OSError covers
-# FileNotFoundError, IsADirectoryError, permissions and Hub download failures.
-USER_ERRORS = (CLIError, DolaError, ValueError, TypeError, OSError, RuntimeError)
+# FileNotFoundError, IsADirectoryError, permissions and PyPI/Hub download failures. Anything else
+# (RuntimeError included) is a bug and keeps its traceback.
+USER_ERRORS = (CLIError, DolaError, ValueError, TypeError, OSError)
 
 
 def debug_enabled() -> bool:
@@ -102,7 +103,7 @@ _DECODE = "Decoding"
 _ENGINE = "Engine"
 
 
-def _check_layer_syntax(value: Optional[str]) -> Optional[str]:
+def check_layer_syntax(value: Optional[str]) -> Optional[str]:
     """Reject what can never be a layer spec before loading the model; ranges are checked
     against the model once it is loaded."""
     if value is not None:
@@ -126,7 +127,7 @@ PromptArg = Annotated[str, typer.Argument(help="The prompt text.", show_default=
 LayersOpt = Annotated[
     str,
     typer.Option(
-        "--layers", "-l", callback=_check_layer_syntax, rich_help_panel=_DECODE,
+        "--layers", "-l", callback=check_layer_syntax, rich_help_panel=_DECODE,
         help="Premature layers to contrast: high, low, none (plain decoding), or a list like 16,18,32 "
              "(last = mature layer; one value = plain decoding from that layer).",
     ),
@@ -211,20 +212,27 @@ def layer_plan(model: Model, layers: str, label: str = "--layers") -> LayerPlan:
         raise CLIError(f"{label} {layers}: {e}") from None
 
 
+def template_choice(model: Model, template: Template) -> tuple[bool, Optional[str]]:
+    """Whether to use the GGUF's chat template, and a note for the user when falling back."""
+    if template is Template.none:
+        return False, None
+    if model.chat_template_supported:
+        return True, None
+    if template is Template.chat:
+        raise CLIError("this model has no chat template llama.cpp recognises in its GGUF; use --template none")
+    why = "has no chat template" if not model.chat_template else "has a chat template llama.cpp does not recognise"
+    return False, f"this model {why}; using a plain 'User: … / Assistant:' transcript"
+
+
 def prompt_text(model: Model, prompt: str, template: Template, system: Optional[str] = None) -> tuple[str, bool]:
-    """The model input for a one-shot prompt and whether the chat template was applied."""
+    """The model input for a one-shot prompt and whether the chat template was applied (without
+    one, the prompt goes as it is)."""
     if not prompt.strip():
         raise CLIError("the prompt is empty")
-    if template is not Template.none:
+    use_template, _ = template_choice(model, template)
+    if use_template:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        if model.chat_template:
-            try:
-                return model.apply_chat_template(messages), True
-            except DolaError as e:
-                if template is Template.chat:
-                    raise CLIError(f"{e} (--template none sends the prompt as it is)") from None
-        elif template is Template.chat:
-            raise CLIError("this model has no chat template in its GGUF; use --template none")
+        return model.apply_chat_template(messages), True
     if system:
         typer.echo("note: --system needs the chat template; ignored", err=True)
     return prompt, False

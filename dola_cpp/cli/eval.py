@@ -10,15 +10,16 @@ from typing import Annotated, Optional
 
 import typer
 
+from .. import Model
 from .. import evaluate as ev
+from ._cli_utils import CLIError, CtxOpt, ModelRequiredArg, ThreadsOpt, check_layer_syntax, layer_plan, model_path
 
 app = typer.Typer(
     help="Reproduce the DoLa paper's multiple-choice evaluations with the DoLa repository's protocol.",
     no_args_is_help=True,
 )
 
-ModelArg = Annotated[str, typer.Argument(help="A .gguf path, hf://owner/repo/file.gguf, or a demo name (smollm2, gemma3-270m).")]
-DataOpt = Annotated[Path, typer.Option("--data", help="The dataset CSV.")]
+DataOpt = Annotated[Path, typer.Option("--data", help="The dataset CSV (see the README for where to get it).")]
 EarlyExitOpt = Annotated[
     Optional[str],
     typer.Option(
@@ -28,7 +29,8 @@ EarlyExitOpt = Annotated[
     ),
 ]
 LayersOpt = Annotated[
-    Optional[str], typer.Option("--layers", help="'high', 'low', 'none' or a layer string such as '16,18,32'.")
+    Optional[str], typer.Option("--layers", callback=check_layer_syntax,
+                                help="'high', 'low', 'none' or a layer string such as '16,18,32'.")
 ]
 PrematureNormOpt = Annotated[
     bool, typer.Option("--premature-norm", help="Apply the final norm to premature hidden states (logit lens).")
@@ -37,7 +39,6 @@ LimitOpt = Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluat
 JsonOpt = Annotated[
     Optional[Path], typer.Option("--json", help="Append per-item results as JSON lines here; a rerun resumes.")
 ]
-CtxOpt = Annotated[int, typer.Option("--ctx", min=0, help="Context size in tokens (0 = the model's).")]
 
 
 class KVType(str, Enum):
@@ -53,7 +54,6 @@ KVTypeOpt = Annotated[
         "reused; with f16, llama.cpp's attention kernels differ between a long and a short batch.",
     ),
 ]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (default: all).")]
 
 
 def _layer_spec(early_exit_layers: Optional[str], layers: Optional[str]):
@@ -67,35 +67,23 @@ def _layer_spec(early_exit_layers: Optional[str], layers: Optional[str]):
     return layers
 
 
-def _load_model(ref: str, ctx: int, threads: Optional[int], kv_type: KVType):
-    from .. import Model, resolve_model
-
-    try:
-        path = resolve_model(ref)
-        return Model(path, n_ctx=ctx, n_threads=threads, kv_type=kv_type.value)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise typer.BadParameter(str(e).splitlines()[0], param_hint="MODEL") from None
-
-
-def _run(task: str, model_ref: str, data: Path, spec, premature_norm: bool, limit, json_out, ctx, threads, kv_type) -> None:
+def _run(task: ev.Task, model_ref: str, data: Path, spec, premature_norm: bool, limit, json_out, ctx, threads,
+         kv_type) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Table
 
     console = Console()
     try:
-        items = ev.load_truthfulqa(data) if task == ev.TFQA else ev.load_factor(data)
+        items = task.load(data)
     except ev.EvalDataError as e:
-        raise typer.BadParameter(str(e), param_hint="--data") from None
+        raise CLIError(f"--data: {e}") from None
     items = items[:limit] if limit else items
-    model = _load_model(model_ref, ctx, threads, kv_type)
-    try:
-        plan = model.resolve_layers(spec)
-    except (TypeError, ValueError) as e:
-        raise typer.BadParameter(str(e), param_hint="--layers") from None
+    model = Model(model_path(model_ref), n_ctx=ctx, n_threads=threads, kv_type=kv_type.value)
+    plan = layer_plan(model, spec) if spec is not None else model.resolve_layers(None)
     mode = plan.mode + (" (premature norm)" if premature_norm and not plan.is_plain else "")
     console.print(
-        f"[bold]{task}[/] {model.path.name}: {len(items)} items, {mode}"
+        f"[bold]{task.name}[/] {model.path.name}: {len(items)} items, {mode}"
         + (f", candidates {list(plan.candidates)} vs {plan.mature}" if not plan.is_plain else "")
     )
 
@@ -110,13 +98,13 @@ def _run(task: str, model_ref: str, data: Path, spec, premature_norm: bool, limi
     counts = {"n": 0, "sum": 0.0}
 
     with Progress(*columns, console=console, transient=False) as bar:
-        bar_id = bar.add_task(task, total=len(items), status="")
+        bar_id = bar.add_task(task.name, total=len(items), status="")
 
         def progress(done: int, total: int, rec: dict) -> None:
             if rec:
                 counts["n"] += 1
-                counts["sum"] += rec["MC1"] if task == ev.TFQA else float(rec["correct"])
-            status = f"{'MC1' if task == ev.TFQA else 'acc'} {counts['sum'] / counts['n']:.3f}" if counts["n"] else ""
+                counts["sum"] += task.item_metric(rec)
+            status = f"{task.metric} {counts['sum'] / counts['n']:.3f}" if counts["n"] else ""
             bar.update(bar_id, completed=done, status=status)
 
         t0 = time.perf_counter()
@@ -132,7 +120,7 @@ def _run(task: str, model_ref: str, data: Path, spec, premature_norm: bool, limi
                 header_extra={"data": data.name, "kv_type": kv_type.value},
             )
         except ev.EvalDataError as e:
-            raise typer.BadParameter(str(e), param_hint="--json") from None
+            raise CLIError(f"--json: {e}") from None
         wall = time.perf_counter() - t0
 
     table = Table()
@@ -167,7 +155,7 @@ def _run(task: str, model_ref: str, data: Path, spec, premature_norm: bool, limi
 
 @app.command("tfqa-mc")
 def tfqa_mc(
-    model: ModelArg,
+    model: ModelRequiredArg,
     data: DataOpt,
     early_exit_layers: EarlyExitOpt = None,
     layers: LayersOpt = None,
@@ -179,12 +167,12 @@ def tfqa_mc(
     kv_type: KVTypeOpt = KVType.f32,
 ) -> None:
     """TruthfulQA MC1/MC2/MC3 (the DoLa repo's tfqa_mc_eval.py: 6-shot prompt, relative_top=0)."""
-    _run(ev.TFQA, model, data, _layer_spec(early_exit_layers, layers), premature_norm, limit, json_out, ctx, threads, kv_type)
+    _run(ev.TASKS[ev.TFQA], model, data, _layer_spec(early_exit_layers, layers), premature_norm, limit, json_out, ctx, threads, kv_type)
 
 
 @app.command("factor")
 def factor(
-    model: ModelArg,
+    model: ModelRequiredArg,
     data: DataOpt,
     early_exit_layers: EarlyExitOpt = None,
     layers: LayersOpt = None,
@@ -196,4 +184,4 @@ def factor(
     kv_type: KVTypeOpt = KVType.f32,
 ) -> None:
     """FACTOR accuracy (the DoLa repo's factor_eval.py: relative_top=0.1, post-softmax)."""
-    _run(ev.FACTOR, model, data, _layer_spec(early_exit_layers, layers), premature_norm, limit, json_out, ctx, threads, kv_type)
+    _run(ev.TASKS[ev.FACTOR], model, data, _layer_spec(early_exit_layers, layers), premature_norm, limit, json_out, ctx, threads, kv_type)

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from .. import DolaError, Model, _core
+from .. import Model, _core
 from ._cli_utils import JsonOpt, ModelRequiredArg, examples, load_model
 from ._render import layer_list
 
@@ -55,13 +55,6 @@ def info(model: ModelRequiredArg, as_json: JsonOpt = False) -> None:
 
 def model_facts(m: Model) -> dict[str, Any]:
     metadata = m.metadata()
-    recognised = False
-    if m.chat_template:
-        try:
-            m.apply_chat_template([{"role": "user", "content": "hi"}])
-            recognised = True
-        except DolaError:
-            pass
     return {
         "path": str(m.path),
         "size_bytes": m.path.stat().st_size,
@@ -75,7 +68,7 @@ def model_facts(m: Model) -> dict[str, Any]:
         "n_ctx_train": m.n_ctx_train,
         "tied_embeddings": m.tied_embeddings,
         "chat_template": m.chat_template,
-        "chat_template_recognised": recognised,
+        "chat_template_recognised": m.chat_template_supported,
         "cpu_extra_buffer_types": _core.cpu_extra_buffer_types(),
         "amx": _core.amx_build_note(),
         "layers": {

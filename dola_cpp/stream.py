@@ -1,0 +1,174 @@
+"""One generation as it runs: :class:`Stream`, an iterator of text pieces with the steps'
+diagnostics and how it ended."""
+
+from __future__ import annotations
+
+import codecs
+import time
+import warnings
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from . import _core
+from .config import DecodeConfig
+from .results import GenerationResult, StepInfo
+
+if TYPE_CHECKING:
+    from .model import Model, Prompt
+
+_warned_penalty = False
+
+
+class PenaltyWarning(UserWarning):
+    """DoLa ran with a repetition penalty below the recommended 1.2."""
+
+
+class Stream:
+    """One generation: an iterator of text pieces. ``steps`` grows as it runs; once it is
+    exhausted, ``finish_reason`` and ``result()`` say how it ended. ``close()`` stops it."""
+
+    def __init__(
+        self,
+        model: Model,
+        prompt: Prompt,
+        max_tokens: int,
+        config: DecodeConfig,
+        *,
+        stop: Union[str, Sequence[str], None] = None,
+        ignore_eos: bool = False,
+        add_special: bool = True,
+    ) -> None:
+        global _warned_penalty
+        if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
+            raise ValueError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
+        self.model = model
+        self.ids = model._prompt_ids(prompt, add_special=add_special)
+        self.plan = model.resolve_layers(config.layers)
+        self.config = config
+        self.params = config.to_core(self.plan)
+        note = config.penalty_note(self.plan)
+        if note and not _warned_penalty:
+            _warned_penalty = True
+            warnings.warn(note, PenaltyWarning, stacklevel=3)
+        self.max_tokens = int(max_tokens)
+        if isinstance(stop, str):
+            stop = [stop]
+        self.stop = [s for s in (stop or []) if s]
+        self.ignore_eos = ignore_eos
+        self.tokens: list[int] = []
+        self.steps: list[StepInfo] = []
+        self.text = ""
+        self.finish_reason = "length"
+        self.prefill_seconds = 0.0
+        self.decode_seconds = 0.0
+        self._iter = self._generate()
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._iter)
+
+    def close(self) -> None:
+        self._iter.close()
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(
+            text=self.text,
+            tokens=list(self.tokens),
+            steps=list(self.steps),
+            finish_reason=self.finish_reason,
+            prompt_tokens=len(self.ids),
+            prefill_seconds=self.prefill_seconds,
+            decode_seconds=self.decode_seconds,
+            layers=self.plan.candidates,
+            mature_layer=None if self.plan.is_plain else self.plan.mature,
+        )
+
+    def _held_back(self, text: str) -> int:
+        """Length of the longest suffix of ``text`` that could start a stop string."""
+        keep = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), keep, -1):
+                if s.startswith(text[-k:]):
+                    keep = k
+                    break
+        return keep
+
+    def _generate(self) -> Iterator[str]:
+        m = self.model
+        sess = m._session
+        weights = m._weights
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        emitted = 0
+        t0: Optional[float] = None  # start of decoding
+        with m._claim():
+            try:
+                if self.max_tokens == 0:
+                    self.finish_reason = "length"
+                    return
+                sess.configure(self.params)
+                t_prefill = time.perf_counter()
+                try:
+                    sess.prefill(self.ids)
+                finally:  # also when Ctrl-C or cancel() stops the prefill
+                    self.prefill_seconds = time.perf_counter() - t_prefill
+                t0 = time.perf_counter()
+                for i in range(self.max_tokens):
+                    if m._cancel.is_set():
+                        self.finish_reason = "cancelled"
+                        break
+                    st = sess.sample()
+                    if not self.ignore_eos and weights.is_eog(st.token):
+                        self.finish_reason = "stop"
+                        break
+                    self.tokens.append(st.token)
+                    self.steps.append(
+                        StepInfo(
+                            token=st.token,
+                            premature_layer=None if st.premature_layer < 0 else st.premature_layer,
+                            jsd=st.jsd,
+                            mature_logprob=st.mature_logprob,
+                            score=st.score,
+                            entropy=st.entropy,
+                        )
+                    )
+                    self.text += decoder.decode(weights.token_to_piece(st.token, False))
+                    cut = self._find_stop(emitted)
+                    if cut is not None:
+                        self.text = self.text[:cut]
+                        self.finish_reason = "stop"
+                        break
+                    safe = len(self.text) - self._held_back(self.text[emitted:])
+                    if safe > emitted:
+                        piece, emitted = self.text[emitted:safe], safe
+                        yield piece
+                    if i + 1 == self.max_tokens:
+                        break
+                    if sess.n_cached >= sess.n_ctx:
+                        self.finish_reason = "length"
+                        break
+                    sess.accept(st.token)
+                else:
+                    self.finish_reason = "length"
+            except _core.Cancelled:
+                self.finish_reason = "cancelled"
+            except KeyboardInterrupt:
+                self.finish_reason = "interrupted"
+                raise
+            finally:
+                self.decode_seconds = time.perf_counter() - t0 if t0 is not None else 0.0
+            if self.finish_reason != "stop" or not self.stop:
+                self.text += decoder.decode(b"", final=True)
+            if len(self.text) > emitted:
+                yield self.text[emitted:]
+
+    def _find_stop(self, emitted: int) -> Optional[int]:
+        if not self.stop:
+            return None
+        longest = max(len(s) for s in self.stop)
+        start = max(0, emitted - longest)
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        return min(hits) if hits else None
+
