@@ -1,5 +1,5 @@
 """Shared pieces of the command line: the one user-facing error type and its handler, reusable
-options, the decoding settings object, and model loading."""
+options, the penalty note, the chat-template choice, and model loading."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ from typing import Annotated, Any, Optional
 import typer
 from typer.core import TyperGroup
 
-from .. import DEMO_MODELS, DecodeConfig, DolaError, LayerPlan, Model, resolve_model
+from .. import (
+    DEMO_MODELS, RECOMMENDED_REPETITION_PENALTY, DecodeConfig, DolaError, LayerPlan, Model, PenaltyWarning,
+    PromptTooLongError, resolve_model,
+)
 from ..layers import parse_layer_string
-from .. import RECOMMENDED_REPETITION_PENALTY, PenaltyWarning, PromptTooLongError
 
 DEBUG_ENV = "DOLA_CPP_DEBUG"
 
