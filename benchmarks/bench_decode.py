@@ -89,7 +89,7 @@ def floor_ms(m: Model, layers, repeats: int = 30) -> tuple[float, float]:
     """(projection + contrast ms per token, contrast-only ms per token) for a layer spec."""
     plan = m.resolve_layers(layers)
     s = m._session
-    s.configure(DecodeConfig(layers=layers).to_core(plan))
+    s.configure(DecodeConfig().replace(layers=layers).to_core(plan))
     s.prefill(m.tokenize(PROMPT))
     for _ in range(3):
         s.sample()

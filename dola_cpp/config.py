@@ -2,7 +2,7 @@
 
 Like transformers' ``GenerationConfig``: frozen, validated when made (``validate``), and the one
 place that knows the defaults that depend on the layer plan (the repetition penalty) and when
-to warn about them. ``Model.generate``/``stream`` take one (``config=``) and/or the same fields as
+to warn about them. Each decoder's settings are a sub-config (``DolaConfig``). ``Model.generate``/``stream`` take one (``config=``) and/or the same fields as
 keywords; the command line builds one from its options and the chat's ``/set`` replaces fields.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from . import _core
@@ -21,21 +21,42 @@ RECOMMENDED_REPETITION_PENALTY = 1.2
 
 
 @dataclass(frozen=True)
-class DecodeConfig:
-    """How the next token is chosen.
+class DolaConfig:
+    """Which layers DoLa contrasts, and how.
 
     ``layers``: None = plain decoding; ``"high"``, ``"low"``, a list of premature layers, or the
     DoLa repo's early-exit string ``"16,18,32"`` (one value = plain decoding from that layer, two =
     static DoLa, more = dynamic DoLa whose last value is the mature layer).
     ``premature_norm``: False = project the raw hidden state (the paper, transformers); True =
     the final norm first (logit lens). ``relative_top``: DoLa's relative-top filter.
-    ``repetition_penalty``: None = 1.2 with DoLa, 1.0 plain. ``temperature`` 0 = greedy; then
-    ``top_k`` (0 = all), ``top_p``, ``min_p``, ``seed`` (None = random).
     """
 
     layers: LayerSpec = None
     premature_norm: bool = False
     relative_top: float = 0.1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, str):
+            parse_layer_string(self.layers)
+        elif self.layers is not None and (isinstance(self.layers, (bytes, bytearray))
+                                          or not all(_is_int(v) for v in self.layers)):
+            raise TypeError(f"layers must be 'low', 'high', a layer string or a sequence of ints, got {self.layers!r}")
+        if not isinstance(self.premature_norm, bool):
+            raise TypeError(f"premature_norm must be True or False, got {self.premature_norm!r}")
+        _check_number("relative_top", self.relative_top, 0.0, 1.0, high_open=True)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How the next token is chosen: the DoLa settings (``dola``, a :class:`DolaConfig`) and the
+    logits processors and sampler after the contrast.
+
+    ``repetition_penalty``: None = 1.2 with DoLa, 1.0 plain. ``temperature`` 0 = greedy; then
+    ``top_k`` (0 = all), ``top_p``, ``min_p``, ``seed`` (None = random). ``replace`` takes the
+    sub-configs' fields by name too: ``DecodeConfig().replace(layers="high", temperature=0.7)``.
+    """
+
+    dola: DolaConfig = field(default_factory=DolaConfig)
     repetition_penalty: Optional[float] = None
     temperature: float = 0.0
     top_k: int = 0
@@ -49,14 +70,8 @@ class DecodeConfig:
     def validate(self) -> None:
         """Raise ValueError/TypeError naming the field for a value no model could decode with
         (layer ranges are checked against the model when it resolves the layers)."""
-        if isinstance(self.layers, str):
-            parse_layer_string(self.layers)
-        elif self.layers is not None and (isinstance(self.layers, (bytes, bytearray))
-                                          or not all(_is_int(v) for v in self.layers)):
-            raise TypeError(f"layers must be 'low', 'high', a layer string or a sequence of ints, got {self.layers!r}")
-        if not isinstance(self.premature_norm, bool):
-            raise TypeError(f"premature_norm must be True or False, got {self.premature_norm!r}")
-        _check_number("relative_top", self.relative_top, 0.0, 1.0, high_open=True)
+        if not isinstance(self.dola, DolaConfig):
+            raise TypeError(f"dola must be a DolaConfig, got {type(self.dola).__name__}")
         if self.repetition_penalty is not None:
             _check_number("repetition_penalty", self.repetition_penalty, 0.0, None, low_open=True)
         _check_number("temperature", self.temperature, 0.0, None)
@@ -68,12 +83,16 @@ class DecodeConfig:
             raise ValueError(f"seed must be an integer >= 0 or None (random), got {self.seed!r}")
 
     def replace(self, **changes: Any) -> "DecodeConfig":
-        """A copy with ``changes``; unknown names are a TypeError that suggests the right one."""
+        """A copy with ``changes``, the sub-configs' fields included; an unknown name is a
+        TypeError that suggests the right one."""
         for name in changes:
             if name not in FIELDS:
                 close = difflib.get_close_matches(name, FIELDS, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise TypeError(f"DecodeConfig has no field {name!r}{hint} (fields: {', '.join(FIELDS)})")
+        dola = {k: changes.pop(k) for k in list(changes) if k in DOLA_FIELDS}
+        if dola:
+            changes["dola"] = dataclasses.replace(changes.get("dola", self.dola), **dola)
         return dataclasses.replace(self, **changes)
 
     def penalty(self, plan: LayerPlan) -> float:
@@ -95,9 +114,9 @@ class DecodeConfig:
         p = _core.DecodeParams()
         p.candidates = list(plan.candidates)
         p.mature = plan.mature
-        p.relative_top = float(self.relative_top)
+        p.relative_top = float(self.dola.relative_top)
         p.repetition_penalty = self.penalty(plan)
-        p.premature_norm = self.premature_norm
+        p.premature_norm = self.dola.premature_norm
         p.temperature = float(self.temperature)
         p.top_k = int(self.top_k)
         p.top_p = float(self.top_p)
@@ -106,7 +125,8 @@ class DecodeConfig:
         return p
 
 
-FIELDS = [f.name for f in dataclasses.fields(DecodeConfig)]
+DOLA_FIELDS = [f.name for f in dataclasses.fields(DolaConfig)]
+FIELDS = [f.name for f in dataclasses.fields(DecodeConfig)] + DOLA_FIELDS
 
 
 def _is_int(v: Any) -> bool:

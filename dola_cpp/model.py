@@ -359,7 +359,7 @@ class Model:
         if n_prefix >= len(ids):
             raise ValueError("the continuation adds no tokens to the prefix")
         cfg = _config(config, layers=layers, premature_norm=premature_norm)
-        plan = self.resolve_layers(cfg.layers)
+        plan = self.resolve_layers(cfg.dola.layers)
         with self._claim():
             self._session.configure(cfg.to_core(plan))
             r = self._session.score(ids, n_prefix, post_softmax, float(relative_top), float(relative_top_value))

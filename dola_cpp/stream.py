@@ -44,7 +44,7 @@ class Stream:
             raise ValueError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
         self.model = model
         self.ids = model._prompt_ids(prompt, add_special=add_special)
-        self.plan = model.resolve_layers(config.layers)
+        self.plan = model.resolve_layers(config.dola.layers)
         self.config = config
         self.params = config.to_core(self.plan)
         note = config.penalty_note(self.plan)

@@ -424,14 +424,14 @@ def test_conversation_drops_the_oldest_exchanges_to_fit(smollm2):
 
 
 def test_chat_set_commands_validate(smollm2):
-    chat = Chat(smollm2, dola_cpp.DecodeConfig(layers="high", premature_norm=True), interactive=False)
+    chat = Chat(smollm2, dola_cpp.DecodeConfig().replace(layers="high", premature_norm=True), interactive=False)
     assert chat.command("/set layers low") and chat.plan == smollm2.resolve_layers("low")
     assert chat.command("/set repetition_penalty 1.3") and chat.settings.repetition_penalty == 1.3
     assert chat.command("/set rp auto") and chat.settings.repetition_penalty is None
     assert chat.command("/set temperature 0.7") and chat.settings.temperature == 0.7
     assert chat.command("/set max-tokens 12") and chat.max_tokens == 12
-    assert chat.command("/set premature_norm on") and chat.settings.premature_norm
-    assert chat.command("/set premature_norm off") and not chat.settings.premature_norm
+    assert chat.command("/set premature_norm on") and chat.settings.dola.premature_norm
+    assert chat.command("/set premature_norm off") and not chat.settings.dola.premature_norm
     assert chat.command("/dola off") and chat.plan.is_plain
     assert chat.command("/dola on") and chat.plan == smollm2.resolve_layers("low")
     assert not chat.failed

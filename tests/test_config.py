@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 
-from dola_cpp import DecodeConfig, LayerPlan, PenaltyWarning
+from dola_cpp import DecodeConfig, DolaConfig, LayerPlan, PenaltyWarning
 
 PLAIN = LayerPlan((), 30)
 DOLA = LayerPlan((15, 17), 30)
@@ -12,7 +12,7 @@ DOLA = LayerPlan((15, 17), 30)
 
 def test_defaults_are_plain_greedy():
     c = DecodeConfig()
-    assert c.layers is None and c.temperature == 0.0 and not c.premature_norm
+    assert c.dola == DolaConfig() and c.dola.layers is None and c.temperature == 0.0 and not c.dola.premature_norm
     assert c.penalty(PLAIN) == 1.0 and c.penalty(DOLA) == 1.2
 
 
@@ -32,10 +32,20 @@ def test_defaults_are_plain_greedy():
     ({"temperature": "hot"}, TypeError, "temperature must be a number"),
 ])
 def test_invalid_values_name_the_field(changes, error, message):
+    name = next(iter(changes))
     with pytest.raises(error, match=message):
-        DecodeConfig(**changes)
+        DolaConfig(**changes) if name in ("layers", "premature_norm", "relative_top") else DecodeConfig(**changes)
     with pytest.raises(error, match=message):
         DecodeConfig().replace(**changes)
+
+
+def test_replace_reaches_the_dola_sub_config():
+    c = DecodeConfig().replace(layers="high", premature_norm=True, temperature=0.5)
+    assert c.dola == DolaConfig(layers="high", premature_norm=True) and c.temperature == 0.5
+    assert c.replace(relative_top=0.2).dola == DolaConfig(layers="high", premature_norm=True, relative_top=0.2)
+    assert DecodeConfig(dola=DolaConfig(layers="low")).dola.layers == "low"
+    with pytest.raises(TypeError, match="dola must be a DolaConfig"):
+        DecodeConfig(dola={"layers": "high"})
 
 
 def test_penalty_note_only_for_dola_below_the_recommendation():
@@ -45,7 +55,7 @@ def test_penalty_note_only_for_dola_below_the_recommendation():
 
 
 def test_keywords_replace_the_configs_fields(smollm2):
-    cfg = DecodeConfig(layers="high", repetition_penalty=1.2)
+    cfg = DecodeConfig(dola=DolaConfig(layers="high"), repetition_penalty=1.2)
     a = smollm2.generate("The capital of France is", max_tokens=6, config=cfg)
     b = smollm2.generate("The capital of France is", max_tokens=6, layers="high")
     c = smollm2.generate("The capital of France is", max_tokens=6, config=cfg, layers=None)
@@ -64,7 +74,7 @@ def test_the_penalty_warning_comes_from_the_config(smollm2, monkeypatch):
 
     monkeypatch.setattr(model_module, "_warned_penalty", False)
     with pytest.warns(PenaltyWarning, match="recommended with repetition_penalty >= 1.2"):
-        smollm2.generate("hi", max_tokens=1, config=DecodeConfig(layers="high", repetition_penalty=1.0))
+        smollm2.generate("hi", max_tokens=1, config=DecodeConfig().replace(layers="high", repetition_penalty=1.0))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        smollm2.generate("hi", max_tokens=1, config=DecodeConfig(layers="high", repetition_penalty=1.0))  # once
+        smollm2.generate("hi", max_tokens=1, config=DecodeConfig().replace(layers="high", repetition_penalty=1.0))  # once

@@ -138,8 +138,8 @@ class Chat:
         self.conversation = Conversation(model, system, use_template)
         self.settings = settings
         self.max_tokens = max_tokens
-        self.plan = self._plan(settings.layers)
-        self._dola_layers = settings.layers if not self.plan.is_plain else "high"
+        self.plan = self._plan(settings.dola.layers)
+        self._dola_layers = settings.dola.layers if not self.plan.is_plain else "high"
         self.last: Optional[GenerationResult] = None
         self.last_interrupted = False
         self.session_hist: Counter[int] = Counter()
@@ -220,7 +220,7 @@ class Chat:
         self.out.status(f"Type /help for commands, {MULTILINE} for multi-line input, /bye or Ctrl-D to exit.")
 
     def _decoding(self) -> str:
-        return (f"{describe_plan(self.plan, self.model.n_layers, self.settings.premature_norm)} · "
+        return (f"{describe_plan(self.plan, self.model.n_layers, self.settings.dola.premature_norm)} · "
                 f"repetition penalty {self.settings.penalty(self.plan)}")
 
     # ------------------------------------------------------------------ answers
@@ -278,7 +278,7 @@ class Chat:
         to the mature layer, that layer's large raw activations dominate the contrast (both demo
         models do this) and answers often read badly; the logit-lens variant is the usual remedy."""
         cands = self.plan.candidates
-        if self._norm_hint_shown or self.settings.premature_norm or len(cands) < 2 or len(result.steps) < 8:
+        if self._norm_hint_shown or self.settings.dola.premature_norm or len(cands) < 2 or len(result.steps) < 8:
             return
         hist = result.layer_histogram()
         top = max(hist, key=hist.get, default=None)
@@ -396,9 +396,9 @@ class Chat:
         s, plan = self.settings, self.plan
         penalty = "auto" if s.repetition_penalty is None else f"{s.repetition_penalty:g}"
         rows = [
-            ("layers", f"{s.layers} ({describe_plan(plan, self.model.n_layers, s.premature_norm)})"),
+            ("layers", f"{s.dola.layers} ({describe_plan(plan, self.model.n_layers, s.dola.premature_norm)})"),
             ("repetition_penalty", f"{penalty} (now {s.penalty(plan)})"),
-            ("premature_norm", "on" if s.premature_norm else "off"),
+            ("premature_norm", "on" if s.dola.premature_norm else "off"),
             ("temperature", f"{s.temperature:g}"),
             ("top_k", str(s.top_k)),
             ("top_p", f"{s.top_p:g}"),
@@ -412,10 +412,10 @@ class Chat:
     def _apply(self, **changes) -> None:
         """Replace settings fields (DecodeConfig checks the values) and re-resolve the layers."""
         settings = self.settings.replace(**changes)
-        plan = self._plan(settings.layers)
+        plan = self._plan(settings.dola.layers)
         self.settings, self.plan = settings, plan
         if not plan.is_plain:
-            self._dola_layers = settings.layers
+            self._dola_layers = settings.dola.layers
         note = settings.penalty_note(plan)
         if note and ("layers" in changes or "repetition_penalty" in changes):
             self.out.note(f"note: {note}")

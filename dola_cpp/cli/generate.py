@@ -51,8 +51,8 @@ def generate(
     JSD per candidate layer, mature log-probability, entropy) as one JSON object.
     """
     m = load_model(model, ctx, threads, gpu_layers, repack)
-    config = DecodeConfig(layers=layers, repetition_penalty=repetition_penalty, premature_norm=premature_norm,
-                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    config = DecodeConfig().replace(layers=layers, repetition_penalty=repetition_penalty, premature_norm=premature_norm,
+                                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     plan = layer_plan(m, layers)
     note_penalty(config, plan)
     text, templated = prompt_text(m, prompt, template, system)
@@ -73,8 +73,8 @@ def result_json(model: Model, plan: LayerPlan, result: GenerationResult, config:
     return {
         "model": str(model.path),
         "template": "chat" if templated else "none",
-        "layers": {"spec": config.layers, "candidates": list(plan.candidates), "mature": plan.mature},
-        "premature_norm": config.premature_norm,
+        "layers": {"spec": config.dola.layers, "candidates": list(plan.candidates), "mature": plan.mature},
+        "premature_norm": config.dola.premature_norm,
         "repetition_penalty": config.penalty(plan),
         "text": result.text,
         "finish_reason": result.finish_reason,

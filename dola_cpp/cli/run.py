@@ -46,7 +46,7 @@ def run(
     line is a user turn and only the answers are printed.
     """
     m = load_model(model, ctx, threads, gpu_layers, repack)
-    config = DecodeConfig(layers=layers, repetition_penalty=repetition_penalty, premature_norm=premature_norm,
-                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    config = DecodeConfig().replace(layers=layers, repetition_penalty=repetition_penalty, premature_norm=premature_norm,
+                                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     chat = Chat(m, config, max_tokens=max_tokens, system=system, template=template, interactive=sys.stdin.isatty())
     raise typer.Exit(chat.repl())
