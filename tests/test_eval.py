@@ -253,6 +253,9 @@ def test_cli_tfqa_runs_and_resumes(tmp_path):
         pytest.param(["tfqa-mc", "smollm2", "--data", str(TFQA_CSV), "--layers", "20,99"], 1,
                      "Error: --layers 20,99: layer 99 is out of range", id="layer-range"),
         pytest.param(["tfqa-mc", "/nonexistent.gguf", "--data", str(TFQA_CSV)], 1, "not found", id="missing-model"),
+        pytest.param(["tfqa-mc", "smollm2"], 1, "give the data with --data: TruthfulQA.csv from the TruthfulQA",
+                     id="no-data"),
+        pytest.param(["factor", "smollm2"], 1, "give the data with --data: expert_factor.csv", id="no-data-factor"),
     ],
 )
 def test_cli_bad_input(args, code, message):

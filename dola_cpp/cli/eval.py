@@ -19,7 +19,13 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-DataOpt = Annotated[Path, typer.Option("--data", help="The dataset CSV (see the README for where to get it).")]
+DataOpt = Annotated[Optional[Path], typer.Option("--data", show_default=False,
+                                                  help="The dataset CSV (see the README for where to get it).")]
+# Where each task's published data file comes from (dola-cpp does not download it).
+DATA_SOURCES = {
+    ev.TFQA: "TruthfulQA.csv from the TruthfulQA repository (Lin et al., 2021; Apache-2.0)",
+    ev.FACTOR: "expert_factor.csv (or news_factor.csv) from AI21 Labs' FACTOR repository (Muhlgay et al., 2023)",
+}
 EarlyExitOpt = Annotated[
     Optional[str],
     typer.Option(
@@ -67,13 +73,15 @@ def _layer_spec(early_exit_layers: Optional[str], layers: Optional[str]):
     return layers
 
 
-def _run(task: ev.Task, model_ref: str, data: Path, spec, premature_norm: bool, limit, json_out, ctx, threads,
-         kv_type) -> None:
+def _run(task: ev.Task, model_ref: str, data: Optional[Path], spec, premature_norm: bool, limit, json_out, ctx,
+         threads, kv_type) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Table
 
     console = Console()
+    if data is None:
+        raise CLIError(f"give the data with --data: {DATA_SOURCES[task.name]}; dola-cpp does not download it")
     try:
         items = task.load(data)
     except ev.EvalDataError as e:
@@ -156,7 +164,7 @@ def _run(task: ev.Task, model_ref: str, data: Path, spec, premature_norm: bool, 
 @app.command("tfqa-mc")
 def tfqa_mc(
     model: ModelRequiredArg,
-    data: DataOpt,
+    data: DataOpt = None,
     early_exit_layers: EarlyExitOpt = None,
     layers: LayersOpt = None,
     premature_norm: PrematureNormOpt = False,
@@ -173,7 +181,7 @@ def tfqa_mc(
 @app.command("factor")
 def factor(
     model: ModelRequiredArg,
-    data: DataOpt,
+    data: DataOpt = None,
     early_exit_layers: EarlyExitOpt = None,
     layers: LayersOpt = None,
     premature_norm: PrematureNormOpt = False,
