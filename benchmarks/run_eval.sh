@@ -11,8 +11,8 @@ shift 2 || true
 MODELS=${*:-smollm2 gemma3-270m}
 # TASKS=tfqa-mc or TASKS=factor runs one chain (two chains can run side by side, 1 thread each)
 TASKS=${TASKS:-tfqa-mc factor}
-TFQA=/work/shared/data/truthfulqa/TruthfulQA_dev.csv
-FACTOR=/work/shared/data/factor/expert_factor.csv
+TFQA=../shared/data/truthfulqa/TruthfulQA_dev.csv  # the shared folder beside the checkout
+FACTOR=../shared/data/factor/expert_factor.csv
 OUT=benchmarks/eval_runs
 # EVAL_ENTRY: a script that runs the eval app (e.g. from a frozen copy of the package)
 if [ -n "${EVAL_ENTRY:-}" ]; then

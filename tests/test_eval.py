@@ -14,8 +14,10 @@ from dola_cpp.cli._app import app as root_app
 from dola_cpp.cli.eval import app
 from dola_cpp.layers import resolve_layers
 
-TFQA_CSV = Path("/work/shared/data/truthfulqa/TruthfulQA_dev.csv")
-FACTOR_CSV = Path("/work/shared/data/factor/expert_factor.csv")
+# the project's evaluation data, in the shared folder beside the checkout
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TFQA_CSV = DATA / "truthfulqa" / "TruthfulQA_dev.csv"
+FACTOR_CSV = DATA / "factor" / "expert_factor.csv"
 needs_data = pytest.mark.skipif(not (TFQA_CSV.exists() and FACTOR_CSV.exists()), reason="evaluation data not present")
 
 # ------------------------------------------------------------------------------- MC_calcs
