@@ -81,13 +81,14 @@ projector::projector(const llama_model * model) {
         backend_ = ggml_backend_dev_init(dev, nullptr);
     } else {
         const bool host = ggml_backend_buffer_is_host(output_->buffer);
-        if (!host && !is_cpu_extra_buffer_type(buft)) {
+        const bool extra = is_cpu_extra_buffer_type(buft);
+        if (!host && !extra) {
             throw error("the output matrix is in a " + buft_name + " buffer, which the early-exit projection cannot read; " +
                         "load the model with repack=False (CLI: --no-repack)");
         }
         backend_ = ggml_backend_cpu_init();
         is_cpu_ = true;
-        plain_host_ = host && !is_cpu_extra_buffer_type(buft);
+        plain_host_ = host && !extra;
     }
     if (!backend_) throw error("could not initialise a backend for the output matrix (" + buft_name + ")");
     backend_name_ = ggml_backend_name(backend_);

@@ -205,7 +205,7 @@ class Model:
         if isinstance(prompt, str):
             if prompt == "":
                 raise ValueError("the prompt is empty")
-            ids = self.tokenize(_utf8(prompt, "prompt"), add_special=add_special)
+            ids = list(self._weights.tokenize(_utf8(prompt, "prompt"), add_special, True))
         else:
             arr = np.asarray(prompt)
             if arr.dtype.kind not in "iu" and arr.size:
