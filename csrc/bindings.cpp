@@ -146,6 +146,20 @@ PYBIND11_MODULE(_core, m) {
         dola::lm_score_diff(lp.data(), lq.data(), lp.size(), post_softmax, relative_top, mask_value, out.data());
         return to_array(std::move(out), {lp.size()});
     });
+    k.def("position_entropy", [](farr z, int32_t chunk, int32_t n_threads) {
+        if (z.ndim() != 2) throw py::value_error("z must be [n_positions, n_vocab]");
+        if (chunk < 1) throw py::value_error("chunk must be >= 1");
+        const int64_t P = z.shape(0), V = z.shape(1);
+        dola::position_entropy acc;
+        acc.reset(V);
+        for (int64_t p = 0; p < P; p += chunk) {
+            acc.add(z.data() + p * V, (int32_t) std::min<int64_t>(chunk, P - p), n_threads);
+        }
+        std::vector<float> out(V);
+        acc.entropy(out.data());
+        return to_array(std::move(out), {(py::ssize_t) V});
+    }, py::arg("z"), py::arg("chunk") = 64, py::arg("n_threads") = 1,
+       "Activation Decoding's entropy over positions (axis 0) per vocabulary entry, streamed in chunks.");
 
     py::class_<dola::model, std::shared_ptr<dola::model>>(m, "Model")
         .def(py::init([](const std::string & path, int32_t n_gpu_layers, bool use_mmap, bool repack) {
@@ -202,7 +216,8 @@ PYBIND11_MODULE(_core, m) {
         })
         .def_readonly("mature_logprob", &dola::step_result::mature_logprob)
         .def_readonly("score", &dola::step_result::score)
-        .def_readonly("entropy", &dola::step_result::entropy);
+        .def_readonly("entropy", &dola::step_result::entropy)
+        .def_readonly("activation_entropy", &dola::step_result::activation_entropy);
 
     py::class_<dola::score_result>(m, "ScoreResult")
         .def_readonly("total", &dola::score_result::total)
@@ -216,6 +231,9 @@ PYBIND11_MODULE(_core, m) {
         .def_readwrite("relative_top", &dola::decode_params::relative_top)
         .def_readwrite("repetition_penalty", &dola::decode_params::repetition_penalty)
         .def_readwrite("premature_norm", &dola::decode_params::premature_norm)
+        .def_readwrite("activation", &dola::decode_params::activation)
+        .def_readwrite("alpha", &dola::decode_params::alpha)
+        .def_readwrite("info_layer", &dola::decode_params::info_layer)
         .def_readwrite("temperature", &dola::decode_params::temperature)
         .def_readwrite("top_k", &dola::decode_params::top_k)
         .def_readwrite("top_p", &dola::decode_params::top_p)

@@ -18,8 +18,11 @@ void layer_capture::set_layers(const std::vector<int32_t> & layers) {
     seen_.assign(layers_.size(), 0);
 }
 
-void layer_capture::expect(int32_t n_tokens, int32_t row_begin, int32_t row_end) {
+void layer_capture::expect(int32_t n_tokens, int32_t row_begin, int32_t row_end, bool context) {
     n_tokens_ = n_tokens;
+    want_context_ = context && context_layer_ >= 0;
+    context_seen_ = false;
+    if (want_context_ && context_data_.size() < (size_t) n_tokens * n_embd_) context_data_.resize((size_t) n_tokens * n_embd_);
     row_begin_ = row_begin;
     row_end_ = row_end;
     std::fill(seen_.begin(), seen_.end(), 0);
@@ -42,7 +45,7 @@ std::string layer_capture::missing_layers() const {
 }
 
 // Called for every graph node in the ask phase: keep it to a couple of byte compares.
-int32_t layer_capture::slot_of(const ggml_tensor * t) const {
+int32_t layer_capture::layer_of(const ggml_tensor * t) const {
     const char * name = t->name;
     if (name[0] == 'l' && std::strncmp(name, "l_out-", 6) == 0) {
         int32_t il = 0;
@@ -50,20 +53,20 @@ int32_t layer_capture::slot_of(const ggml_tensor * t) const {
         if (*p < '0' || *p > '9') return -1;
         for (; *p >= '0' && *p <= '9'; ++p) il = il * 10 + (*p - '0');
         if (*p != '\0' || il + 1 > n_layer_) return -1;
-        return slot_of_layer_[il + 1];
+        return il + 1;
     }
     // Layer 0: "embd" (older llama.cpp: "inp_embd"); Gemma's "inp_scaled" follows it in the graph
     // and overwrites it.
     if ((name[0] == 'e' && std::strcmp(name, "embd") == 0) ||
         (name[0] == 'i' && (std::strcmp(name, "inp_scaled") == 0 || std::strcmp(name, "inp_embd") == 0))) {
-        return slot_of_layer_[0];
+        return 0;
     }
     return -1;
 }
 
 bool layer_capture::callback(ggml_tensor * t, bool ask, void * user_data) {
     auto * self = static_cast<layer_capture *>(user_data);
-    if (self->layers_.empty() || self->row_end_ <= self->row_begin_) return false;
+    if ((self->layers_.empty() || self->row_end_ <= self->row_begin_) && !self->want_context_) return false;
     if (self->final_ && self->n_rows() == 1 && t->name[0] == 'r' && std::strcmp(t->name, "result_norm") == 0) {
         if (ask) return true;
         if (t->type != GGML_TYPE_F32 || t->ne[0] != self->n_embd_ || t->ne[1] != 1) return true;  // compute on
@@ -72,14 +75,28 @@ bool layer_capture::callback(ggml_tensor * t, bool ask, void * user_data) {
         self->final_seen_ = true;
         return false;  // stop here: the engine computes the logits itself
     }
-    const int32_t slot = self->slot_of(t);
-    if (ask) return slot >= 0;
-    if (slot < 0) return true;
+    const int32_t layer = self->layer_of(t);
+    const int32_t slot = layer < 0 || self->n_rows() <= 0 ? -1 : self->slot_of_layer_[layer];
+    const bool context = self->want_context_ && layer >= 0 && layer == self->context_layer_;
+    if (ask) return slot >= 0 || context;
+    if (slot < 0 && !context) return true;
     if (t->type != GGML_TYPE_F32 || t->ne[0] != self->n_embd_ || !ggml_is_contiguous_rows(t)) {
         self->type_error_ = true;
         return true;
     }
     const int32_t rows_in_t = (int32_t) t->ne[1];
+    const size_t row_bytes = (size_t) self->n_embd_ * sizeof(float);
+    if (context && rows_in_t == self->n_tokens_) {
+        if ((size_t) t->nb[1] == row_bytes) {  // one copy (one device transfer) for the ubatch
+            ggml_backend_tensor_get(t, self->context_data_.data(), 0, row_bytes * rows_in_t);
+        } else {
+            for (int32_t r = 0; r < rows_in_t; ++r) {
+                ggml_backend_tensor_get(t, self->context_data_.data() + (size_t) r * self->n_embd_, (size_t) r * t->nb[1], row_bytes);
+            }
+        }
+        self->context_seen_ = true;
+    }
+    if (slot < 0) return true;
     // Full tensors hold every token of the ubatch; the last block's output holds only the rows
     // that produce logits, which the engine makes exactly [row_begin, row_end).
     int32_t first;
@@ -90,7 +107,6 @@ bool layer_capture::callback(ggml_tensor * t, bool ask, void * user_data) {
     } else {
         return true;  // not the rows we asked for (e.g. an unexpected pruning): left unseen
     }
-    const size_t row_bytes = (size_t) self->n_embd_ * sizeof(float);
     float * dst = self->data_.data() + (size_t) slot * self->n_rows() * self->n_embd_;
     for (int32_t r = 0; r < self->n_rows(); ++r) {
         ggml_backend_tensor_get(t, dst + (size_t) r * self->n_embd_, (size_t) (first + r) * t->nb[1], row_bytes);

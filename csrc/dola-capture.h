@@ -27,14 +27,25 @@ public:
     bool final_seen() const { return final_seen_; }
     const float * final_row() const { return final_row_.data(); }
 
+    // One more layer whose output is kept at every position of a ubatch (Activation Decoding's
+    // info layer), when expect() asks for it; -1 = none. Never the last block (llama.cpp prunes
+    // its rows to the outputs).
+    void set_context_layer(int32_t layer) { context_layer_ = layer; }
+    int32_t context_layer() const { return context_layer_; }
+
     // Rows of the next ubatch to keep: [row_begin, row_end) of its tokens. The last block's output
-    // is pruned to the rows that produce logits; rows are then taken in output order.
-    void expect(int32_t n_tokens, int32_t row_begin, int32_t row_end);
+    // is pruned to the rows that produce logits; rows are then taken in output order. context:
+    // also keep every row of the context layer.
+    void expect(int32_t n_tokens, int32_t row_begin, int32_t row_end, bool context = false);
 
     // True when every layer was seen since the last expect().
     bool complete() const;
     std::string missing_layers() const;
     bool type_error() const { return type_error_; }
+
+    // The context layer's rows of the last ubatch, [n_tokens][n_embd], once seen.
+    bool context_seen() const { return context_seen_; }
+    const float * context_rows() const { return context_data_.data(); }
 
     // [slot][row][n_embd]
     const float * rows(int32_t slot) const { return data_.data() + (size_t) slot * n_rows() * n_embd_; }
@@ -44,7 +55,8 @@ public:
     static bool callback(ggml_tensor * t, bool ask, void * user_data);
 
 private:
-    int32_t slot_of(const ggml_tensor * t) const;
+    // The hidden layer a graph node outputs (transformers' numbering), or -1.
+    int32_t layer_of(const ggml_tensor * t) const;
 
     int32_t n_layer_;
     int32_t n_embd_;
@@ -57,6 +69,10 @@ private:
     bool final_ = false;
     bool final_seen_ = false;
     std::vector<float> final_row_;
+    int32_t context_layer_ = -1;
+    bool want_context_ = false;
+    bool context_seen_ = false;
+    std::vector<float> context_data_;
 };
 
 }  // namespace dola

@@ -187,4 +187,68 @@ void lm_score_diff(const float * lp, const float * lq, int64_t n, bool post_soft
     }
 }
 
+void position_entropy::reset(int64_t n_vocab) {
+    n_vocab_ = n_vocab;
+    n_pos_ = 0;
+    max_.assign((size_t) n_vocab, -std::numeric_limits<float>::infinity());
+    sum_.assign((size_t) n_vocab, 0.0);
+    wsum_.assign((size_t) n_vocab, 0.0);
+}
+
+void position_entropy::add_range(const float * z, int32_t n_rows, int64_t v0, int64_t v1) {
+    const int64_t V = n_vocab_;
+    const int64_t n = v1 - v0;
+    std::vector<float> mx(max_.begin() + v0, max_.begin() + v1);
+    for (int32_t r = 0; r < n_rows; ++r) {
+        const float * row = z + (size_t) r * V + v0;
+        for (int64_t i = 0; i < n; ++i) mx[i] = std::max(mx[i], row[i]);
+    }
+    // Move the running sums to the new maxima: e^(z-m) = f e^(z-m_old), (z-m) = (z-m_old) + (m_old-m).
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t v = v0 + i;
+        if (mx[i] == max_[v] || sum_[v] == 0.0) continue;
+        const double d = (double) max_[v] - (double) mx[i];
+        const double f = std::exp(d);
+        wsum_[v] = f * (wsum_[v] + d * sum_[v]);
+        sum_[v] *= f;
+    }
+    // This chunk's terms, summed in float over the chunk's rows (the loop vectorises), then added
+    // to the double totals.
+    std::vector<float> s(n, 0.0f), w(n, 0.0f);
+    for (int32_t r = 0; r < n_rows; ++r) {
+        const float * row = z + (size_t) r * V + v0;
+        for (int64_t i = 0; i < n; ++i) {
+            const float d = row[i] - mx[i];
+            const float e = fast_exp(d);
+            s[i] += e;
+            w[i] += e * d;
+        }
+    }
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t v = v0 + i;
+        max_[v] = mx[i];
+        sum_[v] += s[i];
+        wsum_[v] += w[i];
+    }
+}
+
+void position_entropy::add(const float * z, int32_t n_rows, int32_t n_threads) {
+    if (n_rows <= 0) return;
+    const int64_t V = n_vocab_;
+    // blocks of 4096 entries: the chunk's rows of a block stay in cache between the passes
+    const int64_t block = 4096;
+    const int64_t n_blocks = (V + block - 1) / block;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(std::max(1, n_threads)) if (n_threads > 1)
+#endif
+    for (int64_t b = 0; b < n_blocks; ++b) add_range(z, n_rows, b * block, std::min(V, (b + 1) * block));
+    n_pos_ += n_rows;
+}
+
+void position_entropy::entropy(float * out) const {
+    for (int64_t v = 0; v < n_vocab_; ++v) {
+        out[v] = sum_[v] > 0.0 ? (float) (std::log(sum_[v]) - wsum_[v] / sum_[v]) : 0.0f;
+    }
+}
+
 }  // namespace dola

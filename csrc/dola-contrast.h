@@ -52,4 +52,27 @@ contrast_result dola_step(const float * z_mature, float * z_cand, int32_t K, int
 void lm_score_diff(const float * lp, const float * lq, int64_t n, bool post_softmax,
                    double relative_top, float mask_value, float * diff);
 
+// Activation Decoding's sharpness (hkust-nlp/Activation_Decoding): for every vocabulary entry v,
+// the entropy over context positions p of softmax_p(z[p][v]). Positions stream through in chunks
+// and only per-entry running statistics are kept (max m, S = sum e^(z-m), W = sum e^(z-m)(z-m)),
+// so memory is O(n_vocab) whatever the context length; H_v = log S_v - W_v / S_v.
+class position_entropy {
+public:
+    void reset(int64_t n_vocab);
+    // z: [n_rows][n_vocab] logits of n_rows more positions. Split over up to n_threads threads;
+    // the result does not depend on the thread count.
+    void add(const float * z, int32_t n_rows, int32_t n_threads = 1);
+    // out: n_vocab entropies (nats); 0 when no position was added.
+    void entropy(float * out) const;
+    int64_t n_positions() const { return n_pos_; }
+    int64_t n_vocab() const { return n_vocab_; }
+
+private:
+    void add_range(const float * z, int32_t n_rows, int64_t v0, int64_t v1);
+
+    int64_t n_vocab_ = 0, n_pos_ = 0;
+    std::vector<float> max_;
+    std::vector<double> sum_, wsum_;
+};
+
 }  // namespace dola

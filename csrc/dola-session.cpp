@@ -105,15 +105,22 @@ void session::configure(const decode_params & p) {
     if (p.top_k < 0) throw error("top_k must be >= 0");
     if (!(p.top_p > 0.0f && p.top_p <= 1.0f)) throw error("top_p must be in (0, 1]");
     if (!(p.min_p >= 0.0f && p.min_p <= 1.0f)) throw error("min_p must be in [0, 1]");
+    if (p.activation) {
+        if (p.info_layer < 0 || p.info_layer >= N) {
+            throw error("info_layer " + std::to_string(p.info_layer) + " is out of range: valid layers are 0.." + std::to_string(N - 1));
+        }
+        if (!(p.alpha >= 0.0f) || !std::isfinite(p.alpha)) throw error("alpha must be a finite number >= 0");
+    }
 
     std::unique_ptr<decoder> dec = make_decoder(p);
     // the decoder's layers, then the mature layer when it is an early exit
     std::vector<int32_t> layers = dec->layers();
     if (mature != N && std::find(layers.begin(), layers.end(), mature) == layers.end()) layers.push_back(mature);
-    if (!layers.empty() && !capture_enabled_) {
-        throw error("this context was created without layer capture; DoLa and early exit need it");
+    const int32_t ctx_layer = dec->context_layer();
+    if ((!layers.empty() || ctx_layer >= 0) && !capture_enabled_) {
+        throw error("this context was created without layer capture; DoLa, Activation Decoding and early exit need it");
     }
-    if (!layers.empty()) {
+    if (!layers.empty() || ctx_layer >= 0) {
         if (!projector_) projector_ = std::make_unique<projector>(model_->get());
         projector_->set_n_threads(threads_now_);
         if (p.premature_norm && !projector_->norm_supported()) {
@@ -130,6 +137,19 @@ void session::configure(const decode_params & p) {
     fuse_final_ = fuse;
     capture_.set_layers(layers);
     capture_.set_final(fuse);
+    // The stored context rows are one layer's; the entropy statistics also depend on the norm.
+    if (ctx_layer >= 0 && ctx_layer != context_rows_layer_) {
+        context_len_ = 0;
+        ckpt_len_ = 0;
+        context_rows_layer_ = ctx_layer;
+    }
+    if (p.premature_norm != ckpt_norm_) ckpt_len_ = 0;
+    if (ctx_layer >= 0 && (context_layer() != ctx_layer || p.premature_norm != ckpt_norm_)) {
+        context_H_valid_ = false;  // H of another layer or projection: prefill again
+        have_outputs_ = false;
+    }
+    ckpt_norm_ = p.premature_norm;
+    capture_.set_context_layer(ctx_layer);
     decoder_ = std::move(dec);
 
     params_ = p;
@@ -177,7 +197,8 @@ void session::update_threads() {
     if (projector_) projector_->set_n_threads(n);
 }
 
-void session::decode_chunk(const llama_token * toks, int32_t n, int32_t row_begin, int32_t row_end) {
+void session::decode_chunk(const llama_token * toks, int32_t n, int32_t row_begin, int32_t row_end, bool context) {
+    context = context && context_layer() >= 0;
     update_threads();
     llama_batch batch = llama_batch_init(n, 0, 1);
     const llama_pos pos0 = (llama_pos) tokens_.size();
@@ -189,7 +210,7 @@ void session::decode_chunk(const llama_token * toks, int32_t n, int32_t row_begi
         batch.logits[i] = i >= row_begin && i < row_end;
     }
     batch.n_tokens = n;
-    capture_.expect(n, row_begin, row_end);
+    capture_.expect(n, row_begin, row_end, context);
     clear_last_error();
     const int32_t rc = llama_decode(ctx_.get(), batch);
     llama_batch_free(batch);
@@ -201,6 +222,14 @@ void session::decode_chunk(const llama_token * toks, int32_t n, int32_t row_begi
         sync_cache_after_failure();
         if (rc == 1) throw error("the context is full (" + std::to_string(n_ctx_) + " tokens); use a larger n_ctx");
         throw error(with_detail("llama_decode failed with code " + std::to_string(rc)));
+    }
+    if (context) {
+        if (!capture_.context_seen()) {
+            have_outputs_ = false;
+            throw error("architecture '" + model_->architecture() + "' does not expose the output of layer " +
+                        std::to_string(context_layer()) + " at every position; Activation Decoding cannot use it");
+        }
+        if (context_len_ == tokens_.size()) append_context_rows(n);
     }
     tokens_.insert(tokens_.end(), toks, toks + n);
     if (row_end > row_begin && !capture_.layers().empty() && !capture_.complete()) {
@@ -215,9 +244,49 @@ void session::clear() {
     llama_memory_clear(llama_get_memory(ctx_.get()), true);
     tokens_.clear();
     have_outputs_ = false;
+    context_len_ = 0;
+    ckpt_len_ = 0;
+    context_H_valid_ = false;
+}
+
+void session::append_context_rows(int32_t n) {
+    const size_t E = (size_t) model_->n_embd();
+    context_hidden_.resize((context_len_ + n) * E);
+    std::memcpy(context_hidden_.data() + context_len_ * E, capture_.context_rows(), n * E * sizeof(float));
+    context_len_ += n;
+}
+
+void session::add_context_rows(position_entropy & acc, size_t from, size_t to) {
+    const int64_t V = model_->n_vocab();
+    const int32_t E = model_->n_embd();
+    // Project at most 64 positions (and 64 MB of logits) at a time: memory stays O(n_vocab).
+    const size_t chunk = std::max<size_t>(1, std::min<size_t>(64, (size_t) (16u << 20) / (size_t) V));
+    for (size_t p = from; p < to; p += chunk) {
+        const int32_t n = (int32_t) std::min(chunk, to - p);
+        context_proj_.resize((size_t) n * V);
+        projector_->project(context_hidden_.data() + p * E, n, params_.premature_norm, context_proj_.data());
+        acc.add(context_proj_.data(), n, threads_now_);
+    }
+}
+
+void session::context_entropy(size_t boundary, size_t end) {
+    const int64_t V = model_->n_vocab();
+    if (end > context_len_ || boundary > end) throw error("internal: context rows missing for Activation Decoding");
+    if (ckpt_.n_vocab() != V || ckpt_len_ > boundary || ckpt_len_ == 0) {
+        ckpt_.reset(V);
+        ckpt_len_ = 0;
+    }
+    add_context_rows(ckpt_, ckpt_len_, boundary);
+    ckpt_len_ = boundary;
+    position_entropy acc = ckpt_;
+    add_context_rows(acc, boundary, end);
+    context_H_.resize(V);
+    acc.entropy(context_H_.data());
+    context_H_valid_ = true;
 }
 
 size_t session::keep_cached_prefix(const std::vector<llama_token> & toks, size_t max_keep) {
+    if (context_layer() >= 0) max_keep = std::min(max_keep, context_len_);  // rows to rebuild H from
     size_t common = 0;
     const size_t limit = std::min({tokens_.size(), toks.size(), max_keep});
     while (common < limit && tokens_[common] == toks[common]) ++common;
@@ -228,6 +297,9 @@ size_t session::keep_cached_prefix(const std::vector<llama_token> & toks, size_t
         }
         tokens_.resize(common);
     }
+    context_len_ = std::min(context_len_, common);
+    if (ckpt_len_ > common) ckpt_len_ = 0;
+    context_H_valid_ = false;
     have_outputs_ = false;
     return common;
 }
@@ -239,8 +311,12 @@ void session::prefill(const std::vector<llama_token> & prompt) {
     for (size_t i = common; i < prompt.size(); i += n_batch_) {
         const int32_t n = (int32_t) std::min<size_t>(n_batch_, prompt.size() - i);
         const bool last = i + n == prompt.size();
-        decode_chunk(prompt.data() + i, n, last ? n - 1 : 0, last ? n : 0);
+        decode_chunk(prompt.data() + i, n, last ? n - 1 : 0, last ? n : 0, true);
     }
+    // Activation Decoding: H over the prompt's positions, once per prompt (the reference computes
+    // it at the first generated token); the statistics of all but the last token are kept for
+    // the next prompt that extends this one.
+    if (context_layer() >= 0) context_entropy(prompt.size() - 1, prompt.size());
     have_outputs_ = true;
     timings_.prefill_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     timings_.n_prefill += (int64_t) (prompt.size() - common);
@@ -262,6 +338,7 @@ decoder_rows session::rows_for(const float * row_proj, int32_t row) {
     const int64_t V = model_->n_vocab();
     decoder_rows rows;
     rows.n_vocab = V;
+    rows.context_entropy = context_H_valid_ ? context_H_.data() : nullptr;
     rows.n_threads = threads_now_;
     rows.projected = const_cast<float *>(row_proj);
     if (params_.mature == N) {
@@ -280,7 +357,9 @@ decoder_rows session::rows_for(const float * row_proj, int32_t row) {
 }
 
 step_result session::sample() {
-    if (!have_outputs_) throw error("no outputs to sample from: prefill a prompt first");
+    if (!have_outputs_ || (context_layer() >= 0 && !context_H_valid_)) {
+        throw error("no outputs to sample from: prefill a prompt first");
+    }
     const auto t0 = std::chrono::steady_clock::now();
     const int64_t V = model_->n_vocab();
     scores_.resize(V);
@@ -324,6 +403,7 @@ step_result session::sample() {
     res.token = tok;
     res.mature_logprob = lp_[tok];
     res.score = scores_[tok];
+    if (context_layer() >= 0) res.activation_entropy = context_H_[tok];
     timings_.contrast_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     return res;
 }
@@ -349,8 +429,7 @@ std::vector<float> session::layer_logits(const std::vector<llama_token> & prompt
     capture_.set_final(false);
     capture_override restore{*this};
     std::vector<float> out(layers.size() * V);
-    tokens_.clear();  // force a full decode so every row is captured from this prompt
-    llama_memory_clear(llama_get_memory(ctx_.get()), true);
+    clear();  // force a full decode so every row is captured from this prompt
     prefill(prompt);
     std::vector<float> proj(hidden_layers.size() * V);
     if (!hidden_layers.empty()) {
@@ -381,7 +460,10 @@ score_result session::score(const std::vector<llama_token> & toks, size_t n_pref
     const int32_t E = model_->n_embd();
     const int32_t n_proj = (int32_t) capture_layers_.size();
     const size_t first_row = n_prefix - 1;   // position whose output predicts toks[n_prefix]
-    const size_t n_in = toks.size() - 1;     // the last token is only predicted
+    // The last token is only predicted, but Activation Decoding's H covers its position too.
+    const bool context = context_layer() >= 0;
+    const size_t n_in = context ? toks.size() : toks.size() - 1;
+    const size_t n_out_end = toks.size() - 1;  // rows [first_row, n_out_end) give outputs
     score_result res;
 
     // Reuse the cached prefix, but never past first_row (its row must be recomputed).
@@ -397,8 +479,8 @@ score_result session::score(const std::vector<llama_token> & toks, size_t n_pref
         // prefix chunks carry no outputs; answer chunks output every row
         const size_t n = i < first_row ? std::min<size_t>(n_batch_, first_row - i)
                                        : std::min<size_t>(std::min<size_t>(n_batch_, rows_per_chunk), n_in - i);
-        const int32_t n_rows = i < first_row ? 0 : (int32_t) n;
-        decode_chunk(toks.data() + i, (int32_t) n, 0, n_rows);
+        const int32_t n_rows = i < first_row ? 0 : (int32_t) (std::min(i + n, n_out_end) - i);
+        decode_chunk(toks.data() + i, (int32_t) n, 0, n_rows, true);
         if (n_rows > 0) {
             if (n_proj > 0) {
                 // hidden rows ordered [row][slot] so each row's candidates are contiguous
@@ -420,6 +502,17 @@ score_result session::score(const std::vector<llama_token> & toks, size_t n_pref
             }
         }
         i += n;
+    }
+    if (context) {
+        // H over every position of prefix and continuation (the reference's lm_score), then each
+        // continuation token's share
+        context_entropy(first_row, toks.size());
+        res.total = 0.0;
+        for (size_t t = 0; t < res.token_scores.size(); ++t) {
+            res.token_scores[t] += decoder_->context_score(toks[n_prefix + t], context_H_.data());
+            res.total += res.token_scores[t];
+        }
+        context_H_valid_ = false;  // not the H of a prompt to sample from
     }
     return res;
 }

@@ -4,6 +4,7 @@
 
 #include "decoders/decoder.h"
 #include "dola-capture.h"
+#include "dola-contrast.h"
 #include "dola-model.h"
 #include "dola-project.h"
 #include "dola-threads.h"
@@ -14,6 +15,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -36,6 +38,11 @@ struct decode_params {
     double relative_top = 0.1;
     float repetition_penalty = 1.0f;
     bool premature_norm = false;
+    // Activation Decoding: scores lowered by alpha times the entropy over the context positions
+    // of info_layer's early-exit distribution (0 <= info_layer < n_layer)
+    bool activation = false;
+    float alpha = 0.5f;
+    int32_t info_layer = -1;
     // sampling; temperature <= 0 = greedy
     float temperature = 0.0f;
     int32_t top_k = 0;
@@ -51,6 +58,7 @@ struct step_result {
     float mature_logprob = 0.0f;   // log p_mature(token)
     float score = 0.0f;            // processed score of the token (after repetition penalty)
     float entropy = 0.0f;          // entropy of the mature distribution (nats)
+    float activation_entropy = std::numeric_limits<float>::quiet_NaN();  // H of the token (Activation Decoding)
 };
 
 struct score_result {
@@ -114,13 +122,21 @@ public:
 
 private:
     static bool abort_cb(void * data);
-    void decode_chunk(const llama_token * toks, int32_t n, int32_t row_begin, int32_t row_end);
+    // context: keep the context layer's rows of these tokens (Activation Decoding)
+    void decode_chunk(const llama_token * toks, int32_t n, int32_t row_begin, int32_t row_end, bool context = false);
     void sync_cache_after_failure();
     // Keeps the longest cached prefix shared with toks (at most max_keep tokens), drops the
     // rest of the KV cache, and returns its length.
     size_t keep_cached_prefix(const std::vector<llama_token> & toks, size_t max_keep);
     void validate_tokens(const std::vector<llama_token> & toks) const;
     void update_threads();
+    // Activation Decoding's context: the info layer's hidden rows of the cached tokens
+    // [0, context_len_) and the entropy statistics of [0, ckpt_len_) (a prefix later prompts
+    // share). context_entropy() makes H over [0, end) with the statistics of [0, boundary) kept.
+    int32_t context_layer() const { return decoder_ ? decoder_->context_layer() : -1; }
+    void append_context_rows(int32_t n);
+    void add_context_rows(position_entropy & acc, size_t from, size_t to);
+    void context_entropy(size_t boundary, size_t end);
     // For calls that capture other rows than decoding does (layer_logits, score): on return or
     // throw, puts the capture back to the configured layers and fused-final state; the outputs
     // they leave are not sampleable.
@@ -156,6 +172,16 @@ private:
     // decode (row_proj: that row's projected layers, in capture order), for step and score.
     decoder_rows rows_for(const float * row_proj, int32_t row);
     std::vector<llama_token_data> cur_;
+
+    std::vector<float> context_hidden_;  // [context_len_][n_embd]
+    size_t context_len_ = 0;
+    int32_t context_rows_layer_ = -1;    // the layer context_hidden_ holds
+    position_entropy ckpt_;
+    size_t ckpt_len_ = 0;
+    bool ckpt_norm_ = false;
+    std::vector<float> context_H_;       // [n_vocab], valid when context_H_valid_
+    bool context_H_valid_ = false;
+    std::vector<float> context_proj_;    // scratch
 
     std::atomic<bool> cancel_{false};
     std::function<bool()> interrupt_check_;

@@ -16,7 +16,7 @@ except ModuleNotFoundError as _e:  # the source folder imported without a build
     ) from None
 from .hub import DEFAULT_MODEL, DEMO_MODELS, demo_model_path, resolve_model
 from .layers import LayerPlan, resolve_layers
-from .config import RECOMMENDED_REPETITION_PENALTY, DecodeConfig, DolaConfig
+from .config import RECOMMENDED_REPETITION_PENALTY, ActivationConfig, DecodeConfig, DolaConfig
 from .model import Model, PromptTooLongError
 from .stream import PenaltyWarning, Stream
 from .results import GenerationResult, ScoreResult, StepInfo
@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "DEMO_MODELS",
     "DecodeConfig",
+    "ActivationConfig",
     "DolaConfig",
     "GenerationResult",
     "LayerPlan",

@@ -64,6 +64,8 @@ class Step:
     def score(self) -> float: ...
     @property
     def entropy(self) -> float: ...
+    @property
+    def activation_entropy(self) -> float: ...
 
 class ScoreResult:
     @property
@@ -79,6 +81,9 @@ class DecodeParams:
     relative_top: float
     repetition_penalty: float
     premature_norm: bool
+    activation: bool
+    alpha: float
+    info_layer: int
     temperature: float
     top_k: int
     top_p: float
@@ -137,3 +142,5 @@ class kernels:  # a submodule at run time: _core.kernels
     def lm_score_diff(
         lp: npt.ArrayLike, lq: npt.ArrayLike, post_softmax: bool, relative_top: float, mask_value: float
     ) -> npt.NDArray[np.float32]: ...
+    @staticmethod
+    def position_entropy(z: npt.ArrayLike, chunk: int = 64, n_threads: int = 1) -> npt.NDArray[np.float32]: ...

@@ -2,7 +2,7 @@
 
 Like transformers' ``GenerationConfig``: frozen, validated when made (``validate``), and the one
 place that knows the defaults that depend on the layer plan (the repetition penalty) and when
-to warn about them. Each decoder's settings are a sub-config (``DolaConfig``). ``Model.generate``/``stream`` take one (``config=``) and/or the same fields as
+to warn about them. Each decoder's settings are a sub-config (``DolaConfig``, ``ActivationConfig``). ``Model.generate``/``stream`` take one (``config=``) and/or the same fields as
 keywords; the command line builds one from its options and the chat's ``/set`` replaces fields.
 """
 
@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from . import _core
-from .layers import LayerPlan, LayerSpec, parse_layer_string
+from .layers import LayerPlan, LayerSpec, default_info_layer, parse_layer_string
 
 RECOMMENDED_REPETITION_PENALTY = 1.2
+DECODERS = ("dola", "activation")
 
 
 @dataclass(frozen=True)
@@ -47,16 +48,49 @@ class DolaConfig:
 
 
 @dataclass(frozen=True)
-class DecodeConfig:
-    """How the next token is chosen: the DoLa settings (``dola``, a :class:`DolaConfig`) and the
-    logits processors and sampler after the contrast.
+class ActivationConfig:
+    """Activation Decoding's settings (used when ``DecodeConfig.decoder == "activation"``).
 
-    ``repetition_penalty``: None = 1.2 with DoLa, 1.0 plain. ``temperature`` 0 = greedy; then
+    ``alpha``: weight of the sharpness term (the reference's TruthfulQA setting, 0.5).
+    ``info_layer``: the layer whose early exit gives the context activations; None = per model,
+    round(0.8 * N) (the reference's 26 of 32 for Llama-2-7B).
+    """
+
+    alpha: float = 0.5
+    info_layer: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _check_number("alpha", self.alpha, 0.0, None)
+        if self.info_layer is not None and (not _is_int(self.info_layer) or self.info_layer < 0):
+            raise ValueError(f"info_layer must be a layer number >= 0 or None (per model), got {self.info_layer!r}")
+
+    def resolve_info_layer(self, n_layer: int) -> int:
+        """The info layer for an ``n_layer``-layer model; ValueError when out of range."""
+        if self.info_layer is None:
+            return default_info_layer(n_layer)
+        if not 0 <= self.info_layer < n_layer:
+            raise ValueError(f"info_layer {self.info_layer} is out of range: valid layers are 0..{n_layer - 1} "
+                             f"for this {n_layer}-layer model")
+        return int(self.info_layer)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How the next token is chosen: the decoder, its settings (``dola``, a :class:`DolaConfig`;
+    ``activation``, an :class:`ActivationConfig`) and the logits processors and sampler after it.
+
+    ``decoder``: ``"dola"`` (plain decoding when ``layers`` is None) or ``"activation"``
+    (Activation Decoding; with ``layers`` set, Activation Decoding on top of DoLa's contrast:
+    the reference's ``activation_dola``).
+
+    ``repetition_penalty``: None = 1.2 with DoLa or Activation Decoding, 1.0 plain. ``temperature`` 0 = greedy; then
     ``top_k`` (0 = all), ``top_p``, ``min_p``, ``seed`` (None = random). ``replace`` takes the
     sub-configs' fields by name too: ``DecodeConfig().replace(layers="high", temperature=0.7)``.
     """
 
     dola: DolaConfig = field(default_factory=DolaConfig)
+    decoder: str = "dola"
+    activation: ActivationConfig = field(default_factory=ActivationConfig)
     repetition_penalty: Optional[float] = None
     temperature: float = 0.0
     top_k: int = 0
@@ -72,6 +106,10 @@ class DecodeConfig:
         (layer ranges are checked against the model when it resolves the layers)."""
         if not isinstance(self.dola, DolaConfig):
             raise TypeError(f"dola must be a DolaConfig, got {type(self.dola).__name__}")
+        if not isinstance(self.activation, ActivationConfig):
+            raise TypeError(f"activation must be an ActivationConfig, got {type(self.activation).__name__}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
         if self.repetition_penalty is not None:
             _check_number("repetition_penalty", self.repetition_penalty, 0.0, None, low_open=True)
         _check_number("temperature", self.temperature, 0.0, None)
@@ -93,13 +131,27 @@ class DecodeConfig:
         dola = {k: changes.pop(k) for k in list(changes) if k in DOLA_FIELDS}
         if dola:
             changes["dola"] = dataclasses.replace(changes.get("dola", self.dola), **dola)
+        act = {k: changes.pop(k) for k in list(changes) if k in ACTIVATION_FIELDS}
+        if act:
+            changes["activation"] = dataclasses.replace(changes.get("activation", self.activation), **act)
         return dataclasses.replace(self, **changes)
+
+    @property
+    def uses_activation(self) -> bool:
+        return self.decoder == "activation"
+
+    def decoder_name(self, plan: LayerPlan) -> str:
+        """The reference's name for what this config runs: plain, dola, activation, activation_dola."""
+        if self.uses_activation:
+            return "activation" if plan.is_plain else "activation_dola"
+        return "plain" if plan.is_plain else "dola"
 
     def penalty(self, plan: LayerPlan) -> float:
         """The repetition penalty this config decodes ``plan`` with."""
         if self.repetition_penalty is not None:
             return float(self.repetition_penalty)
-        return 1.0 if plan.is_plain else RECOMMENDED_REPETITION_PENALTY
+        # the DoLa and Activation Decoding repositories generate with 1.2; plain decoding with 1.0
+        return 1.0 if plan.is_plain and not self.uses_activation else RECOMMENDED_REPETITION_PENALTY
 
     def penalty_note(self, plan: LayerPlan) -> Optional[str]:
         """Why DoLa with this penalty may repeat itself, or None."""
@@ -109,14 +161,18 @@ class DecodeConfig:
         return (f"DoLa decoding is recommended with repetition_penalty >= {RECOMMENDED_REPETITION_PENALTY} "
                 f"(got {p:g}); answers may repeat themselves")
 
-    def to_core(self, plan: LayerPlan) -> _core.DecodeParams:
-        """The C++ core's mirror of this config, for a resolved layer plan."""
+    def to_core(self, plan: LayerPlan, n_layer: int) -> _core.DecodeParams:
+        """The C++ core's mirror of this config, for a resolved layer plan of an ``n_layer``-layer
+        model."""
         p = _core.DecodeParams()
         p.candidates = list(plan.candidates)
         p.mature = plan.mature
         p.relative_top = float(self.dola.relative_top)
         p.repetition_penalty = self.penalty(plan)
         p.premature_norm = self.dola.premature_norm
+        p.activation = self.uses_activation
+        p.alpha = float(self.activation.alpha)
+        p.info_layer = self.activation.resolve_info_layer(n_layer) if self.uses_activation else -1
         p.temperature = float(self.temperature)
         p.top_k = int(self.top_k)
         p.top_p = float(self.top_p)
@@ -126,7 +182,8 @@ class DecodeConfig:
 
 
 DOLA_FIELDS = [f.name for f in dataclasses.fields(DolaConfig)]
-FIELDS = [f.name for f in dataclasses.fields(DecodeConfig)] + DOLA_FIELDS
+ACTIVATION_FIELDS = [f.name for f in dataclasses.fields(ActivationConfig)]
+FIELDS = [f.name for f in dataclasses.fields(DecodeConfig)] + DOLA_FIELDS + ACTIVATION_FIELDS
 
 
 def _is_int(v: Any) -> bool:

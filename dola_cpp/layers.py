@@ -7,6 +7,7 @@ Layer ``j`` means what ``hidden_states[j]`` means in transformers: 0 = embedding
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -55,6 +56,12 @@ def named_layers(name: str, n_layer: int, tied_embeddings: bool) -> list[int]:
     if name == "high":
         return list(range(N // 2, N, 2)) if N <= 40 else list(range(N - 20, N, 2))
     raise ValueError(f"unknown layer set {name!r}: use 'low', 'high', a list of layers or a string like '16,18,32'")
+
+
+def default_info_layer(n_layer: int) -> int:
+    """Activation Decoding's info layer when none is given: round(0.8 * N), as the reference's
+    26 of 32 (Llama-2-7B), kept below the final layer."""
+    return max(0, min(n_layer - 1, int(math.floor(0.8 * n_layer + 0.5))))
 
 
 def _check_range(values: Sequence[int], n_layer: int, what: str) -> None:

@@ -237,6 +237,9 @@ class Model:
         layers: LayerSpec = _UNSET,
         premature_norm: bool = _UNSET,
         relative_top: float = _UNSET,
+        decoder: str = _UNSET,
+        alpha: float = _UNSET,
+        info_layer: Optional[int] = _UNSET,
         repetition_penalty: Optional[float] = _UNSET,
         temperature: float = _UNSET,
         top_k: int = _UNSET,
@@ -251,11 +254,13 @@ class Model:
 
         The decoding settings are a :class:`DecodeConfig` (``config``, default ``DecodeConfig()``:
         plain greedy decoding) with any of its fields given as keywords replacing the config's:
-        ``layers``, ``premature_norm``, ``relative_top``, ``repetition_penalty``, ``temperature``,
-        ``top_k``, ``top_p``, ``min_p``, ``seed``. ``stop``: strings that end the answer (not
+        ``layers``, ``premature_norm``, ``relative_top``, ``decoder`` ("dola" or "activation"),
+        ``alpha``, ``info_layer``, ``repetition_penalty``, ``temperature``, ``top_k``, ``top_p``,
+        ``min_p``, ``seed``. ``stop``: strings that end the answer (not
         included); ``ignore_eos``; ``add_special``: BOS as the GGUF asks.
         """
         cfg = _config(config, layers=layers, premature_norm=premature_norm, relative_top=relative_top,
+                      decoder=decoder, alpha=alpha, info_layer=info_layer,
                       repetition_penalty=repetition_penalty, temperature=temperature, top_k=top_k, top_p=top_p,
                       min_p=min_p, seed=seed)
         run = Stream(self, prompt, max_tokens, cfg, stop=stop, ignore_eos=ignore_eos, add_special=add_special)
@@ -272,6 +277,9 @@ class Model:
         layers: LayerSpec = _UNSET,
         premature_norm: bool = _UNSET,
         relative_top: float = _UNSET,
+        decoder: str = _UNSET,
+        alpha: float = _UNSET,
+        info_layer: Optional[int] = _UNSET,
         repetition_penalty: Optional[float] = _UNSET,
         temperature: float = _UNSET,
         top_k: int = _UNSET,
@@ -289,6 +297,7 @@ class Model:
         ("stop", "length", "cancelled"), ``steps`` holds each token's diagnostics and ``result()``
         gives the whole result."""
         cfg = _config(config, layers=layers, premature_norm=premature_norm, relative_top=relative_top,
+                      decoder=decoder, alpha=alpha, info_layer=info_layer,
                       repetition_penalty=repetition_penalty, temperature=temperature, top_k=top_k, top_p=top_p,
                       min_p=min_p, seed=seed)
         return Stream(self, prompt, max_tokens, cfg, stop=stop, ignore_eos=ignore_eos, add_special=add_special)
@@ -330,6 +339,9 @@ class Model:
         premature_norm: bool = _UNSET,
         relative_top_value: float = -1000.0,
         *,
+        decoder: str = _UNSET,
+        alpha: float = _UNSET,
+        info_layer: Optional[int] = _UNSET,
         config: Optional[DecodeConfig] = None,
     ) -> ScoreResult:
         """Teacher-forced score of ``continuation`` after ``prefix`` in one forward pass, as the DoLa
@@ -339,8 +351,13 @@ class Model:
 
         Strings are tokenized as the repo does: ``tokens(prefix + continuation)`` split after
         ``len(tokens(prefix))``. Token-id lists are used as given. The prefix's KV cache is reused
-        between calls that share it. ``layers`` and ``premature_norm`` may come from ``config``
-        (a :class:`DecodeConfig`); its sampling fields do not apply to scoring.
+        between calls that share it. ``layers``, ``premature_norm``, ``decoder``, ``alpha`` and
+        ``info_layer`` may come from ``config`` (a :class:`DecodeConfig`); its sampling fields do
+        not apply to scoring.
+
+        ``decoder="activation"`` adds Activation Decoding's ``-alpha * H[y]`` to each token's
+        score, with H over every position of prefix and continuation (the reference's
+        ``lm_score``; its relative-top mask is computed there but not applied, so none is here).
         """
         if isinstance(prefix, str) != isinstance(continuation, str):
             raise TypeError("prefix and continuation must both be strings or both be token ids")
@@ -358,10 +375,12 @@ class Model:
         n_prefix = len(prefix_ids)
         if n_prefix >= len(ids):
             raise ValueError("the continuation adds no tokens to the prefix")
-        cfg = _config(config, layers=layers, premature_norm=premature_norm)
+        cfg = _config(config, layers=layers, premature_norm=premature_norm, decoder=decoder, alpha=alpha,
+                      info_layer=info_layer)
         plan = self.resolve_layers(cfg.dola.layers)
+        params = cfg.to_core(plan, self.n_layers)
         with self._claim():
-            self._session.configure(cfg.to_core(plan))
+            self._session.configure(params)
             r = self._session.score(ids, n_prefix, post_softmax, float(relative_top), float(relative_top_value))
         return ScoreResult(
             score=float(r.total),

@@ -18,6 +18,9 @@ class StepInfo:
     mature_logprob: float  # log p(token) under the mature layer
     score: float  # processed score of the token (after the contrast and repetition penalty)
     entropy: float  # entropy of the mature distribution (nats)
+    # Activation Decoding: H of the token, the entropy over the prompt's positions of its
+    # info-layer probability (nats; lower = sharper); None for other decoders
+    activation_entropy: Optional[float] = None
 
     @property
     def confidence(self) -> float:
@@ -36,6 +39,8 @@ class GenerationResult:
     decode_seconds: float = 0.0
     layers: tuple[int, ...] = ()
     mature_layer: Optional[int] = None
+    decoder: str = "plain"  # plain, dola, activation or activation_dola
+    info_layer: Optional[int] = None  # Activation Decoding's info layer
 
     @property
     def tokens_per_second(self) -> float:

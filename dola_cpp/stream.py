@@ -46,7 +46,7 @@ class Stream:
         self.ids = model._prompt_ids(prompt, add_special=add_special)
         self.plan = model.resolve_layers(config.dola.layers)
         self.config = config
-        self.params = config.to_core(self.plan)
+        self.params = config.to_core(self.plan, model.n_layers)
         note = config.penalty_note(self.plan)
         if note and not _warned_penalty:
             _warned_penalty = True
@@ -84,6 +84,8 @@ class Stream:
             decode_seconds=self.decode_seconds,
             layers=self.plan.candidates,
             mature_layer=None if self.plan.is_plain else self.plan.mature,
+            decoder=self.config.decoder_name(self.plan),
+            info_layer=None if self.params.info_layer < 0 else self.params.info_layer,
         )
 
     def _held_back(self, text: str) -> int:
@@ -132,6 +134,7 @@ class Stream:
                             mature_logprob=st.mature_logprob,
                             score=st.score,
                             entropy=st.entropy,
+                            activation_entropy=None if self.params.info_layer < 0 else st.activation_entropy,
                         )
                     )
                     self.text += decoder.decode(weights.token_to_piece(st.token, False))

@@ -21,6 +21,9 @@ struct decoder_rows {
     float * projected = nullptr;     // [layers().size()][n_vocab], in layers() order; may be overwritten
     int64_t n_vocab = 0;
     int32_t n_threads = 1;
+    // [n_vocab]: the entropy over context positions of context_layer() (null when the decoder
+    // needs none, and in teacher-forced scoring, where it is known only after the last position)
+    const float * context_entropy = nullptr;
 };
 
 // The DoLa repository's lm_score options for one teacher-forced position.
@@ -42,12 +45,22 @@ public:
     // was contrasted with, -1 for none.
     virtual float score(const decoder_rows & rows, int32_t y, const score_options & opt, float * lp, float * work,
                         int32_t & layer) = 0;
+    // A layer whose rows the decoder needs at every context position, reduced to a per-vocabulary
+    // entropy over positions (decoder_rows::context_entropy); -1 for none.
+    virtual int32_t context_layer() const { return -1; }
+    // What the context entropy adds to token y's teacher-forced score, once it is known.
+    virtual float context_score(int32_t y, const float * context_entropy) const { return 0.0f; }
 };
 
-// The decoder a decode_params asks for: plain (no premature candidates) or DoLa.
+// The decoder a decode_params asks for: plain (no premature candidates) or DoLa, wrapped by
+// Activation Decoding when it is on.
 std::unique_ptr<decoder> make_decoder(const decode_params & p);
 
 std::unique_ptr<decoder> make_plain_decoder();
 std::unique_ptr<decoder> make_dola_decoder(const std::vector<int32_t> & candidates, double relative_top);
+// inner: plain (activation) or DoLa (activation_dola); its scores are relative-top filtered and
+// lowered by alpha times the context entropy of info_layer.
+std::unique_ptr<decoder> make_activation_decoder(std::unique_ptr<decoder> inner, int32_t info_layer, float alpha,
+                                                 double relative_top);
 
 }  // namespace dola

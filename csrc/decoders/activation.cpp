@@ -1,0 +1,66 @@
+// Activation Decoding (hkust-nlp/Activation_Decoding, "decoding by sharpness"): tokens whose
+// info-layer activations are sharp (low entropy over the context positions) are favoured:
+//   scores = relative-top-filtered log_softmax(z_mature) - alpha * H      (activation)
+//   scores = DoLa's contrast (already relative-top filtered) - alpha * H   (activation_dola)
+// where H_v is the entropy over context positions of softmax_p(z_info[p][v]); the session
+// computes H once per prompt (the reference computes it at the first generated token from the
+// prompt's positions). Teacher-forced scores are the inner decoder's minus alpha * H[y], with H
+// over every position of prefix and continuation, and no relative-top mask (the reference's
+// lm_score computes the mask but does not apply it).
+#include "decoders/decoder.h"
+
+#include "dola-contrast.h"
+#include "dola-session.h"
+
+#include <cstring>
+#include <limits>
+#include <utility>
+
+namespace dola {
+
+namespace {
+
+class activation_decoder : public decoder {
+public:
+    activation_decoder(std::unique_ptr<decoder> inner, int32_t info_layer, float alpha, double relative_top)
+        : inner_(std::move(inner)), info_layer_(info_layer), alpha_(alpha), relative_top_(relative_top) {}
+
+    const std::vector<int32_t> & layers() const override { return inner_->layers(); }
+    int32_t context_layer() const override { return info_layer_; }
+
+    void step(const decoder_rows & rows, float * lp, float * scores, step_result & res) override {
+        inner_->step(rows, lp, scores, res);
+        const int64_t V = rows.n_vocab;
+        const float * H = rows.context_entropy;
+        const float ninf = -std::numeric_limits<float>::infinity();
+        if (inner_->layers().empty()) {
+            // plain inner: its scores are the raw logits; use the filtered log-probabilities
+            const float thr = relative_top_ > 0.0 ? relative_top_threshold(lp, V, relative_top_) : ninf;
+            for (int64_t i = 0; i < V; ++i) scores[i] = lp[i] < thr ? ninf : lp[i] - alpha_ * H[i];
+        } else {
+            for (int64_t i = 0; i < V; ++i) scores[i] -= alpha_ * H[i];  // -inf (filtered) stays -inf
+        }
+    }
+
+    float score(const decoder_rows & rows, int32_t y, const score_options & opt, float * lp, float * work,
+                int32_t & layer) override {
+        return inner_->score(rows, y, opt, lp, work, layer);
+    }
+
+    float context_score(int32_t y, const float * context_entropy) const override { return -alpha_ * context_entropy[y]; }
+
+private:
+    std::unique_ptr<decoder> inner_;
+    int32_t info_layer_;
+    float alpha_;
+    double relative_top_;
+};
+
+}  // namespace
+
+std::unique_ptr<decoder> make_activation_decoder(std::unique_ptr<decoder> inner, int32_t info_layer, float alpha,
+                                                 double relative_top) {
+    return std::make_unique<activation_decoder>(std::move(inner), info_layer, alpha, relative_top);
+}
+
+}  // namespace dola
