@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
+from .config import DecodeConfig
 from .layers import LayerSpec, parse_layer_string
 from .model import Model
 
@@ -229,6 +230,9 @@ class ScoreOptions:
     post_softmax: bool = False
     premature_norm: bool = False
     relative_top_value: float = -1000.0
+    decoder: str = "dola"  # "activation": minus alpha * H[token] (Activation Decoding's lm_score)
+    alpha: float = 0.5
+    info_layer: Optional[int] = None
 
 
 def early_exit_layers(spec: str) -> LayerSpec:
@@ -249,6 +253,9 @@ def _score(model: Model, prefix: str, continuation: str, opts: ScoreOptions, his
         post_softmax=opts.post_softmax,
         premature_norm=opts.premature_norm,
         relative_top_value=opts.relative_top_value,
+        decoder=opts.decoder,
+        alpha=opts.alpha,
+        info_layer=opts.info_layer,
     )
     hist.update(layer for layer in r.premature_layers if layer is not None)
     return r.score
@@ -396,6 +403,9 @@ def run_eval(
     *,
     layers: LayerSpec = None,
     premature_norm: bool = False,
+    decoder: str = "dola",
+    alpha: float = 0.5,
+    info_layer: Optional[int] = None,
     results_path: Optional[PathLike] = None,
     progress: Optional[Progress] = None,
     header_extra: Optional[dict] = None,
@@ -404,13 +414,18 @@ def run_eval(
 
     With ``results_path``, each item's record is appended as a JSON line as soon as it is scored
     and items already in the file are skipped (the file's header must match these settings).
+    ``decoder="activation"`` scores with Activation Decoding (``alpha``, ``info_layer``) on top of
+    the plain or DoLa score, with the task's relative-top and post-softmax settings.
     ``progress(done, total, record)`` is called after every item (and once at the start with
     ``record={}``).
     """
     t = get_task(task)
-    opts = ScoreOptions(layers=layers, relative_top=t.relative_top, post_softmax=t.post_softmax,
-                        premature_norm=premature_norm)
+    config = DecodeConfig().replace(layers=layers, premature_norm=premature_norm, decoder=decoder, alpha=alpha,
+                                    info_layer=info_layer)
     plan = model.resolve_layers(layers)
+    resolved_info = config.activation.resolve_info_layer(model.n_layers) if config.uses_activation else None
+    opts = ScoreOptions(layers=layers, relative_top=t.relative_top, post_softmax=t.post_softmax,
+                        premature_norm=premature_norm, decoder=decoder, alpha=float(alpha), info_layer=resolved_info)
     header = {
         "type": "header",
         "task": t.name,
@@ -418,6 +433,8 @@ def run_eval(
         "candidates": list(plan.candidates),
         "mature": plan.mature,
         "premature_norm": bool(premature_norm),
+        **({"decoder": config.decoder_name(plan), "alpha": opts.alpha, "info_layer": resolved_info}
+           if config.uses_activation else {}),
         "relative_top": opts.relative_top,
         "post_softmax": opts.post_softmax,
         **(header_extra or {}),

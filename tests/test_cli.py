@@ -94,6 +94,7 @@ def test_info_shows_the_model_and_its_layer_sets(cli, smollm2_path):
     # tied embeddings: candidates start at 2 (transformers skips the embedding output)
     assert re.search(r"^--layers high\s+15,17,19,21,23,25,27,29 vs 30$", out, re.M)
     assert re.search(r"^--layers low\s+2,4,6,8,10,12,14 vs 30$", out, re.M)
+    assert re.search(r"^--info-layer\s+24 \(Activation Decoding", out, re.M)
 
 
 def test_info_json_matches_resolve_layers(cli, smollm2_path, smollm2):
@@ -147,6 +148,30 @@ def test_generate_premature_norm_changes_the_contrast(cli, smollm2_path):
     raw, normed = steps("--raw"), steps()  # the command line normes premature layers by default
     assert [s["mature_logprob"] for s in raw][:1] == [s["mature_logprob"] for s in normed][:1]  # same mature layer
     assert [s["score"] for s in raw] != [s["score"] for s in normed]
+
+
+@pytest.mark.parametrize("layers, decoder", [("none", "activation"), ("high", "activation_dola")])
+def test_generate_json_with_activation_decoding(cli, smollm2_path, layers, decoder):
+    result = cli("generate", smollm2_path, "The capital of France is", "--template", "none", "-n", 4, "--json",
+                 "--decoder", "activation", "--layers", layers, "--alpha", "0.3", "--info-layer", "20", *FAST)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["decoder"] == decoder and data["alpha"] == 0.3 and data["info_layer"] == 20
+    assert data["repetition_penalty"] == 1.2
+    assert all(s["activation_entropy"] >= 0 for s in data["steps"])
+    assert all((s["premature_layer"] is None) == (layers == "none") for s in data["steps"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--info-layer", "30"], "Error: --info-layer: info_layer 30 is out of range: valid layers are 0..29"),
+    (["--decoder", "sharp"], "Invalid value for '--decoder'"),
+    (["--alpha", "-1"], "Invalid value for '--alpha'"),
+])
+def test_bad_activation_options_are_clear_errors(cli, smollm2_path, args, message):
+    result = cli("generate", smollm2_path, "Hello", "--decoder", "activation", *args, "-n", 1, *FAST)
+    assert result.exit_code in (1, 2)
+    assert message in result.stderr
+    assert "Traceback" not in result.output
 
 
 def test_generate_json_plain_has_no_premature_layers(cli, smollm2_path):
@@ -222,10 +247,12 @@ def test_empty_prompt_is_a_one_line_error(cli, smollm2_path, command):
     assert single_error_line(result) == "Error: the prompt is empty"
 
 
-def test_compare_refuses_plain_layers(cli, smollm2_path):
-    result = cli("compare", smollm2_path, "Hello", "--layers", "none")
-    assert result.exit_code == 1
-    assert "nothing to compare" in single_error_line(result)
+def test_compare_with_plain_layers_shows_plain_and_activation(cli, smollm2_path):
+    result = cli("compare", smollm2_path, "The capital of France is", "--template", "none", "--layers", "none",
+                 "-n", 4, "--layout", "rows", *FAST)
+    assert result.exit_code == 0, result.output
+    titles = [line for line in result.stdout.splitlines() if line.startswith("── ")]
+    assert [t.split(" (")[0] for t in titles] == ["── plain decoding", "── Activation Decoding"]
 
 
 # ---------------------------------------------------------------------------------- pull
@@ -254,22 +281,25 @@ def test_pull_cached_demo_model_prints_its_path(cli, smollm2_path):
 
 
 @pytest.mark.parametrize("layout", ["rows", "columns"])
-def test_compare_shows_both_answers(cli, smollm2_path, layout):
+def test_compare_shows_plain_dola_and_activation_answers(cli, smollm2_path, layout):
     result = cli("compare", smollm2_path, "The capital of France is", "--template", "none", "-n", 4,
-                 "--layout", layout, *FAST)
+                 "--layout", layout, "--alpha", "0.7", "--info-layer", "20", *FAST)
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "Paris" in out
-    if layout == "columns":  # COLUMNS=80: two 38-character columns
+    if layout == "columns":  # COLUMNS=80: three 24-character columns
         lines = out.splitlines()
-        assert lines[0].startswith("plain (repetition") and "│ DoLa (normed premature layers): layers" in lines[0]
+        assert lines[0].startswith("plain decoding") and lines[0].count(" │ ") == 2
+        assert "│ DoLa (normed" in lines[0]
         assert all(len(line) <= 80 for line in lines)
-        assert any(re.fullmatch(r"─+ │ ─+", line) for line in lines)
+        assert any(re.fullmatch(r"─+ │ ─+ │ ─+", line) for line in lines)
     else:
         titles = [line for line in out.splitlines() if line.startswith("── ")]
-        assert len(titles) == 2
-        assert titles[0].startswith("── plain (repetition penalty 1.0)")
+        assert len(titles) == 3
+        assert titles[0].startswith("── plain decoding (repetition penalty 1.0)")
         assert titles[1].startswith("── DoLa (normed premature layers): layers 15,17,19,21,23,25,27,29 vs 30 (repetition penalty 1.2)")
+        assert titles[2].startswith("── Activation Decoding (alpha 0.7, normed info layer 20) on plain decoding "
+                                    "(repetition penalty 1.2)")
 
 
 # ---------------------------------------------------------------------------------- piped chat
@@ -434,9 +464,16 @@ def test_chat_set_commands_validate(smollm2):
     assert chat.command("/set premature_norm off") and not chat.settings.dola.premature_norm
     assert chat.command("/dola off") and chat.plan.is_plain
     assert chat.command("/dola on") and chat.plan == smollm2.resolve_layers("low")
+    assert chat.command("/set decoder activation") and chat.settings.decoder == "activation"
+    assert chat.command("/set alpha 0.25") and chat.settings.activation.alpha == 0.25
+    assert chat.command("/set info_layer 12") and chat.settings.activation.info_layer == 12
+    assert chat.command("/set info_layer auto") and chat.settings.activation.info_layer is None
+    assert "Activation Decoding (alpha 0.25, raw info layer 24) on DoLa" in chat._decoding()
+    assert chat.command("/set decoder dola") and chat.settings.decoder == "dola"
     assert not chat.failed
     for bad in ("/set layers 99", "/set premature_norm maybe", "/set temperature hot", "/set top_p 2", "/set colour blue",
-                "/dola maybe", "/set max_tokens 0", "/set top_k -1", "/set layer high"):
+                "/dola maybe", "/set max_tokens 0", "/set top_k -1", "/set layer high", "/set decoder sharp",
+                "/set alpha -1", "/set alpha x", "/set info_layer 30"):
         chat.failed = False
         assert chat.command(bad)  # reported, the chat goes on
         assert chat.failed, bad

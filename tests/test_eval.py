@@ -243,6 +243,18 @@ def test_cli_tfqa_runs_and_resumes(tmp_path):
     assert len(out.read_text().splitlines()) == 3
 
 
+@needs_data
+def test_cli_tfqa_with_activation_decoding(tmp_path):
+    out = tmp_path / "act.jsonl"
+    args = ["tfqa-mc", "smollm2", "--data", str(TFQA_CSV), "--layers", "high", "--decoder", "activation",
+            "--alpha", "0.5", "--limit", "1", "--json", str(out), "--threads", "2", "--ctx", "512"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "Activation Decoding (alpha 0.5, raw info layer 24) on DoLa" in r.output
+    header = json.loads(out.read_text().splitlines()[0])
+    assert header["decoder"] == "activation_dola" and header["info_layer"] == 24 and header["alpha"] == 0.5
+
+
 @pytest.mark.parametrize(
     "args, code, message",
     [

@@ -18,7 +18,7 @@ from .. import DecodeConfig, GenerationResult, LayerPlan, Model
 from ..hub import cache_dir
 from ._cli_utils import CLIError, Template, layer_plan, one_line, template_choice
 from ._input import Interrupted, LineReader, discard_typeahead, line_reader
-from ._render import describe_plan, histogram, stats_line
+from ._render import describe_config, describe_plan, histogram, stats_line
 
 MULTILINE = '"""'
 
@@ -28,6 +28,8 @@ Commands:
   /set layers high|low|none|16,18,32
   /set repetition_penalty X    (auto = 1.2 with DoLa, 1.0 plain)
   /set premature_norm on|off   (final norm on premature layers: logit lens)
+  /set decoder dola|activation (activation: Activation Decoding, on DoLa unless layers none)
+  /set alpha X | info_layer N|auto   (Activation Decoding's weight and layer)
   /set temperature X           (0 = greedy)
   /set max_tokens N
   /set top_k K | top_p P | seed N|random
@@ -220,7 +222,7 @@ class Chat:
         self.out.status(f"Type /help for commands, {MULTILINE} for multi-line input, /bye or Ctrl-D to exit.")
 
     def _decoding(self) -> str:
-        return (f"{describe_plan(self.plan, self.model.n_layers, self.settings.dola.premature_norm)} · "
+        return (f"{describe_config(self.settings, self.plan, self.model.n_layers)} · "
                 f"repetition penalty {self.settings.penalty(self.plan)}")
 
     # ------------------------------------------------------------------ answers
@@ -382,6 +384,12 @@ class Chat:
             if value.lower() not in ("on", "off"):
                 raise CLIError("/set premature_norm takes on or off")
             self._apply(premature_norm=value.lower() == "on")
+        elif key == "decoder":
+            self._apply(decoder=value.lower())
+        elif key == "alpha":
+            self._apply(alpha=_number(key, value, float))
+        elif key == "info_layer":
+            self._apply(info_layer=None if value.lower() == "auto" else _number(key, value, int))
         elif key in ("temperature", "top_p"):
             self._apply(**{key: _number(key, value, float)})
         elif key == "top_k":
@@ -399,6 +407,10 @@ class Chat:
             ("layers", f"{s.dola.layers} ({describe_plan(plan, self.model.n_layers, s.dola.premature_norm)})"),
             ("repetition_penalty", f"{penalty} (now {s.penalty(plan)})"),
             ("premature_norm", "on" if s.dola.premature_norm else "off"),
+            ("decoder", s.decoder_name(plan)),
+            ("alpha", f"{s.activation.alpha:g}"),
+            ("info_layer", f"{'auto' if s.activation.info_layer is None else s.activation.info_layer} "
+                           f"(now {s.activation.resolve_info_layer(self.model.n_layers)})"),
             ("temperature", f"{s.temperature:g}"),
             ("top_k", str(s.top_k)),
             ("top_p", f"{s.top_p:g}"),
@@ -413,6 +425,10 @@ class Chat:
         """Replace settings fields (DecodeConfig checks the values) and re-resolve the layers."""
         settings = self.settings.replace(**changes)
         plan = self._plan(settings.dola.layers)
+        try:
+            settings.activation.resolve_info_layer(self.model.n_layers)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
         self.settings, self.plan = settings, plan
         if not plan.is_plain:
             self._dola_layers = settings.dola.layers

@@ -88,6 +88,11 @@ class Template(str, Enum):
     none = "none"  # raw text (generate/compare) or a plain User:/Assistant: transcript (run)
 
 
+class Decoder(str, Enum):
+    dola = "dola"
+    activation = "activation"
+
+
 class Layout(str, Enum):
     auto = "auto"
     columns = "columns"
@@ -147,6 +152,18 @@ PrematureNormOpt = Annotated[
                       "before projecting them (logit lens); --raw projects the raw hidden state as the DoLa "
                       "paper, transformers and the Python API do. Why the default differs: README, 'Chat defaults'."),
 ]
+DecoderOpt = Annotated[
+    Decoder,
+    typer.Option("--decoder", rich_help_panel=_DECODE,
+                 help="dola: DoLa with --layers (plain decoding with --layers none); activation: Activation "
+                      "Decoding, on top of DoLa's contrast unless --layers none."),
+]
+AlphaOpt = Annotated[float, typer.Option("--alpha", min=0.0, rich_help_panel=_DECODE,
+                                         help="Activation Decoding: weight of the sharpness (entropy) term.")]
+InfoLayerOpt = Annotated[Optional[int], typer.Option(
+    "--info-layer", min=0, rich_help_panel=_DECODE, show_default=False,
+    help="Activation Decoding: the layer whose activations over the context are measured "
+         "(default: round(0.8 x layers), as the reference's 26 of 32; `dola-cpp info` shows it).")]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", rich_help_panel=_DECODE,
                                                   help="System prompt (with the chat template).")]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=0, rich_help_panel=_DECODE,
@@ -204,6 +221,20 @@ def load_model(ref: Optional[str], ctx: int = 2048, threads: Optional[int] = Non
     if ctx and m.n_ctx != ctx:
         typer.echo(f"note: llama.cpp made the context {m.n_ctx} tokens (--ctx {ctx} asked for {ctx})", err=True)
     return m
+
+
+def decode_config(model: Model, **fields: Any) -> DecodeConfig:
+    """A DecodeConfig from command-line values (an enum's value for ``decoder``), with the info
+    layer checked against the loaded model."""
+    if isinstance(fields.get("decoder"), Enum):
+        fields["decoder"] = fields["decoder"].value
+    config = DecodeConfig().replace(**fields)
+    if config.uses_activation:
+        try:
+            config.activation.resolve_info_layer(model.n_layers)
+        except ValueError as e:
+            raise CLIError(f"--info-layer: {e}") from None
+    return config
 
 
 def layer_plan(model: Model, layers: str, label: str = "--layers") -> LayerPlan:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 from typing import Mapping
 
-from .. import GenerationResult, LayerPlan
+from .. import DecodeConfig, GenerationResult, LayerPlan
 
 _BAR = "█"
 _PARTIAL = " ▏▎▍▌▋▊▉"
@@ -22,6 +22,17 @@ def describe_plan(plan: LayerPlan, n_layers: int, premature_norm: bool = False) 
     if len(plan.candidates) == 1:
         return f"DoLa (static, {variant} premature layer): layer {plan.candidates[0]} vs {plan.mature}"
     return f"DoLa ({variant} premature layers): layers {layer_list(plan.candidates)} vs {plan.mature}"
+
+
+def describe_config(config: DecodeConfig, plan: LayerPlan, n_layers: int) -> str:
+    """``describe_plan``, with Activation Decoding's settings in front when it is on, e.g.
+    ``Activation Decoding (alpha 0.5, normed info layer 24) on DoLa (…)``."""
+    base = describe_plan(plan, n_layers, config.dola.premature_norm)
+    if not config.uses_activation:
+        return base
+    variant = "normed" if config.dola.premature_norm else "raw"
+    layer = config.activation.resolve_info_layer(n_layers)
+    return f"Activation Decoding (alpha {config.activation.alpha:g}, {variant} info layer {layer}) on {base}"
 
 
 def layer_list(layers: tuple[int, ...]) -> str:
@@ -79,16 +90,13 @@ def wrap(text: str, width: int) -> list[str]:
     return lines
 
 
-def side_by_side(left: tuple[str, str], right: tuple[str, str], width: int, gap: str = " │ ") -> str:
-    """Two (title, text) panes next to each other within ``width`` columns."""
-    col = (width - len(gap)) // 2
-    a = wrap(left[0], col) + ["─" * col] + wrap(left[1], col)
-    b = wrap(right[0], col) + ["─" * col] + wrap(right[1], col)
-    # start both texts on the same row even when the titles wrap differently
-    ta, tb = len(wrap(left[0], col)), len(wrap(right[0], col))
-    a = a[:ta] + [""] * (max(ta, tb) - ta) + a[ta:]
-    b = b[:tb] + [""] * (max(ta, tb) - tb) + b[tb:]
-    n = max(len(a), len(b))
-    a += [""] * (n - len(a))
-    b += [""] * (n - len(b))
-    return "\n".join(f"{x:<{col}}{gap}{y}".rstrip() for x, y in zip(a, b))
+def side_by_side(*panes: tuple[str, str], width: int, gap: str = " │ ") -> str:
+    """(title, text) panes next to each other within ``width`` columns."""
+    col = (width - len(gap) * (len(panes) - 1)) // len(panes)
+    titles = [wrap(title, col) for title, _ in panes]
+    rows = max(len(t) for t in titles)
+    # start every text on the same row even when the titles wrap differently
+    cols = [t + [""] * (rows - len(t)) + ["─" * col] + wrap(text, col) for t, (_, text) in zip(titles, panes)]
+    n = max(len(c) for c in cols)
+    cols = [c + [""] * (n - len(c)) for c in cols]
+    return "\n".join(gap.join(f"{cell:<{col}}" for cell in line).rstrip() for line in zip(*cols))

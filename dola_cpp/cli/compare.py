@@ -1,4 +1,4 @@
-"""``dola-cpp compare``: the plain and the DoLa answer to one prompt."""
+"""``dola-cpp compare``: the plain, the DoLa and the Activation Decoding answer to one prompt."""
 
 from __future__ import annotations
 
@@ -7,17 +7,18 @@ from typing import Annotated
 
 import typer
 
-from .. import DecodeConfig, GenerationResult
+from .. import GenerationResult
 from ._cli_utils import (
-    CLIError, CtxOpt, GpuLayersOpt, LayersOpt, Layout, MaxTokensOpt, ModelRequiredArg, PrematureNormOpt, PromptArg,
-    RepackOpt, RepetitionPenaltyOpt, SystemOpt, Template, TemplateOpt, ThreadsOpt, examples, layer_plan, load_model,
-    note_penalty, prompt_text,
+    AlphaOpt, CtxOpt, GpuLayersOpt, InfoLayerOpt, LayersOpt, Layout, MaxTokensOpt, ModelRequiredArg, PrematureNormOpt,
+    PromptArg, RepackOpt, RepetitionPenaltyOpt, SystemOpt, Template, TemplateOpt, ThreadsOpt, decode_config, examples,
+    layer_plan, load_model, note_penalty, prompt_text,
 )
-from ._render import describe_plan, side_by_side, top_layers
+from ._render import describe_config, side_by_side, top_layers
 
 COMPARE_EXAMPLES = examples(
     "dola-cpp compare smollm2 'What happens if you crack your knuckles a lot?'",
     "dola-cpp compare model.gguf 'Who invented the telephone?' --layers low -n 64 --layout rows",
+    "dola-cpp compare smollm2 'Who wrote Hamlet?' --alpha 1.0 --info-layer 20",
 )
 
 # Side by side only when each column gets at least this many characters.
@@ -33,6 +34,8 @@ def compare(
     layers: LayersOpt = "high",
     repetition_penalty: RepetitionPenaltyOpt = None,
     premature_norm: PrematureNormOpt = True,
+    alpha: AlphaOpt = 0.5,
+    info_layer: InfoLayerOpt = None,
     max_tokens: MaxTokensOpt = 128,
     system: SystemOpt = None,
     template: TemplateOpt = Template.auto,
@@ -42,32 +45,39 @@ def compare(
     gpu_layers: GpuLayersOpt = -1,
     repack: RepackOpt = True,
 ) -> None:
-    """Answer PROMPT with plain greedy decoding and with DoLa, and show both.
+    """Answer PROMPT with plain greedy decoding, with DoLa and with Activation Decoding, and show
+    the answers side by side (or one after the other).
 
-    --repetition-penalty applies to both answers; without it, plain decoding uses 1.0 and DoLa
-    1.2 (the library defaults), as the headings say.
+    The Activation Decoding answer runs without DoLa's contrast (the reference's `activation`;
+    `dola-cpp generate --decoder activation --layers high` gives `activation_dola`), with
+    --alpha, --info-layer and --premature-norm/--raw. With --layers none there is no DoLa answer.
+    --repetition-penalty applies to every answer; without it, plain decoding uses 1.0 and the
+    others 1.2 (the library defaults), as the headings say.
     """
     m = load_model(model, ctx, threads, gpu_layers, repack)
     plan = layer_plan(m, layers)
-    if plan.is_plain:
-        raise CLIError(f"--layers {layers} means plain decoding: nothing to compare; use high, low or a layer list")
-    plain_config = DecodeConfig(repetition_penalty=repetition_penalty)
-    dola_config = plain_config.replace(layers=layers, premature_norm=premature_norm)
-    note_penalty(dola_config, plan)
+    plain_plan = m.resolve_layers(None)
+    plain_config = decode_config(m, repetition_penalty=repetition_penalty)
+    runs = [(plain_config, plain_plan)]
+    if not plan.is_plain:
+        runs.append((plain_config.replace(layers=layers, premature_norm=premature_norm), plan))
+        note_penalty(runs[-1][0], plan)
+    act_config = decode_config(m, repetition_penalty=repetition_penalty, premature_norm=premature_norm,
+                               decoder="activation", alpha=alpha, info_layer=info_layer)
+    runs.append((act_config, plain_plan))
     text, _ = prompt_text(m, prompt, template, system)
-    plain = m.generate(text, max_tokens, config=plain_config)
-    dola = m.generate(text, max_tokens, config=dola_config)
-    panes = [
-        (f"plain (repetition penalty {plain_config.penalty(m.resolve_layers(None))}) · {_speed(plain)}",
-         plain.text.strip()),
-        (f"{describe_plan(plan, m.n_layers, premature_norm)} (repetition penalty {dola_config.penalty(plan)})"
-         f" · {_speed(dola)} · chosen: {top_layers(dola.layer_histogram())}", dola.text.strip()),
-    ]
+    panes = []
+    for config, p in runs:
+        result = m.generate(text, max_tokens, config=config)
+        title = f"{describe_config(config, p, m.n_layers)} (repetition penalty {config.penalty(p)}) · {_speed(result)}"
+        if not p.is_plain:
+            title += f" · chosen: {top_layers(result.layer_histogram())}"
+        panes.append((title, result.text.strip()))
     width = shutil.get_terminal_size().columns
-    if layout is Layout.columns or (layout is Layout.auto and width >= 2 * MIN_COLUMN + 3):
-        typer.echo(side_by_side(panes[0], panes[1], max(width, 2 * 20 + 3)))
+    if layout is Layout.columns or (layout is Layout.auto and width >= len(panes) * (MIN_COLUMN + 3)):
+        typer.echo(side_by_side(*panes, width=max(width, len(panes) * 23)))
     else:
-        typer.echo(f"── {panes[0][0]}\n{panes[0][1]}\n\n── {panes[1][0]}\n{panes[1][1]}")
+        typer.echo("\n\n".join(f"── {title}\n{body}" for title, body in panes))
 
 
 def _speed(result: GenerationResult) -> str:

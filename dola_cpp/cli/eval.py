@@ -12,7 +12,11 @@ import typer
 
 from .. import Model
 from .. import evaluate as ev
-from ._cli_utils import CLIError, CtxOpt, ModelRequiredArg, ThreadsOpt, check_layer_syntax, layer_plan, model_path
+from ._cli_utils import (
+    AlphaOpt, CLIError, CtxOpt, Decoder, DecoderOpt, InfoLayerOpt, ModelRequiredArg, ThreadsOpt, check_layer_syntax,
+    decode_config, layer_plan, model_path,
+)
+from ._render import describe_config
 
 app = typer.Typer(
     help="Reproduce the DoLa paper's multiple-choice evaluations with the DoLa repository's protocol.",
@@ -74,7 +78,7 @@ def _layer_spec(early_exit_layers: Optional[str], layers: Optional[str]):
 
 
 def _run(task: ev.Task, model_ref: str, data: Optional[Path], spec, premature_norm: bool, limit, json_out, ctx,
-         threads, kv_type) -> None:
+         threads, kv_type, decoder: Decoder = Decoder.dola, alpha: float = 0.5, info_layer: Optional[int] = None) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Table
@@ -89,11 +93,10 @@ def _run(task: ev.Task, model_ref: str, data: Optional[Path], spec, premature_no
     items = items[:limit] if limit else items
     model = Model(model_path(model_ref), n_ctx=ctx, n_threads=threads, kv_type=kv_type.value)
     plan = layer_plan(model, spec) if spec is not None else model.resolve_layers(None)
-    mode = plan.mode + (" (premature norm)" if premature_norm and not plan.is_plain else "")
-    console.print(
-        f"[bold]{task.name}[/] {model.path.name}: {len(items)} items, {mode}"
-        + (f", candidates {list(plan.candidates)} vs {plan.mature}" if not plan.is_plain else "")
-    )
+    config = decode_config(model, layers=spec, premature_norm=premature_norm, decoder=decoder, alpha=alpha,
+                           info_layer=info_layer)
+    console.print(f"[bold]{task.name}[/] {model.path.name}: {len(items)} items, "
+                  f"{describe_config(config, plan, model.n_layers)}", highlight=False, soft_wrap=True)
 
     columns = (
         TextColumn("[progress.description]{task.description}"),
@@ -123,6 +126,9 @@ def _run(task: ev.Task, model_ref: str, data: Optional[Path], spec, premature_no
                 items,
                 layers=spec,
                 premature_norm=premature_norm,
+                decoder=config.decoder,
+                alpha=alpha,
+                info_layer=info_layer,
                 results_path=json_out,
                 progress=progress,
                 header_extra={"data": data.name, "kv_type": kv_type.value},
@@ -168,6 +174,9 @@ def tfqa_mc(
     early_exit_layers: EarlyExitOpt = None,
     layers: LayersOpt = None,
     premature_norm: PrematureNormOpt = False,
+    decoder: DecoderOpt = Decoder.dola,
+    alpha: AlphaOpt = 0.5,
+    info_layer: InfoLayerOpt = None,
     limit: LimitOpt = None,
     json_out: JsonOpt = None,
     ctx: CtxOpt = 2048,
@@ -175,7 +184,8 @@ def tfqa_mc(
     kv_type: KVTypeOpt = KVType.f32,
 ) -> None:
     """TruthfulQA MC1/MC2/MC3 (the DoLa repo's tfqa_mc_eval.py: 6-shot prompt, relative_top=0)."""
-    _run(ev.TASKS[ev.TFQA], model, data, _layer_spec(early_exit_layers, layers), premature_norm, limit, json_out, ctx, threads, kv_type)
+    _run(ev.TASKS[ev.TFQA], model, data, _layer_spec(early_exit_layers, layers), premature_norm, limit, json_out, ctx,
+         threads, kv_type, decoder, alpha, info_layer)
 
 
 @app.command("factor")
@@ -185,6 +195,9 @@ def factor(
     early_exit_layers: EarlyExitOpt = None,
     layers: LayersOpt = None,
     premature_norm: PrematureNormOpt = False,
+    decoder: DecoderOpt = Decoder.dola,
+    alpha: AlphaOpt = 0.5,
+    info_layer: InfoLayerOpt = None,
     limit: LimitOpt = None,
     json_out: JsonOpt = None,
     ctx: CtxOpt = 2048,
@@ -192,4 +205,5 @@ def factor(
     kv_type: KVTypeOpt = KVType.f32,
 ) -> None:
     """FACTOR accuracy (the DoLa repo's factor_eval.py: relative_top=0.1, post-softmax)."""
-    _run(ev.TASKS[ev.FACTOR], model, data, _layer_spec(early_exit_layers, layers), premature_norm, limit, json_out, ctx, threads, kv_type)
+    _run(ev.TASKS[ev.FACTOR], model, data, _layer_spec(early_exit_layers, layers), premature_norm, limit, json_out, ctx,
+         threads, kv_type, decoder, alpha, info_layer)

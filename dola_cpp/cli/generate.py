@@ -10,14 +10,16 @@ import typer
 
 from .. import DecodeConfig, GenerationResult, LayerPlan, Model
 from ._cli_utils import (
-    CtxOpt, GpuLayersOpt, JsonOpt, LayersOpt, MaxTokensOpt, ModelRequiredArg, PrematureNormOpt, PromptArg, RepackOpt,
-    RepetitionPenaltyOpt, SeedOpt, SystemOpt, TemperatureOpt, Template, TemplateOpt, ThreadsOpt, TopKOpt, TopPOpt,
-    examples, layer_plan, load_model, note_penalty, prompt_text,
+    AlphaOpt, CtxOpt, Decoder, DecoderOpt, GpuLayersOpt, InfoLayerOpt, JsonOpt, LayersOpt, MaxTokensOpt,
+    ModelRequiredArg, PrematureNormOpt, PromptArg, RepackOpt, RepetitionPenaltyOpt, SeedOpt, SystemOpt, TemperatureOpt,
+    Template, TemplateOpt, ThreadsOpt, TopKOpt, TopPOpt, decode_config, examples, layer_plan, load_model, note_penalty,
+    prompt_text,
 )
 
 GENERATE_EXAMPLES = examples(
     "dola-cpp generate smollm2 'The capital of France is' --template none -n 16",
     "dola-cpp generate model.gguf 'Who wrote Hamlet?' --layers low",
+    "dola-cpp generate smollm2 'Who wrote Hamlet?' --decoder activation --layers none",
     "dola-cpp generate smollm2 'Name three planets.' --json | jq '.steps[].premature_layer'",
 )
 
@@ -31,6 +33,9 @@ def generate(
     layers: LayersOpt = "high",
     repetition_penalty: RepetitionPenaltyOpt = None,
     premature_norm: PrematureNormOpt = True,
+    decoder: DecoderOpt = Decoder.dola,
+    alpha: AlphaOpt = 0.5,
+    info_layer: InfoLayerOpt = None,
     system: SystemOpt = None,
     max_tokens: MaxTokensOpt = 256,
     temperature: TemperatureOpt = 0.0,
@@ -48,11 +53,13 @@ def generate(
     """Generate one completion of PROMPT and print it to stdout.
 
     With --json, print the text, token ids and per-step diagnostics (premature layer chosen,
-    JSD per candidate layer, mature log-probability, entropy) as one JSON object.
+    JSD per candidate layer, mature log-probability, entropy, Activation Decoding's entropy) as
+    one JSON object.
     """
     m = load_model(model, ctx, threads, gpu_layers, repack)
-    config = DecodeConfig().replace(layers=layers, repetition_penalty=repetition_penalty, premature_norm=premature_norm,
-                                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    config = decode_config(m, layers=layers, repetition_penalty=repetition_penalty, premature_norm=premature_norm,
+                           decoder=decoder, alpha=alpha, info_layer=info_layer, temperature=temperature, top_k=top_k,
+                           top_p=top_p, seed=seed)
     plan = layer_plan(m, layers)
     note_penalty(config, plan)
     text, templated = prompt_text(m, prompt, template, system)
@@ -75,6 +82,9 @@ def result_json(model: Model, plan: LayerPlan, result: GenerationResult, config:
         "template": "chat" if templated else "none",
         "layers": {"spec": config.dola.layers, "candidates": list(plan.candidates), "mature": plan.mature},
         "premature_norm": config.dola.premature_norm,
+        "decoder": result.decoder,
+        "alpha": config.activation.alpha if config.uses_activation else None,
+        "info_layer": result.info_layer,
         "repetition_penalty": config.penalty(plan),
         "text": result.text,
         "finish_reason": result.finish_reason,
@@ -93,6 +103,7 @@ def result_json(model: Model, plan: LayerPlan, result: GenerationResult, config:
                 "mature_logprob": _finite(s.mature_logprob),
                 "confidence": _finite(s.confidence),
                 "entropy": _finite(s.entropy),
+                "activation_entropy": None if s.activation_entropy is None else _finite(s.activation_entropy),
                 "score": _finite(s.score),
             }
             for s in result.steps

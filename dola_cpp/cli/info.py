@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from .. import Model, _core
+from ..layers import default_info_layer
 from ._cli_utils import JsonOpt, ModelRequiredArg, examples, load_model
 from ._render import layer_list
 
@@ -22,7 +23,8 @@ TEMPLATE_PREVIEW_WIDTH = 100
 
 def info(model: ModelRequiredArg, as_json: JsonOpt = False) -> None:
     """Show a model's architecture, layers, vocabulary, quantization, context length, chat
-    template, tied embeddings, and the layers DoLa's 'high' and 'low' sets contrast."""
+    template, tied embeddings, the layers DoLa's 'high' and 'low' sets contrast, and Activation
+    Decoding's default info layer."""
     m = load_model(model, ctx=256, gpu_layers=0)
     facts = model_facts(m)
     if as_json:
@@ -42,6 +44,7 @@ def info(model: ModelRequiredArg, as_json: JsonOpt = False) -> None:
     for name in ("high", "low"):
         plan = facts["layers"][name]
         rows.append((f"--layers {name}", f"{layer_list(tuple(plan['candidates']))} vs {plan['mature']}"))
+    rows.append(("--info-layer", f"{facts['info_layer']} (Activation Decoding's default: round(0.8 x {facts['n_layers']}))"))
     rows.append(("CPU weight layouts", ", ".join(["plain"] + facts["cpu_extra_buffer_types"])
                  + f" (AMX: {facts['amx']})"))
     rows.append(("chat template", _template_summary(facts)))
@@ -75,6 +78,7 @@ def model_facts(m: Model) -> dict[str, Any]:
             name: {"candidates": list(plan.candidates), "mature": plan.mature}
             for name, plan in ((n, m.resolve_layers(n)) for n in ("high", "low"))
         },
+        "info_layer": default_info_layer(m.n_layers),
     }
 
 

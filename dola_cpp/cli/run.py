@@ -6,17 +6,18 @@ import sys
 
 import typer
 
-from .. import DecodeConfig
 from ._chat import Chat
 from ._cli_utils import (
-    CtxOpt, GpuLayersOpt, LayersOpt, MaxTokensOpt, ModelArg, PrematureNormOpt, RepackOpt, RepetitionPenaltyOpt, SeedOpt,
-    SystemOpt, TemperatureOpt, Template, TemplateOpt, ThreadsOpt, TopKOpt, TopPOpt, examples, load_model,
+    AlphaOpt, CtxOpt, Decoder, DecoderOpt, GpuLayersOpt, InfoLayerOpt, LayersOpt, MaxTokensOpt, ModelArg,
+    PrematureNormOpt, RepackOpt, RepetitionPenaltyOpt, SeedOpt, SystemOpt, TemperatureOpt, Template, TemplateOpt,
+    ThreadsOpt, TopKOpt, TopPOpt, decode_config, examples, load_model,
 )
 
 RUN_EXAMPLES = examples(
     "dola-cpp run",
     "dola-cpp run smollm2 --layers high --repetition-penalty 1.2",
     "dola-cpp run model.gguf --layers 16,18,32 --system 'Answer briefly.'",
+    "dola-cpp run smollm2 --decoder activation --layers none --alpha 0.5",
     "dola-cpp run hf://owner/repo/model.Q4_K_M.gguf --ctx 4096",
     "printf 'What is the capital of France?\\n' | dola-cpp run smollm2",
 )
@@ -27,6 +28,9 @@ def run(
     layers: LayersOpt = "high",
     repetition_penalty: RepetitionPenaltyOpt = None,
     premature_norm: PrematureNormOpt = True,
+    decoder: DecoderOpt = Decoder.dola,
+    alpha: AlphaOpt = 0.5,
+    info_layer: InfoLayerOpt = None,
     system: SystemOpt = None,
     max_tokens: MaxTokensOpt = 512,
     temperature: TemperatureOpt = 0.0,
@@ -41,12 +45,14 @@ def run(
 ) -> None:
     """Chat with a model in the terminal, with DoLa decoding.
 
-    Type /help in the chat for its commands (/set layers, /dola off, /stats, ...). Ctrl-C stops
+    Type /help in the chat for its commands (/set layers, /set decoder activation, /dola off,
+    /stats, ...). Ctrl-C stops
     an answer; Ctrl-C at an empty prompt or Ctrl-D exits. With stdin not a terminal, each input
     line is a user turn and only the answers are printed.
     """
     m = load_model(model, ctx, threads, gpu_layers, repack)
-    config = DecodeConfig().replace(layers=layers, repetition_penalty=repetition_penalty, premature_norm=premature_norm,
-                                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    config = decode_config(m, layers=layers, repetition_penalty=repetition_penalty, premature_norm=premature_norm,
+                           decoder=decoder, alpha=alpha, info_layer=info_layer, temperature=temperature, top_k=top_k,
+                           top_p=top_p, seed=seed)
     chat = Chat(m, config, max_tokens=max_tokens, system=system, template=template, interactive=sys.stdin.isatty())
     raise typer.Exit(chat.repl())
