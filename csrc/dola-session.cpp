@@ -140,10 +140,10 @@ void session::configure(const decode_params & p) {
     // The stored context rows are one layer's; the entropy statistics also depend on the norm.
     if (ctx_layer >= 0 && ctx_layer != context_rows_layer_) {
         context_len_ = 0;
-        ckpt_len_ = 0;
+        ckpts_.clear();
         context_rows_layer_ = ctx_layer;
     }
-    if (p.premature_norm != ckpt_norm_) ckpt_len_ = 0;
+    if (p.premature_norm != ckpt_norm_) ckpts_.clear();
     if (ctx_layer >= 0 && (context_layer() != ctx_layer || p.premature_norm != ckpt_norm_)) {
         context_H_valid_ = false;  // H of another layer or projection: prefill again
         have_outputs_ = false;
@@ -245,7 +245,7 @@ void session::clear() {
     tokens_.clear();
     have_outputs_ = false;
     context_len_ = 0;
-    ckpt_len_ = 0;
+    ckpts_.clear();
     context_H_valid_ = false;
 }
 
@@ -272,14 +272,30 @@ void session::add_context_rows(position_entropy & acc, size_t from, size_t to) {
 void session::context_entropy(size_t boundary, size_t end) {
     const int64_t V = model_->n_vocab();
     if (end > context_len_ || boundary > end) throw error("internal: context rows missing for Activation Decoding");
-    if (ckpt_.n_vocab() != V || ckpt_len_ > boundary || ckpt_len_ == 0) {
-        ckpt_.reset(V);
-        ckpt_len_ = 0;
+    // start from the longest checkpoint of this sequence's prefix (all kept ones are: a
+    // checkpoint past the kept cache is dropped with it)
+    position_entropy acc;
+    size_t pos = 0, best = ckpts_.size();
+    for (size_t i = 0; i < ckpts_.size(); ++i) {
+        if (ckpts_[i].len <= end && ckpts_[i].len > pos) {
+            pos = ckpts_[i].len;
+            best = i;
+        }
     }
-    add_context_rows(ckpt_, ckpt_len_, boundary);
-    ckpt_len_ = boundary;
-    position_entropy acc = ckpt_;
-    add_context_rows(acc, boundary, end);
+    if (best < ckpts_.size()) {
+        acc = ckpts_[best].stats;
+        std::rotate(ckpts_.begin() + best, ckpts_.begin() + best + 1, ckpts_.end());  // most recently used last
+    } else {
+        acc.reset(V);
+    }
+    for (size_t mark : {context_common_, boundary}) {
+        if (mark <= pos || mark > end) continue;
+        add_context_rows(acc, pos, mark);
+        pos = mark;
+        if (ckpts_.size() >= 3) ckpts_.erase(ckpts_.begin());
+        ckpts_.push_back({mark, acc});
+    }
+    add_context_rows(acc, pos, end);
     context_H_.resize(V);
     acc.entropy(context_H_.data());
     context_H_valid_ = true;
@@ -298,7 +314,9 @@ size_t session::keep_cached_prefix(const std::vector<llama_token> & toks, size_t
         tokens_.resize(common);
     }
     context_len_ = std::min(context_len_, common);
-    if (ckpt_len_ > common) ckpt_len_ = 0;
+    context_common_ = common;
+    ckpts_.erase(std::remove_if(ckpts_.begin(), ckpts_.end(), [&](const checkpoint & c) { return c.len > common; }),
+                 ckpts_.end());
     context_H_valid_ = false;
     have_outputs_ = false;
     return common;

@@ -131,8 +131,10 @@ private:
     void validate_tokens(const std::vector<llama_token> & toks) const;
     void update_threads();
     // Activation Decoding's context: the info layer's hidden rows of the cached tokens
-    // [0, context_len_) and the entropy statistics of [0, ckpt_len_) (a prefix later prompts
-    // share). context_entropy() makes H over [0, end) with the statistics of [0, boundary) kept.
+    // [0, context_len_), and the entropy statistics of a few prefixes later prompts may share
+    // (checkpoints). context_entropy() makes H over [0, end), starting from the longest valid
+    // checkpoint, and keeps checkpoints at `boundary` (what the next call can reuse of this one)
+    // and at the prefix this call shared with the last one (e.g. a few-shot primer).
     int32_t context_layer() const { return decoder_ ? decoder_->context_layer() : -1; }
     void append_context_rows(int32_t n);
     void add_context_rows(position_entropy & acc, size_t from, size_t to);
@@ -176,8 +178,12 @@ private:
     std::vector<float> context_hidden_;  // [context_len_][n_embd]
     size_t context_len_ = 0;
     int32_t context_rows_layer_ = -1;    // the layer context_hidden_ holds
-    position_entropy ckpt_;
-    size_t ckpt_len_ = 0;
+    struct checkpoint {
+        size_t len;
+        position_entropy stats;
+    };
+    std::vector<checkpoint> ckpts_;    // at most 3, least recently used first
+    size_t context_common_ = 0;        // tokens the last keep_cached_prefix kept
     bool ckpt_norm_ = false;
     std::vector<float> context_H_;       // [n_vocab], valid when context_H_valid_
     bool context_H_valid_ = false;

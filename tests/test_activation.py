@@ -158,41 +158,62 @@ def test_activation_score_matches_lm_score(f32_model, hf_model, torch_reference,
 
 
 # ------------------------------------------------------------------------------ the context cache
+# With an F32 KV cache, so that a prefix read from the cache and one decoded again give the same
+# numbers (with F16, llama.cpp's attention differs between long and short batches: see eval).
 
 
-def test_a_prompt_that_extends_the_last_one_gets_the_same_entropy_as_a_fresh_context(smollm2):
+@pytest.fixture(scope="module")
+def exact(smollm2_path):
+    return dola_cpp.Model(smollm2_path, n_ctx=1024, kv_type="f32")
+
+
+def test_a_prompt_that_extends_the_last_one_gets_the_same_entropy_as_a_fresh_context(exact):
     """The chat's case: the next prompt holds the last prompt and answer; H must cover all its
     positions although most of them come from the KV cache."""
-    fresh = smollm2.share()
+    fresh = exact.share()
     first = "Q: What is the capital of France?\nA:"
-    r1 = smollm2.generate(first, max_tokens=8, decoder="activation")
+    r1 = exact.generate(first, max_tokens=8, decoder="activation")
     second = first + r1.text + "\nQ: And of Italy?\nA:"
-    warm = smollm2.generate(second, max_tokens=8, decoder="activation")
+    warm = exact.generate(second, max_tokens=8, decoder="activation")
     cold = fresh.generate(second, max_tokens=8, decoder="activation")
     assert warm.tokens == cold.tokens
     np.testing.assert_allclose([s.activation_entropy for s in warm.steps],
                                [s.activation_entropy for s in cold.steps], rtol=1e-5, atol=1e-6)
     # switching the info layer or the projection rebuilds H for the same prompt
     for kw in (dict(info_layer=10), dict(premature_norm=True)):
-        again = smollm2.generate(second, max_tokens=4, decoder="activation", **kw)
+        again = exact.generate(second, max_tokens=4, decoder="activation", **kw)
         ref = fresh.share().generate(second, max_tokens=4, decoder="activation", **kw)
         assert again.tokens == ref.tokens
         np.testing.assert_allclose([s.activation_entropy for s in again.steps],
                                    [s.activation_entropy for s in ref.steps], rtol=1e-5, atol=1e-6)
 
 
-def test_scores_that_share_a_prefix_equal_fresh_scores(smollm2):
+def test_scores_that_share_a_prefix_equal_fresh_scores(exact):
     prefix = "Q: What is the largest planet?\nA:"
     kw = dict(decoder="activation", layers="high", premature_norm=True)
-    warm = [smollm2.score(prefix, a, **kw) for a in (" Jupiter.", " Saturn.", " Jupiter.")]
-    cold = [smollm2.share().score(prefix, a, **kw) for a in (" Jupiter.", " Saturn.")]
+    warm = [exact.score(prefix, a, **kw) for a in (" Jupiter.", " Saturn.", " Jupiter.")]
+    cold = [exact.share().score(prefix, a, **kw) for a in (" Jupiter.", " Saturn.")]
     assert warm[0].score == pytest.approx(cold[0].score, abs=1e-4)
     assert warm[1].score == pytest.approx(cold[1].score, abs=1e-4)
     assert warm[2].score == pytest.approx(warm[0].score, abs=1e-4)
     # the entropy term is there (normed early exits give SmolLM2 non-zero H; raw ones ~0, see
     # the README): the score without it is higher
-    plain = smollm2.score(prefix, " Jupiter.", layers="high", premature_norm=True)
+    plain = exact.score(prefix, " Jupiter.", layers="high", premature_norm=True)
     assert plain.score > warm[0].score + 0.1
+
+
+def test_questions_after_a_shared_primer_score_as_in_a_fresh_context(exact):
+    """TruthfulQA's case: every question follows the same few-shot primer, so the entropy
+    statistics of the primer are kept and reused; the scores must not depend on that."""
+    primer = "Q: What is the boiling point of water?\nA: 100 degrees Celsius.\n\n" * 3
+    kw = dict(decoder="activation", premature_norm=True)
+    calls = [(primer + "Q: Who wrote Hamlet?\nA:", a) for a in (" Shakespeare.", " Marlowe.")]
+    calls += [(primer + "Q: What is the largest planet?\nA:", a) for a in (" Jupiter.", " Mars.")]
+    calls += [(primer + "Q: Who painted the Mona Lisa?\nA:", " Leonardo da Vinci.")]
+    calls += [(primer + "Q: Who wrote Hamlet?\nA:", " Shakespeare.")]
+    warm = [exact.score(p, a, **kw).score for p, a in calls]
+    cold = [exact.share().score(p, a, **kw).score for p, a in calls]
+    np.testing.assert_allclose(warm, cold, rtol=1e-5, atol=1e-4)
 
 
 def test_long_prompt_runs_in_bounded_memory(smollm2_path):
