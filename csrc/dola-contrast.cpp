@@ -251,4 +251,26 @@ void position_entropy::entropy(float * out) const {
     }
 }
 
+void entropy_of_rows(const float * hidden, int64_t P, const float * w, int32_t m, int32_t E, float * H,
+                     int32_t n_threads) {
+    std::vector<float> z((size_t) m * P);  // [k][p]
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(std::max(1, n_threads)) if (n_threads > 1 && P * m * E > (1 << 20))
+#endif
+    for (int64_t p = 0; p < P; ++p) {
+        const float * h = hidden + (size_t) p * E;
+        for (int32_t k = 0; k < m; ++k) {
+            const float * wk = w + (size_t) k * E;
+            z[(size_t) k * P + p] = (float) lane_sum(E, [=](int64_t i) { return h[i] * wk[i]; });
+        }
+    }
+    for (int32_t k = 0; k < m; ++k) {
+        const float * zk = z.data() + (size_t) k * P;
+        const float mx = max_of(zk, P);
+        const double S = lane_sum(P, [=](int64_t p) { return fast_exp(zk[p] - mx); });
+        const double W = lane_sum(P, [=](int64_t p) { return fast_exp(zk[p] - mx) * (zk[p] - mx); });
+        H[k] = (float) (std::log(S) - W / S);
+    }
+}
+
 }  // namespace dola

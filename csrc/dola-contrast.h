@@ -75,4 +75,10 @@ private:
     std::vector<double> sum_, wsum_;
 };
 
+// The same entropy for a few entries only, from the hidden rows and those entries' output rows:
+// z[p][k] = hidden[p] . w[k], H[k] over p. hidden: [P][E]; w: [m][E]. Costs P*m*E multiply-adds
+// instead of the whole vocabulary's P*V*E.
+void entropy_of_rows(const float * hidden, int64_t P, const float * w, int32_t m, int32_t E, float * H,
+                     int32_t n_threads = 1);
+
 }  // namespace dola

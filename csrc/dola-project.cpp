@@ -189,18 +189,44 @@ bool projector::q8_faster(const float * hidden, int32_t n_rows, bool norm) {
     return q8_faster_[key] = ours <= ggml;
 }
 
+void projector::normalize(const float * hidden, int32_t n_rows, float * out) {
+    if (!norm_supported_) throw error("premature_norm is not supported for this architecture");
+    if (norm_weight_.empty()) {
+        norm_weight_.resize(n_embd_);
+        ggml_backend_tensor_get(output_norm_, norm_weight_.data(), 0, (size_t) n_embd_ * sizeof(float));
+    }
+    const float * g = norm_weight_.data();
+    for (int32_t r = 0; r < n_rows; ++r) {  // RMSNorm times the final norm weight, as the model's graph
+        const float * h = hidden + (size_t) r * n_embd_;
+        double ss = 0.0;
+        for (int32_t i = 0; i < n_embd_; ++i) ss += (double) h[i] * h[i];
+        const float scale = 1.0f / std::sqrt((float) (ss / n_embd_) + norm_eps_);
+        for (int32_t i = 0; i < n_embd_; ++i) out[(size_t) r * n_embd_ + i] = h[i] * scale * g[i];
+    }
+}
+
+bool projector::output_rows(const int32_t * ids, int32_t n, float * out) const {
+    if (!plain_host_ || !ggml_is_contiguous(output_)) return false;
+    const auto * traits = ggml_get_type_traits(output_->type);
+    if (output_->type != GGML_TYPE_F32 && !traits->to_float) return false;
+    for (int32_t i = 0; i < n; ++i) {
+        if (ids[i] < 0 || ids[i] >= n_vocab_) throw error("token id out of range");
+        const char * row = static_cast<const char *>(output_->data) + (size_t) ids[i] * output_->nb[1];
+        float * dst = out + (size_t) i * n_embd_;
+        if (output_->type == GGML_TYPE_F32) {
+            std::memcpy(dst, row, (size_t) n_embd_ * sizeof(float));
+        } else {
+            traits->to_float(row, dst, n_embd_);
+        }
+    }
+    return true;
+}
+
 void projector::project_q8(const float * hidden, int32_t n_rows, bool norm, float * out) {
     const float * x = hidden;
-    if (norm) {  // RMSNorm times the final norm weight, as the model's graph computes it
-        const float * g = static_cast<const float *>(output_norm_->data);
+    if (norm) {
         normed_.resize((size_t) n_rows * n_embd_);
-        for (int32_t r = 0; r < n_rows; ++r) {
-            const float * h = hidden + (size_t) r * n_embd_;
-            double ss = 0.0;
-            for (int32_t i = 0; i < n_embd_; ++i) ss += (double) h[i] * h[i];
-            const float scale = 1.0f / std::sqrt((float) (ss / n_embd_) + norm_eps_);
-            for (int32_t i = 0; i < n_embd_; ++i) normed_[(size_t) r * n_embd_ + i] = h[i] * scale * g[i];
-        }
+        normalize(hidden, n_rows, normed_.data());
         x = normed_.data();
     }
     q8_0_matmul(output_->data, n_vocab_, n_embd_, output_->nb[1], x, n_rows, out, n_threads_);

@@ -36,6 +36,13 @@ public:
     void project(const float * hidden, int32_t n_rows, bool norm, float * out);
 
     bool norm_supported() const { return norm_supported_; }
+
+    // The output matrix's rows for these vocabulary ids as floats, [n][n_embd]. False when the
+    // matrix is not in plain host memory (a GPU's, or a repacked CPU layout): use project().
+    bool output_rows(const int32_t * ids, int32_t n, float * out) const;
+    // Hidden rows through the final norm (RMSNorm times its weight), on the host, as project()
+    // with norm=true computes them. [n_rows][n_embd].
+    void normalize(const float * hidden, int32_t n_rows, float * out);
     // The model's logits are exactly output @ result_norm (no bias, scale, soft-cap or LoRA), so
     // the engine may compute them itself together with the premature rows.
     bool can_fuse_final() const { return can_fuse_final_; }
@@ -61,6 +68,7 @@ private:
     bool can_fuse_final_ = false;
     int32_t n_threads_ = 1;
     std::vector<float> normed_;
+    std::vector<float> norm_weight_;  // the final norm's weight, copied to the host once
     std::string backend_name_;
     ggml_gallocr_t galloc_ = nullptr;
     ggml_context * ctx_ = nullptr;

@@ -186,6 +186,10 @@ void session::sync_cache_after_failure() {
     const llama_pos pos_max = llama_memory_seq_pos_max(mem, 0);
     const size_t kept = pos_max < 0 ? 0 : std::min(tokens_.size(), (size_t) pos_max + 1);
     tokens_.resize(kept);
+    context_len_ = std::min(context_len_, kept);
+    ckpts_.erase(std::remove_if(ckpts_.begin(), ckpts_.end(), [&](const checkpoint & c) { return c.len > kept; }),
+                 ckpts_.end());
+    context_H_valid_ = false;
     have_outputs_ = false;
 }
 
@@ -269,9 +273,53 @@ void session::add_context_rows(position_entropy & acc, size_t from, size_t to) {
     }
 }
 
-void session::context_entropy(size_t boundary, size_t end) {
-    const int64_t V = model_->n_vocab();
+void session::context_begin(size_t boundary, size_t end) {
     if (end > context_len_ || boundary > end) throw error("internal: context rows missing for Activation Decoding");
+    context_boundary_ = boundary;
+    context_end_ = end;
+    context_H_.assign(model_->n_vocab(), std::numeric_limits<float>::quiet_NaN());
+    context_H_all_ = false;
+    context_H_valid_ = true;
+    context_normed_.clear();
+}
+
+void session::context_entropy_of(const int32_t * ids, int32_t n, float * out) {
+    if (!context_H_valid_) throw error("internal: no context for Activation Decoding");
+    context_missing_.clear();
+    for (int32_t i = 0; i < n; ++i) {
+        if (std::isnan(context_H_[ids[i]]) &&
+            std::find(context_missing_.begin(), context_missing_.end(), ids[i]) == context_missing_.end()) {
+            context_missing_.push_back(ids[i]);
+        }
+    }
+    if (!context_missing_.empty()) {
+        const int32_t m = (int32_t) context_missing_.size();
+        const int32_t E = model_->n_embd();
+        context_w_.resize((size_t) m * E);
+        if (!projector_->output_rows(context_missing_.data(), m, context_w_.data())) {
+            context_entropy_all();  // the output matrix is not readable here: project everything
+        } else {
+            const float * hidden = context_hidden_.data();
+            if (params_.premature_norm) {  // normed once per context
+                if (context_normed_.size() != context_end_ * E) {
+                    context_normed_.resize(context_end_ * E);
+                    projector_->normalize(hidden, (int32_t) context_end_, context_normed_.data());
+                }
+                hidden = context_normed_.data();
+            }
+            std::vector<float> h(m);
+            entropy_of_rows(hidden, (int64_t) context_end_, context_w_.data(), m, E, h.data(), threads_now_);
+            for (int32_t k = 0; k < m; ++k) context_H_[context_missing_[k]] = h[k];
+        }
+    }
+    for (int32_t i = 0; i < n; ++i) out[i] = context_H_[ids[i]];
+}
+
+const float * session::context_entropy_all() {
+    if (!context_H_valid_) throw error("internal: no context for Activation Decoding");
+    if (context_H_all_) return context_H_.data();
+    const int64_t V = model_->n_vocab();
+    const size_t boundary = context_boundary_, end = context_end_;
     // start from the longest checkpoint of this sequence's prefix (all kept ones are: a
     // checkpoint past the kept cache is dropped with it)
     position_entropy acc;
@@ -296,9 +344,9 @@ void session::context_entropy(size_t boundary, size_t end) {
         ckpts_.push_back({mark, acc});
     }
     add_context_rows(acc, pos, end);
-    context_H_.resize(V);
     acc.entropy(context_H_.data());
-    context_H_valid_ = true;
+    context_H_all_ = true;
+    return context_H_.data();
 }
 
 size_t session::keep_cached_prefix(const std::vector<llama_token> & toks, size_t max_keep) {
@@ -334,7 +382,7 @@ void session::prefill(const std::vector<llama_token> & prompt) {
     // Activation Decoding: H over the prompt's positions, once per prompt (the reference computes
     // it at the first generated token); the statistics of all but the last token are kept for
     // the next prompt that extends this one.
-    if (context_layer() >= 0) context_entropy(prompt.size() - 1, prompt.size());
+    if (context_layer() >= 0) context_begin(prompt.size() - 1, prompt.size());
     have_outputs_ = true;
     timings_.prefill_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     timings_.n_prefill += (int64_t) (prompt.size() - common);
@@ -356,7 +404,7 @@ decoder_rows session::rows_for(const float * row_proj, int32_t row) {
     const int64_t V = model_->n_vocab();
     decoder_rows rows;
     rows.n_vocab = V;
-    rows.context_entropy = context_H_valid_ ? context_H_.data() : nullptr;
+    rows.context = context_H_valid_ ? &context_source_ : nullptr;
     rows.n_threads = threads_now_;
     rows.projected = const_cast<float *>(row_proj);
     if (params_.mature == N) {
@@ -421,7 +469,7 @@ step_result session::sample() {
     res.token = tok;
     res.mature_logprob = lp_[tok];
     res.score = scores_[tok];
-    if (context_layer() >= 0) res.activation_entropy = context_H_[tok];
+    if (context_layer() >= 0) context_entropy_of(&tok, 1, &res.activation_entropy);
     timings_.contrast_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     return res;
 }
@@ -524,10 +572,12 @@ score_result session::score(const std::vector<llama_token> & toks, size_t n_pref
     if (context) {
         // H over every position of prefix and continuation (the reference's lm_score), then each
         // continuation token's share
-        context_entropy(first_row, toks.size());
+        context_begin(first_row, toks.size());
+        std::vector<float> h(toks.size() - n_prefix);
+        context_entropy_of(toks.data() + n_prefix, (int32_t) h.size(), h.data());  // one batch
         res.total = 0.0;
         for (size_t t = 0; t < res.token_scores.size(); ++t) {
-            res.token_scores[t] += decoder_->context_score(toks[n_prefix + t], context_H_.data());
+            res.token_scores[t] += decoder_->context_score(toks[n_prefix + t], context_source_);
             res.total += res.token_scores[t];
         }
         context_H_valid_ = false;  // not the H of a prompt to sample from

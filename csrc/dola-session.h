@@ -131,14 +131,26 @@ private:
     void validate_tokens(const std::vector<llama_token> & toks) const;
     void update_threads();
     // Activation Decoding's context: the info layer's hidden rows of the cached tokens
-    // [0, context_len_), and the entropy statistics of a few prefixes later prompts may share
-    // (checkpoints). context_entropy() makes H over [0, end), starting from the longest valid
-    // checkpoint, and keeps checkpoints at `boundary` (what the next call can reuse of this one)
-    // and at the prefix this call shared with the last one (e.g. a few-shot primer).
+    // [0, context_len_). H covers positions [0, context_end_) and is computed on demand: a few
+    // entries from their output rows (entropy_of), or every entry by streaming all positions
+    // through the projection (entropy_all), starting from the longest valid checkpoint of the
+    // statistics and keeping checkpoints at context_boundary_ (what the next call can reuse of
+    // this one) and at the prefix this call shared with the last one (e.g. a few-shot primer).
     int32_t context_layer() const { return decoder_ ? decoder_->context_layer() : -1; }
     void append_context_rows(int32_t n);
     void add_context_rows(position_entropy & acc, size_t from, size_t to);
-    void context_entropy(size_t boundary, size_t end);
+    void context_begin(size_t boundary, size_t end);
+    void context_entropy_of(const int32_t * ids, int32_t n, float * out);
+    const float * context_entropy_all();
+    class context_source : public context_entropy_source {
+    public:
+        explicit context_source(session & s) : s_(s) {}
+        void entropy_of(const int32_t * ids, int32_t n, float * out) override { s_.context_entropy_of(ids, n, out); }
+        const float * entropy_all() override { return s_.context_entropy_all(); }
+
+    private:
+        session & s_;
+    };
     // For calls that capture other rows than decoding does (layer_logits, score): on return or
     // throw, puts the capture back to the configured layers and fused-final state; the outputs
     // they leave are not sampleable.
@@ -185,9 +197,13 @@ private:
     std::vector<checkpoint> ckpts_;    // at most 3, least recently used first
     size_t context_common_ = 0;        // tokens the last keep_cached_prefix kept
     bool ckpt_norm_ = false;
-    std::vector<float> context_H_;       // [n_vocab], valid when context_H_valid_
-    bool context_H_valid_ = false;
-    std::vector<float> context_proj_;    // scratch
+    std::vector<float> context_H_;       // [n_vocab], NaN = not computed yet; valid when context_H_valid_
+    bool context_H_valid_ = false;       // H is defined (a prompt or a scored sequence is in place)
+    bool context_H_all_ = false;         // every entry computed
+    size_t context_boundary_ = 0, context_end_ = 0;
+    context_source context_source_{*this};
+    std::vector<float> context_proj_, context_w_, context_normed_;  // scratch
+    std::vector<int32_t> context_missing_;
 
     std::atomic<bool> cancel_{false};
     std::function<bool()> interrupt_check_;

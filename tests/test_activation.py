@@ -102,15 +102,19 @@ def torch_reference():
 
 
 @pytest.mark.reference
-@pytest.mark.parametrize("alpha,info_layer", [(0.5, None), (2.0, 12)], ids=["default", "layer12"])
+@pytest.mark.parametrize("alpha,info_layer,relative_top", [(0.5, None, 0.1), (2.0, 12, 0.1), (0.5, None, 0.0)],
+                         ids=["default", "layer12", "unfiltered"])
 @pytest.mark.parametrize("prompt", PROMPTS, ids=["capital", "relativity"])
-def test_activation_greedy_matches_reference(f32_model, hf_model, torch_reference, prompt, alpha, info_layer):
+def test_activation_greedy_matches_reference(f32_model, hf_model, torch_reference, prompt, alpha, info_layer,
+                                             relative_top):
+    """With the relative-top filter H is computed for the filtered entries only (from their
+    output rows); unfiltered, for the whole vocabulary (every position through the projection)."""
     ids = f32_model.tokenize(prompt)
     layer = default_info_layer(f32_model.n_layers) if info_layer is None else info_layer
     ref_tokens, ref_scores, _, H = torch_reference.activation_generate(
-        hf_model, ids, 20, layer, alpha, repetition_penalty=1.2)
+        hf_model, ids, 20, layer, alpha, relative_top=relative_top, repetition_penalty=1.2)
     r = f32_model.generate(ids, max_tokens=20, decoder="activation", alpha=alpha, info_layer=info_layer,
-                           ignore_eos=True)
+                           relative_top=relative_top, ignore_eos=True)
     assert r.info_layer == layer
     assert r.tokens == ref_tokens
     bad = [(i, s.score, ref) for i, (s, ref) in enumerate(zip(r.steps, ref_scores)) if not close(s.score, ref)]

@@ -76,6 +76,22 @@ def test_generation_matches_the_plain_layout(model_pair, layers):
 
 
 @pytest.mark.hardware
+@pytest.mark.parametrize("layers", [None, "high"], ids=["activation", "activation_dola"])
+def test_activation_decoding_matches_the_plain_layout(model_pair, layers):
+    """A repacked output matrix cannot be read row by row: H then comes from projecting every
+    position (the streamed path); the plain layout reads the rows it needs. Same answers."""
+    buft, repacked, plain = model_pair
+    kw = dict(max_tokens=12, layers=layers, decoder="activation", premature_norm=True, ignore_eos=True)
+    a, b = repacked.generate(PROMPT, **kw), plain.generate(PROMPT, **kw)
+    assert a.tokens == b.tokens
+    np.testing.assert_allclose([s.activation_entropy for s in a.steps], [s.activation_entropy for s in b.steps],
+                               rtol=1e-2, atol=1e-3)
+    sa = repacked.score("the capital of France is", " Paris.", decoder="activation", premature_norm=True)
+    sb = plain.score("the capital of France is", " Paris.", decoder="activation", premature_norm=True)
+    np.testing.assert_allclose(sa.token_scores, sb.token_scores, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.hardware
 def test_score_matches_the_plain_layout(model_pair):
     buft, repacked, plain = model_pair
     a = repacked.score("the capital of France is", " Paris. the capital of France is Paris.", layers="high")

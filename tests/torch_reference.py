@@ -97,8 +97,9 @@ def activation_generate(hf_model, ids, max_new_tokens, info_layer, alpha, candid
                 H = context_entropy(hf_model, out.hidden_states, info_layer)
             final = out.logits[0, -1]
             lp = final.log_softmax(-1)
-            thr = lp.max() + np.log(relative_top)
-            lp = torch.where(lp < thr, torch.tensor(-float("inf")), lp)
+            if relative_top > 0:  # the reference's code needs it; 0 = no filter
+                thr = lp.max() + np.log(relative_top)
+                lp = torch.where(lp < thr, torch.tensor(-float("inf")), lp)
             shift = 0.0
             if candidates:
                 cand = torch.stack([head(out.hidden_states[j][0, -1]) for j in candidates])  # [K, V]

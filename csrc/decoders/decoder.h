@@ -15,15 +15,26 @@ namespace dola {
 struct decode_params;
 struct step_result;
 
+// Activation Decoding's per-vocabulary entropy over the context positions of the decoder's
+// context_layer(), computed by the session on demand.
+class context_entropy_source {
+public:
+    virtual ~context_entropy_source() = default;
+    // out[i] = H[ids[i]], computing the entries not known yet (cheap for a few entries).
+    virtual void entropy_of(const int32_t * ids, int32_t n, float * out) = 0;
+    // H of every entry ([n_vocab]; one pass of every context position through the output matrix).
+    virtual const float * entropy_all() = 0;
+};
+
 // One position's logits, as the session gathered them.
 struct decoder_rows {
     const float * mature = nullptr;  // [n_vocab]: the final layer's (or the early-exit mature layer's)
     float * projected = nullptr;     // [layers().size()][n_vocab], in layers() order; may be overwritten
     int64_t n_vocab = 0;
     int32_t n_threads = 1;
-    // [n_vocab]: the entropy over context positions of context_layer() (null when the decoder
-    // needs none, and in teacher-forced scoring, where it is known only after the last position)
-    const float * context_entropy = nullptr;
+    // the entropy over context positions of context_layer() (null when the decoder needs none,
+    // and in teacher-forced scoring, where it is known only after the last position)
+    context_entropy_source * context = nullptr;
 };
 
 // The DoLa repository's lm_score options for one teacher-forced position.
@@ -49,7 +60,7 @@ public:
     // entropy over positions (decoder_rows::context_entropy); -1 for none.
     virtual int32_t context_layer() const { return -1; }
     // What the context entropy adds to token y's teacher-forced score, once it is known.
-    virtual float context_score(int32_t y, const float * context_entropy) const { return 0.0f; }
+    virtual float context_score(int32_t y, context_entropy_source & context) const { return 0.0f; }
 };
 
 // The decoder a decode_params asks for: plain (no premature candidates) or DoLa, wrapped by
