@@ -1,6 +1,9 @@
 """Summarise benchmarks/eval_runs/*.jsonl (written by run_eval.sh) as the README's markdown table.
 
-    python benchmarks/eval_table.py [benchmarks/eval_runs]
+    python benchmarks/eval_table.py [benchmarks/eval_runs] [--same-items]
+
+--same-items scores every row of a model on the items all its runs of that task have done (for
+runs stopped early with --limit), so the rows compare like with like.
 """
 
 import json
@@ -29,8 +32,15 @@ def load(path):
 
 
 def main():
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/eval_runs")
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    same_items = "--same-items" in sys.argv[1:]
+    root = Path(args[0] if args else "benchmarks/eval_runs")
     models = sorted({p.name.split(".")[0] for p in root.glob("*.jsonl")}, key=lambda m: m != "smollm2")
+    common = {}  # (model, task) -> the item indices every run of it has
+    for p in root.glob("*.jsonl"):
+        model, _, task = p.name[: -len(".jsonl")].split(".")
+        done = {r["index"] for r in load(p)[1]}
+        common[model, task] = common.get((model, task), done) & done
     print("| model | mode | layers | MC1 | MC2 | MC2 stable | MC3 | FACTOR acc | TruthfulQA q / time | FACTOR ex. / time |"
           " most used premature layer |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -41,6 +51,8 @@ def main():
                 p = root / f"{model}.{mode}.{task}.jsonl"
                 if p.exists():
                     header, recs = load(p)
+                    if same_items:
+                        recs = [r for r in recs if r["index"] in common[model, task]]
                     metrics = ev.get_task(task).summarize(recs)
                     hist = ev._layer_histogram(recs, header["candidates"])
                     row[task] = (header, recs, metrics, hist)

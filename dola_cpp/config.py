@@ -2,8 +2,10 @@
 
 Like transformers' ``GenerationConfig``: frozen, validated when made (``validate``), and the one
 place that knows the defaults that depend on the layer plan (the repetition penalty) and when
-to warn about them. Each decoder's settings are a sub-config (``DolaConfig``, ``ActivationConfig``). ``Model.generate``/``stream`` take one (``config=``) and/or the same fields as
-keywords; the command line builds one from its options and the chat's ``/set`` replaces fields.
+to warn about them. Each decoder's settings are a sub-config (``DolaConfig``,
+``ActivationConfig``). ``Model.generate``/``stream`` take one (``config=``) and/or the same
+fields as keywords; the command line builds one from its options and the chat's ``/set``
+replaces fields.
 """
 
 from __future__ import annotations
@@ -83,8 +85,9 @@ class DecodeConfig:
     (Activation Decoding; with ``layers`` set, Activation Decoding on top of DoLa's contrast:
     the reference's ``activation_dola``).
 
-    ``repetition_penalty``: None = 1.2 with DoLa or Activation Decoding, 1.0 plain. ``temperature`` 0 = greedy; then
-    ``top_k`` (0 = all), ``top_p``, ``min_p``, ``seed`` (None = random). ``replace`` takes the
+    ``repetition_penalty``: None = 1.2 with DoLa or Activation Decoding, 1.0 plain.
+    ``temperature`` 0 = greedy; then ``top_k`` (0 = all), ``top_p``, ``min_p``, ``seed`` (None =
+    random). ``replace`` takes the
     sub-configs' fields by name too: ``DecodeConfig().replace(layers="high", temperature=0.7)``.
     """
 
