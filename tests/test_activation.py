@@ -220,7 +220,7 @@ def test_questions_after_a_shared_primer_score_as_in_a_fresh_context(exact):
     np.testing.assert_allclose(warm, cold, rtol=1e-5, atol=1e-4)
 
 
-def test_long_prompt_runs_in_bounded_memory(smollm2_path):
+def test_long_prompt_runs_in_bounded_memory(smollm2_path, tmp_path):
     """H needs the info layer's logits at every position (here 1500 x 49152 floats = 295 MB):
     they stream through, so peak memory grows by far less."""
     code = textwrap.dedent(f"""
@@ -233,7 +233,8 @@ def test_long_prompt_runs_in_bounded_memory(smollm2_path):
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print(len(ids), (after - before) // 1024)
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    # outside the checkout, which would shadow the installed package
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     n, grew_mb = map(int, out.stdout.split())
     assert n == 1500
