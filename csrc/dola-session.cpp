@@ -287,11 +287,11 @@ void session::context_entropy_of(const int32_t * ids, int32_t n, float * out) {
     if (!context_H_valid_) throw error("internal: no context for Activation Decoding");
     context_missing_.clear();
     for (int32_t i = 0; i < n; ++i) {
-        if (std::isnan(context_H_[ids[i]]) &&
-            std::find(context_missing_.begin(), context_missing_.end(), ids[i]) == context_missing_.end()) {
-            context_missing_.push_back(ids[i]);
-        }
+        if (std::isnan(context_H_[ids[i]])) context_missing_.push_back(ids[i]);
     }
+    // a scored continuation may repeat a token; sort+unique, not a search per id (sets reach V/16)
+    std::sort(context_missing_.begin(), context_missing_.end());
+    context_missing_.erase(std::unique(context_missing_.begin(), context_missing_.end()), context_missing_.end());
     if (!context_missing_.empty()) {
         const int32_t m = (int32_t) context_missing_.size();
         const int32_t E = model_->n_embd();

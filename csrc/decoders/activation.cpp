@@ -4,15 +4,15 @@
 //   scores = DoLa's contrast (already relative-top filtered) - alpha * H   (activation_dola)
 // where H_v is the entropy over context positions of softmax_p(z_info[p][v]), for the prompt's
 // positions (the reference computes it once, at the first generated token). Only the entries in
-// the relative-top set need H; the session computes those from the stored info-layer rows. Teacher-forced scores are the inner decoder's minus alpha * H[y], with H
-// over every position of prefix and continuation, and no relative-top mask (the reference's
-// lm_score computes the mask but does not apply it).
+// the relative-top set need H; the session computes those from the stored info-layer rows.
+// Teacher-forced scores are the inner decoder's minus alpha * H[y], with H over every position
+// of prefix and continuation, and no relative-top mask (the reference's lm_score computes the
+// mask but does not apply it).
 #include "decoders/decoder.h"
 
 #include "dola-contrast.h"
 #include "dola-session.h"
 
-#include <cstring>
 #include <limits>
 #include <utility>
 #include <vector>
