@@ -190,6 +190,7 @@ PYBIND11_MODULE(_core, m) {
             return out;
         })
         .def("is_eog", &dola::model::is_eog, py::arg("token"))
+        .def_property_readonly("eog_tokens", &dola::model::eog_tokens)
         .def("tokenize", &dola::model::tokenize, py::arg("text"), py::arg("add_special"), py::arg("parse_special"))
         .def("token_to_piece", [](const dola::model & self, int32_t t, bool special) {
             if (t < 0 || t >= self.n_vocab()) throw dola::error("token id " + std::to_string(t) + " is outside the vocabulary");
@@ -217,12 +218,17 @@ PYBIND11_MODULE(_core, m) {
         .def_readonly("mature_logprob", &dola::step_result::mature_logprob)
         .def_readonly("score", &dola::step_result::score)
         .def_readonly("entropy", &dola::step_result::entropy)
+        .def_readonly("top_logprob", &dola::step_result::top_logprob)
         .def_readonly("activation_entropy", &dola::step_result::activation_entropy);
 
     py::class_<dola::score_result>(m, "ScoreResult")
         .def_readonly("total", &dola::score_result::total)
         .def_readonly("token_scores", &dola::score_result::token_scores)
-        .def_readonly("premature_layers", &dola::score_result::premature_layers);
+        .def_readonly("premature_layers", &dola::score_result::premature_layers)
+        .def_readonly("mature_logprobs", &dola::score_result::mature_logprobs)
+        .def_readonly("top_logprobs", &dola::score_result::top_logprobs)
+        .def_readonly("entropies", &dola::score_result::entropies)
+        .def_readonly("jsd", &dola::score_result::jsd);
 
     py::class_<dola::decode_params>(m, "DecodeParams")
         .def(py::init<>())
@@ -266,7 +272,8 @@ PYBIND11_MODULE(_core, m) {
             std::vector<int32_t> toks = to_tokens(ids);
             self.run([&] { self.s.prefill(toks); });
         })
-        .def("sample", [](py_session & self) { return self.run([&] { return self.s.sample(); }); })
+        .def("sample", [](py_session & self, float eos_bonus) { return self.run([&] { return self.s.sample(eos_bonus); }); },
+             py::arg("eos_bonus") = 0.0f)
         .def("accept", [](py_session & self, int32_t t) { self.run([&] { self.s.accept(t); }); })
         .def("clear", [](py_session & self) { self.s.clear(); })
         .def("cancel", [](py_session & self) { self.s.cancel(); })  // any thread, GIL not needed

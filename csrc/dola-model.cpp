@@ -29,6 +29,9 @@ model::model(const std::string & path, const model_params & params) {
     n_layer_ = llama_model_n_layer(get());
     n_embd_ = llama_model_n_embd(get());
     n_vocab_ = llama_vocab_n_tokens(vocab_);
+    for (llama_token t = 0; t < n_vocab_; ++t) {
+        if (llama_vocab_is_eog(vocab_, t)) eog_.push_back(t);
+    }
     const ggml_tensor * out = get()->output;
     tied_ = out == nullptr || (get()->tok_embd && std::strcmp(out->name, get()->tok_embd->name) == 0);
 }

@@ -36,6 +36,8 @@ public:
     bool add_bos() const;
     llama_token eos() const;
     bool is_eog(llama_token t) const;
+    // Every end-of-generation token of the vocabulary (EOS, EOT, EOM, ...: llama_vocab_is_eog).
+    const std::vector<llama_token> & eog_tokens() const { return eog_; }
     uint64_t n_params() const;
     uint64_t size_bytes() const;
 
@@ -55,6 +57,7 @@ private:
     const llama_vocab * vocab_ = nullptr;
     int32_t n_layer_ = 0, n_embd_ = 0, n_vocab_ = 0;
     bool tied_ = false;
+    std::vector<llama_token> eog_;
 };
 
 }  // namespace dola

@@ -422,7 +422,7 @@ decoder_rows session::rows_for(const float * row_proj, int32_t row) {
     return rows;
 }
 
-step_result session::sample() {
+step_result session::sample(float eos_bonus) {
     if (!have_outputs_ || (context_layer() >= 0 && !context_H_valid_)) {
         throw error("no outputs to sample from: prefill a prompt first");
     }
@@ -448,6 +448,8 @@ step_result session::sample() {
     }
     decoder_->step(rows_for(cand_logits_.data(), -1), lp_.data(), scores_.data(), res);
     repetition_penalty(scores_.data(), V, tokens_.data(), (int64_t) tokens_.size(), params_.repetition_penalty);
+    res.top_logprob = *std::max_element(lp_.begin(), lp_.end());
+    if (eos_bonus != 0.0f) boost_eog(eos_bonus, res.top_logprob);
 
     llama_token tok = 0;
     if (!chain_) {
@@ -472,6 +474,16 @@ step_result session::sample() {
     if (context_layer() >= 0) context_entropy_of(&tok, 1, &res.activation_entropy);
     timings_.contrast_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     return res;
+}
+
+void session::boost_eog(float bonus, float top_logprob) {
+    const float ninf = -std::numeric_limits<float>::infinity();
+    const float best = *std::max_element(scores_.begin(), scores_.end());
+    for (llama_token e : model_->eog_tokens()) {
+        float & s = scores_[e];
+        if (s == ninf) s = best + (lp_[e] - top_logprob);
+        if (s != ninf) s += bonus;
+    }
 }
 
 std::vector<float> session::layer_logits(const std::vector<llama_token> & prompt, const std::vector<int32_t> & layers,
@@ -559,11 +571,15 @@ score_result session::score(const std::vector<llama_token> & toks, size_t n_pref
             }
             for (int32_t r = 0; r < n_rows; ++r) {
                 const llama_token y = toks[i + r + 1];
-                int32_t layer = -1;
+                score_detail d;
                 const float s = decoder_->score(rows_for(proj.data() + (size_t) r * n_proj * V, r), y, opt, lp.data(),
-                                                diff.data(), layer);
+                                                diff.data(), d);
                 res.token_scores.push_back(s);
-                res.premature_layers.push_back(layer);
+                res.premature_layers.push_back(d.layer);
+                res.jsd.push_back(d.jsd);
+                res.mature_logprobs.push_back(lp[y]);
+                res.top_logprobs.push_back(*std::max_element(lp.begin(), lp.end()));
+                res.entropies.push_back((float) entropy(lp.data(), V));
                 res.total += s;
             }
         }

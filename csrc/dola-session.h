@@ -58,6 +58,7 @@ struct step_result {
     float mature_logprob = 0.0f;   // log p_mature(token)
     float score = 0.0f;            // processed score of the token (after repetition penalty)
     float entropy = 0.0f;          // entropy of the mature distribution (nats)
+    float top_logprob = 0.0f;      // log of the mature distribution's largest probability
     float activation_entropy = std::numeric_limits<float>::quiet_NaN();  // H of the token (Activation Decoding)
 };
 
@@ -65,6 +66,9 @@ struct score_result {
     double total = 0.0;
     std::vector<float> token_scores;     // per continuation token
     std::vector<int32_t> premature_layers;  // per continuation token (-1 for plain)
+    // per continuation token, as a generation step would report it: log p_mature(token), the
+    // mature distribution's largest log-probability and entropy, the JSD of the premature layer
+    std::vector<float> mature_logprobs, top_logprobs, entropies, jsd;
 };
 
 struct timings {
@@ -92,8 +96,11 @@ public:
     // Makes the context hold `prompt` and the outputs of its last token, reusing the longest
     // cached prefix. Throws aborted when interrupted (the cache then holds what was decoded).
     void prefill(const std::vector<llama_token> & prompt);
-    // Chooses the next token from the current outputs (does not decode it).
-    step_result sample();
+    // Chooses the next token from the current outputs (does not decode it). eos_bonus (nats) is
+    // added to every end-of-generation token's score after the contrast and the repetition
+    // penalty; one the relative-top filter removed first re-enters as far below the best score
+    // as the mature distribution has it below its top token.
+    step_result sample(float eos_bonus = 0.0f);
     // Appends a token and decodes it.
     void accept(llama_token token);
     void clear();
@@ -130,6 +137,7 @@ private:
     size_t keep_cached_prefix(const std::vector<llama_token> & toks, size_t max_keep);
     void validate_tokens(const std::vector<llama_token> & toks) const;
     void update_threads();
+    void boost_eog(float bonus, float top_logprob);  // see sample()
     // Activation Decoding's context: the info layer's hidden rows of the cached tokens
     // [0, context_len_). H covers positions [0, context_end_) and is computed on demand: a few
     // entries from their output rows (entropy_of), or every entry by streaming all positions

@@ -20,6 +20,7 @@ from . import _core
 from .layers import LayerPlan, LayerSpec, default_info_layer, parse_layer_string
 
 RECOMMENDED_REPETITION_PENALTY = 1.2
+EOS_BOOST_START = 0.8  # eos_boost acts from this share of the token budget on (seed 003)
 DECODERS = ("dola", "activation")
 
 
@@ -86,6 +87,11 @@ class DecodeConfig:
     the reference's ``activation_dola``).
 
     ``repetition_penalty``: None = 1.2 with DoLa or Activation Decoding, 1.0 plain.
+    ``eos_boost`` (nats, 0 = off): from EOS_BOOST_START of the token budget on, every
+    end-of-generation token's score gains a bonus rising linearly to ``eos_boost`` at the last
+    token (seed 003's logits processor, made gradual; ``eos_bonus``). It acts after the
+    contrast and the penalty, and an end token the relative-top filter removed re-enters as far
+    below the best score as the mature distribution has it below its top token.
     ``temperature`` 0 = greedy; then ``top_k`` (0 = all), ``top_p``, ``min_p``, ``seed`` (None =
     random). ``replace`` takes the
     sub-configs' fields by name too: ``DecodeConfig().replace(layers="high", temperature=0.7)``.
@@ -95,6 +101,7 @@ class DecodeConfig:
     decoder: str = "dola"
     activation: ActivationConfig = field(default_factory=ActivationConfig)
     repetition_penalty: Optional[float] = None
+    eos_boost: float = 0.0
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -115,6 +122,7 @@ class DecodeConfig:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
         if self.repetition_penalty is not None:
             _check_number("repetition_penalty", self.repetition_penalty, 0.0, None, low_open=True)
+        _check_number("eos_boost", self.eos_boost, 0.0, None)
         _check_number("temperature", self.temperature, 0.0, None)
         if not _is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = all tokens), got {self.top_k!r}")
@@ -155,6 +163,18 @@ class DecodeConfig:
             return float(self.repetition_penalty)
         # the DoLa and Activation Decoding repositories generate with 1.2; plain decoding with 1.0
         return 1.0 if plan.is_plain and not self.uses_activation else RECOMMENDED_REPETITION_PENALTY
+
+    def eos_bonus(self, step: int, budget: int) -> float:
+        """What ``eos_boost`` adds to the end tokens' scores when choosing token ``step`` (0-based)
+        of a ``budget``-token answer: 0 before EOS_BOOST_START of the budget, then ``eos_boost * r``
+        with r rising linearly to 1 at the last token."""
+        if self.eos_boost <= 0 or budget <= 0:
+            return 0.0
+        start = math.floor(EOS_BOOST_START * budget)
+        if step < start:
+            return 0.0
+        r = (step - start + 1) / (budget - start)
+        return float(self.eos_boost) * min(1.0, r)
 
     def penalty_note(self, plan: LayerPlan) -> Optional[str]:
         """Why DoLa with this penalty may repeat itself, or None."""

@@ -135,6 +135,12 @@ class Model:
         return self._session.projection_backend
 
     @property
+    def eog_tokens(self) -> list[int]:
+        """Every end-of-generation token of the GGUF (EOS, EOT, EOM, ...: llama.cpp's
+        ``llama_vocab_is_eog``); generation ends at any of them."""
+        return list(self._weights.eog_tokens)
+
+    @property
     def n_ctx_train(self) -> int:
         return self._weights.n_ctx_train
 
@@ -241,6 +247,7 @@ class Model:
         alpha: float = _UNSET,
         info_layer: Optional[int] = _UNSET,
         repetition_penalty: Optional[float] = _UNSET,
+        eos_boost: float = _UNSET,
         temperature: float = _UNSET,
         top_k: int = _UNSET,
         top_p: float = _UNSET,
@@ -249,21 +256,29 @@ class Model:
         stop: Union[str, Sequence[str], None] = None,
         ignore_eos: bool = False,
         add_special: bool = True,
+        abstain_above: Optional[float] = None,
     ) -> GenerationResult:
         """Generate a completion (greedy unless ``temperature`` > 0).
 
         The decoding settings are a :class:`DecodeConfig` (``config``, default ``DecodeConfig()``:
         plain greedy decoding) with any of its fields given as keywords replacing the config's:
         ``layers``, ``premature_norm``, ``relative_top``, ``decoder`` ("dola" or "activation"),
-        ``alpha``, ``info_layer``, ``repetition_penalty``, ``temperature``, ``top_k``, ``top_p``,
-        ``min_p``, ``seed``. ``stop``: strings that end the answer (not
-        included); ``ignore_eos``; ``add_special``: BOS as the GGUF asks.
+        ``alpha``, ``info_layer``, ``repetition_penalty``, ``eos_boost``, ``temperature``,
+        ``top_k``, ``top_p``, ``min_p``, ``seed``. ``stop``: strings that end the answer (not
+        included, even when they span tokens); ``ignore_eos``: go on past end-of-generation
+        tokens (every one the GGUF marks: EOS, EOT, ...); ``add_special``: BOS as the GGUF asks.
+
+        Each step carries its ``risk`` and the result the answer's (``dola_cpp.risk``).
+        ``abstain_above``: stop with ``finish_reason="abstained"`` (and the text so far) once the
+        answer's running risk exceeds it (judged from the 4th token on, or when a shorter answer
+        ends).
         """
         cfg = _config(config, layers=layers, premature_norm=premature_norm, relative_top=relative_top,
                       decoder=decoder, alpha=alpha, info_layer=info_layer,
-                      repetition_penalty=repetition_penalty, temperature=temperature, top_k=top_k, top_p=top_p,
-                      min_p=min_p, seed=seed)
-        run = Stream(self, prompt, max_tokens, cfg, stop=stop, ignore_eos=ignore_eos, add_special=add_special)
+                      repetition_penalty=repetition_penalty, eos_boost=eos_boost, temperature=temperature,
+                      top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+        run = Stream(self, prompt, max_tokens, cfg, stop=stop, ignore_eos=ignore_eos, add_special=add_special,
+                     abstain_above=abstain_above)
         for _ in run:
             pass
         return run.result()
@@ -281,6 +296,7 @@ class Model:
         alpha: float = _UNSET,
         info_layer: Optional[int] = _UNSET,
         repetition_penalty: Optional[float] = _UNSET,
+        eos_boost: float = _UNSET,
         temperature: float = _UNSET,
         top_k: int = _UNSET,
         top_p: float = _UNSET,
@@ -289,18 +305,20 @@ class Model:
         stop: Union[str, Sequence[str], None] = None,
         ignore_eos: bool = False,
         add_special: bool = True,
+        abstain_above: Optional[float] = None,
     ) -> "Stream":
         """Like :meth:`generate`, as an iterator of text pieces produced as they are decoded.
 
         The arguments are checked here, before the first piece. Closing the stream (or
         :meth:`cancel`) stops decoding; once it is exhausted, ``finish_reason`` says why it ended
-        ("stop", "length", "cancelled"), ``steps`` holds each token's diagnostics and ``result()``
+        ("stop", "length", "abstained", "cancelled"), ``steps`` holds each token's diagnostics and ``result()``
         gives the whole result."""
         cfg = _config(config, layers=layers, premature_norm=premature_norm, relative_top=relative_top,
                       decoder=decoder, alpha=alpha, info_layer=info_layer,
-                      repetition_penalty=repetition_penalty, temperature=temperature, top_k=top_k, top_p=top_p,
-                      min_p=min_p, seed=seed)
-        return Stream(self, prompt, max_tokens, cfg, stop=stop, ignore_eos=ignore_eos, add_special=add_special)
+                      repetition_penalty=repetition_penalty, eos_boost=eos_boost, temperature=temperature,
+                      top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+        return Stream(self, prompt, max_tokens, cfg, stop=stop, ignore_eos=ignore_eos, add_special=add_special,
+                     abstain_above=abstain_above)
 
     stream_steps = stream  # the name of earlier versions
 
@@ -387,6 +405,10 @@ class Model:
             token_scores=np.asarray(r.token_scores, dtype=np.float32),
             premature_layers=[None if layer < 0 else layer for layer in r.premature_layers],
             continuation_tokens=ids[n_prefix:],
+            mature_logprobs=np.asarray(r.mature_logprobs, dtype=np.float32),
+            top_logprobs=np.asarray(r.top_logprobs, dtype=np.float32),
+            entropies=np.asarray(r.entropies, dtype=np.float32),
+            jsd=np.asarray(r.jsd, dtype=np.float32),
         )
 
     # ------------------------------------------------------------------ internals

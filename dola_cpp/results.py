@@ -21,6 +21,8 @@ class StepInfo:
     # Activation Decoding: H of the token, the entropy over the prompt's positions of its
     # info-layer probability (nats; lower = sharper); None for other decoders
     activation_entropy: Optional[float] = None
+    top_logprob: float = 0.0  # log of the mature distribution's largest probability
+    risk: float = float("nan")  # the token's risk in [0, 1] (dola_cpp.risk.token_risk)
 
     @property
     def confidence(self) -> float:
@@ -33,7 +35,9 @@ class GenerationResult:
     text: str
     tokens: list[int]
     steps: list[StepInfo]
-    finish_reason: str  # "stop" (EOS/EOT or a stop string), "length", "cancelled", "interrupted"
+    # "stop" (an end-of-generation token or a stop string), "length", "abstained" (the running
+    # risk crossed abstain_above), "cancelled", "interrupted"
+    finish_reason: str
     prompt_tokens: int
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -41,6 +45,7 @@ class GenerationResult:
     mature_layer: Optional[int] = None
     decoder: str = "plain"  # plain, dola, activation or activation_dola
     info_layer: Optional[int] = None  # Activation Decoding's info layer
+    risk: Optional[float] = None  # the answer's risk: the mean of its tokens' (None when empty)
 
     @property
     def tokens_per_second(self) -> float:
@@ -63,3 +68,10 @@ class ScoreResult:
     token_scores: np.ndarray
     premature_layers: list[Optional[int]] = field(default_factory=list)
     continuation_tokens: list[int] = field(default_factory=list)
+    # per continuation token, what a generation step would report for it (the risk signals):
+    # log p_mature(token), the mature distribution's top log-probability and entropy (nats), and
+    # the premature layer's JSD (NaN for plain and static DoLa)
+    mature_logprobs: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    top_logprobs: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    entropies: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    jsd: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))

@@ -13,11 +13,15 @@ import numpy as np
 from . import _core
 from .config import DecodeConfig
 from .results import GenerationResult, StepInfo
+from .risk import token_risk
 
 if TYPE_CHECKING:
     from .model import Model, Prompt
 
 _warned_penalty = False
+
+# abstain_above judges the running risk once the answer has this many tokens (or when it ends)
+ABSTAIN_MIN_TOKENS = 4
 
 
 class PenaltyWarning(UserWarning):
@@ -38,6 +42,7 @@ class Stream:
         stop: Union[str, Sequence[str], None] = None,
         ignore_eos: bool = False,
         add_special: bool = True,
+        abstain_above: Optional[float] = None,
     ) -> None:
         global _warned_penalty
         if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
@@ -56,6 +61,13 @@ class Stream:
             stop = [stop]
         self.stop = [s for s in (stop or []) if s]
         self.ignore_eos = ignore_eos
+        if abstain_above is not None:
+            if isinstance(abstain_above, bool) or not isinstance(abstain_above, (int, float)) \
+                    or not 0.0 < float(abstain_above) <= 1.0:
+                raise ValueError(f"abstain_above must be a risk in (0, 1] or None, got {abstain_above!r}")
+            abstain_above = float(abstain_above)
+        self.abstain_above = abstain_above
+        self._risk_sum = 0.0
         self.tokens: list[int] = []
         self.steps: list[StepInfo] = []
         self.text = ""
@@ -86,7 +98,22 @@ class Stream:
             mature_layer=None if self.plan.is_plain else self.plan.mature,
             decoder=self.config.decoder_name(self.plan),
             info_layer=None if self.params.info_layer < 0 else self.params.info_layer,
+            risk=self.risk,
         )
+
+    @property
+    def risk(self) -> Optional[float]:
+        """The answer's risk so far: the mean of its tokens' risks (None before the first)."""
+        return self._risk_sum / len(self.steps) if self.steps else None
+
+    def _abstains(self, final: bool) -> bool:
+        """Whether the running risk crossed ``abstain_above`` (judged once ABSTAIN_MIN_TOKENS are
+        in, or at the end of a shorter answer)."""
+        if self.abstain_above is None or not self.steps:
+            return False
+        if len(self.steps) < ABSTAIN_MIN_TOKENS and not final:
+            return False
+        return self.risk > self.abstain_above
 
     def _held_back(self, text: str) -> int:
         """Length of the longest suffix of ``text`` that could start a stop string."""
@@ -104,6 +131,7 @@ class Stream:
         weights = m._weights
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         emitted = 0
+        cut: Optional[int] = None  # where a stop string cut the text
         t0: Optional[float] = None  # start of decoding
         with m._claim():
             try:
@@ -117,14 +145,17 @@ class Stream:
                 finally:  # also when Ctrl-C or cancel() stops the prefill
                     self.prefill_seconds = time.perf_counter() - t_prefill
                 t0 = time.perf_counter()
+                budget = min(self.max_tokens, sess.n_ctx - len(self.ids) + 1)
                 for i in range(self.max_tokens):
                     if m._cancel.is_set():
                         self.finish_reason = "cancelled"
                         break
-                    st = sess.sample()
+                    st = sess.sample(self.config.eos_bonus(i, budget))
                     if not self.ignore_eos and weights.is_eog(st.token):
-                        self.finish_reason = "stop"
+                        self.finish_reason = "abstained" if self._abstains(final=True) else "stop"
                         break
+                    risk = token_risk(st.mature_logprob, st.top_logprob, st.entropy, m.n_vocab)
+                    self._risk_sum += risk
                     self.tokens.append(st.token)
                     self.steps.append(
                         StepInfo(
@@ -135,13 +166,18 @@ class Stream:
                             score=st.score,
                             entropy=st.entropy,
                             activation_entropy=None if self.params.info_layer < 0 else st.activation_entropy,
+                            top_logprob=st.top_logprob,
+                            risk=risk,
                         )
                     )
                     self.text += decoder.decode(weights.token_to_piece(st.token, False))
                     cut = self._find_stop(emitted)
                     if cut is not None:
                         self.text = self.text[:cut]
-                        self.finish_reason = "stop"
+                        self.finish_reason = "abstained" if self._abstains(final=True) else "stop"
+                        break
+                    if self._abstains(final=False):
+                        self.finish_reason = "abstained"
                         break
                     safe = len(self.text) - self._held_back(self.text[emitted:])
                     if safe > emitted:
@@ -155,6 +191,8 @@ class Stream:
                     sess.accept(st.token)
                 else:
                     self.finish_reason = "length"
+                if self.finish_reason == "length" and self._abstains(final=True):
+                    self.finish_reason = "abstained"
             except _core.Cancelled:
                 self.finish_reason = "cancelled"
             except KeyboardInterrupt:
@@ -162,7 +200,7 @@ class Stream:
                 raise
             finally:
                 self.decode_seconds = time.perf_counter() - t0 if t0 is not None else 0.0
-            if self.finish_reason != "stop" or not self.stop:
+            if cut is None:
                 self.text += decoder.decode(b"", final=True)
             if len(self.text) > emitted:
                 yield self.text[emitted:]

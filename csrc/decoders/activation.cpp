@@ -55,8 +55,8 @@ public:
     }
 
     float score(const decoder_rows & rows, int32_t y, const score_options & opt, float * lp, float * work,
-                int32_t & layer) override {
-        return inner_->score(rows, y, opt, lp, work, layer);
+                score_detail & detail) override {
+        return inner_->score(rows, y, opt, lp, work, detail);
     }
 
     float context_score(int32_t y, context_entropy_source & context) const override {

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -44,6 +45,12 @@ struct score_options {
     float mask_value = -1000.0f;
 };
 
+// What a decoder says about one teacher-forced position besides the token's score.
+struct score_detail {
+    int32_t layer = -1;  // the layer the position was contrasted with; -1 for none
+    float jsd = std::numeric_limits<float>::quiet_NaN();  // JSD(mature || that layer), dynamic DoLa
+};
+
 class decoder {
 public:
     virtual ~decoder() = default;
@@ -52,10 +59,10 @@ public:
     // lp: n_vocab, the mature log-softmax (for diagnostics); scores: n_vocab, what the repetition
     // penalty and the sampler see. Fills the step's diagnostics except token/score/mature_logprob.
     virtual void step(const decoder_rows & rows, float * lp, float * scores, step_result & res) = 0;
-    // The score of token y at this position (lp and work: n_vocab scratch); layer: the layer it
-    // was contrasted with, -1 for none.
+    // The score of token y at this position (work: n_vocab scratch; lp: n_vocab, left holding the
+    // mature log-softmax).
     virtual float score(const decoder_rows & rows, int32_t y, const score_options & opt, float * lp, float * work,
-                        int32_t & layer) = 0;
+                        score_detail & detail) = 0;
     // A layer whose rows the decoder needs at every context position, reduced to a per-vocabulary
     // entropy over positions (decoder_rows::context_entropy); -1 for none.
     virtual int32_t context_layer() const { return -1; }

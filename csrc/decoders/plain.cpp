@@ -20,9 +20,9 @@ public:
         std::memcpy(scores, rows.mature, rows.n_vocab * sizeof(float));
     }
 
-    float score(const decoder_rows & rows, int32_t y, const score_options &, float * lp, float *, int32_t & layer) override {
+    float score(const decoder_rows & rows, int32_t y, const score_options &, float * lp, float *,
+                score_detail &) override {
         log_softmax(rows.mature, lp, rows.n_vocab);
-        layer = -1;
         return lp[y];
     }
 
