@@ -44,6 +44,9 @@ class Terminal:
         text = self._tmux("capture-pane", "-p", "-J", "-t", "chat", "-S", "-500")
         return "\n".join(line.rstrip() for line in text.splitlines())
 
+    def screen_with_colours(self) -> str:
+        return self._tmux("capture-pane", "-p", "-e", "-J", "-t", "chat", "-S", "-500")
+
     def wait_for(self, predicate, what: str, timeout: float = 90.0) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -119,6 +122,32 @@ def test_chat_in_a_terminal(terminal, smollm2_path):
     screen = t.wait_for_prompt("session: 2 answer(s)")
     assert re.search(r"layer +\d+ │█", screen)
 
+    t.type("/bye")
+    assert t.exit_status() == 0
+
+
+@needs_tmux
+@pytest.mark.slow
+def test_chat_shows_risk_and_abstains_in_a_terminal(terminal, smollm2_path):
+    t = terminal("run", str(smollm2_path), "--layers", "none", "--max-tokens", "24", "--show-risk", *FAST)
+    screen = t.wait_for_prompt("Type /help")
+    assert "token colours: low risk < 0.3 · medium risk < 0.6 · high risk >= 0.6" in screen
+    question = "What is the capital of France?"
+    t.type(question)
+    screen = t.wait_for_prompt(question)
+    assert "Paris" in screen[screen.rfind(question):]
+    assert re.search(r"\d+ tokens · [\d.]+ tok/s · .* · risk 0\.\d\d", screen)
+    # the answer's tokens are coloured: green/yellow/red foreground codes on its line
+    coloured = t.screen_with_colours()
+    answer_line = next(line for line in coloured.splitlines()[::-1] if "Paris" in line)
+    assert re.search(r"\x1b\[3[123]m", answer_line), repr(answer_line)
+    # abstaining: a refusal instead of the answer
+    t.type("/set abstain 0.01")
+    t.wait_for_prompt("abstain = 0.01")
+    t.type(question)
+    screen = t.wait_for_prompt("[abstained")
+    tail = screen[screen.rfind(question):]
+    assert "I'm not sure enough to answer that (risk 0." in tail and "Paris" not in tail
     t.type("/bye")
     assert t.exit_status() == 0
 

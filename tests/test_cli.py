@@ -19,7 +19,7 @@ from dola_cpp.cli._render import histogram, side_by_side, stats_line
 
 # Short generations, one thread: the suite shares two cores with benchmarks.
 FAST = ["--threads", "1"]
-COMMANDS = ["run", "generate", "compare", "info", "pull"]
+COMMANDS = ["run", "generate", "compare", "trace", "info", "pull"]
 
 
 @pytest.fixture()
@@ -510,3 +510,82 @@ def test_one_line_error_messages():
         "could not download x: … ERROR: No matching distribution"
     assert one_line(ValueError("")) == "ValueError"
 
+
+
+# ---------------------------------------------------------------------------------- risk and traces
+
+
+def test_generate_json_has_risk_and_eos_boost(cli, smollm2_path):
+    result = cli("generate", smollm2_path, "What is the capital of France?", "--layers", "none", "-n", 12,
+                 "--eos-boost", 4, "--json", *FAST)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["eos_boost"] == 4.0
+    risks = [s["risk"] for s in data["steps"]]
+    assert all(0 <= r <= 1 for r in risks) and data["risk"] == pytest.approx(sum(risks) / len(risks))
+
+
+def test_generate_abstains_with_exit_status_3(cli, smollm2_path):
+    args = ["generate", smollm2_path, "What is the capital of France?", "--layers", "none", "-n", 12, *FAST]
+    result = cli(*args, "--abstain", 0.01)
+    assert result.exit_code == 3 and result.stdout == ""
+    assert re.match(r"abstained: the answer's risk reached 0\.\d\d \(> 0\.01\)", result.stderr)
+    result = cli(*args, "--abstain", 1)
+    assert result.exit_code == 0 and "Paris" in result.stdout
+    result = cli(*args, "--abstain", 0)
+    assert result.exit_code == 2 and "must be a risk in (0, 1]" in result.stderr
+
+
+def test_run_piped_risk_display_and_abstaining(cli, smollm2_path):
+    script = "\n".join(["What is the capital of France?", "/stats", "/set abstain 0.01", "Who are you?",
+                        "/set abstain off", "/set show_risk off", "/set"])
+    result = cli("run", smollm2_path, "--layers", "none", "-n", 16, "--show-risk", *FAST, input=script + "\n")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    # piped: the answers as plain text (no colours), the refusal in place of the second one
+    assert "Paris" in lines[0] and "\x1b[" not in result.stdout
+    assert lines[1].startswith("I'm not sure enough to answer that (risk 0.")
+    assert re.search(r"last answer: \d+ tokens .* · risk 0\.\d\d", result.stderr)
+    assert "[abstained: this question is not kept]" in result.stderr
+    assert re.search(r"show_risk +off", result.stderr) and re.search(r"abstain +off", result.stderr)
+
+
+def test_chat_show_risk_colours_tokens(smollm2, capsys):
+    chat = Chat(smollm2, dola_cpp.DecodeConfig(), interactive=False, show_risk=True, max_tokens=12)
+    chat.out.color = True  # as in a terminal
+    chat.ask("What is the capital of France?")
+    out = capsys.readouterr().out
+    assert "Paris" in re.sub(r"\x1b\[[\d;]*m", "", out)
+    colours = set(re.findall(r"\x1b\[(3[123])m", out))  # green, yellow, red
+    assert colours and colours <= {"31", "32", "33"}
+    for step in chat.last.steps:  # every token was coloured by its risk band
+        assert 0 <= step.risk <= 1
+    chat.show_risk = False
+    chat.ask("What is the capital of France?")
+    assert "\x1b[3" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("suffix", [".png", ".html"])
+def test_trace_writes_a_picture(cli, smollm2_path, tmp_path, suffix):
+    out = tmp_path / f"trace{suffix}"
+    result = cli("trace", smollm2_path, "What is the capital of France?", "--out", out, "-n", 8, *FAST)
+    assert result.exit_code == 0, result.output
+    assert "tokens x 8 layers" in result.stdout
+    data = out.read_bytes()
+    if suffix == ".png":
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    else:
+        text = data.decode()
+        assert text.count(">■</td>") == int(re.search(r"\((\d+) tokens x", result.stdout).group(1))
+        for layer in (15, 17, 29):
+            assert f'<th class="lab">{layer}</th>' in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--layers", "none"], "two or more candidate layers"),
+    (["--layers", "15,30"], "two or more candidate layers"),
+    (["--out", "trace.txt"], "write .png, .svg, .pdf or .html"),
+])
+def test_trace_bad_options_are_clear_errors(cli, smollm2_path, args, message):
+    result = cli("trace", smollm2_path, "Hi", *args, *FAST)
+    assert result.exit_code != 0 and message in result.output

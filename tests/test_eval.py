@@ -339,3 +339,33 @@ def test_scores_match_transformers(f32_scorer, hf_model, hf_forward, layers):
         assert r.continuation_tokens == ids[n_prefix:]
         assert r.score == pytest.approx(want, abs=1e-3 + 1e-5 * abs(want)), (prefix[-40:], cont, rt)
         assert r.premature_layers == (chosen or [None] * len(r.continuation_tokens))
+
+
+@needs_data
+def test_cli_selective_writes_curves_and_plot(tmp_path):
+    """Selective QA on 6 questions, plain and DoLa: per-question records (resumable), the curves
+    and areas as JSON, and the plot."""
+    out = tmp_path / "sel"
+    args = ["selective", "smollm2", "--data", str(TFQA_CSV), "--limit", "6", "--out", str(out), "--threads", "2",
+            "--ctx", "512"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "area under accuracy-coverage" in r.output
+    data = json.loads((tmp_path / "sel.json").read_text())
+    assert [m["mode"] for m in data["modes"]] == ["plain", "DoLa high"]
+    for mode in data["modes"]:
+        assert mode["n"] == 6
+        assert {"risk", "surprise", "top_prob", "entropy", "choice_margin", "random"} <= set(mode["auc"])
+        curve = mode["curves"]["risk"]
+        assert curve["coverage"][-1] == 1.0 and len(curve["coverage"]) == 6
+        assert curve["accuracy"][-1] == pytest.approx(mode["accuracy"], abs=1e-4)
+        assert mode["auc"]["random"] == pytest.approx(mode["accuracy"], abs=1e-6)
+    assert "jsd" in data["modes"][1]["auc"] and "jsd" not in data["modes"][0]["auc"]
+    # the records agree with the MC1 protocol: the chosen answer's tokens carry the signals
+    rec = [json.loads(line) for line in (tmp_path / "sel.dola.jsonl").read_text().splitlines()][1]
+    assert rec["correct"] == (rec["scores"][0] > max(rec["scores"][1:]))
+    assert len(rec["tokens"]["top_logprob"]) == len(rec["tokens"]["entropy"]) > 0
+    png = (tmp_path / "sel.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    r = CliRunner().invoke(app, args)  # a rerun resumes every question
+    assert r.exit_code == 0 and r.output.count("6 questions") == 2

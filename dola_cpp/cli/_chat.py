@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import typer
 
 from .. import DecodeConfig, GenerationResult, LayerPlan, Model
+from ..risk import RISK_BANDS, RISK_FORMULA
 from ..hub import cache_dir
 from ._cli_utils import CLIError, Template, layer_plan, one_line, template_choice
 from ._input import Interrupted, LineReader, discard_typeahead, line_reader
@@ -32,11 +33,14 @@ Commands:
   /set alpha X | info_layer N|auto   (Activation Decoding's weight and layer)
   /set temperature X           (0 = greedy)
   /set max_tokens N
+  /set eos_boost X             (nats; ends answers as the token limit nears; 0 = off)
+  /set show_risk on|off        (colour each token by its risk)
+  /set abstain X|off           (say "not sure" instead of an answer riskier than X)
   /set top_k K | top_p P | seed N|random
   /set system TEXT             (nothing after it removes the system prompt)
   /dola on|off                 DoLa decoding on, or plain decoding
   /clear                       forget the conversation
-  /stats                       speed and premature-layer histogram
+  /stats                       speed, the answer's risk and the premature-layer histogram
   /bye                         exit (also /exit, Ctrl-D)
   /help                        this help
   {MULTILINE}                          start or end a multi-line message
@@ -44,6 +48,10 @@ Ctrl-C stops an answer (the question and partial answer are forgotten);
 at an empty prompt it exits."""
 
 _TRANSCRIPT_STOP = ["\nUser:"]
+
+
+def risk_colour(risk: float) -> str:
+    return "green" if risk < RISK_BANDS[0] else "yellow" if risk < RISK_BANDS[1] else "red"
 
 
 @dataclasses.dataclass
@@ -110,14 +118,31 @@ class Output:
     def _style(self, text: str, **style) -> str:
         return typer.style(text, **style) if self.color else text
 
-    def piece(self, text: str) -> None:
+    def piece(self, text: str, risk: Optional[float] = None) -> None:
+        """Answer text; with ``risk``, coloured by its band (plain text without colours)."""
+        if risk is not None and self.color:
+            text = typer.style(text, fg=risk_colour(risk))
         typer.echo(text, nl=False, color=self.color or None)
+
+    def legend(self) -> None:
+        bands = [typer.style(f"{name} risk", fg=colour) if self.color else f"{name} risk" for name, colour in
+                 (("low", "green"), ("medium", "yellow"), ("high", "red"))]
+        edges = " · ".join(f"{b} {e}" for b, e in zip(bands, (f"< {RISK_BANDS[0]:g}", f"< {RISK_BANDS[1]:g}",
+                                                                f">= {RISK_BANDS[1]:g}")))
+        self.status(f"token colours: {edges} (risk = {RISK_FORMULA})")
 
     def newline(self) -> None:
         typer.echo("")
 
     def status(self, text: str) -> None:
         typer.echo(self._style(text, dim=True), err=not self.interactive, color=self.color or None)
+
+    def status_inline(self, text: str) -> None:
+        """A status line that the next clear_line() removes (terminal only)."""
+        typer.echo(self._style(text, dim=True), nl=False, color=self.color or None)
+
+    def clear_line(self) -> None:
+        typer.echo("\r\x1b[K", nl=False)
 
     def note(self, text: str) -> None:
         typer.echo(self._style(text, fg="yellow"), err=not self.interactive, color=self.color or None)
@@ -133,13 +158,16 @@ class Output:
 
 class Chat:
     def __init__(self, model: Model, settings: DecodeConfig, max_tokens: int = 256, system: Optional[str] = None,
-                 template: Template = Template.auto, interactive: bool = True) -> None:
+                 template: Template = Template.auto, interactive: bool = True, show_risk: bool = False,
+                 abstain: Optional[float] = None) -> None:
         self.model = model
         self.out = Output(interactive)
         use_template, self.template_note = template_choice(model, template)
         self.conversation = Conversation(model, system, use_template)
         self.settings = settings
         self.max_tokens = max_tokens
+        self.show_risk = show_risk
+        self.abstain = abstain
         self.plan = self._plan(settings.dola.layers)
         self._dola_layers = settings.dola.layers if not self.plan.is_plain else "high"
         self.last: Optional[GenerationResult] = None
@@ -220,6 +248,8 @@ class Chat:
         m = self.model
         self.out.status(f"{m.path.name} ({m.architecture}, {m.n_layers} layers) · {self._decoding()}")
         self.out.status(f"Type /help for commands, {MULTILINE} for multi-line input, /bye or Ctrl-D to exit.")
+        if self.show_risk:
+            self.out.legend()
 
     def _decoding(self) -> str:
         return (f"{describe_config(self.settings, self.plan, self.model.n_layers)} · "
@@ -233,7 +263,8 @@ class Chat:
         try:
             _, ids, dropped = self.conversation.prompt(text, budget)
             # the ids, not the text: tokenized once per turn
-            run = self.model.stream(ids, self.max_tokens, config=self.settings, stop=self.conversation.stop)
+            run = self.model.stream(ids, self.max_tokens, config=self.settings, stop=self.conversation.stop,
+                                    abstain_above=self.abstain)
         except (CLIError, ValueError, TypeError, OSError) as e:
             self._fail(e)
             return None
@@ -242,6 +273,11 @@ class Chat:
         interrupted = False
         started = False
         pending = ""  # trailing whitespace, shown only once more text follows: answers print stripped
+        seen = 0  # steps already shown
+        held: list[tuple[str, Optional[float]]] = []  # the answer, while abstaining may still drop it
+        if self.abstain is not None and self.out.interactive:
+            self.out.status_inline("(answering only if the risk stays at most "
+                                   f"{self.abstain:g}; /set abstain off to stream)")
         try:
             for piece in run:
                 if not started:
@@ -250,8 +286,15 @@ class Chat:
                 chunk = pending + piece
                 shown = chunk.rstrip()
                 pending = chunk[len(shown):]
-                if shown:
-                    self.out.piece(shown)
+                # a piece is the text of the steps since the last one: coloured by the riskiest
+                risk = max((s.risk for s in run.steps[seen:]), default=None) if self.show_risk else None
+                seen = len(run.steps)
+                if not shown:
+                    continue
+                if self.abstain is not None:
+                    held.append((shown, risk))
+                else:
+                    self.out.piece(shown, risk)
         except KeyboardInterrupt:
             interrupted = True
         except (ValueError, OSError) as e:
@@ -261,12 +304,22 @@ class Chat:
         finally:
             run.close()  # releases the model when Ctrl-C landed in our code rather than in the engine
         result = run.result()
+        if self.abstain is not None and self.out.interactive:
+            self.out.clear_line()
+        abstained = result.finish_reason == "abstained"
+        if abstained:
+            self.out.piece(f"I'm not sure enough to answer that (risk {result.risk:.2f} > {self.abstain:g}).")
+        else:
+            for text_piece, risk in held:
+                self.out.piece(text_piece, risk)
         self.out.newline()
         if self.out.interactive and discard_typeahead():
             self.out.note("note: what you typed while the answer was streaming was discarded; "
                           "type your next message at the prompt")
         if interrupted:
             self.out.status("[interrupted: this question and the partial answer are not kept]")
+        elif abstained:
+            self.out.status("[abstained: this question is not kept]")
         else:
             self.conversation.add(text, result.text.strip())
         self._record(result, interrupted)
@@ -378,6 +431,22 @@ class Chat:
                 raise CLIError(f"max_tokens must be at least 1, got {value}")
         elif key == "layers":
             self._apply(layers=value)
+        elif key == "show_risk":
+            if value.lower() not in ("on", "off"):
+                raise CLIError("/set show_risk takes on or off")
+            self.show_risk = value.lower() == "on"
+            if self.show_risk:
+                self.out.legend()
+        elif key == "abstain":
+            if value.lower() == "off":
+                self.abstain = None
+            else:
+                risk = _number(key, value, float)
+                if not 0.0 < risk <= 1.0:
+                    raise CLIError(f"abstain takes a risk in (0, 1] or off, got {value}")
+                self.abstain = risk
+        elif key == "eos_boost":
+            self._apply(eos_boost=_number(key, value, float))
         elif key in ("repetition_penalty", "penalty", "rp"):
             self._apply(repetition_penalty=None if value.lower() == "auto" else _number(key, value, float))
         elif key == "premature_norm":
@@ -398,7 +467,10 @@ class Chat:
             self._apply(seed=None if value.lower() == "random" else _number(key, value, int))
         else:
             raise CLIError(f"unknown setting {key!r}; /set without arguments lists them")
-        self.out.status(f"{key} = {value} · {self._decoding()}")
+        if key not in ("show_risk", "abstain"):
+            self.out.status(f"{key} = {value} · {self._decoding()}")
+        else:
+            self.out.status(f"{key} = {value}")
 
     def _show_settings(self) -> None:
         s, plan = self.settings, self.plan
@@ -416,6 +488,9 @@ class Chat:
             ("top_p", f"{s.top_p:g}"),
             ("seed", "random" if s.seed is None else str(s.seed)),
             ("max_tokens", str(self.max_tokens)),
+            ("eos_boost", f"{s.eos_boost:g}"),
+            ("show_risk", "on" if self.show_risk else "off"),
+            ("abstain", "off" if self.abstain is None else f"{self.abstain:g}"),
             ("system", repr(self.conversation.system) if self.conversation.system else "(none)"),
             ("format", "chat template" if self.conversation.use_template else "User:/Assistant: transcript"),
         ]

@@ -127,6 +127,12 @@ def _check_positive(value: Optional[float]) -> Optional[float]:
     return value
 
 
+def _check_risk(value: Optional[float]) -> Optional[float]:
+    if value is not None and not 0.0 < value <= 1.0:
+        raise typer.BadParameter(f"must be a risk in (0, 1], got {value:g}")
+    return value
+
+
 ModelArg = Annotated[Optional[str], typer.Argument(help=_MODEL_HELP + " Default: the default demo model.",
                                                    show_default=False)]
 ModelRequiredArg = Annotated[str, typer.Argument(help=_MODEL_HELP, show_default=False)]
@@ -164,6 +170,15 @@ InfoLayerOpt = Annotated[Optional[int], typer.Option(
     "--info-layer", min=0, rich_help_panel=_DECODE, show_default=False,
     help="Activation Decoding: the layer whose activations over the context are measured "
          "(default: round(0.8 x layers), as the reference's 26 of 32; `dola-cpp info` shows it).")]
+EosBoostOpt = Annotated[float, typer.Option(
+    "--eos-boost", min=0.0, rich_help_panel=_DECODE,
+    help="Raise the end-of-answer tokens' scores from 80% of --max-tokens on, linearly up to this many nats at "
+         "the limit, so answers end instead of being cut (0 = off).")]
+ShowRiskOpt = Annotated[bool, typer.Option("--show-risk", rich_help_panel=_DECODE,
+                                           help="Colour each token by its risk (low, medium, high).")]
+AbstainOpt = Annotated[Optional[float], typer.Option(
+    "--abstain", callback=lambda v: _check_risk(v), rich_help_panel=_DECODE, show_default=False,
+    help="Say it is not sure instead of answering when the answer's risk exceeds this (0-1).")]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", rich_help_panel=_DECODE,
                                                   help="System prompt (with the chat template).")]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=0, rich_help_panel=_DECODE,

@@ -75,10 +75,14 @@ def stats_line(result: GenerationResult, interrupted: bool = False) -> str:
     ]
     if result.mature_layer is not None:
         parts.append(f"layers {top_layers(result.layer_histogram())}")
+    if result.risk is not None:
+        parts.append(f"risk {result.risk:.2f}")
     if interrupted:
         parts.append("interrupted")
     elif result.finish_reason == "length":
         parts.append("stopped at the token limit")
+    elif result.finish_reason == "abstained":
+        parts.append("abstained")
     return " · ".join(parts)
 
 

@@ -207,3 +207,70 @@ def factor(
     """FACTOR accuracy (the DoLa repo's factor_eval.py: relative_top=0.1, post-softmax)."""
     _run(ev.TASKS[ev.FACTOR], model, data, _layer_spec(early_exit_layers, layers), premature_norm, limit, json_out, ctx,
          threads, kv_type, decoder, alpha, info_layer)
+
+
+@app.command("selective")
+def selective(
+    model: ModelRequiredArg,
+    data: DataOpt = None,
+    layers: Annotated[str, typer.Option("--layers", callback=check_layer_syntax,
+                                        help="The DoLa mode's layers ('high', 'low' or a layer string).")] = "high",
+    premature_norm: PrematureNormOpt = False,
+    limit: LimitOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="Writes OUT.json (curves and areas), OUT.png (the plot) and "
+                                                    "OUT.plain.jsonl / OUT.dola.jsonl (per question; a rerun "
+                                                    "resumes).")] = Path("selective"),
+    ctx: CtxOpt = 2048,
+    threads: ThreadsOpt = None,
+    kv_type: KVTypeOpt = KVType.f32,
+) -> None:
+    """Selective QA on TruthfulQA: rank the questions by each risk signal and plot MC1 accuracy against
+    coverage, in plain and DoLa modes."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .. import selective as sel
+
+    console = Console()
+    if layers.strip().lower() == "none":
+        raise typer.BadParameter("the DoLa mode needs layers ('high', 'low' or a layer string)", param_hint="--layers")
+    if data is None:
+        raise CLIError(f"give the data with --data: {DATA_SOURCES[ev.TFQA]}; dola-cpp does not download it")
+    try:
+        items = ev.load_truthfulqa(data)
+    except ev.EvalDataError as e:
+        raise CLIError(f"--data: {e}") from None
+    items = items[:limit] if limit else items
+    m = Model(model_path(model), n_ctx=ctx, n_threads=threads, kv_type=kv_type.value)
+    dola_plan = layer_plan(m, layers)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name, spec in (("plain", None), ("dola", layers)):
+        plan = dola_plan if spec else m.resolve_layers(None)
+        label = "plain" if spec is None else f"DoLa {layers}" + (" (premature norm)" if premature_norm else "")
+        console.print(f"[bold]selective[/] {m.path.name}: {len(items)} questions, {label}", highlight=False)
+        try:
+            summary = ev.run_eval(
+                sel.TASK, m, items, layers=spec, premature_norm=premature_norm and spec is not None,
+                results_path=out.with_name(f"{out.name}.{name}.jsonl"),
+                header_extra={"data": data.name, "kv_type": kv_type.value, "n_vocab": m.n_vocab},
+            )
+        except ev.EvalDataError as e:
+            raise CLIError(f"--out: {e}") from None
+        results.append(sel.curves(summary.records, m.n_vocab, label if plan.candidates else "plain"))
+    json_path, png_path = out.with_name(out.name + ".json"), out.with_name(out.name + ".png")
+    sel.write_json(json_path, m.path.name, results)
+    table = Table(title=f"area under accuracy-coverage (MC1), {m.path.name}")
+    table.add_column("signal")
+    for r in results:
+        table.add_column(r.mode, justify="right")
+    names = list(dict.fromkeys(s for r in results for s in r.aucs))
+    for s in names:
+        table.add_row(s, *(f"{r.aucs[s]:.3f}" if s in r.aucs else "—" for r in results))
+    console.print(table)
+    try:
+        sel.plot(png_path, m.path.name, results)
+        console.print(f"plot: {png_path}")
+    except ModuleNotFoundError as e:
+        console.print(f"[yellow]no plot: {e}[/]")
+    console.print(f"curves: {json_path}")

@@ -10,7 +10,7 @@ import typer
 
 from .. import DecodeConfig, GenerationResult, LayerPlan, Model
 from ._cli_utils import (
-    AlphaOpt, CtxOpt, Decoder, DecoderOpt, GpuLayersOpt, InfoLayerOpt, JsonOpt, LayersOpt, MaxTokensOpt,
+    AbstainOpt, AlphaOpt, CtxOpt, Decoder, DecoderOpt, EosBoostOpt, GpuLayersOpt, InfoLayerOpt, JsonOpt, LayersOpt, MaxTokensOpt,
     ModelRequiredArg, PrematureNormOpt, PromptArg, RepackOpt, RepetitionPenaltyOpt, SeedOpt, SystemOpt, TemperatureOpt,
     Template, TemplateOpt, ThreadsOpt, TopKOpt, TopPOpt, decode_config, examples, layer_plan, load_model, note_penalty,
     prompt_text,
@@ -38,6 +38,8 @@ def generate(
     info_layer: InfoLayerOpt = None,
     system: SystemOpt = None,
     max_tokens: MaxTokensOpt = 256,
+    eos_boost: EosBoostOpt = 0.0,
+    abstain: AbstainOpt = None,
     temperature: TemperatureOpt = 0.0,
     top_k: TopKOpt = 0,
     top_p: TopPOpt = 1.0,
@@ -53,21 +55,31 @@ def generate(
     """Generate one completion of PROMPT and print it to stdout.
 
     With --json, print the text, token ids and per-step diagnostics (premature layer chosen,
-    JSD per candidate layer, mature log-probability, entropy, Activation Decoding's entropy) as
-    one JSON object.
+    JSD per candidate layer, mature log-probability, entropy, Activation Decoding's entropy, risk)
+    as one JSON object. With --abstain, print the answer only if its risk stays at most that
+    (exit status 3 otherwise).
     """
     m = load_model(model, ctx, threads, gpu_layers, repack)
     config = decode_config(m, layers=layers, repetition_penalty=repetition_penalty, premature_norm=premature_norm,
-                           decoder=decoder, alpha=alpha, info_layer=info_layer, temperature=temperature, top_k=top_k,
-                           top_p=top_p, seed=seed)
+                           decoder=decoder, alpha=alpha, info_layer=info_layer, eos_boost=eos_boost,
+                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     plan = layer_plan(m, layers)
     note_penalty(config, plan)
     text, templated = prompt_text(m, prompt, template, system)
-    run = m.stream(text, max_tokens, config=config, stop=stop)
+    run = m.stream(text, max_tokens, config=config, stop=stop, abstain_above=abstain)
     if as_json:
         for _ in run:
             pass
         typer.echo(json.dumps(result_json(m, plan, run.result(), config, templated), indent=2))
+        return
+    if abstain is not None:  # the answer is shown only once it is known to stay below the risk
+        for _ in run:
+            pass
+        r = run.result()
+        if r.finish_reason == "abstained":
+            typer.echo(f"abstained: the answer's risk reached {r.risk:.2f} (> {abstain:g})", err=True)
+            raise typer.Exit(3)
+        typer.echo(r.text)
         return
     for piece in run:
         typer.echo(piece, nl=False)
@@ -86,8 +98,10 @@ def result_json(model: Model, plan: LayerPlan, result: GenerationResult, config:
         "alpha": config.activation.alpha if config.uses_activation else None,
         "info_layer": result.info_layer,
         "repetition_penalty": config.penalty(plan),
+        "eos_boost": config.eos_boost,
         "text": result.text,
         "finish_reason": result.finish_reason,
+        "risk": None if result.risk is None else _finite(result.risk),
         "prompt_tokens": result.prompt_tokens,
         "tokens": list(result.tokens),
         "prefill_seconds": result.prefill_seconds,
@@ -105,6 +119,8 @@ def result_json(model: Model, plan: LayerPlan, result: GenerationResult, config:
                 "entropy": _finite(s.entropy),
                 "activation_entropy": None if s.activation_entropy is None else _finite(s.activation_entropy),
                 "score": _finite(s.score),
+                "top_logprob": _finite(s.top_logprob),
+                "risk": _finite(s.risk),
             }
             for s in result.steps
         ],

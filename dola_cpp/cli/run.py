@@ -8,9 +8,9 @@ import typer
 
 from ._chat import Chat
 from ._cli_utils import (
-    AlphaOpt, CtxOpt, Decoder, DecoderOpt, GpuLayersOpt, InfoLayerOpt, LayersOpt, MaxTokensOpt, ModelArg,
+    AbstainOpt, AlphaOpt, CtxOpt, Decoder, DecoderOpt, EosBoostOpt, GpuLayersOpt, InfoLayerOpt, LayersOpt, MaxTokensOpt, ModelArg,
     PrematureNormOpt, RepackOpt, RepetitionPenaltyOpt, SeedOpt, SystemOpt, TemperatureOpt, Template, TemplateOpt,
-    ThreadsOpt, TopKOpt, TopPOpt, decode_config, examples, load_model,
+    ShowRiskOpt, ThreadsOpt, TopKOpt, TopPOpt, decode_config, examples, load_model,
 )
 
 RUN_EXAMPLES = examples(
@@ -18,6 +18,7 @@ RUN_EXAMPLES = examples(
     "dola-cpp run smollm2 --layers high --repetition-penalty 1.2",
     "dola-cpp run model.gguf --layers 16,18,32 --system 'Answer briefly.'",
     "dola-cpp run smollm2 --decoder activation --layers none --alpha 0.5",
+    "dola-cpp run smollm2 --show-risk --abstain 0.6",
     "dola-cpp run hf://owner/repo/model.Q4_K_M.gguf --ctx 4096",
     "printf 'What is the capital of France?\\n' | dola-cpp run smollm2",
 )
@@ -33,6 +34,9 @@ def run(
     info_layer: InfoLayerOpt = None,
     system: SystemOpt = None,
     max_tokens: MaxTokensOpt = 512,
+    eos_boost: EosBoostOpt = 0.0,
+    show_risk: ShowRiskOpt = False,
+    abstain: AbstainOpt = None,
     temperature: TemperatureOpt = 0.0,
     top_k: TopKOpt = 0,
     top_p: TopPOpt = 1.0,
@@ -52,7 +56,8 @@ def run(
     """
     m = load_model(model, ctx, threads, gpu_layers, repack)
     config = decode_config(m, layers=layers, repetition_penalty=repetition_penalty, premature_norm=premature_norm,
-                           decoder=decoder, alpha=alpha, info_layer=info_layer, temperature=temperature, top_k=top_k,
-                           top_p=top_p, seed=seed)
-    chat = Chat(m, config, max_tokens=max_tokens, system=system, template=template, interactive=sys.stdin.isatty())
+                           decoder=decoder, alpha=alpha, info_layer=info_layer, eos_boost=eos_boost,
+                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    chat = Chat(m, config, max_tokens=max_tokens, system=system, template=template, interactive=sys.stdin.isatty(),
+                show_risk=show_risk, abstain=abstain)
     raise typer.Exit(chat.repl())

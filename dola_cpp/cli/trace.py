@@ -1,0 +1,60 @@
+"""``dola-cpp trace``: the DoLa paper's figure 2 for one generation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .. import trace as tr
+from ._cli_utils import (
+    CLIError, CtxOpt, GpuLayersOpt, MaxTokensOpt, ModelRequiredArg, PrematureNormOpt, PromptArg, RepackOpt,
+    RepetitionPenaltyOpt, SystemOpt, Template, TemplateOpt, ThreadsOpt, check_layer_syntax, decode_config, examples,
+    layer_plan, load_model, prompt_text,
+)
+from ._render import describe_config
+
+TRACE_EXAMPLES = examples(
+    "dola-cpp trace smollm2 'What is the capital of France?' --out trace.png",
+    "dola-cpp trace smollm2 'Who wrote Hamlet?' --layers 0,2,4,6,8,10,12,14,16,18,20,22,24,26,28,30 --out t.html",
+)
+
+
+def trace(
+    model: ModelRequiredArg,
+    prompt: PromptArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The picture: .png, .svg, .pdf (matplotlib) or .html.")]
+    = Path("trace.png"),
+    layers: Annotated[str, typer.Option("--layers", "-l", callback=check_layer_syntax,
+                                        help="Candidate layers (two or more): high, low or a list like "
+                                             "0,2,4,...,32 (last = mature).")] = "high",
+    premature_norm: PrematureNormOpt = True,
+    repetition_penalty: RepetitionPenaltyOpt = None,
+    system: SystemOpt = None,
+    max_tokens: MaxTokensOpt = 64,
+    template: TemplateOpt = Template.auto,
+    ctx: CtxOpt = 2048,
+    threads: ThreadsOpt = None,
+    gpu_layers: GpuLayersOpt = -1,
+    repack: RepackOpt = True,
+) -> None:
+    """Generate an answer to PROMPT with dynamic DoLa (greedy) and draw, per generated token, the JSD
+    between the mature layer and every candidate layer, the chosen premature layer and the token's risk."""
+    if out.suffix.lower() not in (*tr.IMAGE_SUFFIXES, ".html"):
+        raise typer.BadParameter(f"write .png, .svg, .pdf or .html, not {out.name!r}", param_hint="--out")
+    m = load_model(model, ctx, threads, gpu_layers, repack)
+    plan = layer_plan(m, layers)
+    if len(plan.candidates) < 2:
+        raise CLIError(f"--layers {layers}: a trace needs two or more candidate layers (dynamic DoLa)")
+    config = decode_config(m, layers=layers, premature_norm=premature_norm, repetition_penalty=repetition_penalty)
+    text, _ = prompt_text(m, prompt, template, system)
+    result = m.generate(text, max_tokens, config=config)
+    pieces = [m.detokenize([t]) for t in result.tokens]
+    title = (f"{m.path.name} · {describe_config(config, plan, m.n_layers)} · {prompt[:60]!r} · "
+             f"{len(result.tokens)} tokens, risk {result.risk if result.risk is not None else float('nan'):.2f}")
+    try:
+        tr.write(out, result, pieces, title)
+    except (ValueError, ModuleNotFoundError) as e:
+        raise CLIError(str(e)) from None
+    typer.echo(f"{out} ({len(result.tokens)} tokens x {len(plan.candidates)} layers): {result.text.strip()[:200]}")
