@@ -13,6 +13,7 @@ from .generate import GENERATE_EXAMPLES, generate
 from .info import INFO_EXAMPLES, info
 from .pull import PULL_EXAMPLES, pull
 from .run import RUN_EXAMPLES, run
+from .serve import SERVE_EXAMPLES, serve
 from .trace import TRACE_EXAMPLES, trace
 
 try:  # the eval commands are optional: skip them only when their module does not exist
@@ -53,6 +54,7 @@ app.command(epilog=RUN_EXAMPLES)(run)
 app.command(epilog=GENERATE_EXAMPLES)(generate)
 app.command(epilog=COMPARE_EXAMPLES)(compare)
 app.command(epilog=TRACE_EXAMPLES)(trace)
+app.command(epilog=SERVE_EXAMPLES)(serve)
 app.command(epilog=INFO_EXAMPLES)(info)
 app.command(epilog=PULL_EXAMPLES)(pull)
 if eval_app is not None:

@@ -1,0 +1,548 @@
+"""``dola-cpp serve``: an OpenAI-compatible HTTP server (FastAPI + uvicorn) with DoLa.
+
+``POST /v1/chat/completions`` and ``/v1/completions`` (streamed as server-sent events or not),
+``GET /v1/models``, ``GET /health``. OpenAI's fields behave as OpenAI documents them; DoLa and the
+other decoders come as extra body fields (``dola_layers``, ``repetition_penalty``,
+``premature_norm``, ``decoder``, ``alpha``, ...; ``risk: true`` adds each token's risk).
+
+``parallel`` contexts share the loaded weights (``Model.share()``); requests beyond them wait in
+a bounded queue, and one that finds the queue full gets HTTP 503 with ``Retry-After``. A client
+that disconnects cancels its generation at once. Errors are OpenAI-style JSON bodies.
+
+Needs the ``server`` extra: ``pip install 'dola-cpp[server]'``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import secrets
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Literal, Optional, Union
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .config import DecodeConfig, DolaConfig
+from .model import Model, PromptTooLongError
+from .results import GenerationResult, StepInfo
+
+OWNED_BY = "dola-cpp"
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+class APIError(Exception):
+    """An OpenAI-style error: HTTP status, message, type, param and code."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None,
+                 headers: Optional[dict[str, str]] = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+# ---------------------------------------------------------------------------- requests
+
+
+class _Strict(BaseModel):
+    # unknown fields are errors: a misspelt option must not be silently ignored
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart], None] = None
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Common(_Strict):
+    """The fields both endpoints take: OpenAI's, then dola-cpp's extras."""
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: Optional[int] = Field(None, ge=0)
+    stop: Union[str, list[str], None] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    n: int = Field(1, ge=1, le=1)
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)  # not implemented: only the neutral value
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    user: Optional[str] = None
+    # dola-cpp
+    dola_layers: Union[str, list[int], None] = None
+    premature_norm: bool = False
+    relative_top: float = 0.1
+    repetition_penalty: Optional[float] = None
+    decoder: Literal["dola", "activation"] = "dola"
+    alpha: float = 0.5
+    info_layer: Optional[int] = None
+    eos_boost: float = 0.0
+    top_k: int = 0
+    min_p: float = 0.0
+    risk: bool = False
+
+
+class ChatRequest(_Common):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=0)  # alternatives are not reported
+
+
+class CompletionRequest(_Common):
+    prompt: Union[str, list[str], list[int]]
+    logprobs: Optional[int] = Field(None, ge=0, le=0)
+    echo: bool = Field(False)
+    suffix: Optional[str] = None
+
+
+# ---------------------------------------------------------------------------- contexts
+
+
+class Busy(Exception):
+    pass
+
+
+class Pool:
+    """``parallel`` contexts on one set of weights and a bounded queue of waiting requests."""
+
+    def __init__(self, model: Model, parallel: int, max_queue: int) -> None:
+        self.contexts = [model] + [model.share() for _ in range(parallel - 1)]
+        self.max_queue = max_queue
+        self.waiting = 0
+        self._free: Optional[asyncio.Queue] = None
+        self.executor = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="dola-gen")
+
+    def _queue(self) -> asyncio.Queue:
+        if self._free is None:  # made on the server's event loop
+            self._free = asyncio.Queue()
+            for ctx in self.contexts:
+                self._free.put_nowait(ctx)
+        return self._free
+
+    @property
+    def busy(self) -> int:
+        return len(self.contexts) - self._queue().qsize()
+
+    async def acquire(self) -> Model:
+        free = self._queue()
+        if free.empty() and self.waiting >= self.max_queue:
+            raise Busy()
+        self.waiting += 1
+        try:
+            return await free.get()
+        finally:
+            self.waiting -= 1
+
+    def release(self, ctx: Model) -> None:
+        self._queue().put_nowait(ctx)
+
+
+@dataclass
+class Job:
+    """One generation running on a worker thread; events reach the event loop through ``events``."""
+
+    ctx: Model
+    ids: list[int]
+    max_tokens: int
+    config: DecodeConfig
+    stop: list[str]
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def run(self, loop: asyncio.AbstractEventLoop) -> None:
+        def emit(*event: Any) -> None:
+            loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+        try:
+            stream = self.ctx.stream(self.ids, self.max_tokens, config=self.config, stop=self.stop)
+            seen = 0
+            for piece in stream:
+                emit("piece", piece, stream.steps[seen:])
+                seen = len(stream.steps)
+                if self.cancelled.is_set():
+                    break
+            stream.close()
+            emit("done", stream.result(), stream.steps[seen:])
+        except BaseException as e:  # reported to the request, never raised in the worker
+            emit("error", e)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        self.ctx.cancel()
+
+
+# ---------------------------------------------------------------------------- the app
+
+
+def create_app(model: Model, *, parallel: int = 1, max_queue: Optional[int] = None, api_key: Optional[str] = None,
+               model_name: Optional[str] = None) -> FastAPI:
+    """The ASGI app serving ``model`` (already loaded) with ``parallel`` contexts."""
+    if parallel < 1:
+        raise ValueError(f"parallel must be at least 1, got {parallel}")
+    name = model_name or model.path.name
+    pool = Pool(model, parallel, 4 * parallel if max_queue is None else max_queue)
+    created = int(time.time())
+    app = FastAPI(title="dola-cpp", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.pool = pool
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return APIError(exc.status_code, str(exc.detail), type="invalid_request_error").response()
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key is not None and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), api_key):
+                return APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                type="authentication_error", code="invalid_api_key").response()
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": name, "parallel": len(pool.contexts), "busy": pool.busy,
+                "waiting": pool.waiting}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [_model_card(name, created)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_card(model_id: str) -> dict:
+        _check_model(model_id, name)
+        return _model_card(name, created)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await _parse(request, ChatRequest)
+        _check_model(body.model, name)
+        try:
+            text = model.apply_chat_template([{"role": "system" if m.role == "developer" else m.role,
+                                               "content": m.text()} for m in body.messages])
+        except Exception as e:  # noqa: BLE001 - a template llama.cpp cannot apply
+            raise APIError(400, f"the messages cannot be formatted with this model's chat template: {e}",
+                           param="messages") from None
+        ids = _tokens(model, text, add_special=True)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        return await _serve(request, pool, body, ids, max_tokens, name, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await _parse(request, CompletionRequest)
+        _check_model(body.model, name)
+        if body.echo or body.suffix:
+            raise APIError(400, "echo and suffix are not supported", param="echo" if body.echo else "suffix")
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            if len(prompt) != 1:
+                raise APIError(400, "one prompt per request (n = 1)", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            if not prompt:
+                raise APIError(400, "the prompt is empty", param="prompt")
+            ids = _tokens(model, prompt, add_special=True)
+        else:
+            ids = [int(t) for t in prompt]
+            if not ids:
+                raise APIError(400, "the prompt is empty", param="prompt")
+            bad = [t for t in ids if not 0 <= t < model.n_vocab]
+            if bad:
+                raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{model.n_vocab - 1})",
+                               param="prompt")
+        return await _serve(request, pool, body, ids, body.max_tokens, name, chat=False)
+
+    return app
+
+
+async def _parse(request: Request, kind: type[_Common]) -> Any:
+    """The JSON body as ``kind`` (whatever the Content-Type says), or an OpenAI-style 400."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        return kind.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first.get("loc", ())) or None
+        kind_ = first.get("type", "")
+        if kind_ == "extra_forbidden":
+            message = f"unknown field {param!r}"
+        elif kind_ == "missing":
+            message = f"missing required field {param!r}"
+        else:
+            message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid")
+        raise APIError(400, message, param=param, code=kind_ or None) from None
+
+
+def _model_card(name: str, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": OWNED_BY}
+
+
+def _check_model(requested: Optional[str], name: str) -> None:
+    """A request names the loaded model (or none); the server never loads another."""
+    if requested not in (None, "", name):
+        raise APIError(404, f"the model {requested!r} does not exist: this server serves {name!r}",
+                       param="model", code="model_not_found")
+
+
+def _tokens(model: Model, text: str, add_special: bool) -> list[int]:
+    try:
+        return model.tokenize(text, add_special=add_special)
+    except ValueError as e:
+        raise APIError(400, str(e), param="prompt") from None
+
+
+def _config(model: Model, body: _Common) -> DecodeConfig:
+    layers = body.dola_layers
+    if isinstance(layers, str) and layers.strip().lower() in ("", "none"):
+        layers = None
+    fields = dict(layers=layers, premature_norm=body.premature_norm, relative_top=body.relative_top,
+                  repetition_penalty=body.repetition_penalty, decoder=body.decoder, alpha=body.alpha,
+                  info_layer=body.info_layer, eos_boost=body.eos_boost, temperature=body.temperature,
+                  top_k=body.top_k, top_p=body.top_p, min_p=body.min_p, seed=body.seed)
+    try:
+        DolaConfig(layers=layers)
+    except (ValueError, TypeError) as e:
+        raise APIError(400, f"dola_layers: {e}", param="dola_layers") from None
+    try:
+        config = DecodeConfig().replace(**fields)
+    except (ValueError, TypeError) as e:  # DecodeConfig's messages start with the field's name
+        word = str(e).split(" ")[0]
+        raise APIError(400, str(e), param=word if word in fields else None) from None
+    try:
+        plan = model.resolve_layers(config.dola.layers)
+    except (ValueError, TypeError) as e:
+        raise APIError(400, f"dola_layers: {e}", param="dola_layers") from None
+    try:
+        config.to_core(plan, model.n_layers)
+    except ValueError as e:
+        raise APIError(400, str(e), param="info_layer") from None
+    return config
+
+
+def _stops(stop: Union[str, list[str], None]) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > 4:
+        raise APIError(400, "at most 4 stop sequences", param="stop")
+    return [s for s in stops if s]
+
+
+FINISH = {"stop": "stop", "length": "length", "abstained": "stop", "cancelled": "stop", "interrupted": "stop"}
+
+
+async def _serve(request: Request, pool: Pool, body: _Common, ids: list[int], max_tokens: Optional[int], name: str,
+                 chat: bool):
+    model = pool.contexts[0]
+    n_ctx = model.n_ctx
+    if len(ids) >= n_ctx:
+        raise APIError(400, f"the prompt has {len(ids)} tokens but the context holds {n_ctx} (with at least one "
+                            f"for the answer)", param="messages" if chat else "prompt", code="context_length_exceeded")
+    room = n_ctx - len(ids) + 1
+    if max_tokens is None:
+        max_tokens = room
+    if max_tokens < 1:
+        raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+    if max_tokens > room:
+        raise APIError(400, f"max_tokens is {max_tokens} but the prompt's {len(ids)} tokens leave room for {room} "
+                            f"in the {n_ctx}-token context", param="max_tokens", code="context_length_exceeded")
+    config = _config(model, body)
+    stop = _stops(body.stop)
+    want_logprobs = bool(body.logprobs is not None and body.logprobs is not False)
+    try:
+        ctx = await pool.acquire()
+    except Busy:
+        raise APIError(503, "the server is busy: every context is generating and the queue is full; retry shortly",
+                       type="server_error", code="server_busy", headers={"Retry-After": "1"}) from None
+    loop = asyncio.get_running_loop()
+    job = Job(ctx, ids, max_tokens, config, stop)
+    future = loop.run_in_executor(pool.executor, job.run, loop)
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    shape = _Shape(ctx, rid, created, name, chat, want_logprobs, body.risk)
+
+    async def finish() -> None:
+        job.cancel()
+        try:
+            await future
+        finally:
+            pool.release(ctx)
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_sse(job, shape, finish, len(ids), include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        text, steps, result = "", [], None
+        while result is None:
+            try:
+                event = await asyncio.wait_for(job.events.get(), timeout=0.25)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return JSONResponse({}, status_code=499)
+                continue
+            if event[0] == "piece":
+                text += event[1]
+                steps += event[2]
+            elif event[0] == "done":
+                result = event[1]
+                steps += event[2]
+            else:
+                raise _generation_error(event[1])
+    finally:
+        await finish()
+    return shape.whole(text, steps, result)
+
+
+def _generation_error(e: BaseException) -> APIError:
+    if isinstance(e, PromptTooLongError):
+        return APIError(400, str(e), code="context_length_exceeded")
+    if isinstance(e, (ValueError, TypeError)):
+        return APIError(400, str(e))
+    return APIError(500, f"generation failed: {e}", type="server_error")
+
+
+async def _sse(job: Job, shape: "_Shape", finish, n_prompt: int, include_usage: bool) -> AsyncIterator[str]:
+    try:
+        yield _event(shape.chunk(role=True))
+        n_tokens = 0
+        while True:
+            event = await job.events.get()
+            if event[0] == "error":
+                err = _generation_error(event[1])
+                yield _event({"error": {"message": err.message, "type": err.type, "param": err.param,
+                                        "code": err.code}})
+                break
+            if event[0] == "piece":
+                n_tokens += len(event[2])
+                yield _event(shape.chunk(text=event[1], steps=event[2]))
+            else:
+                result: GenerationResult = event[1]
+                n_tokens += len(event[2])
+                if event[2]:
+                    yield _event(shape.chunk(text="", steps=event[2]))
+                yield _event(shape.chunk(finish=FINISH.get(result.finish_reason, "stop"), result=result))
+                if include_usage:
+                    yield _event({**shape.envelope(), "choices": [], "usage": _usage(n_prompt, n_tokens)})
+                break
+        yield "data: [DONE]\n\n"
+    finally:  # also when the client went away: the generation stops at once
+        await finish()
+
+
+def _event(obj: dict) -> str:
+    return "data: " + json.dumps(obj, ensure_ascii=False) + "\n\n"
+
+
+def _usage(n_prompt: int, n_completion: int) -> dict:
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion}
+
+
+def _finite(x: float) -> Optional[float]:
+    return float(x) if math.isfinite(x) else None
+
+
+class _Shape:
+    """The OpenAI response objects for one request."""
+
+    def __init__(self, model: Model, rid: str, created: int, name: str, chat: bool, logprobs: bool,
+                 risk: bool) -> None:
+        self.model, self.rid, self.created, self.name = model, rid, created, name
+        self.chat, self.logprobs, self.risk = chat, logprobs, risk
+
+    def envelope(self, chunk: bool = True) -> dict:
+        if self.chat:
+            kind = "chat.completion.chunk" if chunk else "chat.completion"
+        else:
+            kind = "text_completion"
+        return {"id": self.rid, "object": kind, "created": self.created, "model": self.name}
+
+    def _logprobs(self, steps: list[StepInfo]) -> Optional[dict]:
+        if not self.logprobs:
+            return None
+        pieces = [self.model.token_bytes(s.token) for s in steps]
+        if self.chat:
+            return {"content": [{"token": p.decode("utf-8", "replace"), "logprob": _finite(s.mature_logprob),
+                                 "bytes": list(p), "top_logprobs": []} for p, s in zip(pieces, steps)]}
+        return {"tokens": [p.decode("utf-8", "replace") for p in pieces],
+                "token_logprobs": [_finite(s.mature_logprob) for s in steps], "top_logprobs": None,
+                "text_offset": None}
+
+    def _risk(self, steps: list[StepInfo], result: Optional[GenerationResult] = None) -> dict:
+        out: dict[str, Any] = {"tokens": [_finite(s.risk) for s in steps]}
+        if result is not None:
+            out["answer"] = None if result.risk is None else _finite(result.risk)
+        return out
+
+    def chunk(self, text: Optional[str] = None, steps: Optional[list[StepInfo]] = None, role: bool = False,
+              finish: Optional[str] = None, result: Optional[GenerationResult] = None) -> dict:
+        steps = steps or []
+        choice: dict[str, Any] = {"index": 0}
+        if self.chat:
+            delta: dict[str, Any] = {}
+            if role:
+                delta = {"role": "assistant", "content": ""}
+            elif text is not None:
+                delta = {"content": text}
+            choice["delta"] = delta
+        else:
+            choice["text"] = text or ""
+        choice["logprobs"] = self._logprobs(steps) if steps else None
+        choice["finish_reason"] = finish
+        if self.risk and (steps or result is not None):
+            choice["risk"] = self._risk(steps, result)
+        return {**self.envelope(), "choices": [choice]}
+
+    def whole(self, text: str, steps: list[StepInfo], result: GenerationResult) -> dict:
+        choice: dict[str, Any] = {"index": 0}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        choice["logprobs"] = self._logprobs(steps)
+        choice["finish_reason"] = FINISH.get(result.finish_reason, "stop")
+        if self.risk:
+            choice["risk"] = self._risk(steps, result)
+        return {**self.envelope(chunk=False), "choices": [choice], "usage": _usage(result.prompt_tokens,
+                                                                                    len(result.tokens))}

@@ -1,0 +1,255 @@
+"""``dola-cpp serve``: the OpenAI-compatible server, driven by the official ``openai`` client on
+loopback, under load, with bad requests and with clients that go away."""
+
+import concurrent.futures
+import http.client
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+import dola_cpp
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+from dola_cpp.server import create_app  # noqa: E402  (needs the server extra)
+
+QUESTIONS = [
+    "What is the capital of France?", "Who wrote Hamlet?", "What is 2 + 2?", "Name a planet.",
+    "What colour is the sky?", "What is the largest ocean?", "Who painted the Mona Lisa?", "What is water made of?",
+]
+
+
+class Response:
+    def __init__(self, r: http.client.HTTPResponse) -> None:
+        self.status_code = r.status
+        self.headers = {k.lower(): v for k, v in r.getheaders()}
+        self.text = r.read().decode()
+
+    def json(self):
+        return json.loads(self.text)
+
+
+def request(url: str, method: str = "GET", path: str = "/health", body=None, headers=None) -> Response:
+    """One HTTP request with the standard library (raw bodies included)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    try:
+        if body is not None and not isinstance(body, bytes):
+            body = json.dumps(body).encode()
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        return Response(conn.getresponse())
+    finally:
+        conn.close()
+
+
+class Server:
+    """uvicorn serving ``app`` on a free loopback port, in a thread of this process."""
+
+    def __init__(self, app) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def client(self, **kw) -> "openai.OpenAI":
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def weights(smollm2_path):
+    return dola_cpp.Model(smollm2_path, n_ctx=512, n_threads=1)
+
+
+@pytest.fixture(scope="module")
+def server(weights):
+    s = Server(create_app(weights, parallel=4, max_queue=64))
+    yield s
+    s.stop()
+
+
+def chat(client, question, **kw):
+    return client.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                          messages=[{"role": "user", "content": question}], **kw)
+
+
+# ---------------------------------------------------------------------------- the openai client
+
+
+def test_models_and_health(server):
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
+    health = request(server.url).json()
+    assert health["status"] == "ok" and health["parallel"] == 4
+
+
+def test_chat_plain_and_dola(server, weights):
+    client = server.client()
+    r = chat(client, "What is the capital of France?", temperature=0, max_tokens=24)
+    assert "Paris" in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    # DoLa through extra_body: the same answer the library gives
+    d = chat(client, "What is the capital of France?", temperature=0, max_tokens=16,
+             extra_body={"dola_layers": "high", "premature_norm": True, "repetition_penalty": 1.2})
+    prompt = weights.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    ref = weights.generate(prompt, max_tokens=16, layers="high", premature_norm=True, repetition_penalty=1.2)
+    assert d.choices[0].message.content == ref.text
+    assert d.usage.completion_tokens == len(ref.tokens)
+
+
+def test_chat_streaming_with_logprobs_and_risk(server):
+    client = server.client()
+    whole = chat(client, "Who wrote Hamlet?", temperature=0, max_tokens=20, logprobs=True,
+                 extra_body={"risk": True})
+    stream = chat(client, "Who wrote Hamlet?", temperature=0, max_tokens=20, stream=True,
+                  stream_options={"include_usage": True}, logprobs=True, extra_body={"risk": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content and "Shakespeare" in text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    streamed_lp = [t.logprob for c in chunks if c.choices and c.choices[0].logprobs
+                   for t in c.choices[0].logprobs.content]
+    assert streamed_lp == pytest.approx([t.logprob for t in whole.choices[0].logprobs.content])
+    assert all(lp <= 0 for lp in streamed_lp) and len(streamed_lp) == whole.usage.completion_tokens
+    risk = whole.choices[0].model_extra["risk"]
+    assert len(risk["tokens"]) == whole.usage.completion_tokens and 0 <= risk["answer"] <= 1
+    assert risk["answer"] == pytest.approx(sum(risk["tokens"]) / len(risk["tokens"]))
+
+
+def test_completions_and_stop(server):
+    client = server.client()
+    r = client.completions.create(model="SmolLM2-135M-Instruct.Q4_1.gguf", prompt="The capital of France is",
+                                  max_tokens=12, temperature=0)
+    full = r.choices[0].text
+    assert "Paris" in full and r.choices[0].finish_reason in ("stop", "length")
+    word = full.split()[1]
+    s = client.completions.create(model="SmolLM2-135M-Instruct.Q4_1.gguf", prompt="The capital of France is",
+                                  max_tokens=12, temperature=0, stop=[word], stream=True)
+    text = "".join(c.choices[0].text for c in s)
+    assert text == full[: full.index(word)]
+
+
+def test_sampling_is_seeded(server):
+    client = server.client()
+    a = chat(client, "Tell me a story.", temperature=0.9, seed=5, max_tokens=12).choices[0].message.content
+    b = chat(client, "Tell me a story.", temperature=0.9, seed=5, max_tokens=12).choices[0].message.content
+    assert a == b
+
+
+# ---------------------------------------------------------------------------- many clients
+
+
+@pytest.mark.slow
+def test_32_concurrent_streams_complete_and_match_alone(server):
+    client = server.client(timeout=180)
+    questions = [QUESTIONS[i % len(QUESTIONS)] + " " * (i // len(QUESTIONS)) for i in range(32)]
+    kw = dict(temperature=0, max_tokens=12, extra_body={"dola_layers": "high", "premature_norm": True})
+    alone = [chat(client, q, **kw).choices[0].message.content for q in questions]
+
+    def one(q):
+        stream = chat(client, q, stream=True, **kw)
+        pieces, finish = [], None
+        for c in stream:
+            if c.choices:
+                pieces.append(c.choices[0].delta.content or "")
+                finish = c.choices[0].finish_reason or finish
+        return "".join(pieces), finish
+
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one, questions))
+    assert time.monotonic() - t0 < 150
+    assert all(finish in ("stop", "length") for _, finish in results)
+    assert [text for text, _ in results] == alone
+
+
+def test_a_full_queue_gets_503_with_retry_after(weights):
+    s = Server(create_app(weights.share(), parallel=1, max_queue=0))
+    try:
+        body = {"messages": [{"role": "user", "content": "Count to one thousand."}], "max_tokens": 400,
+                "temperature": 0}
+        busy = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
+        busy.request("POST", "/v1/chat/completions", body=json.dumps({**body, "stream": True}),
+                     headers={"Content-Type": "application/json"})
+        stream = busy.getresponse()
+        assert stream.status == 200 and stream.readline().startswith(b"data: ")  # generating now
+        r = request(s.url, "POST", "/v1/chat/completions", body)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "server_busy"
+        # the client goes away: its generation stops at once and the context is free again
+        busy.sock.shutdown(socket.SHUT_RDWR)
+        busy.close()
+        t0 = time.monotonic()
+        while request(s.url).json()["busy"]:
+            assert time.monotonic() - t0 < 2.0, "the disconnected stream kept its context"
+            time.sleep(0.02)
+        ok = request(s.url, "POST", "/v1/chat/completions", {**body, "max_tokens": 4})
+        assert ok.status_code == 200
+    finally:
+        s.stop()
+
+
+# ---------------------------------------------------------------------------- bad requests and safety
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    ({"messages": [{"role": "user", "content": "hi"}], "colour": "blue"}, 400, "colour"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "dola_layers": "99"}, 400, "dola_layers"),
+    ({"messages": [{"role": "user", "content": "hi"}], "dola_layers": "1,,2"}, 400, "dola_layers"),
+    ({"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"messages": [{"role": "user", "content": "hi"}], "decoder": "magic"}, 400, "decoder"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "word " * 600}]}, 400, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    ({"messages": []}, 400, "messages"),
+    ({}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "model": "/etc/passwd"}, 404, "model"),
+])
+def test_bad_requests_get_openai_errors(server, body, status, param):
+    r = request(server.url, "POST", "/v1/chat/completions", body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"] and err["param"] == param
+    # and the server goes on serving
+    ok = request(server.url, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_completion_prompts_are_validated(server):
+    for prompt, message in (([10**9], "outside the vocabulary"), ("", "empty"), (["a", "b"], "one prompt")):
+        r = request(server.url, "POST", "/v1/completions", {"prompt": prompt})
+        assert r.status_code == 400 and message in r.json()["error"]["message"]
+
+
+def test_api_key(weights):
+    s = Server(create_app(weights.share(), api_key="s3cret"))
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            s.client(api_key="wrong").models.list()
+        r = request(s.url, path="/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert [m.id for m in s.client(api_key="s3cret").models.list().data]
+    finally:
+        s.stop()
