@@ -9,6 +9,7 @@
 
 #include <memory>
 #include <optional>
+#include <type_traits>
 
 namespace py = pybind11;
 
@@ -50,16 +51,19 @@ std::vector<int32_t> to_tokens(const py::array_t<int64_t, py::array::c_style | p
 // Ctrl-C on the main thread stops prefill and decode; the handler's exception is re-raised.
 class py_session {
 public:
-    py_session(std::shared_ptr<dola::model> m, const dola::context_params & p) : s(std::move(m), p) {
-        s.set_interrupt_check([this] {
-            if (PyGILState_Check()) return false;  // never re-enter while holding the GIL
-            py::gil_scoped_acquire gil;
-            if (PyErr_CheckSignals() != 0) {
-                pending.emplace();  // fetches and clears the handler's exception
-                return true;
-            }
-            return false;
-        });
+    py_session(std::shared_ptr<dola::model> m, const dola::context_params & p)
+        : sp(make(std::move(m), p)), s(*sp) {
+        s.set_interrupt_check([this] { return interrupted(); });
+    }
+
+    bool interrupted() {
+        if (PyGILState_Check()) return false;  // never re-enter while holding the GIL
+        py::gil_scoped_acquire gil;
+        if (PyErr_CheckSignals() != 0) {
+            pending.emplace();  // fetches and clears the handler's exception
+            return true;
+        }
+        return false;
     }
 
     template <typename F>
@@ -67,7 +71,16 @@ public:
         s.reset_cancel();
         try {
             py::gil_scoped_release release;
-            return f();
+            if (!s.get_model().uses_rpc()) return f();
+            // on rpc_call's helper thread; this (the main) thread watches for Ctrl-C meanwhile
+            auto poll = [this] { if (interrupted()) s.cancel(); };
+            if constexpr (std::is_void_v<decltype(f())>) {
+                s.get_model().call([&] { f(); }, poll);
+            } else {
+                std::optional<decltype(f())> out;
+                s.get_model().call([&] { out.emplace(f()); }, poll);
+                return std::move(*out);
+            }
         } catch (const dola::aborted &) {
             if (pending) {
                 py::error_already_set e = std::move(*pending);
@@ -79,8 +92,18 @@ public:
         }
     }
 
-    dola::session s;
+    std::unique_ptr<dola::session> sp;
+    dola::session & s;
     std::optional<py::error_already_set> pending;
+
+private:
+    // When the model uses RPC, the context (its KV cache lives there) is made on rpc_call's helper thread.
+    static std::unique_ptr<dola::session> make(std::shared_ptr<dola::model> m, const dola::context_params & p) {
+        py::gil_scoped_release release;
+        std::unique_ptr<dola::session> out;
+        m->call([&] { out = std::make_unique<dola::session>(m, p); });
+        return out;
+    }
 };
 
 }  // namespace
@@ -110,6 +133,12 @@ PYBIND11_MODULE(_core, m) {
         for (auto * b : dola::cpu_extra_buffer_types()) names.emplace_back(ggml_backend_buft_name(b));
         return names;
     });
+    m.def("rpc_available", &dola::rpc_available);
+    m.def("rpc_serve", [](const std::string & host, int port, int n_threads, const std::string & cache_dir) {
+        dola::backend_init_once();
+        py::gil_scoped_release release;
+        dola::rpc_serve(host, port, n_threads, cache_dir);
+    }, py::arg("host"), py::arg("port"), py::arg("n_threads") = 1, py::arg("cache_dir") = "");
     m.def("amx_build_note", [] { return std::string(DOLA_AMX_NOTE); });
     m.def("supports_gpu_offload", [] { dola::backend_init_once(); return llama_supports_gpu_offload(); });
 
@@ -162,15 +191,19 @@ PYBIND11_MODULE(_core, m) {
        "Activation Decoding's entropy over positions (axis 0) per vocabulary entry, streamed in chunks.");
 
     py::class_<dola::model, std::shared_ptr<dola::model>>(m, "Model")
-        .def(py::init([](const std::string & path, int32_t n_gpu_layers, bool use_mmap, bool repack) {
+        .def(py::init([](const std::string & path, int32_t n_gpu_layers, bool use_mmap, bool repack,
+                         std::vector<std::string> rpc) {
                  dola::model_params p;
                  p.n_gpu_layers = n_gpu_layers;
                  p.use_mmap = use_mmap;
                  p.repack = repack;
+                 p.rpc = std::move(rpc);
                  py::gil_scoped_release release;  // loading reads hundreds of MB
                  return std::make_shared<dola::model>(path, p);
              }),
-             py::arg("path"), py::arg("n_gpu_layers") = -1, py::arg("use_mmap") = true, py::arg("repack") = true)
+             py::arg("path"), py::arg("n_gpu_layers") = -1, py::arg("use_mmap") = true, py::arg("repack") = true,
+             py::arg("rpc") = std::vector<std::string>{})
+        .def_property_readonly("uses_rpc", &dola::model::uses_rpc)
         .def_property_readonly("n_layer", &dola::model::n_layer)
         .def_property_readonly("n_embd", &dola::model::n_embd)
         .def_property_readonly("n_vocab", &dola::model::n_vocab)

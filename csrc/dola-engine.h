@@ -6,4 +6,5 @@
 #include "dola-gguf.h"
 #include "dola-log.h"
 #include "dola-model.h"
+#include "dola-rpc.h"
 #include "dola-session.h"

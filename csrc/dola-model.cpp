@@ -3,6 +3,7 @@
 #include "dola-error.h"
 #include "dola-gguf.h"
 #include "dola-log.h"
+#include "dola-rpc.h"
 
 #include "llama-model.h"  // internal: tied-embedding detection
 
@@ -19,8 +20,22 @@ model::model(const std::string & path, const model_params & params) {
     mp.n_gpu_layers = params.n_gpu_layers < 0 ? -1 : params.n_gpu_layers;
     if (!params.use_mmap) mp.load_mode = LLAMA_LOAD_MODE_NONE;
     mp.use_extra_bufts = params.repack;
+    std::vector<ggml_backend_dev_t> devices;
+    if (!params.rpc.empty()) {
+        // this machine's GPUs, then the RPC servers' devices; the CPU keeps what is not offloaded
+        for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+            ggml_backend_dev_t d = ggml_backend_dev_get(i);
+            const auto t = ggml_backend_dev_type(d);
+            if (t == GGML_BACKEND_DEVICE_TYPE_GPU || t == GGML_BACKEND_DEVICE_TYPE_IGPU) devices.push_back(d);
+        }
+        for (ggml_backend_dev_t d : rpc_devices(params.rpc)) devices.push_back(d);
+        devices.push_back(nullptr);
+        mp.devices = devices.data();
+        uses_rpc_ = true;
+        rpc_epoch_ = rpc_failures();
+    }
     clear_last_error();
-    model_.reset(llama_model_load_from_file(path.c_str(), mp));
+    call([&] { model_.reset(llama_model_load_from_file(path.c_str(), mp)); });
     if (!model_) throw error(with_detail("llama.cpp could not load '" + path + "'"));
     if (llama_model_has_encoder(get()) || !llama_model_has_decoder(get())) {
         throw error("'" + path + "' is an encoder or encoder-decoder model; dola-cpp needs a decoder-only model");
@@ -35,6 +50,17 @@ model::model(const std::string & path, const model_params & params) {
     const ggml_tensor * out = get()->output;
     tied_ = out == nullptr || (get()->tok_embd && std::strcmp(out->name, get()->tok_embd->name) == 0);
 }
+
+model::~model() {
+    if (rpc_lost()) (void) model_.release();  // freeing would talk to a dead server
+}
+
+void model::call(const std::function<void()> & fn, const std::function<void()> & poll) const {
+    if (uses_rpc_) rpc_call(rpc_epoch_, fn, poll);
+    else fn();
+}
+
+bool model::rpc_lost() const { return uses_rpc_ && rpc_failures() != rpc_epoch_; }
 
 int32_t model::n_ctx_train() const { return llama_model_n_ctx_train(get()); }
 

@@ -4,6 +4,7 @@
 #include "llama-cpp.h"
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -14,11 +15,19 @@ struct model_params {
     int32_t n_gpu_layers = -1;  // -1 = all
     bool use_mmap = true;
     bool repack = true;  // let llama.cpp put weights in the CPU's extra buffer types (AMX, CPU_REPACK, ...)
+    std::vector<std::string> rpc;  // RPC servers ("host:port") to offload layers to
 };
 
 class model {
 public:
     model(const std::string & path, const model_params & params);
+    ~model();
+    // Some layers live on RPC servers: calls into the model go through rpc_call.
+    bool uses_rpc() const { return uses_rpc_; }
+    // Runs fn for this model: through rpc_call when it uses RPC, else directly.
+    void call(const std::function<void()> & fn, const std::function<void()> & poll = {}) const;
+    // An RPC server this model may use died: it must not be used or freed.
+    bool rpc_lost() const;
 
     llama_model * get() const { return model_.get(); }
     const llama_vocab * vocab() const { return vocab_; }
@@ -58,6 +67,8 @@ private:
     int32_t n_layer_ = 0, n_embd_ = 0, n_vocab_ = 0;
     bool tied_ = false;
     std::vector<llama_token> eog_;
+    bool uses_rpc_ = false;
+    uint64_t rpc_epoch_ = 0;
 };
 
 }  // namespace dola

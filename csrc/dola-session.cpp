@@ -3,6 +3,7 @@
 #include "dola-contrast.h"
 #include "dola-error.h"
 #include "dola-log.h"
+#include "dola-rpc.h"
 
 #include <algorithm>
 #include <cmath>
@@ -71,7 +72,12 @@ session::session(std::shared_ptr<model> mdl, const context_params & params)
     last_check_ = std::chrono::steady_clock::now();
 }
 
-session::~session() = default;
+session::~session() {
+    if (model_->rpc_lost()) {  // freeing would talk to a dead server
+        (void) ctx_.release();
+        (void) projector_.release();
+    }
+}
 
 bool session::abort_cb(void * data) {
     auto * self = static_cast<session *>(data);

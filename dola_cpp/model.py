@@ -54,7 +54,11 @@ class Model:
     baseline).
 
     ``repack=False`` keeps every weight in ggml's plain layout (llama.cpp's ``--no-repack``): no
-    AMX, CPU_REPACK or KleidiAI buffers. ``adaptive_threads`` (default) computes with fewer than
+    AMX, CPU_REPACK or KleidiAI buffers.
+
+    ``rpc``: ggml RPC servers (``"host:port"``, a list or a comma-separated string; start them
+    with ``dola-cpp rpc-server``) that the offloaded layers (``n_gpu_layers``) are split across.
+    If one stops answering, calls raise ``DolaError`` and this model cannot be used again. ``adaptive_threads`` (default) computes with fewer than
     ``n_threads`` threads while other processes keep cores busy (see ``threads_in_use``).
     """
 
@@ -71,6 +75,7 @@ class Model:
         use_mmap: bool = True,
         repack: bool = True,
         adaptive_threads: bool = True,
+        rpc: Union[str, Sequence[str], None] = None,
         _weights: Optional[_core.Model] = None,
     ) -> None:
         self.path = Path(path)
@@ -80,7 +85,7 @@ class Model:
             if self.path.is_dir():
                 raise IsADirectoryError(f"{self.path} is a directory; give the path of a .gguf file")
             _weights = _core.Model(str(self.path), n_gpu_layers=int(n_gpu_layers), use_mmap=use_mmap,
-                                   repack=bool(repack))
+                                   repack=bool(repack), rpc=rpc_endpoints(rpc))
         if not 0 <= n_ctx < 2**31:
             raise ValueError(f"n_ctx must be in 0..{2**31 - 1} (0 = the model's training context), got {n_ctx}")
         if n_threads is not None and not 1 <= n_threads <= 512:
@@ -139,6 +144,11 @@ class Model:
         """Every end-of-generation token of the GGUF (EOS, EOT, EOM, ...: llama.cpp's
         ``llama_vocab_is_eog``); generation ends at any of them."""
         return list(self._weights.eog_tokens)
+
+    @property
+    def uses_rpc(self) -> bool:
+        """Whether layers live on RPC servers."""
+        return self._weights.uses_rpc
 
     @property
     def n_ctx_train(self) -> int:
@@ -418,6 +428,24 @@ class Model:
 
     def timings(self) -> dict:
         return self._session.timings()
+
+
+def rpc_endpoints(rpc: Union[str, Sequence[str], None]) -> list[str]:
+    """``"host:port,host:port"`` or a list of them, checked."""
+    if rpc is None:
+        return []
+    items = rpc.split(",") if isinstance(rpc, str) else list(rpc)
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"rpc endpoints are 'host:port' strings, got {item!r}")
+        host, sep, port = item.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"rpc endpoint {item.strip()!r} is not host:port")
+        out.append(item.strip())
+    if not out:
+        raise ValueError("rpc needs at least one host:port")
+    return out
 
 
 def _config(config: Optional[DecodeConfig], **fields: Any) -> DecodeConfig:

@@ -12,6 +12,7 @@ from .compare import COMPARE_EXAMPLES, compare
 from .generate import GENERATE_EXAMPLES, generate
 from .info import INFO_EXAMPLES, info
 from .pull import PULL_EXAMPLES, pull
+from .rpc_server import RPC_SERVER_EXAMPLES, rpc_server
 from .run import RUN_EXAMPLES, run
 from .serve import SERVE_EXAMPLES, serve
 from .trace import TRACE_EXAMPLES, trace
@@ -56,6 +57,7 @@ app.command(epilog=COMPARE_EXAMPLES)(compare)
 app.command(epilog=TRACE_EXAMPLES)(trace)
 app.command(epilog=SERVE_EXAMPLES)(serve)
 app.command(epilog=INFO_EXAMPLES)(info)
+app.command("rpc-server", epilog=RPC_SERVER_EXAMPLES)(rpc_server)
 app.command(epilog=PULL_EXAMPLES)(pull)
 if eval_app is not None:
     app.add_typer(eval_app, name="eval")

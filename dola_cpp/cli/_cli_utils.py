@@ -203,6 +203,9 @@ GpuLayersOpt = Annotated[int, typer.Option("--gpu-layers", "-ngl", rich_help_pan
 RepackOpt = Annotated[bool, typer.Option("--repack/--no-repack", rich_help_panel=_ENGINE,
                                          help="Let llama.cpp repack weights for this CPU (AMX, CPU_REPACK); "
                                               "--no-repack keeps ggml's plain layout.")]
+RpcOpt = Annotated[Optional[str], typer.Option(
+    "--rpc", rich_help_panel=_ENGINE, show_default=False,
+    help="Offload layers to ggml RPC servers: host:port[,host:port] (start them with `dola-cpp rpc-server`).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 
 
@@ -231,8 +234,8 @@ def model_path(ref: Optional[str]) -> Path:
 
 
 def load_model(ref: Optional[str], ctx: int = 2048, threads: Optional[int] = None, gpu_layers: int = -1,
-               repack: bool = True) -> Model:
-    m = Model(model_path(ref), n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, repack=repack)
+               repack: bool = True, rpc: Optional[str] = None) -> Model:
+    m = Model(model_path(ref), n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, repack=repack, rpc=rpc)
     if ctx and m.n_ctx != ctx:
         typer.echo(f"note: llama.cpp made the context {m.n_ctx} tokens (--ctx {ctx} asked for {ctx})", err=True)
     return m

@@ -11,7 +11,7 @@ import typer
 from .. import DecodeConfig, GenerationResult, LayerPlan, Model
 from ._cli_utils import (
     AbstainOpt, AlphaOpt, CtxOpt, Decoder, DecoderOpt, EosBoostOpt, GpuLayersOpt, InfoLayerOpt, JsonOpt, LayersOpt, MaxTokensOpt,
-    ModelRequiredArg, PrematureNormOpt, PromptArg, RepackOpt, RepetitionPenaltyOpt, SeedOpt, SystemOpt, TemperatureOpt,
+    ModelRequiredArg, PrematureNormOpt, PromptArg, RepackOpt, RpcOpt, RepetitionPenaltyOpt, SeedOpt, SystemOpt, TemperatureOpt,
     Template, TemplateOpt, ThreadsOpt, TopKOpt, TopPOpt, decode_config, examples, layer_plan, load_model, note_penalty,
     prompt_text,
 )
@@ -50,6 +50,7 @@ def generate(
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = -1,
     repack: RepackOpt = True,
+    rpc: RpcOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Generate one completion of PROMPT and print it to stdout.
@@ -59,7 +60,7 @@ def generate(
     as one JSON object. With --abstain, print the answer only if its risk stays at most that
     (exit status 3 otherwise).
     """
-    m = load_model(model, ctx, threads, gpu_layers, repack)
+    m = load_model(model, ctx, threads, gpu_layers, repack, rpc)
     config = decode_config(m, layers=layers, repetition_penalty=repetition_penalty, premature_norm=premature_norm,
                            decoder=decoder, alpha=alpha, info_layer=info_layer, eos_boost=eos_boost,
                            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)

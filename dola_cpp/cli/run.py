@@ -9,7 +9,7 @@ import typer
 from ._chat import Chat
 from ._cli_utils import (
     AbstainOpt, AlphaOpt, CtxOpt, Decoder, DecoderOpt, EosBoostOpt, GpuLayersOpt, InfoLayerOpt, LayersOpt, MaxTokensOpt, ModelArg,
-    PrematureNormOpt, RepackOpt, RepetitionPenaltyOpt, SeedOpt, SystemOpt, TemperatureOpt, Template, TemplateOpt,
+    PrematureNormOpt, RepackOpt, RpcOpt, RepetitionPenaltyOpt, SeedOpt, SystemOpt, TemperatureOpt, Template, TemplateOpt,
     ShowRiskOpt, ThreadsOpt, TopKOpt, TopPOpt, decode_config, examples, load_model,
 )
 
@@ -46,6 +46,7 @@ def run(
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = -1,
     repack: RepackOpt = True,
+    rpc: RpcOpt = None,
 ) -> None:
     """Chat with a model in the terminal, with DoLa decoding.
 
@@ -54,7 +55,7 @@ def run(
     an answer; Ctrl-C at an empty prompt or Ctrl-D exits. With stdin not a terminal, each input
     line is a user turn and only the answers are printed.
     """
-    m = load_model(model, ctx, threads, gpu_layers, repack)
+    m = load_model(model, ctx, threads, gpu_layers, repack, rpc)
     config = decode_config(m, layers=layers, repetition_penalty=repetition_penalty, premature_norm=premature_norm,
                            decoder=decoder, alpha=alpha, info_layer=info_layer, eos_boost=eos_boost,
                            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)

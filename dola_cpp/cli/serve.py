@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._cli_utils import CLIError, CtxOpt, GpuLayersOpt, ModelArg, RepackOpt, ThreadsOpt, examples, load_model
+from ._cli_utils import CLIError, CtxOpt, GpuLayersOpt, ModelArg, RepackOpt, RpcOpt, ThreadsOpt, examples, load_model
 
 SERVE_EXAMPLES = examples(
     "dola-cpp serve",
@@ -35,6 +35,7 @@ def serve(
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = -1,
     repack: RepackOpt = True,
+    rpc: RpcOpt = None,
 ) -> None:
     """Serve MODEL over the OpenAI HTTP API (chat/completions, completions, models) with DoLa.
 
@@ -47,7 +48,7 @@ def serve(
         from ..server import create_app
     except ModuleNotFoundError as e:
         raise CLIError(f"serve needs {e.name}: pip install 'dola-cpp[server]'") from None
-    m = load_model(model, ctx, threads, gpu_layers, repack)
+    m = load_model(model, ctx, threads, gpu_layers, repack, rpc)
     app = create_app(m, parallel=parallel, max_queue=queue, api_key=api_key, model_name=name)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         typer.echo(f"note: listening on {host} without --api-key: anyone who can reach it can use it", err=True)

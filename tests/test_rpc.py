@@ -1,0 +1,119 @@
+"""Layers on other machines through ggml's RPC backend: two `dola-cpp rpc-server`s on loopback."""
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import dola_cpp
+from dola_cpp import _core
+
+pytestmark = pytest.mark.skipif(not _core.rpc_available(), reason="built without GGML_RPC")
+
+QUESTION = "What is the capital of France?"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RpcServer:
+    """`dola-cpp rpc-server` in a subprocess, outside the checkout (its dola_cpp/ would shadow the
+    installed package)."""
+
+    def __init__(self, tmp_path) -> None:
+        self.port = free_port()
+        self.log = tmp_path / f"rpc-{self.port}.log"
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dola_cpp.cli", "rpc-server", "--port", str(self.port), "--threads", "1"],
+                cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "DOLA_CPP_DEBUG": ""})
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                break
+            except OSError:
+                assert self.proc.poll() is None, self.log.read_text()
+                assert time.monotonic() < deadline, "the rpc-server did not start"
+                time.sleep(0.1)
+        self.endpoint = f"127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture()
+def servers(tmp_path):
+    started = [RpcServer(tmp_path), RpcServer(tmp_path)]
+    yield started
+    for s in started:
+        s.kill()
+
+
+def test_dola_with_layers_on_two_rpc_servers_equals_local(servers, smollm2_path):
+    remote = dola_cpp.Model(smollm2_path, n_ctx=512, n_threads=1, rpc=",".join(s.endpoint for s in servers))
+    local = dola_cpp.Model(smollm2_path, n_ctx=512, n_threads=1, repack=False)  # the servers' plain layout
+    assert remote.uses_rpc and not local.uses_rpc
+    # the early-exit projection runs where the output matrix is: on an RPC server
+    prompt = remote.apply_chat_template([{"role": "user", "content": QUESTION}])
+    for kw in ({"layers": "high"}, {"layers": "high", "premature_norm": True}, {"layers": None}):
+        r = remote.generate(prompt, max_tokens=16, **kw)
+        assert r.tokens == local.generate(prompt, max_tokens=16, **kw).tokens, kw
+    assert "RPC" in remote.projection_backend
+    # teacher-forced scores agree too (the KV cache is on the servers)
+    a = remote.score("Q: Who wrote Hamlet?\nA:", " Shakespeare.", layers="high")
+    b = local.score("Q: Who wrote Hamlet?\nA:", " Shakespeare.", layers="high")
+    assert a.premature_layers == b.premature_layers and abs(a.score - b.score) < 1e-2 * max(1.0, abs(b.score))
+
+
+def test_a_server_that_dies_mid_generation_is_a_clear_error(servers, smollm2_path):
+    m = dola_cpp.Model(smollm2_path, n_ctx=512, n_threads=1, rpc=[s.endpoint for s in servers])
+    outcome = {}
+
+    def generate():
+        try:
+            outcome["result"] = m.generate("Count from 1 to 500:", max_tokens=450, ignore_eos=True, layers="high")
+        except Exception as e:  # noqa: BLE001
+            outcome["error"] = e
+
+    worker = threading.Thread(target=generate)
+    worker.start()
+    time.sleep(1.5)
+    servers[1].kill()
+    worker.join(timeout=20)
+    assert not worker.is_alive(), "the generation hung after its RPC server died"
+    err = outcome.get("error")
+    assert isinstance(err, dola_cpp.DolaError), outcome
+    assert "RPC server stopped answering" in str(err) and "load the model again" in str(err)
+    with pytest.raises(dola_cpp.DolaError, match="RPC server stopped answering"):
+        m.generate("Hi", max_tokens=2)
+    # this process is fine: local models and new RPC models work
+    assert "Paris" in dola_cpp.Model(smollm2_path, n_ctx=256, n_threads=1).generate(
+        "The capital of France is", max_tokens=4).text
+    again = dola_cpp.Model(smollm2_path, n_ctx=256, n_threads=1, rpc=servers[0].endpoint)
+    assert "Paris" in again.generate("The capital of France is", max_tokens=4).text
+
+
+def test_bad_rpc_endpoints(smollm2_path):
+    for bad in ("localhost", "host:", ":50052", "host:port", "host:70000", ""):
+        with pytest.raises(ValueError, match="host:port|at least one"):
+            dola_cpp.Model(smollm2_path, rpc=bad)
+    with pytest.raises(dola_cpp.DolaError, match=r"cannot use the RPC server at 127\.0\.0\.1:\d+ .*Failed to connect"):
+        dola_cpp.Model(smollm2_path, rpc=f"127.0.0.1:{free_port()}")
+
+
+def test_cli_generate_with_rpc(servers, smollm2_path, tmp_path):
+    args = [sys.executable, "-m", "dola_cpp.cli", "generate", str(smollm2_path), QUESTION, "-n", "12", "--threads", "1"]
+    remote = subprocess.run(args + ["--rpc", servers[0].endpoint], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    local = subprocess.run(args + ["--no-repack"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert remote.returncode == 0, remote.stderr
+    assert remote.stdout == local.stdout and "Paris" in remote.stdout
