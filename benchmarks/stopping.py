@@ -1,7 +1,8 @@
-"""Do answers end? Seed 003's question, measured: TruthfulQA questions as chat messages (the
-GGUF's template, no system prompt), greedy, 128-token budget; for plain, DoLa high and DoLa high
+"""Do answers end? Seed 003's question, measured: TruthfulQA questions as `dola-cpp run` asks them
+(the GGUF's chat template; a "User: ... / Assistant:" transcript ending at the next "User:" for a
+model without one), greedy, 128-token budget; for plain, DoLa high and DoLa high
 with the premature norm, each without and with eos_boost. Prints the share of answers that end
-by themselves (an end-of-generation token) within the budget, the share that end before eos_boost
+by themselves (an end-of-generation token, or the transcript's next turn) within the budget, the share that end before eos_boost
 could act (80% of the budget), the share ending at a sentence end, and the mean length.
 
     python benchmarks/stopping.py [--models smollm2 gemma3-270m] [-n 50] [--boost 6]
@@ -49,11 +50,16 @@ def main() -> None:
     rows = []
     for name in args.models:
         m = Model(resolve_model(name), n_ctx=1024, n_threads=args.threads)
-        prompts = [m.apply_chat_template([{"role": "user", "content": it.question}]) for it in items]
+        if m.chat_template_supported:
+            prompts = [m.apply_chat_template([{"role": "user", "content": it.question}]) for it in items]
+            stop = None
+        else:  # the chat's transcript format
+            prompts = [f"User: {it.question}\nAssistant:" for it in items]
+            stop = ["\nUser:"]
         for mode, kw in MODES.items():
             for boost in (0.0, args.boost):
                 t0 = time.perf_counter()
-                results = [m.generate(p, max_tokens=args.max_tokens, eos_boost=boost, **kw) for p in prompts]
+                results = [m.generate(p, max_tokens=args.max_tokens, eos_boost=boost, stop=stop, **kw) for p in prompts]
                 ended = [r for r in results if r.finish_reason == "stop"]
                 rows.append({
                     "model": m.path.name, "mode": mode, "eos_boost": boost, "n": len(results),
@@ -61,7 +67,6 @@ def main() -> None:
                     "ended_early": sum(len(r.tokens) < early for r in ended) / len(results),
                     "sentence_end": sum(sentence_end(r.text) for r in ended) / len(results),
                     "mean_tokens": sum(len(r.tokens) for r in results) / len(results),
-                    "mean_risk": sum(r.risk or 0.0 for r in results) / len(results),
                     "seconds": round(time.perf_counter() - t0, 1),
                 })
                 print(json.dumps(rows[-1]), flush=True)

@@ -70,24 +70,16 @@ public:
     auto run(F && f) -> decltype(f()) {
         s.reset_cancel();
         try {
-            py::gil_scoped_release release;
-            if (!s.get_model().uses_rpc()) return f();
-            // on rpc_call's helper thread; this (the main) thread watches for Ctrl-C meanwhile
-            auto poll = [this] { if (interrupted()) s.cancel(); };
             if constexpr (std::is_void_v<decltype(f())>) {
-                s.get_model().call([&] { f(); }, poll);
+                call(f);
+                raise_pending();
             } else {
-                std::optional<decltype(f())> out;
-                s.get_model().call([&] { out.emplace(f()); }, poll);
-                return std::move(*out);
+                auto out = call(f);
+                raise_pending();
+                return out;
             }
         } catch (const dola::aborted &) {
-            if (pending) {
-                py::error_already_set e = std::move(*pending);
-                pending.reset();
-                e.restore();
-                throw py::error_already_set();
-            }
+            raise_pending();
             throw;
         }
     }
@@ -97,6 +89,32 @@ public:
     std::optional<py::error_already_set> pending;
 
 private:
+    // f without the GIL; with an RPC model on rpc_call's helper thread, while this (the main)
+    // thread watches for Ctrl-C: it cancels the call, which stops at its next CPU step (the
+    // current token, when every layer is remote).
+    template <typename F>
+    auto call(F && f) -> decltype(f()) {
+        py::gil_scoped_release release;
+        if (!s.get_model().uses_rpc()) return f();
+        auto poll = [this] { if (interrupted()) s.cancel(); };
+        if constexpr (std::is_void_v<decltype(f())>) {
+            s.get_model().call([&] { f(); }, poll);
+        } else {
+            std::optional<decltype(f())> out;
+            s.get_model().call([&] { out.emplace(f()); }, poll);
+            return std::move(*out);
+        }
+    }
+
+    // A signal handler's exception (Ctrl-C) caught while computing is raised now.
+    void raise_pending() {
+        if (!pending) return;
+        py::error_already_set e = std::move(*pending);
+        pending.reset();
+        e.restore();
+        throw py::error_already_set();
+    }
+
     // When the model uses RPC, the context (its KV cache lives there) is made on rpc_call's helper thread.
     static std::unique_ptr<dola::session> make(std::shared_ptr<dola::model> m, const dola::context_params & p) {
         py::gil_scoped_release release;

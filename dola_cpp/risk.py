@@ -22,7 +22,7 @@ SIGNALS = ("risk", "surprise", "top_prob", "entropy", "jsd")
 # low / medium / high: the chat's colours (--show-risk) and the trace's risk bars
 RISK_BANDS = (0.3, 0.6)
 
-RISK_FORMULA = "1 - p_top (the mature distribution's top probability)"
+RISK_FORMULA = "1 - p_top"  # p_top: the mature (final) layer's largest probability at that step
 
 
 def token_risk(mature_logprob: float, top_logprob: float, entropy: float = 0.0, n_vocab: int = 2) -> float:

@@ -117,3 +117,32 @@ def test_cli_generate_with_rpc(servers, smollm2_path, tmp_path):
     local = subprocess.run(args + ["--no-repack"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert remote.returncode == 0, remote.stderr
     assert remote.stdout == local.stdout and "Paris" in remote.stdout
+
+
+CTRL_C = """
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
+import dola_cpp
+m = dola_cpp.Model(sys.argv[1], n_ctx=1024, n_threads=1, rpc=sys.argv[2])
+print("ready", flush=True)
+t = time.time()
+try:
+    m.generate("Count from 1 to 1000:", max_tokens=900, ignore_eos=True, layers="high")
+    print("finished")
+except KeyboardInterrupt:
+    print("interrupted after %.1f s" % (time.time() - t))
+print("usable:", m.generate("The capital of France is", max_tokens=4).text)
+"""
+
+
+def test_ctrl_c_stops_a_generation_on_rpc_servers(servers, smollm2_path, tmp_path):
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-c", CTRL_C, str(smollm2_path), servers[0].endpoint], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "interrupted after" in out and "Paris" in out.split("usable:")[1], out

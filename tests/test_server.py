@@ -253,3 +253,39 @@ def test_api_key(weights):
         assert [m.id for m in s.client(api_key="s3cret").models.list().data]
     finally:
         s.stop()
+
+
+def test_cli_serve_subprocess(smollm2_path, tmp_path):
+    """`dola-cpp serve` as a user starts it: binds 127.0.0.1, answers, and stops on SIGINT."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dola_cpp.cli", "serve", str(smollm2_path), "--port", str(port),
+                                 "--parallel", "2", "--threads", "1", "--ctx", "512"], cwd=tmp_path, stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ, "DOLA_CPP_DEBUG": ""})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = request(url)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+        assert health.json()["parallel"] == 2
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        r = chat(client, "What is the capital of France?", temperature=0, max_tokens=16,
+                 extra_body={"dola_layers": "high", "premature_norm": True})
+        assert "Paris" in r.choices[0].message.content
+        assert "serving SmolLM2-135M-Instruct.Q4_1.gguf on http://127.0.0.1:" in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) is not None

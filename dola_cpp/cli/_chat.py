@@ -129,7 +129,7 @@ class Output:
                  (("low", "green"), ("medium", "yellow"), ("high", "red"))]
         edges = " · ".join(f"{b} {e}" for b, e in zip(bands, (f"< {RISK_BANDS[0]:g}", f"< {RISK_BANDS[1]:g}",
                                                                 f">= {RISK_BANDS[1]:g}")))
-        self.status(f"token colours: {edges} (risk = {RISK_FORMULA})")
+        self.status(f"token colours: {edges} (risk = {RISK_FORMULA}, how unsure the model is at that token)")
 
     def newline(self) -> None:
         typer.echo("")
