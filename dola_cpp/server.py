@@ -402,12 +402,21 @@ async def _serve(request: Request, pool: Pool, body: _Common, ids: list[int], ma
     created = int(time.time())
     shape = _Shape(ctx, rid, created, name, chat, want_logprobs, body.risk)
 
-    async def finish() -> None:
-        job.cancel()
+    async def release_when_done() -> None:
+        # the context goes back when its generation has ended, however the request ended
         try:
             await future
         finally:
             pool.release(ctx)
+
+    released = asyncio.ensure_future(release_when_done())
+
+    async def finish() -> None:
+        # only while it runs: once it has ended the context may already serve another request
+        # (both run on the event loop, so nothing is released between the check and the cancel)
+        if not future.done():
+            job.cancel()
+        await asyncio.shield(released)
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

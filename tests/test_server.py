@@ -60,11 +60,16 @@ class Server:
             assert time.monotonic() < deadline, "the server did not start"
             time.sleep(0.05)
         self.url = f"http://127.0.0.1:{self.port}"
+        self.clients: list = []
 
     def client(self, **kw) -> "openai.OpenAI":
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
+        c = openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
+        self.clients.append(c)  # closed with the server: no sockets left to the garbage collector
+        return c
 
     def stop(self) -> None:
+        for c in self.clients:
+            c.close()
         self.server.should_exit = True
         self.thread.join(timeout=30)
 
@@ -281,9 +286,9 @@ def test_cli_serve_subprocess(smollm2_path, tmp_path):
                 assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
                 time.sleep(0.2)
         assert health.json()["parallel"] == 2
-        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-        r = chat(client, "What is the capital of France?", temperature=0, max_tokens=16,
-                 extra_body={"dola_layers": "high", "premature_norm": True})
+        with openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0) as client:
+            r = chat(client, "What is the capital of France?", temperature=0, max_tokens=16,
+                     extra_body={"dola_layers": "high", "premature_norm": True})
         assert "Paris" in r.choices[0].message.content
         assert "serving SmolLM2-135M-Instruct.Q4_1.gguf on http://127.0.0.1:" in log.read_text()
     finally:
