@@ -16,8 +16,9 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-# the signals selective QA compares, each a per-token risk in [0, 1] averaged over the answer
-SIGNALS = ("risk", "surprise", "top_prob", "entropy", "jsd")
+# the signals selective QA compares, each a per-token risk in [0, 1] averaged over the answer:
+# risk (1 - p_top), surprise (1 - p(token)), entropy (H / ln V), jsd (the premature layer's JSD / ln 2)
+SIGNALS = ("risk", "surprise", "entropy", "jsd")
 
 # low / medium / high: the chat's colours (--show-risk) and the trace's risk bars
 RISK_BANDS = (0.3, 0.6)
@@ -43,7 +44,6 @@ def signal_risks(mature_logprob: np.ndarray, top_logprob: np.ndarray, entropy: n
         per_token = {
             "risk": np.array([token_risk(a, b, c, n_vocab) for a, b, c in zip(mature_logprob, top_logprob, entropy)]),
             "surprise": 1.0 - np.exp(mature_logprob),
-            "top_prob": 1.0 - np.exp(top_logprob),
             "entropy": entropy / math.log(n_vocab),
             "jsd": jsd / math.log(2.0),
         }

@@ -21,7 +21,7 @@ import numpy as np
 from . import evaluate as ev
 from .evaluate import ScoreOptions, TruthfulQAItem
 from .model import Model
-from .risk import SIGNALS, signal_risks
+from .risk import RISK_FORMULA, SIGNALS, signal_risks
 
 PathLike = Union[str, os.PathLike]
 
@@ -168,7 +168,8 @@ def plot(path: PathLike, model_name: str, results: Sequence[SelectiveCurves]) ->
         for s, (cov, acc) in res.curves.items():
             style = {"color": "0.5", "linestyle": "--"} if s == "random" else {}
             width = 2.4 if s == "risk" else 1.3
-            ax.plot(cov, acc, label=f"{s} (AUC {res.aucs[s]:.3f})", linewidth=width, **style)
+            name = f"risk = {RISK_FORMULA}" if s == "risk" else s
+            ax.plot(cov, acc, label=f"{name} (AUC {res.aucs[s]:.3f})", linewidth=width, **style)
         ax.set_title(f"{model_name}: {res.mode} (n={res.n}, MC1 {res.accuracy:.3f})", fontsize=9)
         ax.set_xlabel("coverage (share of questions answered)")
         ax.set_xlim(0, 1)

@@ -45,8 +45,8 @@ def test_signal_risks_are_means_over_the_answer():
     jsd = np.array([np.nan, np.nan])
     r = signal_risks(lp, top, ent, jsd, n_vocab=100)
     assert r["risk"] == pytest.approx(np.mean([token_risk(a, b) for a, b in zip(lp, top)]))
+    assert r["risk"] == pytest.approx(np.mean([0.2, 0.6]))
     assert r["surprise"] == pytest.approx(np.mean([0.5, 0.75]))
-    assert r["top_prob"] == pytest.approx(np.mean([0.2, 0.6]))
     assert r["entropy"] == pytest.approx(1.5 / math.log(100))
     assert math.isnan(r["jsd"])
 

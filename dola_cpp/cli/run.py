@@ -13,6 +13,10 @@ from ._cli_utils import (
     ShowRiskOpt, ThreadsOpt, TopKOpt, TopPOpt, decode_config, examples, load_model,
 )
 
+# the chat's default --eos-boost (the API's is 0): from the README's stopping table, it ends more
+# answers at a sentence and changes nothing before 80% of --max-tokens
+CHAT_EOS_BOOST = 10.0
+
 RUN_EXAMPLES = examples(
     "dola-cpp run",
     "dola-cpp run smollm2 --layers high --repetition-penalty 1.2",
@@ -34,7 +38,7 @@ def run(
     info_layer: InfoLayerOpt = None,
     system: SystemOpt = None,
     max_tokens: MaxTokensOpt = 512,
-    eos_boost: EosBoostOpt = 0.0,
+    eos_boost: EosBoostOpt = CHAT_EOS_BOOST,
     show_risk: ShowRiskOpt = False,
     abstain: AbstainOpt = None,
     temperature: TemperatureOpt = 0.0,
