@@ -77,6 +77,17 @@ def _layer_spec(early_exit_layers: Optional[str], layers: Optional[str]):
     return layers
 
 
+def _items(task: str, load, data: Optional[Path], limit: Optional[int]) -> list:
+    """The first ``limit`` items of ``data``, or a one-line error about the file."""
+    if data is None:
+        raise CLIError(f"give the data with --data: {DATA_SOURCES[task]}; dola-cpp does not download it")
+    try:
+        items = load(data)
+    except ev.EvalDataError as e:
+        raise CLIError(f"--data: {e}") from None
+    return items[:limit] if limit else items
+
+
 def _run(task: ev.Task, model_ref: str, data: Optional[Path], spec, premature_norm: bool, limit, json_out, ctx,
          threads, kv_type, decoder: Decoder = Decoder.dola, alpha: float = 0.5, info_layer: Optional[int] = None) -> None:
     from rich.console import Console
@@ -84,13 +95,7 @@ def _run(task: ev.Task, model_ref: str, data: Optional[Path], spec, premature_no
     from rich.table import Table
 
     console = Console()
-    if data is None:
-        raise CLIError(f"give the data with --data: {DATA_SOURCES[task.name]}; dola-cpp does not download it")
-    try:
-        items = task.load(data)
-    except ev.EvalDataError as e:
-        raise CLIError(f"--data: {e}") from None
-    items = items[:limit] if limit else items
+    items = _items(task.name, task.load, data, limit)
     model = Model(model_path(model_ref), n_ctx=ctx, n_threads=threads, kv_type=kv_type.value)
     plan = layer_plan(model, spec) if spec is not None else model.resolve_layers(None)
     config = decode_config(model, layers=spec, premature_norm=premature_norm, decoder=decoder, alpha=alpha,
@@ -234,13 +239,7 @@ def selective(
     console = Console()
     if layers.strip().lower() == "none":
         raise typer.BadParameter("the DoLa mode needs layers ('high', 'low' or a layer string)", param_hint="--layers")
-    if data is None:
-        raise CLIError(f"give the data with --data: {DATA_SOURCES[ev.TFQA]}; dola-cpp does not download it")
-    try:
-        items = ev.load_truthfulqa(data)
-    except ev.EvalDataError as e:
-        raise CLIError(f"--data: {e}") from None
-    items = items[:limit] if limit else items
+    items = _items(ev.TFQA, ev.load_truthfulqa, data, limit)
     m = Model(model_path(model), n_ctx=ctx, n_threads=threads, kv_type=kv_type.value)
     dola_plan = layer_plan(m, layers)
     out.parent.mkdir(parents=True, exist_ok=True)
