@@ -19,7 +19,7 @@ from dola_cpp.cli._render import histogram, side_by_side, stats_line
 
 # Short generations, one thread: the suite shares two cores with benchmarks.
 FAST = ["--threads", "1"]
-COMMANDS = ["run", "generate", "compare", "trace", "serve", "info", "pull"]
+COMMANDS = ["run", "generate", "compare", "trace", "serve", "rpc-server", "info", "pull"]
 
 
 @pytest.fixture()
