@@ -430,6 +430,23 @@ class Model:
         return self._session.timings()
 
 
+TRANSCRIPT_STOP = "\nUser:"  # where a transcript's answer ends: the next turn
+
+
+def transcript_prompt(messages: Sequence[dict]) -> str:
+    """Chat messages as a plain ``User: …`` / ``Assistant: …`` transcript ending with ``Assistant:``:
+    the format for models without a chat template llama.cpp recognises (stop at TRANSCRIPT_STOP)."""
+    text = ""
+    for m in messages:
+        if m["role"] == "system":
+            text += f"{m['content']}\n\n"
+        elif m["role"] == "user":
+            text += f"User: {m['content']}\n"
+        else:
+            text += f"Assistant: {m['content']}\n"
+    return text + "Assistant:"
+
+
 def rpc_endpoints(rpc: Union[str, Sequence[str], None]) -> list[str]:
     """``"host:port,host:port"`` or a list of them, checked."""
     if rpc is None:

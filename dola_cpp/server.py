@@ -23,7 +23,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Literal, Optional, Union
+from typing import Any, AsyncIterator, Literal, Optional, Sequence, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import DecodeConfig, DolaConfig
-from .model import Model, PromptTooLongError
+from .model import TRANSCRIPT_STOP, Model, PromptTooLongError, transcript_prompt
 from .results import GenerationResult, StepInfo
 
 OWNED_BY = "dola-cpp"
@@ -215,6 +215,7 @@ def create_app(model: Model, *, parallel: int = 1, max_queue: Optional[int] = No
     name = model_name or model.path.name
     pool = Pool(model, parallel, 4 * parallel if max_queue is None else max_queue)
     created = int(time.time())
+    templated = model.chat_template_supported  # else chats are plain transcripts, as in the CLI
     app = FastAPI(title="dola-cpp", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.pool = pool
 
@@ -254,15 +255,16 @@ def create_app(model: Model, *, parallel: int = 1, max_queue: Optional[int] = No
     async def chat(request: Request):
         body = await _parse(request, ChatRequest)
         _check_model(body.model, name)
-        try:
-            text = model.apply_chat_template([{"role": "system" if m.role == "developer" else m.role,
-                                               "content": m.text()} for m in body.messages])
-        except Exception as e:  # noqa: BLE001 - a template llama.cpp cannot apply
-            raise APIError(400, f"the messages cannot be formatted with this model's chat template: {e}",
-                           param="messages") from None
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in body.messages]
+        extra_stop = []
+        if templated:
+            text = model.apply_chat_template(messages)
+        else:  # as the CLI's chat: a transcript, ending at the next turn
+            text, extra_stop = transcript_prompt(messages), [TRANSCRIPT_STOP]
         ids = _tokens(model, text, add_special=True)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return await _serve(request, pool, body, ids, max_tokens, name, chat=True)
+        return await _serve(request, pool, body, ids, max_tokens, name, chat=True, extra_stop=extra_stop)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -373,7 +375,7 @@ FINISH = {"stop": "stop", "length": "length", "abstained": "stop", "cancelled": 
 
 
 async def _serve(request: Request, pool: Pool, body: _Common, ids: list[int], max_tokens: Optional[int], name: str,
-                 chat: bool):
+                 chat: bool, extra_stop: Sequence[str] = ()):
     model = pool.contexts[0]
     n_ctx = model.n_ctx
     if len(ids) >= n_ctx:
@@ -388,7 +390,7 @@ async def _serve(request: Request, pool: Pool, body: _Common, ids: list[int], ma
         raise APIError(400, f"max_tokens is {max_tokens} but the prompt's {len(ids)} tokens leave room for {room} "
                             f"in the {n_ctx}-token context", param="max_tokens", code="context_length_exceeded")
     config = _config(model, body)
-    stop = _stops(body.stop)
+    stop = _stops(body.stop) + list(extra_stop)
     want_logprobs = bool(body.logprobs is not None and body.logprobs is not False)
     try:
         ctx = await pool.acquire()

@@ -294,3 +294,20 @@ def test_cli_serve_subprocess(smollm2_path, tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) is not None
+
+
+def test_a_model_without_a_chat_template_gets_the_cli_transcript():
+    """Gemma-3-270M's GGUF has no template llama.cpp recognises: chats become the CLI's
+    'User: … / Assistant:' transcript and stop at the next turn, as `dola-cpp run` does."""
+    gemma = dola_cpp.Model(dola_cpp.demo_model_path("gemma3-270m"), n_ctx=512, n_threads=1)
+    assert not gemma.chat_template_supported
+    s = Server(create_app(gemma))
+    try:
+        r = s.client().chat.completions.create(
+            model="gemma-3-270m-q4_k_m.gguf", messages=[{"role": "user", "content": "What is the capital of France?"}],
+            temperature=0, max_tokens=48)
+        text = r.choices[0].message.content
+        ref = gemma.generate("User: What is the capital of France?\nAssistant:", max_tokens=48, stop=["\nUser:"])
+        assert text == ref.text and "User:" not in text and "Paris" in text
+    finally:
+        s.stop()

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import typer
 
 from .. import DecodeConfig, GenerationResult, LayerPlan, Model
+from ..model import TRANSCRIPT_STOP, transcript_prompt
 from ..risk import RISK_BANDS, RISK_FORMULA
 from ..hub import cache_dir
 from ._cli_utils import CLIError, Template, layer_plan, one_line, template_choice
@@ -47,7 +48,6 @@ Commands:
 Ctrl-C stops an answer (the question and partial answer are forgotten);
 at an empty prompt it exits."""
 
-_TRANSCRIPT_STOP = ["\nUser:"]
 
 
 def risk_colour(risk: float) -> str:
@@ -72,19 +72,14 @@ class Conversation:
 
     @property
     def stop(self) -> list[str]:
-        return [] if self.use_template else list(_TRANSCRIPT_STOP)
+        return [] if self.use_template else [TRANSCRIPT_STOP]
 
     def render(self, user: str, exchanges: list[Exchange]) -> str:
-        if self.use_template:
-            messages = [{"role": "system", "content": self.system}] if self.system else []
-            for ex in exchanges:
-                messages += [{"role": "user", "content": ex.user}, {"role": "assistant", "content": ex.assistant}]
-            messages.append({"role": "user", "content": user})
-            return self.model.apply_chat_template(messages)
-        text = f"{self.system}\n\n" if self.system else ""
+        messages = [{"role": "system", "content": self.system}] if self.system else []
         for ex in exchanges:
-            text += f"User: {ex.user}\nAssistant: {ex.assistant}\n"
-        return text + f"User: {user}\nAssistant:"
+            messages += [{"role": "user", "content": ex.user}, {"role": "assistant", "content": ex.assistant}]
+        messages.append({"role": "user", "content": user})
+        return self.model.apply_chat_template(messages) if self.use_template else transcript_prompt(messages)
 
     def prompt(self, user: str, budget: int) -> tuple[str, list[int], int]:
         """The prompt for ``user``'s message within ``budget`` tokens, dropping the oldest
