@@ -26,8 +26,9 @@ RISK_BANDS = (0.3, 0.6)
 RISK_FORMULA = "1 - p_top"  # p_top: the mature (final) layer's largest probability at that step
 
 
-def token_risk(mature_logprob: float, top_logprob: float, entropy: float = 0.0, n_vocab: int = 2) -> float:
-    """The risk of one emitted token in [0, 1]: RISK_FORMULA."""
+def token_risk(top_logprob: float) -> float:
+    """The risk of one emitted token in [0, 1]: RISK_FORMULA, from the step's ``top_logprob``
+    (which token the decoder then emits does not enter)."""
     return float(min(1.0, max(0.0, 1.0 - math.exp(top_logprob))))
 
 
@@ -42,7 +43,7 @@ def signal_risks(mature_logprob: np.ndarray, top_logprob: np.ndarray, entropy: n
     """Each signal's answer risk for an answer's per-token signals (arrays over its tokens)."""
     with np.errstate(invalid="ignore"):
         per_token = {
-            "risk": np.array([token_risk(a, b, c, n_vocab) for a, b, c in zip(mature_logprob, top_logprob, entropy)]),
+            "risk": np.array([token_risk(t) for t in top_logprob]),
             "surprise": 1.0 - np.exp(mature_logprob),
             "entropy": entropy / math.log(n_vocab),
             "jsd": jsd / math.log(2.0),

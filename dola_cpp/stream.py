@@ -154,7 +154,7 @@ class Stream:
                     if not self.ignore_eos and weights.is_eog(st.token):
                         self.finish_reason = "abstained" if self._abstains(final=True) else "stop"
                         break
-                    risk = token_risk(st.mature_logprob, st.top_logprob, st.entropy, m.n_vocab)
+                    risk = token_risk(st.top_logprob)
                     self._risk_sum += risk
                     self.tokens.append(st.token)
                     self.steps.append(

@@ -27,12 +27,11 @@ def chat_prompt(smollm2):
 def test_token_risk_formula():
     # RISK_FORMULA, by hand: the mature distribution's uncertainty (1 - its top probability)
     assert "1 - p_top" in RISK_FORMULA
-    assert token_risk(mature_logprob=math.log(0.2), top_logprob=math.log(0.9)) == pytest.approx(0.1)
-    assert token_risk(mature_logprob=math.log(0.9), top_logprob=math.log(0.9)) == pytest.approx(0.1)
-    assert token_risk(mature_logprob=0.0, top_logprob=0.0) == 0.0  # a certain token
-    assert token_risk(mature_logprob=-30.0, top_logprob=math.log(1e-9)) == pytest.approx(1.0)
-    # more spread = riskier; bounded
-    values = [token_risk(math.log(p), math.log(p)) for p in (0.99, 0.7, 0.4, 0.1, 1e-6)]
+    assert token_risk(math.log(0.9)) == pytest.approx(0.1)
+    assert token_risk(0.0) == 0.0  # a certain step
+    assert token_risk(math.log(1e-9)) == pytest.approx(1.0)
+    # less sure = riskier; bounded
+    values = [token_risk(math.log(p)) for p in (0.99, 0.7, 0.4, 0.1, 1e-6)]
     assert values == sorted(values) and all(0.0 <= v <= 1.0 for v in values)
     assert answer_risk([0.1, 0.3, 0.5]) == pytest.approx(0.3)
     assert answer_risk([]) is None
@@ -44,7 +43,7 @@ def test_signal_risks_are_means_over_the_answer():
     ent = np.array([1.0, 2.0])
     jsd = np.array([np.nan, np.nan])
     r = signal_risks(lp, top, ent, jsd, n_vocab=100)
-    assert r["risk"] == pytest.approx(np.mean([token_risk(a, b) for a, b in zip(lp, top)]))
+    assert r["risk"] == pytest.approx(np.mean([token_risk(t) for t in top]))
     assert r["risk"] == pytest.approx(np.mean([0.2, 0.6]))
     assert r["surprise"] == pytest.approx(np.mean([0.5, 0.75]))
     assert r["entropy"] == pytest.approx(1.5 / math.log(100))
@@ -56,7 +55,7 @@ def test_steps_carry_their_risk(smollm2, chat_prompt):
     assert r.steps and r.risk is not None
     for s in r.steps:
         assert s.top_logprob >= s.mature_logprob - 1e-6 and s.top_logprob <= 0.0
-        assert s.risk == pytest.approx(token_risk(s.mature_logprob, s.top_logprob, s.entropy, smollm2.n_vocab))
+        assert s.risk == pytest.approx(token_risk(s.top_logprob))
         assert 0.0 <= s.risk <= 1.0
     assert r.risk == pytest.approx(np.mean([s.risk for s in r.steps]))
     # the first step's top log-probability is the final layer's, at the prompt's last position
