@@ -48,6 +48,11 @@ def write(path: PathLike, result: GenerationResult, pieces: Sequence[str], title
         raise ValueError(f"the trace is written as {', '.join(IMAGE_SUFFIXES)} or .html, not {path.suffix or path.name!r}")
 
 
+def _risk_colour(risk: float) -> str:
+    """The risk bar's colour: green, amber or red by RISK_BANDS (the chat's bands)."""
+    return "#2e9d4f" if risk < RISK_BANDS[0] else "#d9a400" if risk < RISK_BANDS[1] else "#d0312d"
+
+
 def _label(piece: str, limit: int = 14) -> str:
     text = piece.replace("\n", "⏎").replace("\t", "⇥")
     text = text if text.strip() else repr(text)[1:-1] or "∅"
@@ -71,7 +76,7 @@ def to_image(path: Path, result: GenerationResult, pieces: Sequence[str], title:
     height = min(24.0, 2.6 + 0.32 * n_lay + 1.3)
     fig, (ax_r, ax) = plt.subplots(2, 1, figsize=(width, height), sharex=True,
                                    gridspec_kw={"height_ratios": [1.0, max(2.0, 0.32 * n_lay)], "hspace": 0.05})
-    colours = ["#2e9d4f" if r < RISK_BANDS[0] else "#d9a400" if r < RISK_BANDS[1] else "#d0312d" for r in risk]
+    colours = [_risk_colour(r) for r in risk]
     ax_r.bar(np.arange(n_tok), risk, color=colours, width=0.8)
     ax_r.set_ylim(0, 1)
     ax_r.set_ylabel("risk", fontsize=8)
@@ -113,7 +118,7 @@ def to_html(result: GenerationResult, pieces: Sequence[str], title: str) -> str:
     rows = []
     risk_cells = "".join(
         f'<td class="risk" title="risk {s.risk:.2f}"><div style="height:{max(1, round(40 * s.risk))}px;'
-        f'background:{"#2e9d4f" if s.risk < RISK_BANDS[0] else "#d9a400" if s.risk < RISK_BANDS[1] else "#d0312d"}">'
+        f'background:{_risk_colour(s.risk)}">'
         f"</div></td>" for s in result.steps)
     rows.append(f'<tr><th class="lab">risk</th>{risk_cells}</tr>')
     for li in reversed(range(len(layers))):
