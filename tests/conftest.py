@@ -1,9 +1,17 @@
+import functools
+import http.server
 import os
+import shutil
+import threading
 from pathlib import Path
 
 import pytest
 
 import dola_cpp
+from dola_cpp import evaldata, hub
+
+# the project's evaluation data, in the shared folder beside the checkout
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -54,3 +62,63 @@ def hf_model(f32_path):
     )
     model.eval()
     return model
+
+
+class DataMirror:
+    """A local web server laid out as raw.githubusercontent.com with the evaluation files the
+    shared folder has (the TruthfulQA dev half stands in for the full TruthfulQA.csv), plus a
+    private cache whose ``models`` is the real one: ``env`` makes a process download from here."""
+
+    def __init__(self, root: Path, cache: Path, url: str):
+        self.root, self.cache, self.url = root, cache, url
+        self.env = {"DOLA_CPP_DATA_URL": url, "DOLA_CPP_CACHE": str(cache)}
+
+    def file(self, name: str) -> Path:
+        return self.root / evaldata.DATASETS[name].data.path
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def data_mirror(tmp_path, smollm2_path, monkeypatch):
+    sources = {
+        "truthfulqa": SHARED_DATA / "truthfulqa" / "TruthfulQA_dev.csv",
+        "factor-news": SHARED_DATA / "factor" / "news_factor.csv",
+        "factor-expert": SHARED_DATA / "factor" / "expert_factor.csv",
+    }
+    licences = {"LICENSE": None, "FACTOR_NEWS_LICENSE.md": SHARED_DATA / "factor" / "FACTOR_NEWS_LICENSE.md"}
+    missing = [p for p in list(sources.values()) + [licences["FACTOR_NEWS_LICENSE.md"]] if not p.exists()]
+    if missing:
+        pytest.skip(f"evaluation data not beside this checkout: {missing[0]}")
+    root = tmp_path / "mirror"
+    for name, source in sources.items():
+        ds = evaldata.DATASETS[name]
+        for item in (ds.data,) + ds.licences:
+            dest = root / item.path
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if item is ds.data:
+                shutil.copy(source, dest)
+            elif item.filename == "LICENSE" and name.startswith("factor"):
+                shutil.copy(SHARED_DATA / "factor" / "LICENSE", dest)
+            elif licences.get(item.filename):
+                shutil.copy(licences[item.filename], dest)
+            else:
+                dest.write_text("Apache License 2.0 (a stand-in served by the test mirror)\n")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "models").symlink_to(smollm2_path.parent)
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    mirror = DataMirror(root, cache, f"http://127.0.0.1:{server.server_address[1]}")
+    for k, v in mirror.env.items():
+        monkeypatch.setenv(k, v)
+    for var in ("DOLA_CPP_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    assert hub.cache_dir() == cache
+    yield mirror
+    server.shutdown()
+    server.server_close()

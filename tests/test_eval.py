@@ -3,19 +3,20 @@ repository's protocol: metrics by hand, the prompt by hand, scores against trans
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from dola_cpp import evaldata
 from dola_cpp import evaluate as ev
 from dola_cpp.cli._app import app as root_app
 from dola_cpp.cli.eval import app
 from dola_cpp.layers import resolve_layers
 
-# the project's evaluation data, in the shared folder beside the checkout
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import SHARED_DATA as DATA
 TFQA_CSV = DATA / "truthfulqa" / "TruthfulQA_dev.csv"
 FACTOR_CSV = DATA / "factor" / "expert_factor.csv"
 needs_data = pytest.mark.skipif(not (TFQA_CSV.exists() and FACTOR_CSV.exists()), reason="evaluation data not present")
@@ -267,9 +268,9 @@ def test_cli_tfqa_with_activation_decoding(tmp_path):
         pytest.param(["tfqa-mc", "smollm2", "--data", str(TFQA_CSV), "--layers", "20,99"], 1,
                      "Error: --layers 20,99: layer 99 is out of range", id="layer-range"),
         pytest.param(["tfqa-mc", "/nonexistent.gguf", "--data", str(TFQA_CSV)], 1, "not found", id="missing-model"),
-        pytest.param(["tfqa-mc", "smollm2"], 1, "give the data with --data: TruthfulQA.csv from the TruthfulQA",
-                     id="no-data"),
-        pytest.param(["factor", "smollm2"], 1, "give the data with --data: expert_factor.csv", id="no-data-factor"),
+        pytest.param(["factor", "smollm2", "--data", str(TFQA_CSV), "--subset", "news"], 1,
+                     "give either --data or --subset, not both", id="data-and-subset"),
+        pytest.param(["factor", "smollm2", "--subset", "politics"], 2, "'politics' is not one of", id="bad-subset"),
     ],
 )
 def test_cli_bad_input(args, code, message):
@@ -277,6 +278,89 @@ def test_cli_bad_input(args, code, message):
     r = CliRunner().invoke(root_app, ["eval", *args])
     assert r.exit_code == code, r.output
     assert message in " ".join(r.output.replace("│", " ").split())
+    assert "Traceback" not in r.output
+
+
+# ------------------------------------------------------------------------------- the published data files
+
+
+def test_fetch_downloads_once_checks_and_keeps_the_licences(data_mirror, monkeypatch):
+    path = evaldata.fetch("factor-expert")
+    assert path == data_mirror.cache / "data" / "factor-expert" / "expert_factor.csv"
+    assert path.read_bytes() == FACTOR_CSV.read_bytes()
+    folder = path.parent
+    assert (folder / "LICENSE").read_text().startswith("MIT License")
+    assert "ODC" in (folder / "FACTOR_NEWS_LICENSE.md").read_text()
+    source = json.loads((folder / "SOURCE.json").read_text())
+    entry = source["files"]["expert_factor.csv"]
+    assert entry["url"] == data_mirror.url + "/" + evaldata.DATASETS["factor-expert"].data.path
+    assert entry["sha256"] == evaldata.DATASETS["factor-expert"].data.sha256
+    assert not list(folder.glob("*.partial"))
+    # cached: no network needed any more, and the loader reads it
+    data_mirror.file("factor-expert").unlink()
+    monkeypatch.setenv("DOLA_CPP_OFFLINE", "1")
+    assert evaldata.fetch("factor-expert") == path
+    assert len(ev.load_factor(path)) == 236
+
+
+def test_fetch_rejects_a_file_that_is_not_the_pinned_one(data_mirror):
+    served = data_mirror.file("factor-expert")
+    served.write_bytes(served.read_bytes().replace(b"the", b"teh", 1))
+    with pytest.raises(evaldata.DataUnavailable, match="does not match the pinned"):
+        evaldata.fetch("factor-expert")
+    folder = data_mirror.cache / "data" / "factor-expert"
+    assert not (folder / "expert_factor.csv").exists() and not list(folder.glob("*.partial"))
+    assert evaldata.cached_path("factor-expert") is None
+
+
+def test_fetch_reports_a_missing_file(data_mirror):
+    # the mirror has no wiki_factor.csv
+    with pytest.raises(evaldata.DataUnavailable, match=r"could not download http://127\.0\.0\.1:\d+/.*wiki_factor\.csv"):
+        evaldata.fetch("factor-wiki")
+
+
+@pytest.mark.parametrize(
+    "env, reason",
+    [
+        pytest.param({"DOLA_CPP_OFFLINE": "1"}, "DOLA_CPP_OFFLINE is set", id="dola-offline"),
+        pytest.param({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set", id="hf-offline"),
+        # a closed port: refused at once
+        pytest.param({"DOLA_CPP_DATA_URL": "http://127.0.0.1:9"}, "127.0.0.1:9 cannot be reached", id="refused"),
+        # a name that does not resolve (as raw.githubusercontent.com without network)
+        pytest.param({"DOLA_CPP_DATA_URL": "https://mirror.invalid"}, "mirror.invalid cannot be reached",
+                     id="no-such-host"),
+    ],
+)
+def test_fetch_fails_fast_offline(data_mirror, monkeypatch, env, reason):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    t0 = time.monotonic()
+    with pytest.raises(evaldata.DataUnavailable) as e:
+        evaldata.fetch("truthfulqa")
+    assert time.monotonic() - t0 < evaldata.PROBE_SECONDS + 1.5
+    msg = str(e.value)
+    assert f"is not in the cache and {reason}" in msg
+    assert "TruthfulQA.csv" in msg and "give it with --data" in msg and "Apache-2.0" in msg
+
+
+def test_cli_eval_downloads_the_data_when_no_file_is_given(data_mirror, monkeypatch):
+    r = CliRunner().invoke(root_app, ["eval", "tfqa-mc", "smollm2", "--early-exit-layers", "15,30", "--limit", "1",
+                                      "--threads", "2", "--ctx", "512"])
+    assert r.exit_code == 0, r.output
+    assert "downloading " + data_mirror.url in r.output and "MC1" in r.output
+    assert (data_mirror.cache / "data" / "truthfulqa" / "TruthfulQA.csv").read_bytes() == TFQA_CSV.read_bytes()
+    r = CliRunner().invoke(root_app, ["eval", "factor", "smollm2", "--subset", "expert", "--limit", "1",
+                                      "--threads", "2", "--ctx", "512"])
+    assert r.exit_code == 0, r.output
+    assert "expert_factor.csv" in r.output and "accuracy" in r.output
+    # offline now: the cached files still serve, a set never fetched is one clear line
+    monkeypatch.setenv("DOLA_CPP_OFFLINE", "1")
+    r = CliRunner().invoke(root_app, ["eval", "tfqa-mc", "smollm2", "--limit", "1", "--threads", "2", "--ctx", "512"])
+    assert r.exit_code == 0 and "downloading" not in r.output, r.output
+    r = CliRunner().invoke(root_app, ["eval", "factor", "smollm2", "--limit", "1"])
+    assert r.exit_code == 1
+    text = " ".join(r.output.replace("│", " ").split())
+    assert "Error: news_factor.csv (NEWS-FACTOR" in text and "DOLA_CPP_OFFLINE is set" in text, text
     assert "Traceback" not in r.output
 
 

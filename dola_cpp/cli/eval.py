@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from enum import Enum
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import Model
+from .. import Model, evaldata
 from .. import evaluate as ev
 from ._cli_utils import (
     AlphaOpt, CLIError, CtxOpt, Decoder, DecoderOpt, InfoLayerOpt, ModelRequiredArg, ThreadsOpt, check_layer_syntax,
@@ -23,13 +24,20 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-DataOpt = Annotated[Optional[Path], typer.Option("--data", show_default=False,
-                                                  help="The dataset CSV (see the README for where to get it).")]
-# Where each task's published data file comes from (dola-cpp does not download it).
-DATA_SOURCES = {
-    ev.TFQA: "TruthfulQA.csv from the TruthfulQA repository (Lin et al., 2021; Apache-2.0)",
-    ev.FACTOR: "expert_factor.csv (or news_factor.csv) from AI21 Labs' FACTOR repository (Muhlgay et al., 2023)",
-}
+DataOpt = Annotated[Optional[Path], typer.Option(
+    "--data", show_default=False,
+    help="The dataset CSV. Without it the published file is downloaded once into the cache, with its licence.")]
+
+
+class FactorSubset(str, Enum):
+    news = "news"
+    expert = "expert"
+    wiki = "wiki"
+
+
+SubsetOpt = Annotated[Optional[FactorSubset], typer.Option(
+    "--subset", show_default=False, help="Which published FACTOR file to download when --data is not given "
+                                         "[default: news].")]
 EarlyExitOpt = Annotated[
     Optional[str],
     typer.Option(
@@ -77,25 +85,34 @@ def _layer_spec(early_exit_layers: Optional[str], layers: Optional[str]):
     return layers
 
 
-def _items(task: str, load, data: Optional[Path], limit: Optional[int]) -> list:
-    """The first ``limit`` items of ``data``, or a one-line error about the file."""
+def _items(task: str, load, data: Optional[Path], limit: Optional[int],
+           subset: Optional[FactorSubset] = None) -> tuple[Path, list]:
+    """The data file and its first ``limit`` items, or a one-line error about the file. Without
+    ``data`` the task's published file comes from the cache, downloaded on first use."""
+    if data is not None and subset is not None:
+        raise CLIError("give either --data or --subset, not both")
     if data is None:
-        raise CLIError(f"give the data with --data: {DATA_SOURCES[task]}; dola-cpp does not download it")
+        name = "truthfulqa" if task == ev.TFQA else f"factor-{(subset or FactorSubset.news).value}"
+        try:
+            data = evaldata.fetch(name, progress=lambda msg: print(msg, file=sys.stderr))
+        except evaldata.DataUnavailable as e:
+            raise CLIError(str(e)) from None
     try:
         items = load(data)
     except ev.EvalDataError as e:
         raise CLIError(f"--data: {e}") from None
-    return items[:limit] if limit else items
+    return data, (items[:limit] if limit else items)
 
 
 def _run(task: ev.Task, model_ref: str, data: Optional[Path], spec, premature_norm: bool, limit, json_out, ctx,
-         threads, kv_type, decoder: Decoder = Decoder.dola, alpha: float = 0.5, info_layer: Optional[int] = None) -> None:
+         threads, kv_type, decoder: Decoder = Decoder.dola, alpha: float = 0.5, info_layer: Optional[int] = None,
+         subset: Optional[FactorSubset] = None) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Table
 
     console = Console()
-    items = _items(task.name, task.load, data, limit)
+    data, items = _items(task.name, task.load, data, limit, subset)
     model = Model(model_path(model_ref), n_ctx=ctx, n_threads=threads, kv_type=kv_type.value)
     plan = layer_plan(model, spec) if spec is not None else model.resolve_layers(None)
     config = decode_config(model, layers=spec, premature_norm=premature_norm, decoder=decoder, alpha=alpha,
@@ -197,6 +214,7 @@ def tfqa_mc(
 def factor(
     model: ModelRequiredArg,
     data: DataOpt = None,
+    subset: SubsetOpt = None,
     early_exit_layers: EarlyExitOpt = None,
     layers: LayersOpt = None,
     premature_norm: PrematureNormOpt = False,
@@ -211,7 +229,7 @@ def factor(
 ) -> None:
     """FACTOR accuracy (the DoLa repo's factor_eval.py: relative_top=0.1, post-softmax)."""
     _run(ev.TASKS[ev.FACTOR], model, data, _layer_spec(early_exit_layers, layers), premature_norm, limit, json_out, ctx,
-         threads, kv_type, decoder, alpha, info_layer)
+         threads, kv_type, decoder, alpha, info_layer, subset)
 
 
 @app.command("selective")
@@ -239,7 +257,7 @@ def selective(
     console = Console()
     if layers.strip().lower() == "none":
         raise typer.BadParameter("the DoLa mode needs layers ('high', 'low' or a layer string)", param_hint="--layers")
-    items = _items(ev.TFQA, ev.load_truthfulqa, data, limit)
+    data, items = _items(ev.TFQA, ev.load_truthfulqa, data, limit)
     m = Model(model_path(model), n_ctx=ctx, n_threads=threads, kv_type=kv_type.value)
     dola_plan = layer_plan(m, layers)
     out.parent.mkdir(parents=True, exist_ok=True)
