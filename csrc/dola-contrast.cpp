@@ -78,9 +78,27 @@ inline double lane_sum(int64_t n, F f) {
     return acc;
 }
 
+// A running max is a loop-carried dependency GCC will not vectorise (a float max reduction needs
+// -ffast-math, and it does not turn 16 independent lanes into vmaxps either): the scalar passes over
+// a 262144-entry vocabulary cost as much as the exp passes. GCC/Clang vector extensions do it.
 inline float max_of(const float * z, int64_t n) {
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, z[i]);
+    const float ninf = -std::numeric_limits<float>::infinity();
+    float mx = ninf;
+    int64_t i = 0;
+#if defined(__GNUC__)
+    typedef float v8 __attribute__((vector_size(32)));
+    v8 a = {ninf, ninf, ninf, ninf, ninf, ninf, ninf, ninf}, b = a;
+    for (; i + 16 <= n; i += 16) {
+        v8 x, y;
+        std::memcpy(&x, z + i, sizeof x);
+        std::memcpy(&y, z + i + 8, sizeof y);
+        a = x > a ? x : a;
+        b = y > b ? y : b;
+    }
+    a = b > a ? b : a;
+    for (int j = 0; j < 8; ++j) mx = a[j] > mx ? a[j] : mx;
+#endif
+    for (; i < n; ++i) mx = z[i] > mx ? z[i] : mx;
     return mx;
 }
 
@@ -149,28 +167,121 @@ void repetition_penalty(float * scores, int64_t n, const int32_t * ids, int64_t 
 contrast_result dola_step(const float * z_mature, float * z_cand, int32_t K, int64_t n,
                           double relative_top, float * lp_out, float * scores, int32_t n_threads) {
     contrast_result res;
-    res.mature_lse = log_softmax(z_mature, lp_out, n);
-    res.entropy = entropy(lp_out, n);
-    std::vector<double> d(K, 0.0);
-    // Each candidate is independent: its log-softmax and its JSD against the mature distribution
-    // (a large vocabulary makes these passes as long as a small model's whole token).
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static, 1) num_threads(std::max(1, std::min<int32_t>(n_threads, K))) if (K > 1 && n_threads > 1)
-#endif
-    for (int32_t k = 0; k < K; ++k) {
-        log_softmax(z_cand + k * n, z_cand + k * n, n);
-        if (K > 1) d[k] = jsd(lp_out, z_cand + k * n, n);
+    if (K == 1) {  // static DoLa: no JSD, two log-softmaxes
+        res.mature_lse = log_softmax(z_mature, lp_out, n);
+        res.entropy = entropy(lp_out, n);
+        log_softmax(z_cand, z_cand, n);
+        if (scores) contrast_scores(lp_out, z_cand, n, relative_top, scores);
+        return res;
     }
-    if (K > 1) {
-        res.jsd.resize(K);
-        double best = -std::numeric_limits<double>::infinity();
+    // Every pass runs over fixed blocks of the K + 1 rows (the mature row is row K), so the work
+    // splits evenly over any number of threads (K candidates alone left threads idle when K is not
+    // a multiple of their number, and the mature row's passes ran on one) and the sums, taken block
+    // by block in a fixed order, do not depend on the thread count. The mature exponentials are
+    // computed once for every candidate's JSD, and the candidates' log-probabilities are written in
+    // the JSD pass.
+    constexpr int64_t B = 4096;
+    const int64_t nb = (n + B - 1) / B;
+    const int64_t R = (int64_t) K + 1;
+    auto row = [&](int64_t r) -> float * { return r == K ? const_cast<float *>(z_mature) : z_cand + r * n; };
+    thread_local std::vector<float> p_buf;
+    p_buf.resize((size_t) n);
+    float * p = p_buf.data();
+    std::vector<float> bmax((size_t) (R * nb)), mx((size_t) R), lse((size_t) R);
+    std::vector<double> bsum((size_t) (R * nb)), bent((size_t) nb), bjsd((size_t) (K * nb)), d((size_t) K);
+    const int32_t T = std::max<int32_t>(1, n_threads);
+    (void) T;  // unused without OpenMP
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(T) if (T > 1)
+#endif
+    for (int64_t t = 0; t < R * nb; ++t) {
+        const int64_t r = t / nb, b0 = (t % nb) * B;
+        bmax[t] = max_of(row(r) + b0, std::min(B, n - b0));
+    }
+    bool finite = true;
+    for (int64_t r = 0; r < R; ++r) {
+        mx[r] = max_of(bmax.data() + r * nb, nb);
+        finite = finite && std::isfinite(mx[r]);
+    }
+    if (!finite) {  // an all -inf (or inf/NaN) row: the plain passes, which let such values through
+        res.mature_lse = log_softmax(z_mature, lp_out, n);
+        res.entropy = entropy(lp_out, n);
         for (int32_t k = 0; k < K; ++k) {
-            res.jsd[k] = static_cast<float>(d[k]);
-            // Compare in float like torch's argmax over a float tensor (first on ties).
-            if (static_cast<float>(d[k]) > best || k == 0) {
-                best = static_cast<float>(d[k]);
-                res.premature_index = k;
+            log_softmax(z_cand + k * n, z_cand + k * n, n);
+            d[k] = jsd(lp_out, z_cand + k * n, n);
+        }
+    } else {
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(T) if (T > 1)
+#endif
+        {
+#if defined(_OPENMP)
+#pragma omp for schedule(static)
+#endif
+            for (int64_t t = 0; t < R * nb; ++t) {
+                const int64_t r = t / nb, b0 = (t % nb) * B;
+                const float * z = row(r) + b0;
+                const float m = mx[r];
+                bsum[t] = lane_sum(std::min(B, n - b0), [=](int64_t i) { return fast_exp(z[i] - m); });
             }
+#if defined(_OPENMP)
+#pragma omp single
+#endif
+            for (int64_t r = 0; r < R; ++r) {
+                double sum = 0.0;
+                for (int64_t b = 0; b < nb; ++b) sum += bsum[r * nb + b];
+                lse[r] = mx[r] + static_cast<float>(std::log(sum));
+            }
+            // the mature row: log-probabilities, probabilities, entropy
+#if defined(_OPENMP)
+#pragma omp for schedule(static)
+#endif
+            for (int64_t b = 0; b < nb; ++b) {
+                const int64_t b0 = b * B, len = std::min(B, n - b0);
+                const float l = lse[K];
+                const float * z = z_mature + b0;
+                float * lp = lp_out + b0;
+                float * pb = p + b0;
+                for (int64_t i = 0; i < len; ++i) lp[i] = z[i] - l;
+                for (int64_t i = 0; i < len; ++i) pb[i] = fast_exp(lp[i]);
+                bent[b] = lane_sum(len, [=](int64_t i) { return -pb[i] * std::max(lp[i], -1e30f); });
+            }
+            // each candidate block: its log-probabilities (in place) and its JSD terms
+#if defined(_OPENMP)
+#pragma omp for schedule(static)
+#endif
+            for (int64_t t = 0; t < K * nb; ++t) {
+                const int64_t k = t / nb, b0 = (t % nb) * B;
+                const float l = lse[k];
+                float * z = z_cand + k * n + b0;
+                const float * lp = lp_out + b0;
+                const float * pb = p + b0;
+                bjsd[t] = lane_sum(std::min(B, n - b0), [=](int64_t i) {
+                    const float lq = z[i] - l;
+                    z[i] = lq;
+                    const float m = 0.5f * (pb[i] + fast_exp(lq));
+                    const float lm = fast_log(std::max(m, 1e-30f));
+                    return m * (2.0f * lm - std::max(lp[i], -1e30f) - std::max(lq, -1e30f));
+                });
+            }
+        }
+        res.mature_lse = lse[K];
+        res.entropy = 0.0;
+        for (int64_t b = 0; b < nb; ++b) res.entropy += bent[b];
+        for (int32_t k = 0; k < K; ++k) {
+            double acc = 0.0;
+            for (int64_t b = 0; b < nb; ++b) acc += bjsd[k * nb + b];
+            d[k] = 0.5 * acc / static_cast<double>(n);
+        }
+    }
+    res.jsd.resize(K);
+    float best = 0.0f;
+    for (int32_t k = 0; k < K; ++k) {
+        res.jsd[k] = static_cast<float>(d[k]);
+        // Compare in float like torch's argmax over a float tensor (first on ties).
+        if (k == 0 || res.jsd[k] > best) {
+            best = res.jsd[k];
+            res.premature_index = k;
         }
     }
     if (scores) contrast_scores(lp_out, z_cand + res.premature_index * n, n, relative_top, scores);

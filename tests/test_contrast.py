@@ -59,11 +59,11 @@ def test_jsd_hand_computed():
     assert _core.kernels.jsd(p, p) == pytest.approx(0.0, abs=1e-7)
 
 
+@pytest.mark.parametrize("V", [4099, 3 * 4096 + 5], ids=["V4099", "V12293"])  # not multiples of a vector or block
 @pytest.mark.parametrize("K", [1, 2, 8])
 @pytest.mark.parametrize("scale", [1.0, 30.0, 1000.0], ids=["unit", "peaked", "huge"])
-def test_dola_step_random(K, scale):
+def test_dola_step_random(K, scale, V):
     rng = np.random.default_rng(K * 7 + int(scale))
-    V = 4099  # not a multiple of the vector width
     zm = (rng.normal(size=V) * scale).astype(np.float32)
     zc = (rng.normal(size=(K, V)) * scale).astype(np.float32)
     idx, js, scores = _core.kernels.dola_step(zm, zc, 0.1)
@@ -141,14 +141,27 @@ def test_lm_score_diff_post_softmax_and_mask():
     assert mask.tolist() == [False, False, True, True]
 
 
+@pytest.mark.parametrize("V", [4099, 9 * 4096 + 1])
 @pytest.mark.parametrize("K", [2, 5, 8])
-def test_dola_step_threads_do_not_change_the_result(K):
+def test_dola_step_threads_do_not_change_the_result(K, V):
+    """The passes run over fixed 4096-entry blocks of every row, split over the threads."""
     rng = np.random.default_rng(K)
-    zm = rng.normal(size=4099).astype(np.float32) * 3
-    zc = rng.normal(size=(K, 4099)).astype(np.float32) * 3
+    zm = rng.normal(size=V).astype(np.float32) * 3
+    zc = rng.normal(size=(K, V)).astype(np.float32) * 3
     one = _core.kernels.dola_step(zm, zc, 0.1, 1)
     for n_threads in (2, 3, 16):
         many = _core.kernels.dola_step(zm, zc, 0.1, n_threads)
         assert many[0] == one[0]
         np.testing.assert_array_equal(many[1], one[1])
         np.testing.assert_array_equal(many[2], one[2])
+
+
+def test_a_row_without_finite_logits_takes_the_plain_passes():
+    rng = np.random.default_rng(5)
+    zm = rng.normal(size=5000).astype(np.float32)
+    zc = rng.normal(size=(2, 5000)).astype(np.float32)
+    zc[1] = -np.inf
+    idx, js, scores = _core.kernels.dola_step(zm, zc, 0.1, 2)
+    expected = _core.kernels.jsd(log_softmax(zm).astype(np.float32), log_softmax(zc[0]).astype(np.float32))
+    assert js[0] == pytest.approx(expected, rel=1e-5)
+    assert np.isnan(js[1]) and idx == 0 and np.isfinite(scores).any()
