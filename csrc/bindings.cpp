@@ -349,6 +349,7 @@ PYBIND11_MODULE(_core, m) {
             d["contrast_ms"] = t.contrast_ms;
             d["n_prefill"] = t.n_prefill;
             d["n_decode"] = t.n_decode;
+            d["n_captured_ubatches"] = t.n_captured_ubatches;
             return d;
         })
         .def("reset_timings", [](py_session & self) { self.s.stats() = dola::timings{}; });

@@ -25,6 +25,7 @@ void layer_capture::expect(int32_t n_tokens, int32_t row_begin, int32_t row_end,
     if (want_context_ && context_data_.size() < (size_t) n_tokens * n_embd_) context_data_.resize((size_t) n_tokens * n_embd_);
     row_begin_ = row_begin;
     row_end_ = row_end;
+    called_ = false;
     std::fill(seen_.begin(), seen_.end(), 0);
     type_error_ = false;
     final_seen_ = false;
@@ -66,6 +67,7 @@ int32_t layer_capture::layer_of(const ggml_tensor * t) const {
 
 bool layer_capture::callback(ggml_tensor * t, bool ask, void * user_data) {
     auto * self = static_cast<layer_capture *>(user_data);
+    self->called_ = true;
     if ((self->layers_.empty() || self->row_end_ <= self->row_begin_) && !self->want_context_) return false;
     if (self->final_ && self->n_rows() == 1 && t->name[0] == 'r' && std::strcmp(t->name, "result_norm") == 0) {
         if (ask) return true;

@@ -53,6 +53,8 @@ public:
     int32_t n_embd() const { return n_embd_; }
 
     static bool callback(ggml_tensor * t, bool ask, void * user_data);
+    // Whether llama.cpp called the callback since the last expect().
+    bool called() const { return called_; }
 
 private:
     // The hidden layer a graph node outputs (transformers' numbering), or -1.
@@ -65,6 +67,7 @@ private:
     std::vector<uint8_t> seen_;
     std::vector<float> data_;
     int32_t n_tokens_ = 0, row_begin_ = 0, row_end_ = 0;
+    bool called_ = false;
     bool type_error_ = false;
     bool final_ = false;
     bool final_seen_ = false;

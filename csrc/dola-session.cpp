@@ -5,6 +5,8 @@
 #include "dola-log.h"
 #include "dola-rpc.h"
 
+#include "llama-context.h"  // internal: the context's parameters and scheduler, to switch the callback
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -47,11 +49,7 @@ session::session(std::shared_ptr<model> mdl, const context_params & params)
     cp.n_seq_max = 1;
     cp.n_threads = n_threads_;
     cp.n_threads_batch = n_threads_;
-    capture_enabled_ = params.capture;
-    if (capture_enabled_) {
-        cp.cb_eval = layer_capture::callback;
-        cp.cb_eval_user_data = &capture_;
-    }
+    capture_enabled_ = params.capture;  // the callback is installed per ubatch, when it has rows to capture
     cp.abort_callback = abort_cb;
     cp.abort_callback_data = this;
     cp.no_perf = true;
@@ -207,8 +205,21 @@ void session::update_threads() {
     if (projector_) projector_->set_n_threads(n);
 }
 
+void session::set_capture_callback(bool on) {
+    if (on == callback_on_) return;
+    // llama.cpp installs cparams.cb_eval in its scheduler when it builds a graph, and keeps the
+    // scheduler's callback when it reuses one: set both.
+    auto & cp = const_cast<llama_cparams &>(ctx_->get_cparams());
+    cp.cb_eval = on ? layer_capture::callback : nullptr;
+    cp.cb_eval_user_data = on ? &capture_ : nullptr;
+    ggml_backend_sched_set_eval_callback(ctx_->get_sched(), cp.cb_eval, cp.cb_eval_user_data);
+    callback_on_ = on;
+}
+
 void session::decode_chunk(const llama_token * toks, int32_t n, int32_t row_begin, int32_t row_end, bool context) {
     context = context && context_layer() >= 0;
+    const bool capture = capture_enabled_ && (context || (row_end > row_begin && !capture_.layers().empty()));
+    set_capture_callback(capture);
     update_threads();
     llama_batch batch = llama_batch_init(n, 0, 1);
     const llama_pos pos0 = (llama_pos) tokens_.size();
@@ -224,6 +235,7 @@ void session::decode_chunk(const llama_token * toks, int32_t n, int32_t row_begi
     clear_last_error();
     const int32_t rc = llama_decode(ctx_.get(), batch);
     llama_batch_free(batch);
+    timings_.n_captured_ubatches += capture_.called() ? 1 : 0;
     if (rc == 2) {
         sync_cache_after_failure();
         throw aborted();

@@ -74,6 +74,8 @@ struct score_result {
 struct timings {
     double prefill_ms = 0.0, decode_ms = 0.0, contrast_ms = 0.0;
     int64_t n_prefill = 0, n_decode = 0;
+    // llama_decode calls (ubatches) during which llama.cpp called the capture callback
+    int64_t n_captured_ubatches = 0;
 };
 
 class session {
@@ -178,6 +180,11 @@ private:
     int32_t threads_now_ = 0;
     thread_governor governor_;
     bool capture_enabled_ = true;
+    bool callback_on_ = false;  // the capture callback is installed in llama.cpp's scheduler
+    // Installs or removes the capture callback. With it, ggml's scheduler computes the graph in
+    // pieces and synchronises after each (on a GPU: no CUDA graphs), so ubatches that need no
+    // captured rows run without it.
+    void set_capture_callback(bool on);
     layer_capture capture_;
     std::unique_ptr<projector> projector_;
     std::unique_ptr<decoder> decoder_;

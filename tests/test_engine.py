@@ -339,3 +339,28 @@ def test_hostile_chat_template_is_never_executed(smollm2_path, tmp_path, looks_l
         with pytest.raises(DolaError, match="not one llama.cpp recognises"):
             m.apply_chat_template(messages)
     assert not marker.exists()
+
+
+def test_capture_callback_only_where_rows_are_captured(smollm2_path):
+    """With the capture callback installed, ggml's scheduler computes a graph in pieces and waits
+    after each (on a GPU, without CUDA graphs): a ubatch with nothing to capture runs without it.
+    Prompt chunks before the last, and plain decoding in a context made for DoLa, capture nothing."""
+    m = Model(smollm2_path, n_ctx=256, n_batch=8)
+    s = m._session
+    prompt = "The history of the Roman Empire spans more than a thousand years, from its founding to its fall"
+    n_prompt = len(m.tokenize(prompt))
+    assert n_prompt > 16  # at least three chunks of 8
+    plain = m.generate(prompt, max_tokens=6, ignore_eos=True)
+    assert s.timings()["n_captured_ubatches"] == 0
+    s.reset_timings()
+    s.clear()
+    high = m.generate(prompt, max_tokens=6, ignore_eos=True, layers="high")
+    # the prompt's last chunk, then each of the 5 decoded tokens
+    assert s.timings()["n_captured_ubatches"] == 1 + 5
+    s.reset_timings()
+    s.clear()
+    assert m.generate(prompt, max_tokens=6, ignore_eos=True).tokens == plain.tokens
+    assert s.timings()["n_captured_ubatches"] == 0
+    # the same DoLa tokens as a context whose every ubatch is small enough to capture
+    one = Model(smollm2_path, n_ctx=256, n_batch=256)
+    assert one.generate(prompt, max_tokens=6, ignore_eos=True, layers="high").tokens == high.tokens
