@@ -1,14 +1,17 @@
 """The evaluation datasets' published files, downloaded once into the user cache with their licences.
 
-TruthfulQA comes from the URL the DoLa repository's ``tfqa_mc_eval.py`` downloads (the authors'
-GitHub ``main``, so its checksum is recorded, not pinned); FACTOR from AI21 Labs' repository at a
-pinned commit, checked against pinned SHA-256 digests. Offline (``DOLA_CPP_OFFLINE=1`` or
+Both come from their authors' GitHub repositories at pinned commits: TruthfulQA's original
+817-question file, which the DoLa paper evaluated (the DoLa repository's ``tfqa_mc_eval.py``
+downloads the branch ``main``, which a 2025 revision changed to 790 questions), and FACTOR's files,
+checked against pinned SHA-256 digests. Where no digest is pinned, the row count is checked and the
+digest recorded. Offline (``DOLA_CPP_OFFLINE=1`` or
 ``HF_HUB_OFFLINE=1``, or the host unreachable within a few seconds) a cached file is used and a
 missing one is an immediate error that says how to give the file instead.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import tempfile
@@ -25,6 +28,7 @@ GITHUB_RAW = "https://raw.githubusercontent.com"
 PROBE_SECONDS = 3.0
 READ_TIMEOUT_SECONDS = 30.0
 _FACTOR_COMMIT = "ee9de30abf28e94b163167dc41ad51fbbdb48c32"
+_TFQA_COMMIT = "fdd8ad1c0d00a478cf8b0bb41a3ad8378c16293b"
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class Dataset:
     data: Published
     licences: tuple[Published, ...]
     about: str
+    rows: int  # data rows of the published CSV
 
 
 _FACTOR_LICENCES = (
@@ -57,9 +62,10 @@ _FACTOR_LICENCES = (
 DATASETS: dict[str, Dataset] = {
     "truthfulqa": Dataset(
         "truthfulqa",
-        Published("sylinrl/TruthfulQA/main/TruthfulQA.csv"),
-        (Published("sylinrl/TruthfulQA/main/LICENSE"),),
+        Published(f"sylinrl/TruthfulQA/{_TFQA_COMMIT}/TruthfulQA.csv"),
+        (Published(f"sylinrl/TruthfulQA/{_TFQA_COMMIT}/LICENSE"),),
         "TruthfulQA (Lin et al., 2021), 817 questions; Apache-2.0",
+        817,
     ),
     "factor-news": Dataset(
         "factor-news",
@@ -68,6 +74,7 @@ DATASETS: dict[str, Dataset] = {
         _FACTOR_LICENCES,
         "NEWS-FACTOR (Muhlgay et al., 2023), 1036 examples; ODC-By 1.0 (FACTOR_NEWS_LICENSE.md) "
         "and the CommonCrawl terms of use",
+        1036,
     ),
     "factor-expert": Dataset(
         "factor-expert",
@@ -75,12 +82,14 @@ DATASETS: dict[str, Dataset] = {
                   "39cbceba9b43e713069a155e2028f6a2335b792983110b935a71ddb065766bde"),
         _FACTOR_LICENCES,
         "EXPERT-FACTOR (Muhlgay et al., 2023), 236 examples; MIT",
+        236,
     ),
     "factor-wiki": Dataset(
         "factor-wiki",
         Published(f"AI21Labs/factor/{_FACTOR_COMMIT}/data/wiki_factor.csv"),
         _FACTOR_LICENCES,
         "WIKI-FACTOR (Muhlgay et al., 2023), 2994 examples; MIT",
+        2994,
     ),
 }
 
@@ -123,8 +132,14 @@ def _lookup(name: str) -> Dataset:
     return DATASETS[name]
 
 
-def _download(item: Published, dest: Path) -> str:
-    """Fetch ``item`` to ``dest`` (atomically), check its pinned digest, return its SHA-256."""
+def _csv_rows(path: Path) -> int:
+    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        return max(0, sum(1 for _ in csv.reader(f)) - 1)
+
+
+def _download(item: Published, dest: Path, rows: Optional[int] = None) -> str:
+    """Fetch ``item`` to ``dest`` (atomically), check its pinned digest (or, without one, its row
+    count), return its SHA-256."""
     url = url_of(item)
     with tempfile.NamedTemporaryFile(dir=dest.parent, prefix=dest.name, suffix=".partial", delete=False) as tmp:
         partial = Path(tmp.name)
@@ -142,6 +157,9 @@ def _download(item: Published, dest: Path) -> str:
         partial.unlink(missing_ok=True)
         raise DataUnavailable(f"{url}: sha256 {digest} does not match the pinned {item.sha256}; "
                               "the download was discarded")
+    if item.sha256 is None and rows is not None and (n := _csv_rows(partial)) != rows:
+        partial.unlink(missing_ok=True)
+        raise DataUnavailable(f"{url} has {n} rows where the published file has {rows}; the download was discarded")
     os.replace(partial, dest)
     return digest
 
@@ -169,6 +187,7 @@ def fetch(name: str, progress: Optional[Callable[[str], None]] = None) -> Path:
     for item in ds.licences + (ds.data,):
         if progress:
             progress(f"downloading {url_of(item)}")
-        record["files"][item.filename] = {"url": url_of(item), "sha256": _download(item, folder / item.filename)}
+        rows = ds.rows if item is ds.data else None
+        record["files"][item.filename] = {"url": url_of(item), "sha256": _download(item, folder / item.filename, rows)}
     (folder / "SOURCE.json").write_text(json.dumps(record, indent=2) + "\n")
     return target

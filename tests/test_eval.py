@@ -3,6 +3,7 @@ repository's protocol: metrics by hand, the prompt by hand, scores against trans
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -313,6 +314,15 @@ def test_fetch_rejects_a_file_that_is_not_the_pinned_one(data_mirror):
     assert evaldata.cached_path("factor-expert") is None
 
 
+def test_fetch_rejects_a_truthfulqa_of_another_length(data_mirror):
+    """TruthfulQA has no pinned digest: a file without the original's 817 rows (as the 790 of the
+    2025 revision) is not the one the DoLa paper evaluated."""
+    shutil.copy(TFQA_CSV, data_mirror.file("truthfulqa"))  # the 409-row dev half
+    with pytest.raises(evaldata.DataUnavailable, match="has 409 rows where the published file has 817"):
+        evaldata.fetch("truthfulqa")
+    assert evaldata.cached_path("truthfulqa") is None
+
+
 def test_fetch_reports_a_missing_file(data_mirror):
     # the mirror has no wiki_factor.csv
     with pytest.raises(evaldata.DataUnavailable, match=r"could not download http://127\.0\.0\.1:\d+/.*wiki_factor\.csv"):
@@ -348,7 +358,9 @@ def test_cli_eval_downloads_the_data_when_no_file_is_given(data_mirror, monkeypa
                                       "--threads", "2", "--ctx", "512"])
     assert r.exit_code == 0, r.output
     assert "downloading " + data_mirror.url in r.output and "MC1" in r.output
-    assert (data_mirror.cache / "data" / "truthfulqa" / "TruthfulQA.csv").read_bytes() == TFQA_CSV.read_bytes()
+    cached = data_mirror.cache / "data" / "truthfulqa" / "TruthfulQA.csv"
+    assert cached.read_bytes() == data_mirror.file("truthfulqa").read_bytes()
+    assert len(ev.load_truthfulqa(cached)) == 817
     r = CliRunner().invoke(root_app, ["eval", "factor", "smollm2", "--subset", "expert", "--limit", "1",
                                       "--threads", "2", "--ctx", "512"])
     assert r.exit_code == 0, r.output
