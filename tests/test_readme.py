@@ -55,7 +55,9 @@ def test_readme_has_blocks_and_every_command_is_known():
 
 
 @pytest.mark.parametrize("code", PYTHON_BLOCKS, ids=lambda c: c.splitlines()[0][:40])
-def test_python_block_runs(code, tmp_path):
+def test_python_block_runs(code, tmp_path, request):
+    if "evaldata" in code:
+        request.getfixturevalue("data_mirror")  # see test_cli_command_runs
     r = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True,
                        timeout=600, env=_env(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
