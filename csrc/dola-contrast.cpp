@@ -174,12 +174,14 @@ contrast_result dola_step(const float * z_mature, float * z_cand, int32_t K, int
         if (scores) contrast_scores(lp_out, z_cand, n, relative_top, scores);
         return res;
     }
-    // Every pass runs over fixed blocks of the K + 1 rows (the mature row is row K), so the work
-    // splits evenly over any number of threads (K candidates alone left threads idle when K is not
-    // a multiple of their number, and the mature row's passes ran on one) and the sums, taken block
-    // by block in a fixed order, do not depend on the thread count. The mature exponentials are
-    // computed once for every candidate's JSD, and the candidates' log-probabilities are written in
-    // the JSD pass.
+    // The passes run over fixed 4096-entry blocks of the K + 1 rows (the mature row is row K), so
+    // the work splits evenly over any number of threads and the sums, taken block by block in a
+    // fixed order, do not depend on the thread count. With a large vocabulary these passes are
+    // bound by memory traffic, so each row is read from memory twice: once for each block's max and
+    // exponential sum (the block is still in cache for the second), once for the JSD, which
+    // computes the candidate's log-probabilities on the fly and reads the mature row's
+    // probabilities and log-probabilities for all candidates of a block while they are in cache.
+    // Only the chosen candidate's log-probabilities are written.
     constexpr int64_t B = 4096;
     const int64_t nb = (n + B - 1) / B;
     const int64_t R = (int64_t) K + 1;
@@ -187,7 +189,7 @@ contrast_result dola_step(const float * z_mature, float * z_cand, int32_t K, int
     thread_local std::vector<float> p_buf;
     p_buf.resize((size_t) n);
     float * p = p_buf.data();
-    std::vector<float> bmax((size_t) (R * nb)), mx((size_t) R), lse((size_t) R);
+    std::vector<float> bmax((size_t) (R * nb)), lse((size_t) R);
     std::vector<double> bsum((size_t) (R * nb)), bent((size_t) nb), bjsd((size_t) (K * nb)), d((size_t) K);
     const int32_t T = std::max<int32_t>(1, n_threads);
     (void) T;  // unused without OpenMP
@@ -195,13 +197,21 @@ contrast_result dola_step(const float * z_mature, float * z_cand, int32_t K, int
 #pragma omp parallel for schedule(static) num_threads(T) if (T > 1)
 #endif
     for (int64_t t = 0; t < R * nb; ++t) {
-        const int64_t r = t / nb, b0 = (t % nb) * B;
-        bmax[t] = max_of(row(r) + b0, std::min(B, n - b0));
+        const int64_t r = t / nb, b0 = (t % nb) * B, len = std::min(B, n - b0);
+        const float * z = row(r) + b0;
+        const float m = max_of(z, len);
+        bmax[t] = m;
+        bsum[t] = std::isfinite(m) ? lane_sum(len, [=](int64_t i) { return fast_exp(z[i] - m); }) : 0.0;
     }
     bool finite = true;
     for (int64_t r = 0; r < R; ++r) {
-        mx[r] = max_of(bmax.data() + r * nb, nb);
-        finite = finite && std::isfinite(mx[r]);
+        const float mx = max_of(bmax.data() + r * nb, nb);
+        double sum = 0.0;
+        for (int64_t b = 0; b < nb; ++b) {
+            if (bsum[r * nb + b] > 0.0) sum += bsum[r * nb + b] * std::exp((double) bmax[r * nb + b] - (double) mx);
+        }
+        lse[r] = mx + static_cast<float>(std::log(sum));
+        finite = finite && std::isfinite(mx) && std::isfinite(lse[r]);
     }
     if (!finite) {  // an all -inf (or inf/NaN) row: the plain passes, which let such values through
         res.mature_lse = log_softmax(z_mature, lp_out, n);
@@ -215,23 +225,6 @@ contrast_result dola_step(const float * z_mature, float * z_cand, int32_t K, int
 #pragma omp parallel num_threads(T) if (T > 1)
 #endif
         {
-#if defined(_OPENMP)
-#pragma omp for schedule(static)
-#endif
-            for (int64_t t = 0; t < R * nb; ++t) {
-                const int64_t r = t / nb, b0 = (t % nb) * B;
-                const float * z = row(r) + b0;
-                const float m = mx[r];
-                bsum[t] = lane_sum(std::min(B, n - b0), [=](int64_t i) { return fast_exp(z[i] - m); });
-            }
-#if defined(_OPENMP)
-#pragma omp single
-#endif
-            for (int64_t r = 0; r < R; ++r) {
-                double sum = 0.0;
-                for (int64_t b = 0; b < nb; ++b) sum += bsum[r * nb + b];
-                lse[r] = mx[r] + static_cast<float>(std::log(sum));
-            }
             // the mature row: log-probabilities, probabilities, entropy
 #if defined(_OPENMP)
 #pragma omp for schedule(static)
@@ -246,19 +239,18 @@ contrast_result dola_step(const float * z_mature, float * z_cand, int32_t K, int
                 for (int64_t i = 0; i < len; ++i) pb[i] = fast_exp(lp[i]);
                 bent[b] = lane_sum(len, [=](int64_t i) { return -pb[i] * std::max(lp[i], -1e30f); });
             }
-            // each candidate block: its log-probabilities (in place) and its JSD terms
+            // the candidates' JSD terms, block by block (the K candidates of a block together)
 #if defined(_OPENMP)
 #pragma omp for schedule(static)
 #endif
             for (int64_t t = 0; t < K * nb; ++t) {
-                const int64_t k = t / nb, b0 = (t % nb) * B;
+                const int64_t b = t / K, k = t % K, b0 = b * B;
                 const float l = lse[k];
-                float * z = z_cand + k * n + b0;
+                const float * z = z_cand + k * n + b0;
                 const float * lp = lp_out + b0;
                 const float * pb = p + b0;
-                bjsd[t] = lane_sum(std::min(B, n - b0), [=](int64_t i) {
+                bjsd[k * nb + b] = lane_sum(std::min(B, n - b0), [=](int64_t i) {
                     const float lq = z[i] - l;
-                    z[i] = lq;
                     const float m = 0.5f * (pb[i] + fast_exp(lq));
                     const float lm = fast_log(std::max(m, 1e-30f));
                     return m * (2.0f * lm - std::max(lp[i], -1e30f) - std::max(lq, -1e30f));
@@ -284,7 +276,12 @@ contrast_result dola_step(const float * z_mature, float * z_cand, int32_t K, int
             res.premature_index = k;
         }
     }
-    if (scores) contrast_scores(lp_out, z_cand + res.premature_index * n, n, relative_top, scores);
+    float * chosen = z_cand + (size_t) res.premature_index * n;
+    if (finite) {
+        const float l = lse[res.premature_index];
+        for (int64_t i = 0; i < n; ++i) chosen[i] -= l;
+    }
+    if (scores) contrast_scores(lp_out, chosen, n, relative_top, scores);
     return res;
 }
 

@@ -39,11 +39,11 @@ struct contrast_result {
     double entropy = 0.0;         // entropy of the mature distribution
 };
 
-// One DoLa step. z_mature: n logits; z_cand: K*n candidate logits (overwritten with their
-// log-softmax); lp_out: n (log-softmax of z_mature); scores: n (the contrast, before any
-// logits processor), or null to only choose the premature layer. K == 1 is static DoLa (no JSD).
-// The candidates' softmax and JSD passes run on up to n_threads threads; results do not depend
-// on the thread count.
+// One DoLa step. z_mature: n logits; z_cand: K*n candidate logits, of which the chosen one's row
+// (premature_index) is overwritten with its log-softmax (the others may be left as they were);
+// lp_out: n (log-softmax of z_mature); scores: n (the contrast, before any logits processor), or
+// null to only choose the premature layer. K == 1 is static DoLa (no JSD). The passes run on up
+// to n_threads threads; results do not depend on the thread count.
 contrast_result dola_step(const float * z_mature, float * z_cand, int32_t K, int64_t n,
                           double relative_top, float * lp_out, float * scores, int32_t n_threads = 1);
 
