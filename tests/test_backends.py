@@ -7,6 +7,9 @@ plain layout (``repack=False``), for one row (decoding), several (DoLa's candida
 many (``score``), and plain decoding of multi-token batches must run (the AMX crash)."""
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,3 +132,12 @@ def test_q8_kernel_setting_is_checked(q8_kernel, smollm2_path):
     m = q8_kernel("sometimes", smollm2_path)
     with pytest.raises(dola_cpp.DolaError, match="DOLA_CPP_Q8_KERNEL must be auto, on or off"):
         m.generate(PROMPT, max_tokens=1, layers="high")
+
+
+def test_device_parity_script_runs():
+    """benchmarks/device_parity.py is what a GPU machine runs (benchmarks/device_check.sh): on this
+    build it compares the placements it has (all the CPU here) and must pass."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "device_parity.py"
+    r = subprocess.run([sys.executable, str(script), "--tokens", "8"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| all offloaded |" in r.stdout and "| half offloaded |" in r.stdout
