@@ -12,6 +12,7 @@ mkdir -p "$OUT"
 exec > >(tee "$OUT/device_check.log") 2>&1
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
+REPO=$PWD
 step() { echo; echo "=== $* ($(date +%T), ${SECONDS}s)"; }
 
 step machine
@@ -36,6 +37,11 @@ nm -D --defined-only /tmp/site/dola_cpp/_core*.so | awk '{print $3}' | grep -v -
 
 step "DoLa on every placement of the weights against the CPU"
 timeout 120 python3 benchmarks/device_parity.py --tokens 32 | tee "$OUT/parity.md"
+
+step "the CPU's extra buffer types (AMX where the CPU has it, CPU_REPACK) against the plain layout; exports"
+# (from /tmp: in the repository root, the source folder dola_cpp/ would shadow the installed one)
+(cd /tmp && timeout 120 python3 -m pytest -q -p no:cacheprovider -rs "$REPO/tests/test_backends.py" -k "not q8_kernel" \
+    "$REPO/tests/test_isolation.py::test_core_exports_only_its_module_init")
 
 step "decode and prompt processing on a 7B-shaped model (plain vs DoLa)"
 timeout 300 python3 benchmarks/bench_decode.py --models llama-7b-shape --tokens 128 --repeats 3 --no-transformers \
