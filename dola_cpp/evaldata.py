@@ -144,7 +144,8 @@ def _download(item: Published, dest: Path, rows: Optional[int] = None) -> str:
     with tempfile.NamedTemporaryFile(dir=dest.parent, prefix=dest.name, suffix=".partial", delete=False) as tmp:
         partial = Path(tmp.name)
         try:
-            with urllib.request.urlopen(url, timeout=READ_TIMEOUT_SECONDS) as resp:
+            # a fresh opener reads the proxy settings now (urlopen's is built once per process)
+            with urllib.request.build_opener().open(url, timeout=READ_TIMEOUT_SECONDS) as resp:
                 while block := resp.read(1 << 20):
                     tmp.write(block)
         except (urllib.error.URLError, OSError) as e:

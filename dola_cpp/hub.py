@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import urllib.parse
+import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,8 +119,11 @@ _HF_RE = re.compile(r"^hf://([^/]+)/([^/]+)/(.+\.gguf)$")
 
 def _reachable(url: str, timeout: float) -> bool:
     """Whether a TCP connection to ``url``'s host opens within ``timeout`` seconds (name lookup
-    included: it runs in a thread, so a resolver that hangs cannot hold the caller)."""
+    included: it runs in a thread, so a resolver that hangs cannot hold the caller). True where
+    a proxy (``HTTPS_PROXY`` and the like) carries the request instead."""
     parsed = urllib.parse.urlparse(url)
+    if parsed.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(parsed.hostname or ""):
+        return True  # through a proxy: the download itself finds out, within its own timeout
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     ok: list[bool] = []
 

@@ -120,7 +120,8 @@ def data_mirror(tmp_path, smollm2_path, monkeypatch):
     mirror = DataMirror(root, cache, f"http://127.0.0.1:{server.server_address[1]}")
     for k, v in mirror.env.items():
         monkeypatch.setenv(k, v)
-    for var in ("DOLA_CPP_OFFLINE", "HF_HUB_OFFLINE"):
+    for var in ("DOLA_CPP_OFFLINE", "HF_HUB_OFFLINE", "http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY",
+                "HTTPS_PROXY", "ALL_PROXY"):  # the mirror is on this machine
         monkeypatch.delenv(var, raising=False)
     assert hub.cache_dir() == cache
     yield mirror

@@ -353,6 +353,17 @@ def test_fetch_fails_fast_offline(data_mirror, monkeypatch, env, reason):
     assert "TruthfulQA.csv" in msg and "give it with --data" in msg and "Apache-2.0" in msg
 
 
+def test_fetch_goes_through_a_proxy(data_mirror, monkeypatch):
+    """Behind a proxy the host itself is not probed: the request goes to the proxy (here a closed
+    port, so it fails at once, saying so)."""
+    monkeypatch.setenv("DOLA_CPP_DATA_URL", "https://mirror.invalid")
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    with pytest.raises(evaldata.DataUnavailable, match=r"could not download https://mirror\.invalid/.*: .*refused"):
+        evaldata.fetch("truthfulqa")
+
+
 def test_cli_eval_downloads_the_data_when_no_file_is_given(data_mirror, monkeypatch):
     r = CliRunner().invoke(root_app, ["eval", "tfqa-mc", "smollm2", "--early-exit-layers", "15,30", "--limit", "1",
                                       "--threads", "2", "--ctx", "512"])
