@@ -110,11 +110,24 @@ projector::projector(const llama_model * model) {
                                    : "CPU (dola-cpp's Q8_0 kernel or ggml's, whichever measures faster)";
     }
     backend_name_ += std::string(" [weights: ") + ggml_type_name(output_->type) + " in " + buft_name + "]";
+
+    // DOLA_CPP_DEVICE_CONTRAST: auto (default: where the backend is not the CPU, whose own kernels
+    // are faster than a ggml graph), on (any backend; for tests), off.
+    const char * dmode = std::getenv("DOLA_CPP_DEVICE_CONTRAST");
+    const std::string contrast_mode = dmode ? dmode : "auto";
+    if (contrast_mode != "auto" && contrast_mode != "on" && contrast_mode != "off") {
+        throw error("DOLA_CPP_DEVICE_CONTRAST must be auto, on or off, got '" + contrast_mode + "'");
+    }
+    device_contrast_ = contrast_mode == "on" || (contrast_mode == "auto" && !is_cpu_);
+    if (device_contrast_) backend_name_ += " (DoLa's contrast there too)";
+    galloc_d_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_));
 }
 
 projector::~projector() {
     if (ctx_) ggml_free(ctx_);
     if (galloc_) ggml_gallocr_free(galloc_);
+    if (ctx_d_) ggml_free(ctx_d_);
+    if (galloc_d_) ggml_gallocr_free(galloc_d_);
     if (backend_) ggml_backend_free(backend_);
 }
 
@@ -251,6 +264,89 @@ void projector::project_ggml(const float * hidden, int32_t n_rows, bool norm, fl
         throw error("the early-exit projection failed on backend " + backend_name_);
     }
     ggml_backend_tensor_get(out_, out, 0, (size_t) n_vocab_ * n_rows * sizeof(float));
+}
+
+// Rows [0, K) are the candidates, row K the mature one. The row max comes from argmax and a
+// gather (ggml has no row-max op; log(soft_max) would lose the log-probabilities of improbable
+// tokens to underflow, and DoLa's contrast reads them), then each row's log-softmax
+// (z - max) - log(sum(exp(z - max))), and per candidate the JSD terms of transformers' formula,
+// M (2 log M - lp - lq) with M = (p + q) / 2, summed over the vocabulary.
+bool projector::build_dola(int32_t n_rows) {
+    if (ctx_d_) ggml_free(ctx_d_);
+    ggml_init_params params = {
+        /*.mem_size   =*/ ggml_tensor_overhead() * 48 + ggml_graph_overhead(),
+        /*.mem_buffer =*/ nullptr,
+        /*.no_alloc   =*/ true,
+    };
+    ctx_d_ = ggml_init(params);
+    ggml_context * c = ctx_d_;
+    const int32_t K = n_rows - 1;
+    const int64_t V = n_vocab_;
+    in_d_ = ggml_new_tensor_2d(c, GGML_TYPE_F32, n_embd_, n_rows);
+    ggml_set_input(in_d_);
+    ggml_tensor * z = ggml_mul_mat(c, output_, in_d_);                       // [V, R]
+    ggml_tensor * idx = ggml_argmax(c, z);                                   // [R]
+    ggml_tensor * zt = ggml_cont(c, ggml_transpose(c, z));                   // [R, V]
+    ggml_tensor * g = ggml_get_rows(c, zt, idx);                             // [R, R]: g[., r] = z[idx_r, .]
+    ggml_tensor * mx = ggml_cont(c, ggml_view_2d(c, g, 1, n_rows, g->nb[1] + g->nb[0], 0));  // [1, R] diagonal
+    ggml_tensor * zs = ggml_sub(c, z, mx);
+    ggml_tensor * lse = ggml_log(c, ggml_sum_rows(c, ggml_exp(c, zs)));      // [1, R]
+    lp_d_ = ggml_sub(c, zs, lse);                                            // [V, R]
+    ggml_set_output(lp_d_);
+    ggml_tensor * p = ggml_exp(c, lp_d_);
+    ggml_tensor * lpm = ggml_view_2d(c, lp_d_, V, 1, lp_d_->nb[1], (size_t) K * lp_d_->nb[1]);
+    ggml_tensor * pm = ggml_view_2d(c, p, V, 1, p->nb[1], (size_t) K * p->nb[1]);
+    ggml_tensor * lpc = ggml_view_2d(c, lp_d_, V, K, lp_d_->nb[1], 0);
+    ggml_tensor * pc = ggml_view_2d(c, p, V, K, p->nb[1], 0);
+    ggml_tensor * m = ggml_scale(c, ggml_add(c, pc, pm), 0.5f);              // [V, K]
+    ggml_tensor * lm = ggml_log(c, ggml_clamp(c, m, 1e-30f, 3.0e38f));
+    ggml_tensor * x = ggml_sub(c, ggml_sub(c, ggml_scale(c, lm, 2.0f), lpm), lpc);
+    jsd_d_ = ggml_sum_rows(c, ggml_mul(c, m, x));                           // [1, K]
+    ggml_set_output(jsd_d_);
+    ent_d_ = ggml_sum_rows(c, ggml_mul(c, pm, lpm));                        // [1, 1]
+    ggml_set_output(ent_d_);
+    graph_d_ = ggml_new_graph(c);
+    ggml_build_forward_expand(graph_d_, lp_d_);
+    ggml_build_forward_expand(graph_d_, jsd_d_);
+    ggml_build_forward_expand(graph_d_, ent_d_);
+    built_d_rows_ = n_rows;
+    d_supported_ = true;
+    for (int i = 0; i < ggml_graph_n_nodes(graph_d_); ++i) {
+        if (!ggml_backend_supports_op(backend_, ggml_graph_node(graph_d_, i))) {
+            d_supported_ = false;  // the host contrast it is
+            return false;
+        }
+    }
+    if (!ggml_gallocr_alloc_graph(galloc_d_, graph_d_)) throw error("could not allocate the contrast graph");
+    return true;
+}
+
+bool projector::project_dola(const float * hidden, int32_t n_rows, float * jsd, double * entropy) {
+    if (!device_contrast_ || n_rows < 3) return false;
+    if (n_rows != built_d_rows_) {
+        if (!build_dola(n_rows)) return false;
+    } else if (!d_supported_) {
+        return false;
+    } else if (!ggml_gallocr_alloc_graph(galloc_d_, graph_d_)) {
+        throw error("could not allocate the contrast graph");
+    }
+    ggml_backend_tensor_set(in_d_, hidden, 0, (size_t) n_embd_ * n_rows * sizeof(float));
+    if (ggml_backend_graph_compute(backend_, graph_d_) != GGML_STATUS_SUCCESS) {
+        throw error("the DoLa contrast failed on backend " + backend_name_);
+    }
+    const int32_t K = n_rows - 1;
+    std::vector<float> sums(K);
+    ggml_backend_tensor_get(jsd_d_, sums.data(), 0, (size_t) K * sizeof(float));
+    for (int32_t k = 0; k < K; ++k) jsd[k] = (float) (0.5 * (double) sums[k] / (double) n_vocab_);
+    float plogp = 0.0f;
+    ggml_backend_tensor_get(ent_d_, &plogp, 0, sizeof(float));
+    *entropy = -(double) plogp;
+    return true;
+}
+
+void projector::fetch_log_softmax(int32_t row, float * out) {
+    if (!lp_d_ || row < 0 || row >= built_d_rows_) throw error("internal: no such row of the contrast graph");
+    ggml_backend_tensor_get(lp_d_, out, (size_t) row * lp_d_->nb[1], (size_t) n_vocab_ * sizeof(float));
 }
 
 }  // namespace dola

@@ -48,11 +48,22 @@ public:
     bool can_fuse_final() const { return can_fuse_final_; }
     const std::string & backend_name() const { return backend_name_; }
 
+    // DoLa's contrast where the logits are (DOLA_CPP_DEVICE_CONTRAST: auto = on a GPU's own
+    // buffers, on = on any backend, off): project n_rows hidden rows ([K candidates..., mature],
+    // raw: the fused final row is already normed), compute every row's log-softmax, each
+    // candidate's JSD against the mature row and the mature entropy on the backend, and bring back
+    // only jsd[K] and the entropy. False (nothing computed) where that is off or the backend lacks
+    // an op: use project().
+    bool project_dola(const float * hidden, int32_t n_rows, float * jsd, double * entropy);
+    // Row `row` of the last project_dola()'s log-softmax (row n_rows-1 is the mature one). [n_vocab]
+    void fetch_log_softmax(int32_t row, float * out);
+
 private:
     void build(int32_t n_rows, bool norm);
     bool q8_faster(const float * hidden, int32_t n_rows, bool norm);
     void project_q8(const float * hidden, int32_t n_rows, bool norm, float * out);
     void project_ggml(const float * hidden, int32_t n_rows, bool norm, float * out);
+    bool build_dola(int32_t n_rows);
 
     ggml_tensor * output_ = nullptr;
     ggml_tensor * output_norm_ = nullptr;
@@ -79,6 +90,17 @@ private:
     bool built_norm_ = false;
     std::vector<float> pad_;
     std::map<int32_t, bool> q8_faster_;  // (rows, norm) -> our kernel measured faster
+    // the DoLa contrast graph (project_dola)
+    bool device_contrast_ = false;
+    ggml_gallocr_t galloc_d_ = nullptr;
+    ggml_context * ctx_d_ = nullptr;
+    ggml_cgraph * graph_d_ = nullptr;
+    ggml_tensor * in_d_ = nullptr;
+    ggml_tensor * lp_d_ = nullptr;   // [n_vocab, n_rows] log-softmax of every row
+    ggml_tensor * jsd_d_ = nullptr;  // [1, K] sum over the vocabulary of the JSD terms
+    ggml_tensor * ent_d_ = nullptr;  // [1, 1] sum of p log p of the mature row
+    int32_t built_d_rows_ = -1;
+    bool d_supported_ = false;
 };
 
 }  // namespace dola

@@ -454,6 +454,7 @@ step_result session::sample(float eos_bonus) {
     // fused) in one matmul.
     const bool fused = fuse_final_ && capture_.final_seen();
     const int32_t n_proj = (int32_t) capture_layers_.size() + (fused ? 1 : 0);
+    bool on_device = false;
     if (n_proj > 0) {
         const int32_t E = model_->n_embd();
         hidden_.resize((size_t) n_proj * E);
@@ -461,10 +462,29 @@ step_result session::sample(float eos_bonus) {
             std::memcpy(hidden_.data() + (size_t) s * E, capture_.rows(s), E * sizeof(float));
         }
         if (fused) std::memcpy(hidden_.data() + (size_t) (n_proj - 1) * E, capture_.final_row(), E * sizeof(float));
-        cand_logits_.resize((size_t) n_proj * V);
-        projector_->project(hidden_.data(), n_proj, params_.premature_norm, cand_logits_.data());
+        // DoLa with the fused final row (the rows are exactly [candidates..., mature]) may run its
+        // contrast where the projection ran and fetch two rows instead of all of them.
+        if (fused && !params_.premature_norm && decoder_->wants_device_rows() &&
+            (int32_t) decoder_->layers().size() == n_proj - 1) {
+            device_jsd_.resize(n_proj - 1);
+            on_device = projector_->project_dola(hidden_.data(), n_proj, device_jsd_.data(), &device_rows_.entropy);
+        }
+        if (!on_device) {
+            cand_logits_.resize((size_t) n_proj * V);
+            projector_->project(hidden_.data(), n_proj, params_.premature_norm, cand_logits_.data());
+        }
     }
-    decoder_->step(rows_for(cand_logits_.data(), -1), lp_.data(), scores_.data(), res);
+    if (on_device) {
+        decoder_rows rows;
+        rows.n_vocab = V;
+        rows.n_threads = threads_now_;
+        device_rows_.jsd = device_jsd_.data();
+        rows.device = &device_rows_;
+        decoder_->step(rows, lp_.data(), scores_.data(), res);
+        check_finite(lp_.data(), V);
+    } else {
+        decoder_->step(rows_for(cand_logits_.data(), -1), lp_.data(), scores_.data(), res);
+    }
     repetition_penalty(scores_.data(), V, tokens_.data(), (int64_t) tokens_.size(), params_.repetition_penalty);
     res.top_logprob = *std::max_element(lp_.begin(), lp_.end());
     if (eos_bonus != 0.0f) boost_eog(eos_bonus, res.top_logprob);

@@ -161,6 +161,17 @@ private:
     private:
         session & s_;
     };
+    // The rows of the last projection, left on its backend with DoLa's JSD computed there.
+    class projected_rows : public device_rows {
+    public:
+        explicit projected_rows(session & s) : s_(s) {}
+        void log_softmax(int32_t row, float * out) override { s_.projector_->fetch_log_softmax(row, out); }
+
+    private:
+        session & s_;
+    };
+    projected_rows device_rows_{*this};
+    std::vector<float> device_jsd_;
     // For calls that capture other rows than decoding does (layer_logits, score): on return or
     // throw, puts the capture back to the configured layers and fused-final state; the outputs
     // they leave are not sampleable.

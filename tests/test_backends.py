@@ -142,3 +142,51 @@ def test_device_parity_script_runs():
     r = subprocess.run([sys.executable, str(script), "--tokens", "8"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "| all offloaded |" in r.stdout and "| half offloaded |" in r.stdout
+
+
+def _dola_run(path, monkeypatch, mode, **kw):
+    monkeypatch.setenv("DOLA_CPP_DEVICE_CONTRAST", mode)  # read when the projection is first needed
+    m = Model(path, n_ctx=512, n_threads=2)
+    out = [m.generate(PROMPT, max_tokens=20, ignore_eos=True, layers=layers, **kw) for layers in ("high", "low")]
+    return m, out
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "seed": 3}, {"relative_top": 0.0}],
+                         ids=["greedy", "sampled", "no-relative-top"])
+def test_contrast_on_the_projection_backend_matches_the_host(smollm2_path, monkeypatch, sampling):
+    """DOLA_CPP_DEVICE_CONTRAST=on runs the contrast graph a GPU runs (log-softmax of every row, the
+    JSD per candidate) on the CPU backend, and brings back only the JSD values and two rows: the
+    same tokens, layers, JSD and scores as the host kernels."""
+    m_dev, dev = _dola_run(smollm2_path, monkeypatch, "on", **sampling)
+    assert m_dev.projection_backend.endswith("(DoLa's contrast there too)")
+    m_host, host = _dola_run(smollm2_path, monkeypatch, "off", **sampling)
+    assert "contrast there" not in m_host.projection_backend
+    for d, h in zip(dev, host):
+        assert d.tokens == h.tokens
+        assert [s.premature_layer for s in d.steps] == [s.premature_layer for s in h.steps]
+        np.testing.assert_allclose(np.stack([s.jsd for s in d.steps]), np.stack([s.jsd for s in h.steps]),
+                                   rtol=1e-4, atol=1e-8)
+        np.testing.assert_allclose([s.score for s in d.steps], [s.score for s in h.steps], rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose([s.mature_logprob for s in d.steps], [s.mature_logprob for s in h.steps],
+                                   atol=1e-4)
+        np.testing.assert_allclose([s.entropy for s in d.steps], [s.entropy for s in h.steps], rtol=1e-4, atol=1e-5)
+
+
+def test_contrast_on_the_projection_backend_leaves_other_decoding_to_the_host(smollm2_path, monkeypatch):
+    """Static DoLa (one candidate), premature_norm (no fused final row) and Activation Decoding keep
+    the host kernels; their results do not depend on the setting."""
+    results = {}
+    for mode in ("on", "off"):
+        monkeypatch.setenv("DOLA_CPP_DEVICE_CONTRAST", mode)
+        m = Model(smollm2_path, n_ctx=512, n_threads=2)
+        results[mode] = [m.generate(PROMPT, max_tokens=8, ignore_eos=True, **kw).tokens
+                         for kw in ({"layers": [15]}, {"layers": "high", "premature_norm": True},
+                                    {"layers": "high", "decoder": "activation"})]
+    assert results["on"] == results["off"]
+
+
+def test_device_contrast_setting_is_checked(smollm2_path, monkeypatch):
+    monkeypatch.setenv("DOLA_CPP_DEVICE_CONTRAST", "sometimes")
+    m = Model(smollm2_path, n_ctx=256)
+    with pytest.raises(dola_cpp.DolaError, match="DOLA_CPP_DEVICE_CONTRAST must be auto, on or off"):
+        m.generate("x", max_tokens=1, layers="high")

@@ -68,6 +68,7 @@ def test_dola_with_layers_on_two_rpc_servers_equals_local(servers, smollm2_path)
         r = remote.generate(prompt, max_tokens=16, **kw)
         assert r.tokens == local.generate(prompt, max_tokens=16, **kw).tokens, kw
     assert "RPC" in remote.projection_backend
+    assert remote.projection_backend.endswith("(DoLa's contrast there too)")  # only K JSD values and 2 rows come back
     # teacher-forced scores agree too (the KV cache is on the servers)
     a = remote.score("Q: Who wrote Hamlet?\nA:", " Shakespeare.", layers="high")
     b = local.score("Q: Who wrote Hamlet?\nA:", " Shakespeare.", layers="high")

@@ -27,6 +27,17 @@ public:
     virtual const float * entropy_all() = 0;
 };
 
+// A position's rows left where the projection computed them (a GPU), with DoLa's JSD already
+// computed there: a decoder fetches only the rows it needs.
+class device_rows {
+public:
+    virtual ~device_rows() = default;
+    // Row `row`'s log-softmax ([n_vocab]); row K (the number of candidates) is the mature one.
+    virtual void log_softmax(int32_t row, float * out) = 0;
+    const float * jsd = nullptr;  // [K]: JSD(mature || candidate k)
+    double entropy = 0.0;         // of the mature distribution (nats)
+};
+
 // One position's logits, as the session gathered them.
 struct decoder_rows {
     const float * mature = nullptr;  // [n_vocab]: the final layer's (or the early-exit mature layer's)
@@ -36,6 +47,9 @@ struct decoder_rows {
     // the entropy over context positions of context_layer() (null when the decoder needs none,
     // and in teacher-forced scoring, where it is known only after the last position)
     context_entropy_source * context = nullptr;
+    // Set instead of mature/projected when the decoder asked for device rows (wants_device_rows)
+    // and the projection's backend could compute them.
+    device_rows * device = nullptr;
 };
 
 // The DoLa repository's lm_score options for one teacher-forced position.
@@ -66,6 +80,9 @@ public:
     // A layer whose rows the decoder needs at every context position, reduced to a per-vocabulary
     // entropy over positions (decoder_rows::context_entropy); -1 for none.
     virtual int32_t context_layer() const { return -1; }
+    // Whether step() takes device_rows (DoLa with several candidates: only K JSD values and two
+    // rows need to leave the device).
+    virtual bool wants_device_rows() const { return false; }
     // What the context entropy adds to token y's teacher-forced score, once it is known.
     virtual float context_score(int32_t y, context_entropy_source & context) const { return 0.0f; }
 };

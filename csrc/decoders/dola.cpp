@@ -19,7 +19,23 @@ public:
 
     const std::vector<int32_t> & layers() const override { return candidates_; }
 
+    bool wants_device_rows() const override { return candidates_.size() > 1; }
+
     void step(const decoder_rows & rows, float * lp, float * scores, step_result & res) override {
+        if (rows.device) {
+            const int32_t K = (int32_t) candidates_.size();
+            int32_t best = 0;
+            for (int32_t k = 1; k < K; ++k) {
+                if (rows.device->jsd[k] > rows.device->jsd[best]) best = k;  // first on ties, as torch's argmax
+            }
+            rows.device->log_softmax(K, lp);
+            rows.device->log_softmax(best, scores);  // the premature log-probabilities, then the contrast in place
+            contrast_scores(lp, scores, rows.n_vocab, relative_top_, scores);
+            res.premature_layer = candidates_[best];
+            res.jsd.assign(rows.device->jsd, rows.device->jsd + K);
+            res.entropy = (float) rows.device->entropy;
+            return;
+        }
         contrast_result c = dola_step(rows.mature, rows.projected, (int32_t) candidates_.size(), rows.n_vocab,
                                       relative_top_, lp, scores, rows.n_threads);
         res.premature_layer = candidates_[c.premature_index];
