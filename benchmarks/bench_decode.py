@@ -170,7 +170,10 @@ def bench(name: str, path: Path, args) -> list[str]:
         extra = ("", "")
         if layers is not None:
             total, contrast = floor_ms(m, layers, repeats=10 * args.repeats)
-            extra = (f"{total:.2f}", f"{contrast:.2f}")
+            k = len(m.resolve_layers(layers).candidates)
+            # dynamic DoLa's contrast runs in the projection graph on such a backend, not in the host kernel timed here
+            on_device = k > 1 and m.projection_backend.endswith("(DoLa's contrast there too)")
+            extra = (f"{total:.2f}", "in the projection" if on_device else f"{contrast:.2f}")
         lines.append(f"| {label} | {rate:.1f} | {rate / plain:.2f} | {1e3 / rate:.2f} | {extra[0]} | {extra[1]} |")
     lines += ["", "| prompt processing | tok/s | × plain |", "|---|---:|---:|",
               f"| plain llama.cpp | {pp_plain:.0f} | 1.00 |",
