@@ -4,9 +4,9 @@ Both come from their authors' GitHub repositories at pinned commits: TruthfulQA'
 817-question file, which the DoLa paper evaluated (the DoLa repository's ``tfqa_mc_eval.py``
 downloads the branch ``main``, which a 2025 revision changed to 790 questions), and FACTOR's files,
 checked against pinned SHA-256 digests. Where no digest is pinned, the row count is checked and the
-digest recorded. Offline (``DOLA_CPP_OFFLINE=1`` or
-``HF_HUB_OFFLINE=1``, or the host unreachable within a few seconds) a cached file is used and a
-missing one is an immediate error that says how to give the file instead.
+digest recorded. Offline (``DOLA_CPP_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``, or the host unreachable
+within a few seconds) a cached file is used and a missing one is an immediate error that says how
+to give the file instead.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 import os
 import tempfile
 import time
-import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +33,7 @@ _TFQA_COMMIT = "fdd8ad1c0d00a478cf8b0bb41a3ad8378c16293b"
 
 @dataclass(frozen=True)
 class Published:
-    """One file at ``{GITHUB_RAW}/{path}``; ``sha256`` is None where the source is a moving branch."""
+    """One file at ``{GITHUB_RAW}/{path}``; ``sha256`` is None where no digest is pinned."""
 
     path: str
     sha256: Optional[str] = None
@@ -148,7 +148,7 @@ def _download(item: Published, dest: Path, rows: Optional[int] = None) -> str:
             with urllib.request.build_opener().open(url, timeout=READ_TIMEOUT_SECONDS) as resp:
                 while block := resp.read(1 << 20):
                     tmp.write(block)
-        except (urllib.error.URLError, OSError) as e:
+        except OSError as e:  # urllib's URLError and HTTPError included
             tmp.close()
             partial.unlink(missing_ok=True)
             reason = getattr(e, "reason", None) or e
@@ -169,18 +169,18 @@ def fetch(name: str, progress: Optional[Callable[[str], None]] = None) -> Path:
     """Path of dataset ``name``'s published file in the cache (``DATASETS``), downloading it and its
     licence files on first use. Raises DataUnavailable, at once, when it is not cached and cannot be
     downloaded now."""
-    ds = _lookup(name)
-    folder = _folder(ds)
-    target = folder / ds.data.filename
-    if target.exists():
-        return target
+    cached = cached_path(name)
+    if cached is not None:
+        return cached
+    ds = DATASETS[name]
     first = url_of(ds.data)
     reason = offline_reason()
     if reason is None and not _reachable(first, PROBE_SECONDS):
-        reason = f"{first.split('/')[2]} cannot be reached (no network?)"
+        reason = f"{urllib.parse.urlparse(first).netloc} cannot be reached (no network?)"
     if reason is not None:
         raise DataUnavailable(f"{ds.data.filename} ({ds.about}) is not in the cache and {reason}; "
                               f"connect and retry, or download {first} yourself and give it with --data")
+    folder = _folder(ds)
     folder.mkdir(parents=True, exist_ok=True)
     record = {"dataset": ds.name, "about": ds.about, "fetched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "files": {}}
@@ -191,4 +191,4 @@ def fetch(name: str, progress: Optional[Callable[[str], None]] = None) -> Path:
         rows = ds.rows if item is ds.data else None
         record["files"][item.filename] = {"url": url_of(item), "sha256": _download(item, folder / item.filename, rows)}
     (folder / "SOURCE.json").write_text(json.dumps(record, indent=2) + "\n")
-    return target
+    return folder / ds.data.filename
