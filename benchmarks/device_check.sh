@@ -47,4 +47,12 @@ step "decode and prompt processing on a 7B-shaped model (plain vs DoLa)"
 timeout 300 python3 benchmarks/bench_decode.py --models llama-7b-shape --tokens 128 --repeats 3 --no-transformers \
     | tee "$OUT/bench_7b.md"
 
+if [ "$SECONDS" -lt 430 ]; then
+    step "the same with DoLa's contrast on the host (DOLA_CPP_DEVICE_CONTRAST=off), for comparison"
+    DOLA_CPP_DEVICE_CONTRAST=off timeout $((560 - SECONDS)) python3 benchmarks/bench_decode.py --models llama-7b-shape \
+        --tokens 64 --repeats 1 --no-transformers | tee "$OUT/bench_7b_host_contrast.md"
+else
+    echo "(no time left for the host-contrast comparison: run it in a second call)"
+fi
+
 step done
