@@ -68,7 +68,7 @@ int32_t layer_capture::layer_of(const ggml_tensor * t) const {
 bool layer_capture::callback(ggml_tensor * t, bool ask, void * user_data) {
     auto * self = static_cast<layer_capture *>(user_data);
     self->called_ = true;
-    if ((self->layers_.empty() || self->row_end_ <= self->row_begin_) && !self->want_context_) return false;
+    if (!self->active()) return false;
     if (self->final_ && self->n_rows() == 1 && t->name[0] == 'r' && std::strcmp(t->name, "result_norm") == 0) {
         if (ask) return true;
         if (t->type != GGML_TYPE_F32 || t->ne[0] != self->n_embd_ || t->ne[1] != 1) return true;  // compute on

@@ -38,6 +38,10 @@ public:
     // also keep every row of the context layer.
     void expect(int32_t n_tokens, int32_t row_begin, int32_t row_end, bool context = false);
 
+    // Whether the ubatch of the last expect() has anything to capture (rows of the layers, or the
+    // context layer); when not, the callback need not be installed at all.
+    bool active() const { return (!layers_.empty() && row_end_ > row_begin_) || want_context_; }
+
     // True when every layer was seen since the last expect().
     bool complete() const;
     std::string missing_layers() const;

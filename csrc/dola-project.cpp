@@ -38,6 +38,15 @@ bool final_norm_is_rms(llm_arch arch) {
     }
 }
 
+// The first node of the graph the backend cannot compute, or null. Whatever buffer llama.cpp
+// chose for the weights, only run what the backend says it can.
+const ggml_tensor * first_unsupported(ggml_backend_t backend, ggml_cgraph * graph) {
+    for (int i = 0; i < ggml_graph_n_nodes(graph); ++i) {
+        if (!ggml_backend_supports_op(backend, ggml_graph_node(graph, i))) return ggml_graph_node(graph, i);
+    }
+    return nullptr;
+}
+
 }  // namespace
 
 std::vector<ggml_backend_buffer_type_t> cpu_extra_buffer_types() {
@@ -155,15 +164,11 @@ void projector::build(int32_t n_rows, bool norm) {
     ggml_set_output(out_);
     graph_ = ggml_new_graph(ctx_);
     ggml_build_forward_expand(graph_, out_);
-    // Whatever buffer llama.cpp chose for the weights, only run what the backend says it can.
-    for (int i = 0; i < ggml_graph_n_nodes(graph_); ++i) {
-        ggml_tensor * node = ggml_graph_node(graph_, i);
-        if (!ggml_backend_supports_op(backend_, node)) {
-            throw error(std::string("the early-exit projection (") + ggml_op_desc(node) + " of a " + ggml_type_name(output_->type) +
-                        " output matrix in a " + ggml_backend_buft_name(ggml_backend_buffer_get_type(output_->buffer)) +
-                        " buffer) is not supported by backend " + ggml_backend_name(backend_) +
-                        "; load the model with repack=False (CLI: --no-repack)");
-        }
+    if (const ggml_tensor * node = first_unsupported(backend_, graph_)) {
+        throw error(std::string("the early-exit projection (") + ggml_op_desc(node) + " of a " + ggml_type_name(output_->type) +
+                    " output matrix in a " + ggml_backend_buft_name(ggml_backend_buffer_get_type(output_->buffer)) +
+                    " buffer) is not supported by backend " + ggml_backend_name(backend_) +
+                    "; load the model with repack=False (CLI: --no-repack)");
     }
     if (!ggml_gallocr_alloc_graph(galloc_, graph_)) throw error("could not allocate the projection graph");
     built_rows_ = n_rows;
@@ -310,13 +315,8 @@ bool projector::build_dola(int32_t n_rows) {
     ggml_build_forward_expand(graph_d_, jsd_d_);
     ggml_build_forward_expand(graph_d_, ent_d_);
     built_d_rows_ = n_rows;
-    d_supported_ = true;
-    for (int i = 0; i < ggml_graph_n_nodes(graph_d_); ++i) {
-        if (!ggml_backend_supports_op(backend_, ggml_graph_node(graph_d_, i))) {
-            d_supported_ = false;  // the host contrast it is
-            return false;
-        }
-    }
+    d_supported_ = first_unsupported(backend_, graph_d_) == nullptr;
+    if (!d_supported_) return false;  // the host contrast it is
     if (!ggml_gallocr_alloc_graph(galloc_d_, graph_d_)) throw error("could not allocate the contrast graph");
     return true;
 }
@@ -335,9 +335,8 @@ bool projector::project_dola(const float * hidden, int32_t n_rows, float * jsd, 
         throw error("the DoLa contrast failed on backend " + backend_name_);
     }
     const int32_t K = n_rows - 1;
-    std::vector<float> sums(K);
-    ggml_backend_tensor_get(jsd_d_, sums.data(), 0, (size_t) K * sizeof(float));
-    for (int32_t k = 0; k < K; ++k) jsd[k] = (float) (0.5 * (double) sums[k] / (double) n_vocab_);
+    ggml_backend_tensor_get(jsd_d_, jsd, 0, (size_t) K * sizeof(float));  // sums over the vocabulary
+    for (int32_t k = 0; k < K; ++k) jsd[k] = (float) (0.5 * (double) jsd[k] / (double) n_vocab_);
     float plogp = 0.0f;
     ggml_backend_tensor_get(ent_d_, &plogp, 0, sizeof(float));
     *entropy = -(double) plogp;

@@ -218,8 +218,8 @@ void session::set_capture_callback(bool on) {
 
 void session::decode_chunk(const llama_token * toks, int32_t n, int32_t row_begin, int32_t row_end, bool context) {
     context = context && context_layer() >= 0;
-    const bool capture = capture_enabled_ && (context || (row_end > row_begin && !capture_.layers().empty()));
-    set_capture_callback(capture);
+    capture_.expect(n, row_begin, row_end, context);
+    set_capture_callback(capture_enabled_ && capture_.active());
     update_threads();
     llama_batch batch = llama_batch_init(n, 0, 1);
     const llama_pos pos0 = (llama_pos) tokens_.size();
@@ -231,7 +231,6 @@ void session::decode_chunk(const llama_token * toks, int32_t n, int32_t row_begi
         batch.logits[i] = i >= row_begin && i < row_end;
     }
     batch.n_tokens = n;
-    capture_.expect(n, row_begin, row_end, context);
     clear_last_error();
     const int32_t rc = llama_decode(ctx_.get(), batch);
     llama_batch_free(batch);
