@@ -163,7 +163,7 @@ def bench(name: str, path: Path, args) -> list[str]:
     pp_plain = prefill_rate(base, None, args.repeats)
     pp_dola = prefill_rate(m, "high", args.repeats)
     lines = [f"### {name}  (N={N}, vocab={m.n_vocab}, {args.tokens} new tokens, threads={m._session.n_threads})", "",
-             f"DoLa's projection ran on: {m.projection_backend}", "",
+             f"DoLa's projection ran on: {m.projection_backend}; layer capture: {_core.capture_mode()}", "",
              "| decoding | tok/s | × plain | ms/token | projection+contrast ms | contrast ms |",
              "|---|---:|---:|---:|---:|---:|"]
     for label, rate, layers in rows:

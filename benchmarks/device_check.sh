@@ -40,14 +40,22 @@ timeout 120 python3 benchmarks/device_parity.py --tokens 32 | tee "$OUT/parity.m
 
 step "the CPU's extra buffer types (AMX where the CPU has it, CPU_REPACK) against the plain layout; exports"
 # (from /tmp: in the repository root, the source folder dola_cpp/ would shadow the installed one)
-(cd /tmp && timeout 120 python3 -m pytest -q -p no:cacheprovider -rs "$REPO/tests/test_backends.py" -k "not q8_kernel" \
-    "$REPO/tests/test_isolation.py::test_core_exports_only_its_module_init")
+(cd /tmp && timeout 150 python3 -m pytest -q -p no:cacheprovider -rs "$REPO/tests/test_backends.py" -k "not q8_kernel" \
+    "$REPO/tests/test_isolation.py::test_core_exports_only_its_module_init" "$REPO/tests/test_capture.py")
 
 step "decode and prompt processing on a 7B-shaped model (plain vs DoLa)"
 timeout 300 python3 benchmarks/bench_decode.py --models llama-7b-shape --tokens 128 --repeats 3 --no-transformers \
     | tee "$OUT/bench_7b.md"
 
 if [ "$SECONDS" -lt 430 ]; then
+    step "the same with the layers copied by the eval callback (DOLA_CPP_CAPTURE=callback), for comparison"
+    DOLA_CPP_CAPTURE=callback timeout $((560 - SECONDS)) python3 benchmarks/bench_decode.py --models llama-7b-shape \
+        --tokens 64 --repeats 1 --no-transformers | tee "$OUT/bench_7b_callback_capture.md"
+else
+    echo "(no time left for the callback-capture comparison: run it in a second call)"
+fi
+
+if [ "$SECONDS" -lt 480 ]; then
     step "the same with DoLa's contrast on the host (DOLA_CPP_DEVICE_CONTRAST=off), for comparison"
     DOLA_CPP_DEVICE_CONTRAST=off timeout $((560 - SECONDS)) python3 benchmarks/bench_decode.py --models llama-7b-shape \
         --tokens 64 --repeats 1 --no-transformers | tee "$OUT/bench_7b_host_contrast.md"

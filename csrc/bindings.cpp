@@ -158,6 +158,10 @@ PYBIND11_MODULE(_core, m) {
         dola::rpc_serve(host, port, n_threads, cache_dir);
     }, py::arg("host"), py::arg("port"), py::arg("n_threads") = 1, py::arg("cache_dir") = "");
     m.def("amx_build_note", [] { return std::string(DOLA_AMX_NOTE); });
+    m.def("capture_mode", [] { return std::string(dola::layer_capture::capture_mode()); },
+          "How layer outputs leave llama.cpp's graph: 'outputs' (kept as graph outputs, read after "
+          "the graph) or 'callback' (llama.cpp's eval callback; DOLA_CPP_CAPTURE=callback, or builds "
+          "without the linker hook)");
     m.def("supports_gpu_offload", [] { dola::backend_init_once(); return llama_supports_gpu_offload(); });
 
     // Vector kernels, exposed for the tests' numpy reference checks and the benchmarks.
@@ -350,6 +354,7 @@ PYBIND11_MODULE(_core, m) {
             d["n_prefill"] = t.n_prefill;
             d["n_decode"] = t.n_decode;
             d["n_captured_ubatches"] = t.n_captured_ubatches;
+            d["n_capture_splits"] = t.n_capture_splits;
             return d;
         })
         .def("reset_timings", [](py_session & self) { self.s.stats() = dola::timings{}; });

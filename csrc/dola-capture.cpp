@@ -4,12 +4,110 @@
 #include "ggml.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 
 namespace dola {
 
+namespace {
+thread_local layer_capture * t_building = nullptr;
+}  // namespace
+
+}  // namespace dola
+
+#ifdef DOLA_CAPTURE_HOOK
+// The build links with -Wl,--wrap for these two: llama.cpp's calls come here (ggml's own stay
+// unwrapped). Marking happens before ggml plans the graph's memory, so the allocator keeps the
+// marked tensors (and a reserve plans for them).
+extern "C" {
+bool __real_ggml_backend_sched_alloc_graph(ggml_backend_sched_t sched, struct ggml_cgraph * graph);
+bool __real_ggml_backend_sched_reserve(ggml_backend_sched_t sched, struct ggml_cgraph * measure_graph);
+
+bool __wrap_ggml_backend_sched_alloc_graph(ggml_backend_sched_t sched, struct ggml_cgraph * graph) {
+    if (dola::t_building) dola::t_building->mark(graph, true);
+    return __real_ggml_backend_sched_alloc_graph(sched, graph);
+}
+
+bool __wrap_ggml_backend_sched_reserve(ggml_backend_sched_t sched, struct ggml_cgraph * measure_graph) {
+    if (dola::t_building) dola::t_building->mark(measure_graph, false);
+    return __real_ggml_backend_sched_reserve(sched, measure_graph);
+}
+}
+#endif
+
+namespace dola {
+
+const char * layer_capture::capture_mode() {
+#ifdef DOLA_CAPTURE_HOOK
+    static const bool callback = [] {
+        const char * e = std::getenv("DOLA_CPP_CAPTURE");
+        return e && std::strcmp(e, "callback") == 0;
+    }();
+    return callback ? "callback" : "outputs";
+#else
+    return "callback";
+#endif
+}
+
 layer_capture::layer_capture(int32_t n_layer, int32_t n_embd)
-    : n_layer_(n_layer), n_embd_(n_embd), slot_of_layer_(n_layer + 1, -1) {}
+    : n_layer_(n_layer), n_embd_(n_embd), slot_of_layer_(n_layer + 1, -1),
+      outputs_(std::strcmp(capture_mode(), "outputs") == 0), tensor_of_(n_layer + 1, nullptr) {}
+
+layer_capture::building::building(layer_capture & c) : prev_(t_building) { t_building = &c; }
+layer_capture::building::~building() { t_building = prev_; }
+
+bool layer_capture::needs_callback() const {
+    if (!outputs_) return active();
+    return final_ && n_rows() == 1 && !layers_.empty();
+}
+
+bool layer_capture::take_new_marks() {
+    std::vector<int32_t> want = layers_;
+    if (context_layer_ >= 0) want.push_back(context_layer_);
+    std::sort(want.begin(), want.end());
+    want.erase(std::unique(want.begin(), want.end()), want.end());
+    if (want.empty() || want == marked_) return false;
+    marked_ = std::move(want);
+    return true;
+}
+
+void layer_capture::mark(ggml_cgraph * gf, bool record) {
+    if (record) std::fill(tensor_of_.begin(), tensor_of_.end(), nullptr);
+    if (marked_.empty()) return;
+    const int n = ggml_graph_n_nodes(gf);
+    for (int i = 0; i < n; ++i) {
+        ggml_tensor * t = ggml_graph_node(gf, i);
+        const int32_t layer = layer_of(t);
+        if (layer < 0 || !std::binary_search(marked_.begin(), marked_.end(), layer)) continue;
+        // a view's memory is its source's: keep that too
+        for (ggml_tensor * u = t; u; u = u->view_src) ggml_set_output(u);
+        if (record) tensor_of_[layer] = t;  // the last node of that name, as the callback would see it
+    }
+}
+
+void layer_capture::collect(ggml_backend_sched_t sched) {
+    if (!outputs_ || !active()) return;
+    ggml_backend_t waits[4] = {};
+    int n_waits = 0;
+    auto read = [&](int32_t layer, int32_t slot, bool context) {
+        ggml_tensor * t = layer >= 0 ? tensor_of_[layer] : nullptr;
+        if (!t || !t->data) return;
+        ggml_backend_t backend = ggml_backend_sched_get_tensor_backend(sched, t);
+        if (copy_rows(t, slot, context, backend) && backend &&
+            std::find(waits, waits + n_waits, backend) == waits + n_waits) {
+            if (n_waits == 4) {
+                ggml_backend_synchronize(backend);
+            } else {
+                waits[n_waits++] = backend;
+            }
+        }
+    };
+    if (row_end_ > row_begin_) {
+        for (size_t s = 0; s < layers_.size(); ++s) read(layers_[s], (int32_t) s, want_context_ && layers_[s] == context_layer_);
+    }
+    if (want_context_ && !context_seen_) read(context_layer_, -1, true);
+    for (int i = 0; i < n_waits; ++i) ggml_backend_synchronize(waits[i]);  // one wait per backend
+}
 
 void layer_capture::set_layers(const std::vector<int32_t> & layers) {
     std::fill(slot_of_layer_.begin(), slot_of_layer_.end(), -1);
@@ -26,6 +124,7 @@ void layer_capture::expect(int32_t n_tokens, int32_t row_begin, int32_t row_end,
     row_begin_ = row_begin;
     row_end_ = row_end;
     called_ = false;
+    n_splits_ = 0;
     std::fill(seen_.begin(), seen_.end(), 0);
     type_error_ = false;
     final_seen_ = false;
@@ -67,53 +166,68 @@ int32_t layer_capture::layer_of(const ggml_tensor * t) const {
 
 bool layer_capture::callback(ggml_tensor * t, bool ask, void * user_data) {
     auto * self = static_cast<layer_capture *>(user_data);
-    self->called_ = true;
     if (!self->active()) return false;
     if (self->final_ && self->n_rows() == 1 && t->name[0] == 'r' && std::strcmp(t->name, "result_norm") == 0) {
-        if (ask) return true;
+        if (ask) return ++self->n_splits_, true;
+        self->called_ = true;
         if (t->type != GGML_TYPE_F32 || t->ne[0] != self->n_embd_ || t->ne[1] != 1) return true;  // compute on
         self->final_row_.resize(self->n_embd_);
         ggml_backend_tensor_get(t, self->final_row_.data(), 0, (size_t) self->n_embd_ * sizeof(float));
         self->final_seen_ = true;
         return false;  // stop here: the engine computes the logits itself
     }
+    if (self->outputs_) return ask ? false : true;  // the layers are read after the graph
     const int32_t layer = self->layer_of(t);
     const int32_t slot = layer < 0 || self->n_rows() <= 0 ? -1 : self->slot_of_layer_[layer];
     const bool context = self->want_context_ && layer >= 0 && layer == self->context_layer_;
-    if (ask) return slot >= 0 || context;
-    if (slot < 0 && !context) return true;
-    if (t->type != GGML_TYPE_F32 || t->ne[0] != self->n_embd_ || !ggml_is_contiguous_rows(t)) {
-        self->type_error_ = true;
-        return true;
+    if (ask) {
+        if (slot >= 0 || context) ++self->n_splits_;
+        return slot >= 0 || context;
     }
-    const int32_t rows_in_t = (int32_t) t->ne[1];
-    const size_t row_bytes = (size_t) self->n_embd_ * sizeof(float);
-    if (context && rows_in_t == self->n_tokens_) {
-        if ((size_t) t->nb[1] == row_bytes) {  // one copy (one device transfer) for the ubatch
-            ggml_backend_tensor_get(t, self->context_data_.data(), 0, row_bytes * rows_in_t);
+    if (slot >= 0 || context) self->copy_rows(t, slot, context, nullptr);
+    return true;
+}
+
+bool layer_capture::copy_rows(ggml_tensor * t, int32_t slot, bool context, ggml_backend_t backend) {
+    if (t->type != GGML_TYPE_F32 || t->ne[0] != n_embd_ || !ggml_is_contiguous_rows(t)) {
+        type_error_ = true;
+        return false;
+    }
+    called_ = true;
+    // backend: read on its queue (the caller waits once); none: read now
+    auto get = [&](void * dst, size_t offset, size_t size) {
+        if (backend) {
+            ggml_backend_tensor_get_async(backend, t, dst, offset, size);
         } else {
-            for (int32_t r = 0; r < rows_in_t; ++r) {
-                ggml_backend_tensor_get(t, self->context_data_.data() + (size_t) r * self->n_embd_, (size_t) r * t->nb[1], row_bytes);
-            }
+            ggml_backend_tensor_get(t, dst, offset, size);
         }
-        self->context_seen_ = true;
+    };
+    const int32_t rows_in_t = (int32_t) t->ne[1];
+    const size_t row_bytes = (size_t) n_embd_ * sizeof(float);
+    auto get_rows = [&](float * dst, int32_t first, int32_t n) {
+        if ((size_t) t->nb[1] == row_bytes) {  // one copy (one device transfer)
+            get(dst, (size_t) first * row_bytes, row_bytes * n);
+        } else {
+            for (int32_t r = 0; r < n; ++r) get(dst + (size_t) r * n_embd_, (size_t) (first + r) * t->nb[1], row_bytes);
+        }
+    };
+    if (context && rows_in_t == n_tokens_) {
+        get_rows(context_data_.data(), 0, rows_in_t);
+        context_seen_ = true;
     }
     if (slot < 0) return true;
     // Full tensors hold every token of the ubatch; the last block's output holds only the rows
     // that produce logits, which the engine makes exactly [row_begin, row_end).
     int32_t first;
-    if (rows_in_t == self->n_tokens_) {
-        first = self->row_begin_;
-    } else if (rows_in_t == self->n_rows()) {
+    if (rows_in_t == n_tokens_) {
+        first = row_begin_;
+    } else if (rows_in_t == n_rows()) {
         first = 0;
     } else {
         return true;  // not the rows we asked for (e.g. an unexpected pruning): left unseen
     }
-    float * dst = self->data_.data() + (size_t) slot * self->n_rows() * self->n_embd_;
-    for (int32_t r = 0; r < self->n_rows(); ++r) {
-        ggml_backend_tensor_get(t, dst + (size_t) r * self->n_embd_, (size_t) (first + r) * t->nb[1], row_bytes);
-    }
-    self->seen_[slot] = 1;
+    get_rows(data_.data() + (size_t) slot * n_rows() * n_embd_, first, n_rows());
+    seen_[slot] = 1;
     return true;
 }
 

@@ -1,13 +1,23 @@
-// Capture of intermediate layer outputs through llama.cpp's eval callback (cb_eval).
+// Capture of intermediate layer outputs from llama.cpp's graph.
 // Layer j follows transformers' hidden_states[j]: 0 = embedding output ("embd", or "inp_scaled"
 // for Gemma), j >= 1 = output of block j-1 (llama.cpp tensor "l_out-{j-1}").
+//
+// Two ways, chosen once per process (capture_mode()):
+//  - outputs: where the build links dola-cpp's hook on ggml's graph allocation (Linux, BSD), the
+//    layers' tensors are marked as graph outputs when llama.cpp allocates a graph, so ggml keeps
+//    them to the end of the graph; after llama_decode they are read in one go, one wait for all.
+//    The graph runs whole: no splits, and one or two waits per ubatch whatever the layer count.
+//  - callback: llama.cpp's eval callback (cb_eval) copies each tensor as it is computed; ggml's
+//    scheduler then computes the graph in pieces and waits after each, once per layer.
+// Either way the fused final row ("result_norm") is taken by the callback, which stops the graph
+// there and skips llama.cpp's own LM head.
 #pragma once
+
+#include "ggml-backend.h"
 
 #include <cstdint>
 #include <string>
 #include <vector>
-
-struct ggml_tensor;
 
 namespace dola {
 
@@ -39,8 +49,37 @@ public:
     void expect(int32_t n_tokens, int32_t row_begin, int32_t row_end, bool context = false);
 
     // Whether the ubatch of the last expect() has anything to capture (rows of the layers, or the
-    // context layer); when not, the callback need not be installed at all.
+    // context layer).
     bool active() const { return (!layers_.empty() && row_end_ > row_begin_) || want_context_; }
+    // Whether that ubatch needs the eval callback: every capture in callback mode, only the fused
+    // final row in outputs mode. When not, the callback is not installed at all.
+    bool needs_callback() const;
+
+    // "outputs" where the build has the allocation hook and DOLA_CPP_CAPTURE is not "callback",
+    // else "callback".
+    static const char * capture_mode();
+    bool outputs_mode() const { return outputs_; }
+
+    // Outputs mode. Call before each llama_decode: true when the layers to mark differ from those
+    // llama.cpp's graphs were made with, so the caller must make llama.cpp reserve and rebuild
+    // them. An empty set keeps the marks (plain decoding leaves them unused, at no cost).
+    bool take_new_marks();
+    // While alive, graphs this thread has llama.cpp allocate get this capture's marks.
+    class building {
+    public:
+        explicit building(layer_capture & c);
+        ~building();
+        building(const building &) = delete;
+        building & operator=(const building &) = delete;
+
+    private:
+        layer_capture * prev_;
+    };
+    // Marks the layers' tensors of a graph being allocated as outputs; record: it is the graph
+    // that llama_decode computes (not a reserve), whose tensors collect() reads.
+    void mark(ggml_cgraph * gf, bool record);
+    // After llama_decode: reads the rows of the ubatch of the last expect() from the marked tensors.
+    void collect(ggml_backend_sched_t sched);
 
     // True when every layer was seen since the last expect().
     bool complete() const;
@@ -57,12 +96,16 @@ public:
     int32_t n_embd() const { return n_embd_; }
 
     static bool callback(ggml_tensor * t, bool ask, void * user_data);
-    // Whether llama.cpp called the callback since the last expect().
+    // Whether rows were captured since the last expect().
     bool called() const { return called_; }
+    // Times the callback had ggml's scheduler stop and wait since the last expect().
+    int32_t n_splits() const { return n_splits_; }
 
 private:
     // The hidden layer a graph node outputs (transformers' numbering), or -1.
     int32_t layer_of(const ggml_tensor * t) const;
+    // Copies rows [row_begin, row_end) of the ubatch (or every row, context) from a layer tensor.
+    bool copy_rows(ggml_tensor * t, int32_t slot, bool context, ggml_backend_t backend);
 
     int32_t n_layer_;
     int32_t n_embd_;
@@ -72,6 +115,10 @@ private:
     std::vector<float> data_;
     int32_t n_tokens_ = 0, row_begin_ = 0, row_end_ = 0;
     bool called_ = false;
+    int32_t n_splits_ = 0;
+    bool outputs_ = false;
+    std::vector<int32_t> marked_;            // layers llama.cpp's graphs are made with as outputs
+    std::vector<ggml_tensor *> tensor_of_;   // n_layer + 1: the marked tensors of the graph computed
     bool type_error_ = false;
     bool final_ = false;
     bool final_seen_ = false;

@@ -219,7 +219,11 @@ void session::set_capture_callback(bool on) {
 void session::decode_chunk(const llama_token * toks, int32_t n, int32_t row_begin, int32_t row_end, bool context) {
     context = context && context_layer() >= 0;
     capture_.expect(n, row_begin, row_end, context);
-    set_capture_callback(capture_enabled_ && capture_.active());
+    const bool outputs = capture_enabled_ && capture_.outputs_mode();
+    // new layers to keep as graph outputs: llama.cpp must reserve and rebuild its graphs (this
+    // setter, with a value that changes nothing else, is how it asks itself for that)
+    if (outputs && capture_.take_new_marks()) ctx_->set_embeddings_layer_inp(0, false);
+    set_capture_callback(capture_enabled_ && capture_.needs_callback());
     update_threads();
     llama_batch batch = llama_batch_init(n, 0, 1);
     const llama_pos pos0 = (llama_pos) tokens_.size();
@@ -232,9 +236,17 @@ void session::decode_chunk(const llama_token * toks, int32_t n, int32_t row_begi
     }
     batch.n_tokens = n;
     clear_last_error();
-    const int32_t rc = llama_decode(ctx_.get(), batch);
+    int32_t rc;
+    if (outputs) {
+        layer_capture::building marks(capture_);
+        rc = llama_decode(ctx_.get(), batch);
+        if (rc == 0) capture_.collect(ctx_->get_sched());
+    } else {
+        rc = llama_decode(ctx_.get(), batch);
+    }
     llama_batch_free(batch);
     timings_.n_captured_ubatches += capture_.called() ? 1 : 0;
+    timings_.n_capture_splits += capture_.n_splits();
     if (rc == 2) {
         sync_cache_after_failure();
         throw aborted();

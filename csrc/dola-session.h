@@ -74,8 +74,9 @@ struct score_result {
 struct timings {
     double prefill_ms = 0.0, decode_ms = 0.0, contrast_ms = 0.0;
     int64_t n_prefill = 0, n_decode = 0;
-    // llama_decode calls (ubatches) during which llama.cpp called the capture callback
+    // llama_decode calls (ubatches) in which layer rows were captured
     int64_t n_captured_ubatches = 0;
+    int64_t n_capture_splits = 0;  // times the capture callback had ggml stop the graph and wait
 };
 
 class session {

@@ -343,8 +343,9 @@ def test_hostile_chat_template_is_never_executed(smollm2_path, tmp_path, looks_l
 
 def test_capture_callback_only_where_rows_are_captured(smollm2_path):
     """With the capture callback installed, ggml's scheduler computes a graph in pieces and waits
-    after each (on a GPU, without CUDA graphs): a ubatch with nothing to capture runs without it.
-    Prompt chunks before the last, and plain decoding in a context made for DoLa, capture nothing."""
+    after each: a ubatch with nothing to capture runs without it. Prompt chunks before the last,
+    and plain decoding in a context made for DoLa, capture nothing. With the layers kept as graph
+    outputs, the only stop is at the fused final row, once per ubatch whatever K is."""
     m = Model(smollm2_path, n_ctx=256, n_batch=8)
     s = m._session
     prompt = "The history of the Roman Empire spans more than a thousand years, from its founding to its fall"
@@ -352,15 +353,26 @@ def test_capture_callback_only_where_rows_are_captured(smollm2_path):
     assert n_prompt > 16  # at least three chunks of 8
     plain = m.generate(prompt, max_tokens=6, ignore_eos=True)
     assert s.timings()["n_captured_ubatches"] == 0
+    assert s.timings()["n_capture_splits"] == 0
     s.reset_timings()
     s.clear()
     high = m.generate(prompt, max_tokens=6, ignore_eos=True, layers="high")
     # the prompt's last chunk, then each of the 5 decoded tokens
     assert s.timings()["n_captured_ubatches"] == 1 + 5
+    k = len(m.resolve_layers("high").candidates)
+    outputs = dola_cpp._core.capture_mode() == "outputs"
+    assert s.timings()["n_capture_splits"] == (1 + 5) * (1 if outputs else k + 1)
     s.reset_timings()
     s.clear()
     assert m.generate(prompt, max_tokens=6, ignore_eos=True).tokens == plain.tokens
     assert s.timings()["n_captured_ubatches"] == 0
+    assert s.timings()["n_capture_splits"] == 0
+    # scoring takes the mature logits from llama.cpp: with outputs, no stop at all
+    s.reset_timings()
+    m.score("The capital of France is", " Paris, a city on the Seine.", layers="high")
+    n = s.timings()["n_captured_ubatches"]
+    assert n >= 1
+    assert s.timings()["n_capture_splits"] == (0 if outputs else n * k)
     # the same DoLa tokens as a context whose every ubatch is small enough to capture
     one = Model(smollm2_path, n_ctx=256, n_batch=256)
     assert one.generate(prompt, max_tokens=6, ignore_eos=True, layers="high").tokens == high.tokens

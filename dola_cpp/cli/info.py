@@ -47,6 +47,8 @@ def info(model: ModelRequiredArg, as_json: JsonOpt = False) -> None:
     rows.append(("--info-layer", f"{facts['info_layer']} (Activation Decoding's default: round(0.8 x {facts['n_layers']}))"))
     rows.append(("CPU weight layouts", ", ".join(["plain"] + facts["cpu_extra_buffer_types"])
                  + f" (AMX: {facts['amx']})"))
+    rows.append(("layer capture", facts["capture_mode"] + (" (graph outputs read after each decode)" if facts["capture_mode"] == "outputs"
+                                                           else " (llama.cpp's eval callback: a split per captured layer)")))
     rows.append(("chat template", _template_summary(facts)))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -74,6 +76,7 @@ def model_facts(m: Model) -> dict[str, Any]:
         "chat_template_recognised": m.chat_template_supported,
         "cpu_extra_buffer_types": _core.cpu_extra_buffer_types(),
         "amx": _core.amx_build_note(),
+        "capture_mode": _core.capture_mode(),
         "layers": {
             name: {"candidates": list(plan.candidates), "mature": plan.mature}
             for name, plan in ((n, m.resolve_layers(n)) for n in ("high", "low"))
