@@ -306,14 +306,13 @@ bool projector::build_dola(int32_t n_rows) {
     ggml_tensor * m = ggml_scale(c, ggml_add(c, pc, pm), 0.5f);              // [V, K]
     ggml_tensor * lm = ggml_log(c, ggml_clamp(c, m, 1e-30f, 3.0e38f));
     ggml_tensor * x = ggml_sub(c, ggml_sub(c, ggml_scale(c, lm, 2.0f), lpm), lpc);
-    jsd_d_ = ggml_sum_rows(c, ggml_mul(c, m, x));                           // [1, K]
-    ggml_set_output(jsd_d_);
-    ent_d_ = ggml_sum_rows(c, ggml_mul(c, pm, lpm));                        // [1, 1]
-    ggml_set_output(ent_d_);
+    ggml_tensor * jsd = ggml_sum_rows(c, ggml_mul(c, m, x));                // [1, K]
+    ggml_tensor * ent = ggml_sum_rows(c, ggml_mul(c, pm, lpm));             // [1, 1]
+    sums_d_ = ggml_concat(c, jsd, ent, 1);                                  // [1, K + 1]
+    ggml_set_output(sums_d_);
     graph_d_ = ggml_new_graph(c);
     ggml_build_forward_expand(graph_d_, lp_d_);
-    ggml_build_forward_expand(graph_d_, jsd_d_);
-    ggml_build_forward_expand(graph_d_, ent_d_);
+    ggml_build_forward_expand(graph_d_, sums_d_);
     built_d_rows_ = n_rows;
     d_supported_ = first_unsupported(backend_, graph_d_) == nullptr;
     if (!d_supported_) return false;  // the host contrast it is
@@ -330,16 +329,17 @@ bool projector::project_dola(const float * hidden, int32_t n_rows, float * jsd, 
     } else if (!ggml_gallocr_alloc_graph(galloc_d_, graph_d_)) {
         throw error("could not allocate the contrast graph");
     }
-    ggml_backend_tensor_set(in_d_, hidden, 0, (size_t) n_embd_ * n_rows * sizeof(float));
-    if (ggml_backend_graph_compute(backend_, graph_d_) != GGML_STATUS_SUCCESS) {
+    // queued on the backend, one wait at the end
+    ggml_backend_tensor_set_async(backend_, in_d_, hidden, 0, (size_t) n_embd_ * n_rows * sizeof(float));
+    if (ggml_backend_graph_compute_async(backend_, graph_d_) != GGML_STATUS_SUCCESS) {
         throw error("the DoLa contrast failed on backend " + backend_name_);
     }
     const int32_t K = n_rows - 1;
-    ggml_backend_tensor_get(jsd_d_, jsd, 0, (size_t) K * sizeof(float));  // sums over the vocabulary
-    for (int32_t k = 0; k < K; ++k) jsd[k] = (float) (0.5 * (double) jsd[k] / (double) n_vocab_);
-    float plogp = 0.0f;
-    ggml_backend_tensor_get(ent_d_, &plogp, 0, sizeof(float));
-    *entropy = -(double) plogp;
+    sums_.resize(n_rows);
+    ggml_backend_tensor_get_async(backend_, sums_d_, sums_.data(), 0, (size_t) n_rows * sizeof(float));
+    ggml_backend_synchronize(backend_);
+    for (int32_t k = 0; k < K; ++k) jsd[k] = (float) (0.5 * (double) sums_[k] / (double) n_vocab_);
+    *entropy = -(double) sums_[K];
     return true;
 }
 

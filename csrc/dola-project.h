@@ -97,8 +97,10 @@ private:
     ggml_cgraph * graph_d_ = nullptr;
     ggml_tensor * in_d_ = nullptr;
     ggml_tensor * lp_d_ = nullptr;   // [n_vocab, n_rows] log-softmax of every row
-    ggml_tensor * jsd_d_ = nullptr;  // [1, K] sum over the vocabulary of the JSD terms
-    ggml_tensor * ent_d_ = nullptr;  // [1, 1] sum of p log p of the mature row
+    // [1, K + 1]: per candidate the sum over the vocabulary of the JSD terms, then the mature
+    // row's sum of p log p (one read for both)
+    ggml_tensor * sums_d_ = nullptr;
+    std::vector<float> sums_;
     int32_t built_d_rows_ = -1;
     bool d_supported_ = false;
 };
