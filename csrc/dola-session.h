@@ -194,8 +194,8 @@ private:
     bool capture_enabled_ = true;
     bool callback_on_ = false;  // the capture callback is installed in llama.cpp's scheduler
     // Installs or removes the capture callback. With it, ggml's scheduler computes the graph in
-    // pieces and synchronises after each (on a GPU: no CUDA graphs), so ubatches that need no
-    // captured rows run without it.
+    // pieces, up to each node the callback asks for, and waits after each; ubatches that need
+    // none (layer_capture::needs_callback) run without it.
     void set_capture_callback(bool on);
     layer_capture capture_;
     std::unique_ptr<projector> projector_;
