@@ -87,26 +87,21 @@ void layer_capture::mark(ggml_cgraph * gf, bool record) {
 
 void layer_capture::collect(ggml_backend_sched_t sched) {
     if (!outputs_ || !active()) return;
-    ggml_backend_t waits[4] = {};
-    int n_waits = 0;
+    std::vector<ggml_backend_t> queued;  // backends with reads queued on them
     auto read = [&](int32_t layer, int32_t slot, bool context) {
         ggml_tensor * t = layer >= 0 ? tensor_of_[layer] : nullptr;
-        if (!t || !t->data) return;
+        if (!t || !t->data) return;  // not in this graph: left unseen
         ggml_backend_t backend = ggml_backend_sched_get_tensor_backend(sched, t);
         if (copy_rows(t, slot, context, backend) && backend &&
-            std::find(waits, waits + n_waits, backend) == waits + n_waits) {
-            if (n_waits == 4) {
-                ggml_backend_synchronize(backend);
-            } else {
-                waits[n_waits++] = backend;
-            }
+            std::find(queued.begin(), queued.end(), backend) == queued.end()) {
+            queued.push_back(backend);
         }
     };
     if (row_end_ > row_begin_) {
         for (size_t s = 0; s < layers_.size(); ++s) read(layers_[s], (int32_t) s, want_context_ && layers_[s] == context_layer_);
     }
     if (want_context_ && !context_seen_) read(context_layer_, -1, true);
-    for (int i = 0; i < n_waits; ++i) ggml_backend_synchronize(waits[i]);  // one wait per backend
+    for (ggml_backend_t b : queued) ggml_backend_synchronize(b);  // one wait per backend
 }
 
 void layer_capture::set_layers(const std::vector<int32_t> & layers) {

@@ -343,9 +343,14 @@ bool projector::project_dola(const float * hidden, int32_t n_rows, float * jsd, 
     return true;
 }
 
-void projector::fetch_log_softmax(int32_t row, float * out) {
-    if (!lp_d_ || row < 0 || row >= built_d_rows_) throw error("internal: no such row of the contrast graph");
-    ggml_backend_tensor_get(lp_d_, out, (size_t) row * lp_d_->nb[1], (size_t) n_vocab_ * sizeof(float));
+void projector::fetch_log_softmax(int32_t n, const int32_t * rows, float * const * out) {
+    for (int32_t i = 0; i < n; ++i) {
+        if (!lp_d_ || rows[i] < 0 || rows[i] >= built_d_rows_) throw error("internal: no such row of the contrast graph");
+    }
+    for (int32_t i = 0; i < n; ++i) {
+        ggml_backend_tensor_get_async(backend_, lp_d_, out[i], (size_t) rows[i] * lp_d_->nb[1], (size_t) n_vocab_ * sizeof(float));
+    }
+    ggml_backend_synchronize(backend_);
 }
 
 }  // namespace dola

@@ -55,8 +55,9 @@ public:
     // only jsd[K] and the entropy. False (nothing computed) where that is off or the backend lacks
     // an op: use project().
     bool project_dola(const float * hidden, int32_t n_rows, float * jsd, double * entropy);
-    // Row `row` of the last project_dola()'s log-softmax (row n_rows-1 is the mature one). [n_vocab]
-    void fetch_log_softmax(int32_t row, float * out);
+    // Rows rows[0..n) of the last project_dola()'s log-softmax (row n_rows-1 is the mature one),
+    // [n_vocab] each, one wait for all.
+    void fetch_log_softmax(int32_t n, const int32_t * rows, float * const * out);
 
 private:
     void build(int32_t n_rows, bool norm);

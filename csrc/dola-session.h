@@ -166,7 +166,9 @@ private:
     class projected_rows : public device_rows {
     public:
         explicit projected_rows(session & s) : s_(s) {}
-        void log_softmax(int32_t row, float * out) override { s_.projector_->fetch_log_softmax(row, out); }
+        void log_softmax(int32_t n, const int32_t * rows, float * const * out) override {
+            s_.projector_->fetch_log_softmax(n, rows, out);
+        }
 
     private:
         session & s_;

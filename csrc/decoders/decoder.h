@@ -32,8 +32,9 @@ public:
 class device_rows {
 public:
     virtual ~device_rows() = default;
-    // Row `row`'s log-softmax ([n_vocab]); row K (the number of candidates) is the mature one.
-    virtual void log_softmax(int32_t row, float * out) = 0;
+    // The log-softmax ([n_vocab] each) of rows rows[0..n), one wait for all; row K (the number of
+    // candidates) is the mature one.
+    virtual void log_softmax(int32_t n, const int32_t * rows, float * const * out) = 0;
     const float * jsd = nullptr;  // [K]: JSD(mature || candidate k)
     double entropy = 0.0;         // of the mature distribution (nats)
 };

@@ -28,8 +28,10 @@ public:
             for (int32_t k = 1; k < K; ++k) {
                 if (rows.device->jsd[k] > rows.device->jsd[best]) best = k;  // first on ties, as torch's argmax
             }
-            rows.device->log_softmax(K, lp);
-            rows.device->log_softmax(best, scores);  // the premature log-probabilities, then the contrast in place
+            // the mature log-probabilities, and the premature ones into scores for the contrast in place
+            const int32_t which[2] = {K, best};
+            float * const into[2] = {lp, scores};
+            rows.device->log_softmax(2, which, into);
             contrast_scores(lp, scores, rows.n_vocab, relative_top_, scores);
             res.premature_layer = candidates_[best];
             res.jsd.assign(rows.device->jsd, rows.device->jsd + K);
