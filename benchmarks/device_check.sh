@@ -47,20 +47,18 @@ step "decode and prompt processing on a 7B-shaped model (plain vs DoLa)"
 timeout 300 python3 benchmarks/bench_decode.py --models llama-7b-shape --tokens 128 --repeats 3 --no-transformers \
     | tee "$OUT/bench_7b.md"
 
-if [ "$SECONDS" -lt 430 ]; then
-    step "the same with the layers copied by the eval callback (DOLA_CPP_CAPTURE=callback), for comparison"
-    DOLA_CPP_CAPTURE=callback timeout $((560 - SECONDS)) python3 benchmarks/bench_decode.py --models llama-7b-shape \
-        --tokens 64 --repeats 1 --no-transformers | tee "$OUT/bench_7b_callback_capture.md"
-else
-    echo "(no time left for the callback-capture comparison: run it in a second call)"
-fi
-
-if [ "$SECONDS" -lt 480 ]; then
-    step "the same with DoLa's contrast on the host (DOLA_CPP_DEVICE_CONTRAST=off), for comparison"
-    DOLA_CPP_DEVICE_CONTRAST=off timeout $((560 - SECONDS)) python3 benchmarks/bench_decode.py --models llama-7b-shape \
-        --tokens 64 --repeats 1 --no-transformers | tee "$OUT/bench_7b_host_contrast.md"
-else
-    echo "(no time left for the host-contrast comparison: run it in a second call)"
-fi
+# compare LATEST_START WHAT OUTFILE VAR=VALUE: the 7B table again with one setting changed, when
+# it can start before LATEST_START seconds (the call's limit is 590)
+compare() {
+    if [ "$SECONDS" -lt "$1" ]; then
+        step "the same with $2 ($4), for comparison"
+        env "$4" timeout $((560 - SECONDS)) python3 benchmarks/bench_decode.py --models llama-7b-shape \
+            --tokens 64 --repeats 1 --no-transformers | tee "$OUT/$3"
+    else
+        echo "(no time left for the comparison with $2: run it in a second call)"
+    fi
+}
+compare 430 "the layers copied by the eval callback" bench_7b_callback_capture.md DOLA_CPP_CAPTURE=callback
+compare 480 "DoLa's contrast on the host" bench_7b_host_contrast.md DOLA_CPP_DEVICE_CONTRAST=off
 
 step done
