@@ -58,7 +58,7 @@ layer_capture::building::~building() { t_building = prev_; }
 
 bool layer_capture::needs_callback() const {
     if (!outputs_) return active();
-    return final_ && n_rows() == 1 && !layers_.empty();
+    return takes_final();
 }
 
 bool layer_capture::take_new_marks() {
@@ -162,7 +162,7 @@ int32_t layer_capture::layer_of(const ggml_tensor * t) const {
 bool layer_capture::callback(ggml_tensor * t, bool ask, void * user_data) {
     auto * self = static_cast<layer_capture *>(user_data);
     if (!self->active()) return false;
-    if (self->final_ && self->n_rows() == 1 && t->name[0] == 'r' && std::strcmp(t->name, "result_norm") == 0) {
+    if (self->takes_final() && t->name[0] == 'r' && std::strcmp(t->name, "result_norm") == 0) {
         if (ask) return ++self->n_splits_, true;
         self->called_ = true;
         if (t->type != GGML_TYPE_F32 || t->ne[0] != self->n_embd_ || t->ne[1] != 1) return true;  // compute on

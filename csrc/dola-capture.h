@@ -102,6 +102,8 @@ public:
     int32_t n_splits() const { return n_splits_; }
 
 private:
+    // Whether the callback takes this ubatch's fused final row (one row, with layers to project).
+    bool takes_final() const { return final_ && n_rows() == 1 && !layers_.empty(); }
     // The hidden layer a graph node outputs (transformers' numbering), or -1.
     int32_t layer_of(const ggml_tensor * t) const;
     // Copies rows [row_begin, row_end) of the ubatch (or every row, context) from a layer tensor.
