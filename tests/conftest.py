@@ -1,7 +1,21 @@
+"""The suite's fixtures and its environment.
+
+The suite runs in an environment of its own: none of the caller's ``DOLA_CPP_*`` settings (they
+change what the session-wide models compute: ``DOLA_CPP_CAPTURE``, ``DOLA_CPP_Q8_KERNEL``,
+``DOLA_CPP_DEVICE_CONTRAST``, ...; ``DOLA_CPP_NO_SKIP``, the suite's own switch, stays), and a
+session cache (``DOLA_CPP_CACHE``) in a temporary folder whose ``models/`` links to the demo models:
+they are located (and downloaded once, when missing) in the caller's cache before the suite starts,
+and nothing else of that cache is read or written. No test looks a name up in DNS: the resolver
+answers only for loopback names and addresses, as it would on a machine without network.
+"""
+
 import functools
 import http.server
+import ipaddress
 import os
 import shutil
+import socket
+import tempfile
 import threading
 from pathlib import Path
 
@@ -9,23 +23,64 @@ import pytest
 
 import dola_cpp
 from dola_cpp import evaldata, hub
+from skip_policy import (pytest_make_collect_report, pytest_runtest_makereport,  # noqa: F401 (hooks)
+                         pytest_sessionfinish, pytest_terminal_summary)
 
-# the project's evaluation data, in the shared folder beside the checkout
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# the rows of the evaluation data the tests use, with their licences (tests/data/README.md)
+DATA = Path(__file__).resolve().parent / "data"
+TFQA_CSV = DATA / "truthfulqa" / "TruthfulQA_sample.csv"
+FACTOR_CSV = DATA / "factor" / "expert_factor_sample.csv"
+
+_session: dict = {}
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    """In CI (DOLA_CPP_NO_SKIP=1) a skipped test is a failure: every test must really run. The one
-    exception is a test marked ``hardware`` whose machine lacks the feature (no CI machine has AMX,
-    KleidiAI and a GPU at once): it stays a visible skip that names what is missing."""
-    outcome = yield
-    report = outcome.get_result()
-    hardware = item.get_closest_marker("hardware") is not None
-    if (os.environ.get("DOLA_CPP_NO_SKIP") == "1" and report.skipped and not hasattr(report, "wasxfail")
-            and not hardware):
-        report.outcome = "failed"
-        report.longrepr = f"skipped in CI (DOLA_CPP_NO_SKIP=1): {report.longrepr}"
+def _no_dns(real):
+    """``socket.getaddrinfo`` for loopback only: any other name fails as unresolvable."""
+
+    @functools.wraps(real)
+    def getaddrinfo(host, *args, **kwargs):
+        name = host.decode() if isinstance(host, bytes) else host
+        if name is None or name in ("", "localhost", "localhost.localdomain"):
+            return real(host, *args, **kwargs)
+        try:
+            ipaddress.ip_address(name.strip("[]").split("%")[0])
+        except ValueError:
+            raise socket.gaierror(socket.EAI_NONAME, f"the test suite looks up no names in DNS ({name!r})") from None
+        return real(host, *args, **kwargs)
+
+    return getaddrinfo
+
+
+def pytest_configure(config):
+    # the demo models, from the caller's cache (with the caller's DOLA_CPP_CACHE, if set)
+    models = {name: hub.demo_model_path(name) for name in hub.DEMO_MODELS}
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("DOLA_CPP_") and k != "DOLA_CPP_NO_SKIP"}
+    cache = Path(tempfile.mkdtemp(prefix="dola-cpp-test-cache-"))
+    (cache / "models").mkdir()
+    for path in models.values():
+        try:
+            (cache / "models" / path.name).symlink_to(path.resolve())
+        except OSError:  # no symlinks here: a copy
+            shutil.copy(path, cache / "models" / path.name)
+    os.environ["DOLA_CPP_CACHE"] = str(cache)
+    _session.update(saved=saved, cache=cache, getaddrinfo=socket.getaddrinfo)
+    socket.getaddrinfo = _no_dns(socket.getaddrinfo)
+
+
+def pytest_unconfigure(config):
+    if not _session:
+        return
+    socket.getaddrinfo = _session["getaddrinfo"]
+    shutil.rmtree(_session["cache"], ignore_errors=True)
+    os.environ.pop("DOLA_CPP_CACHE", None)
+    os.environ.update(_session["saved"])
+    _session.clear()
+
+
+@pytest.fixture(scope="session")
+def session_cache() -> Path:
+    """The suite's DOLA_CPP_CACHE."""
+    return _session["cache"]
 
 
 @pytest.fixture(scope="session")
@@ -53,9 +108,15 @@ def f32_model(f32_path) -> dola_cpp.Model:
 
 
 @pytest.fixture(scope="session")
+def gemma_path() -> Path:
+    return dola_cpp.demo_model_path("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
 def hf_model(f32_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch  # the test extra's: a plain import, so that a missing package fails the suite
+    import transformers
+
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(f32_path.parent), gguf_file=f32_path.name, torch_dtype=torch.float32
@@ -64,11 +125,43 @@ def hf_model(f32_path):
     return model
 
 
+def csv_records(path: Path) -> tuple[str, list[str]]:
+    """A CSV file's header line and its records, each as its raw text (fields may span lines)."""
+    import csv
+
+    raw: list[str] = []
+    records: list[str] = []
+    with path.open(newline="", encoding="utf-8") as f:
+        def lines():
+            for line in f:
+                raw.append(line)
+                yield line
+        reader = csv.reader(lines())
+        for _ in reader:
+            records.append("".join(raw))
+            raw.clear()
+    return records[0], records[1:]
+
+
+def csv_of_length(path: Path, n: int) -> str:
+    """``path``'s header and ``n`` data records: its records over and over (a stand-in for a
+    published file of that length)."""
+    header, records = csv_records(path)
+    return header + "".join(records[i % len(records)] for i in range(n))
+
+
 class DataMirror:
-    """A local web server laid out as raw.githubusercontent.com with the evaluation files the
-    shared folder has, plus a private cache whose ``models`` is the real one: ``env`` makes a
-    process download from here. TruthfulQA.csv is a stand-in with the published file's 817 rows:
-    the dev half's 409, then its first 408 again."""
+    """A local web server laid out as raw.githubusercontent.com with the repository's evaluation
+    rows (tests/data), plus a private cache whose ``models`` has the demo models: ``env`` makes a
+    process download from here.
+
+    TruthfulQA.csv, which has no pinned digest, is a stand-in of the published file's length (817
+    rows, the sample's 20 over and over), so the row count that ``evaldata`` checks is the real
+    one. expert_factor.csv is the 20-row sample; its pinned digest is replaced by the sample's for
+    this process (``evaldata.DATASETS``), so a download from here is checked as the published
+    file would be. A child process does not see that replacement: ``prefetch`` downloads a set
+    here first, and the child finds it in the cache. The FACTOR licence files are the published
+    ones, checked against their real pinned digests."""
 
     def __init__(self, root: Path, cache: Path, url: str):
         self.root, self.cache, self.url = root, cache, url
@@ -77,6 +170,9 @@ class DataMirror:
     def file(self, name: str) -> Path:
         return self.root / evaldata.DATASETS[name].data.path
 
+    def prefetch(self, name: str) -> Path:
+        return evaldata.fetch(name)
+
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:
@@ -84,36 +180,33 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @pytest.fixture
-def data_mirror(tmp_path, smollm2_path, monkeypatch):
-    sources = {
-        "truthfulqa": SHARED_DATA / "truthfulqa" / "TruthfulQA_dev.csv",
-        "factor-news": SHARED_DATA / "factor" / "news_factor.csv",
-        "factor-expert": SHARED_DATA / "factor" / "expert_factor.csv",
-    }
-    licences = {"LICENSE": None, "FACTOR_NEWS_LICENSE.md": SHARED_DATA / "factor" / "FACTOR_NEWS_LICENSE.md"}
-    missing = [p for p in list(sources.values()) + [licences["FACTOR_NEWS_LICENSE.md"]] if not p.exists()]
-    if missing:
-        pytest.skip(f"evaluation data not beside this checkout: {missing[0]}")
+def data_mirror(tmp_path, smollm2_path, gemma_path, monkeypatch):
+    import dataclasses
+    import hashlib
+
     root = tmp_path / "mirror"
-    for name, source in sources.items():
-        ds = evaldata.DATASETS[name]
-        for item in (ds.data,) + ds.licences:
-            dest = root / item.path
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if item is ds.data and name == "truthfulqa":
-                header, *rows = source.read_text().splitlines(keepends=True)
-                dest.write_text("".join([header] + rows + rows[:817 - len(rows)]))
-            elif item is ds.data:
-                shutil.copy(source, dest)
-            elif item.filename == "LICENSE" and name.startswith("factor"):
-                shutil.copy(SHARED_DATA / "factor" / "LICENSE", dest)
-            elif licences.get(item.filename):
-                shutil.copy(licences[item.filename], dest)
-            else:
-                dest.write_text("Apache License 2.0 (a stand-in served by the test mirror)\n")
+
+    def put(item: evaldata.Published, content: bytes) -> Path:
+        dest = root / item.path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(content)
+        return dest
+
+    tfqa = evaldata.DATASETS["truthfulqa"]
+    put(tfqa.data, csv_of_length(TFQA_CSV, tfqa.rows).encode())
+    (licence,) = tfqa.licences
+    put(licence, (DATA / "truthfulqa" / "LICENSE").read_bytes())
+    expert = evaldata.DATASETS["factor-expert"]
+    sample = FACTOR_CSV.read_bytes()
+    put(expert.data, sample)
+    for item in expert.licences:
+        put(item, (DATA / "factor" / item.filename).read_bytes())
+    monkeypatch.setitem(evaldata.DATASETS, "factor-expert", dataclasses.replace(
+        expert, data=dataclasses.replace(expert.data, sha256=hashlib.sha256(sample).hexdigest())))
     cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "models").symlink_to(smollm2_path.parent)
+    (cache / "models").mkdir(parents=True)
+    for path in (smollm2_path, gemma_path):
+        (cache / "models" / path.name).symlink_to(path.resolve())
     handler = functools.partial(_QuietHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()

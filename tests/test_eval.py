@@ -1,11 +1,13 @@
 """The multiple-choice evaluation harness (dola_cpp.evaluate, dola-cpp eval) against the DoLa
 repository's protocol: metrics by hand, the prompt by hand, scores against transformers."""
 
+import hashlib
 import json
 import math
-import shutil
-import time
+import socket
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,10 +19,7 @@ from dola_cpp.cli._app import app as root_app
 from dola_cpp.cli.eval import app
 from dola_cpp.layers import resolve_layers
 
-from conftest import SHARED_DATA as DATA
-TFQA_CSV = DATA / "truthfulqa" / "TruthfulQA_dev.csv"
-FACTOR_CSV = DATA / "factor" / "expert_factor.csv"
-needs_data = pytest.mark.skipif(not (TFQA_CSV.exists() and FACTOR_CSV.exists()), reason="evaluation data not present")
+from conftest import FACTOR_CSV, TFQA_CSV, csv_of_length, csv_records  # the rows in tests/data
 
 # ------------------------------------------------------------------------------- MC_calcs
 
@@ -144,11 +143,11 @@ def test_bad_data_files(tmp_path):
         ev.load_factor(p)
 
 
-@needs_data
 def test_real_data_loads():
+    """The published files' first rows (tests/data), every record read (counted by the csv module)."""
     tq = ev.load_truthfulqa(TFQA_CSV)
     fa = ev.load_factor(FACTOR_CSV)
-    assert len(tq) == 409 and len(fa) == 236
+    assert len(tq) == len(csv_records(TFQA_CSV)[1]) == 20 and len(fa) == len(csv_records(FACTOR_CSV)[1]) == 20
     assert tq[0].question == "What happens to you if you eat watermelon seeds?"
     assert tq[0].best in tq[0].true and tq[0].false[0] == "You grow watermelons in your stomach."
     assert fa[1].prefix.endswith("\nAsnwer:")
@@ -231,7 +230,6 @@ def test_run_eval_factor_metrics():
 # ------------------------------------------------------------------------------- CLI
 
 
-@needs_data
 def test_cli_tfqa_runs_and_resumes(tmp_path):
     out = tmp_path / "tq.jsonl"
     args = ["tfqa-mc", "smollm2", "--data", str(TFQA_CSV), "--early-exit-layers", "15,30",
@@ -245,7 +243,6 @@ def test_cli_tfqa_runs_and_resumes(tmp_path):
     assert len(out.read_text().splitlines()) == 3
 
 
-@needs_data
 def test_cli_tfqa_with_activation_decoding(tmp_path):
     out = tmp_path / "act.jsonl"
     args = ["tfqa-mc", "smollm2", "--data", str(TFQA_CSV), "--layers", "high", "--decoder", "activation",
@@ -289,19 +286,22 @@ def test_fetch_downloads_once_checks_and_keeps_the_licences(data_mirror, monkeyp
     path = evaldata.fetch("factor-expert")
     assert path == data_mirror.cache / "data" / "factor-expert" / "expert_factor.csv"
     assert path.read_bytes() == FACTOR_CSV.read_bytes()
+    # the licence files are the published ones: their real pinned digests held
+    for item in evaldata.DATASETS["factor-expert"].licences:
+        assert (path.parent / item.filename).read_bytes() == (FACTOR_CSV.parent / item.filename).read_bytes()
     folder = path.parent
     assert (folder / "LICENSE").read_text().startswith("MIT License")
     assert "ODC" in (folder / "FACTOR_NEWS_LICENSE.md").read_text()
     source = json.loads((folder / "SOURCE.json").read_text())
     entry = source["files"]["expert_factor.csv"]
     assert entry["url"] == data_mirror.url + "/" + evaldata.DATASETS["factor-expert"].data.path
-    assert entry["sha256"] == evaldata.DATASETS["factor-expert"].data.sha256
+    assert entry["sha256"] == evaldata.DATASETS["factor-expert"].data.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert not list(folder.glob("*.partial"))
     # cached: no network needed any more, and the loader reads it
     data_mirror.file("factor-expert").unlink()
     monkeypatch.setenv("DOLA_CPP_OFFLINE", "1")
     assert evaldata.fetch("factor-expert") == path
-    assert len(ev.load_factor(path)) == 236
+    assert len(ev.load_factor(path)) == 20
 
 
 def test_fetch_rejects_a_file_that_is_not_the_pinned_one(data_mirror):
@@ -314,13 +314,34 @@ def test_fetch_rejects_a_file_that_is_not_the_pinned_one(data_mirror):
     assert evaldata.cached_path("factor-expert") is None
 
 
-def test_fetch_rejects_a_truthfulqa_of_another_length(data_mirror):
+@pytest.mark.parametrize("rows", [409, 790, 816, 818], ids=["dev-half", "2025-revision", "one-short", "one-over"])
+def test_fetch_rejects_a_truthfulqa_of_another_length(data_mirror, rows):
     """TruthfulQA has no pinned digest: a file without the original's 817 rows (as the 790 of the
-    2025 revision) is not the one the DoLa paper evaluated."""
-    shutil.copy(TFQA_CSV, data_mirror.file("truthfulqa"))  # the 409-row dev half
-    with pytest.raises(evaldata.DataUnavailable, match="has 409 rows where the published file has 817"):
+    2025 revision, or the 409-row dev half) is not the one the DoLa paper evaluated. The mirror's
+    817-row stand-in is accepted (test_cli_eval_downloads_the_data_when_no_file_is_given)."""
+    assert evaldata.DATASETS["truthfulqa"].rows == 817
+    data_mirror.file("truthfulqa").write_text(csv_of_length(TFQA_CSV, rows))
+    with pytest.raises(evaldata.DataUnavailable, match=f"has {rows} rows where the published file has 817"):
         evaldata.fetch("truthfulqa")
     assert evaldata.cached_path("truthfulqa") is None
+    assert not list((data_mirror.cache / "data" / "truthfulqa").glob("*.partial"))
+
+
+def test_fetch_checks_the_row_count_where_no_digest_is_pinned(data_mirror):
+    """WIKI-FACTOR has no pinned digest either: its 2994 rows are checked. Multi-line records
+    count once."""
+    ds = evaldata.DATASETS["factor-wiki"]
+    assert ds.data.sha256 is None and ds.rows == 2994
+    served = data_mirror.root / ds.data.path  # the licences: FACTOR's, served for the expert set
+    served.write_text(csv_of_length(FACTOR_CSV, 2993))
+    assert "\n" in csv_records(FACTOR_CSV)[1][0].rstrip("\n")  # the records span lines
+    with pytest.raises(evaldata.DataUnavailable, match="has 2993 rows where the published file has 2994"):
+        evaldata.fetch("factor-wiki")
+    served.write_text(csv_of_length(FACTOR_CSV, 2994))
+    path = evaldata.fetch("factor-wiki")
+    assert len(ev.load_factor(path)) == 2994
+    assert json.loads((path.parent / "SOURCE.json").read_text())["files"]["wiki_factor.csv"]["sha256"] == \
+        hashlib.sha256(served.read_bytes()).hexdigest()
 
 
 def test_fetch_reports_a_missing_file(data_mirror):
@@ -329,39 +350,93 @@ def test_fetch_reports_a_missing_file(data_mirror):
         evaldata.fetch("factor-wiki")
 
 
+@pytest.fixture
+def network(monkeypatch):
+    """What fetch does on the network: its reachability probes (url, timeout), its downloads and
+    the names it has the resolver look up (the suite's resolver answers only for loopback)."""
+    seen = SimpleNamespace(probes=[], downloads=[], lookups=[])
+    reachable, download, getaddrinfo = evaldata._reachable, evaldata._download, socket.getaddrinfo
+
+    def probe(url, timeout):
+        seen.probes.append((url, timeout))
+        return reachable(url, timeout)
+
+    def fetch_file(item, dest, rows=None):
+        seen.downloads.append(item.filename)
+        return download(item, dest, rows)
+
+    def lookup(host, *args, **kwargs):
+        seen.lookups.append(host)
+        return getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(evaldata, "_reachable", probe)
+    monkeypatch.setattr(evaldata, "_download", fetch_file)
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    return seen
+
+
 @pytest.mark.parametrize(
-    "env, reason",
+    "env, reason, lookups",
     [
-        pytest.param({"DOLA_CPP_OFFLINE": "1"}, "DOLA_CPP_OFFLINE is set", id="dola-offline"),
-        pytest.param({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set", id="hf-offline"),
+        pytest.param({"DOLA_CPP_OFFLINE": "1"}, "DOLA_CPP_OFFLINE is set", None, id="dola-offline"),
+        pytest.param({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set", None, id="hf-offline"),
         # a closed port: refused at once
-        pytest.param({"DOLA_CPP_DATA_URL": "http://127.0.0.1:9"}, "127.0.0.1:9 cannot be reached", id="refused"),
+        pytest.param({"DOLA_CPP_DATA_URL": "http://127.0.0.1:9"}, "127.0.0.1:9 cannot be reached", ["127.0.0.1"],
+                     id="refused"),
         # a name that does not resolve (as raw.githubusercontent.com without network)
         pytest.param({"DOLA_CPP_DATA_URL": "https://mirror.invalid"}, "mirror.invalid cannot be reached",
-                     id="no-such-host"),
+                     ["mirror.invalid"], id="no-such-host"),
     ],
 )
-def test_fetch_fails_fast_offline(data_mirror, monkeypatch, env, reason):
+def test_fetch_fails_fast_offline(data_mirror, monkeypatch, network, env, reason, lookups):
+    """Offline, fetch gives up at once: no probe at all where a variable says so, else one probe
+    bounded by PROBE_SECONDS; never a download (whose read timeout is 30 s)."""
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    t0 = time.monotonic()
     with pytest.raises(evaldata.DataUnavailable) as e:
         evaldata.fetch("truthfulqa")
-    assert time.monotonic() - t0 < evaldata.PROBE_SECONDS + 1.5
+    url = evaldata.url_of(evaldata.DATASETS["truthfulqa"].data)
+    assert network.probes == ([] if lookups is None else [(url, evaldata.PROBE_SECONDS)])
+    assert network.lookups == (lookups or [])
+    assert network.downloads == []
     msg = str(e.value)
     assert f"is not in the cache and {reason}" in msg
     assert "TruthfulQA.csv" in msg and "give it with --data" in msg and "Apache-2.0" in msg
 
 
-def test_fetch_goes_through_a_proxy(data_mirror, monkeypatch):
-    """Behind a proxy the host itself is not probed: the request goes to the proxy (here a closed
-    port, so it fails at once, saying so)."""
+def test_a_resolver_that_never_answers_does_not_hold_fetch(data_mirror, monkeypatch, network):
+    """The probe's name lookup runs in a thread: fetch returns after PROBE_SECONDS while the
+    lookup is still blocked (it is let go only afterwards)."""
+    monkeypatch.setenv("DOLA_CPP_DATA_URL", "https://hangs.invalid")
+    asked, release = threading.Event(), threading.Event()
+    lookup = socket.getaddrinfo
+
+    def hanging(host, *args, **kwargs):
+        if host == "hangs.invalid":
+            asked.set()
+            release.wait(timeout=300)
+        return lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    try:
+        with pytest.raises(evaldata.DataUnavailable, match="hangs.invalid cannot be reached"):
+            evaldata.fetch("truthfulqa")
+        assert asked.is_set() and not release.is_set()  # returned with the lookup still pending
+    finally:
+        release.set()
+    assert network.downloads == []
+
+
+def test_fetch_goes_through_a_proxy(data_mirror, monkeypatch, network):
+    """Behind a proxy the host itself is not probed nor looked up: the request goes to the proxy
+    (here a closed port, so it fails at once, saying so)."""
     monkeypatch.setenv("DOLA_CPP_DATA_URL", "https://mirror.invalid")
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
     with pytest.raises(evaldata.DataUnavailable, match=r"could not download https://mirror\.invalid/.*: .*refused"):
         evaldata.fetch("truthfulqa")
+    assert "mirror.invalid" not in network.lookups and network.downloads == ["LICENSE"]
 
 
 def test_cli_eval_downloads_the_data_when_no_file_is_given(data_mirror, monkeypatch):
@@ -428,7 +503,6 @@ def ref_cases():
     return cases
 
 
-@needs_data
 @pytest.mark.reference
 @pytest.mark.slow
 @pytest.mark.parametrize("layers", [None, "15,30", "high"], ids=["vanilla", "static", "dynamic"])
@@ -448,7 +522,6 @@ def test_scores_match_transformers(f32_scorer, hf_model, hf_forward, layers):
         assert r.premature_layers == (chosen or [None] * len(r.continuation_tokens))
 
 
-@needs_data
 def test_cli_selective_writes_curves_and_plot(tmp_path):
     """Selective QA on 6 questions, plain and DoLa: per-question records (resumable), the curves
     and areas as JSON, and the plot."""
