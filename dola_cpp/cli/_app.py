@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import __version__
-from ._cli_utils import DEBUG_ENV, DolaGroup
+from ._cli_utils import DEBUG_ENV, DolaCommand, DolaGroup
 from .compare import COMPARE_EXAMPLES, compare
 from .generate import GENERATE_EXAMPLES, generate
 from .info import INFO_EXAMPLES, info
@@ -33,7 +33,8 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    # help pages use up to 100 columns of a wide terminal (click's default stops at 80)
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 
 
@@ -51,14 +52,15 @@ def _root(
     pass
 
 
-app.command(epilog=RUN_EXAMPLES)(run)
-app.command(epilog=GENERATE_EXAMPLES)(generate)
-app.command(epilog=COMPARE_EXAMPLES)(compare)
-app.command(epilog=TRACE_EXAMPLES)(trace)
-app.command(epilog=SERVE_EXAMPLES)(serve)
-app.command(epilog=INFO_EXAMPLES)(info)
-app.command("rpc-server", epilog=RPC_SERVER_EXAMPLES)(rpc_server)
-app.command(epilog=PULL_EXAMPLES)(pull)
+# The root help lists each command with the first sentence of its docstring: keep it short and whole.
+app.command(cls=DolaCommand, epilog=RUN_EXAMPLES)(run)
+app.command(cls=DolaCommand, epilog=GENERATE_EXAMPLES)(generate)
+app.command(cls=DolaCommand, epilog=COMPARE_EXAMPLES)(compare)
+app.command(cls=DolaCommand, epilog=TRACE_EXAMPLES)(trace)
+app.command(cls=DolaCommand, epilog=SERVE_EXAMPLES)(serve)
+app.command(cls=DolaCommand, epilog=INFO_EXAMPLES)(info)
+app.command("rpc-server", cls=DolaCommand, epilog=RPC_SERVER_EXAMPLES)(rpc_server)
+app.command(cls=DolaCommand, epilog=PULL_EXAMPLES)(pull)
 if eval_app is not None:
     app.add_typer(eval_app, name="eval")
 

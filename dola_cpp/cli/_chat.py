@@ -92,8 +92,13 @@ class Conversation:
                 if dropped:
                     del self.exchanges[:dropped]
                 return text, ids, dropped
+        n_train = self.model.n_ctx_train
+        if n_train > 0 and self.model.n_ctx >= n_train:
+            raise CLIError(f"this message needs {n} tokens but only {budget} fit in the context (with room for the "
+                           f"answer), which is already the {n_train} the model was trained on; send a shorter message")
+        larger = f"a larger --ctx (at most {n_train}, the model's training context)" if n_train > 0 else "a larger --ctx"
         raise CLIError(f"this message needs {n} tokens but only {budget} fit in the context "
-                       f"(with room for the answer); start the chat with a larger --ctx")
+                       f"(with room for the answer); start the chat with {larger}")
 
     def add(self, user: str, assistant: str) -> None:
         self.exchanges.append(Exchange(user, assistant))
@@ -420,10 +425,11 @@ class Chat:
             return
         if not value:
             raise CLIError(f"/set {key} needs a value")
-        if key == "max_tokens":
-            self.max_tokens = _number(key, value, int)
-            if self.max_tokens < 1:
+        if key == "max_tokens":  # at least 1, as on the command line and in the server
+            max_tokens = _number(key, value, int)
+            if max_tokens < 1:
                 raise CLIError(f"max_tokens must be at least 1, got {value}")
+            self.max_tokens = max_tokens
         elif key == "layers":
             self._apply(layers=value)
         elif key == "show_risk":

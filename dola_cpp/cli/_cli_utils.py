@@ -19,6 +19,9 @@ from .. import (
     PromptTooLongError, resolve_model,
 )
 from ..layers import parse_layer_string
+from ._help import (  # noqa: F401  (the panels, for the commands' own options)
+    PANEL_DECODING, PANEL_ENGINE, PANEL_OUTPUT, PANEL_PROMPT, PANEL_SAMPLING, PANEL_STOPPING, DolaCommand,
+)
 
 DEBUG_ENV = "DOLA_CPP_DEBUG"
 
@@ -37,13 +40,29 @@ def debug_enabled() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
+# The training context of the model this process loaded (load_model), for the prompt-too-long hint.
+_loaded = {"n_ctx_train": 0}
+
+
+def too_long_hint(n_tokens: int, n_ctx: int, n_ctx_train: int = 0) -> str:
+    """What to do about a prompt of ``n_tokens`` in a context of ``n_ctx``: a larger --ctx, at
+    most the model's training context ``n_ctx_train`` (0 = unknown), or a shorter prompt."""
+    head = f"the prompt has {n_tokens} tokens but the context holds {n_ctx}"
+    suggest = 1 << max(8, (n_tokens + 256).bit_length())
+    if n_ctx_train > 0:
+        if n_tokens >= n_ctx_train or n_ctx >= n_ctx_train:
+            return f"{head} and the model was trained on {n_ctx_train}; shorten the prompt"
+        suggest = min(suggest, n_ctx_train)
+        return (f"{head}; use a larger --ctx (e.g. --ctx {suggest}; the model was trained on {n_ctx_train}) "
+                f"or shorten the prompt")
+    return f"{head}; use a larger --ctx (e.g. --ctx {suggest}) or shorten the prompt"
+
+
 def one_line(error: BaseException) -> str:
     """The message of ``error`` on one line, in the command line's terms: multi-line messages
     (e.g. pip's stderr) keep their first and last lines."""
     if isinstance(error, PromptTooLongError):
-        suggest = 1 << max(8, (error.n_tokens + 256).bit_length())
-        return (f"the prompt has {error.n_tokens} tokens but the context holds {error.n_ctx}; "
-                f"use a larger --ctx (e.g. --ctx {suggest}) or shorten the prompt")
+        return too_long_hint(error.n_tokens, error.n_ctx, _loaded["n_ctx_train"])
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if not lines:
         return type(error).__name__
@@ -106,8 +125,6 @@ _MODEL_HELP = (
     + ", ".join(DEMO_MODELS)
     + ")."
 )
-_DECODE = "Decoding"
-_ENGINE = "Engine"
 
 
 def check_layer_syntax(value: Optional[str]) -> Optional[str]:
@@ -133,80 +150,82 @@ def _check_risk(value: Optional[float]) -> Optional[float]:
     return value
 
 
-ModelArg = Annotated[Optional[str], typer.Argument(help=_MODEL_HELP + " Default: the default demo model.",
-                                                   show_default=False)]
-ModelRequiredArg = Annotated[str, typer.Argument(help=_MODEL_HELP, show_default=False)]
-PromptArg = Annotated[str, typer.Argument(help="The prompt text.", show_default=False)]
+ModelArg = Annotated[Optional[str], typer.Argument(metavar="MODEL", show_default=False,
+                                                   help=_MODEL_HELP + " Default: the default demo model.")]
+ModelRequiredArg = Annotated[str, typer.Argument(metavar="MODEL", help=_MODEL_HELP, show_default=False)]
+PromptArg = Annotated[str, typer.Argument(metavar="PROMPT", help="The prompt text.", show_default=False)]
 LayersOpt = Annotated[
     str,
     typer.Option(
-        "--layers", "-l", callback=check_layer_syntax, rich_help_panel=_DECODE,
+        "--layers", "-l", metavar="LAYERS", callback=check_layer_syntax, rich_help_panel=PANEL_DECODING,
         help="Premature layers to contrast: high, low, none (plain decoding), or a list like 16,18,32 "
              "(last = mature layer; one value = plain decoding from that layer).",
     ),
 ]
 RepetitionPenaltyOpt = Annotated[
     Optional[float],
-    typer.Option("--repetition-penalty", "--rp", callback=_check_positive, rich_help_panel=_DECODE,
+    typer.Option("--repetition-penalty", "--rp", callback=_check_positive, rich_help_panel=PANEL_DECODING,
                  show_default=False,
                  help=f"Repetition penalty. Default: {RECOMMENDED_REPETITION_PENALTY} with DoLa, 1.0 plain."),
 ]
 PrematureNormOpt = Annotated[
     bool,
-    typer.Option("--premature-norm/--raw", rich_help_panel=_DECODE,
+    typer.Option("--premature-norm/--raw", rich_help_panel=PANEL_DECODING,
                  help="--premature-norm (the command line's default) applies the final norm to premature layers "
                       "before projecting them (logit lens); --raw projects the raw hidden state as the DoLa "
                       "paper, transformers and the Python API do. Why the default differs: README, 'Chat defaults'."),
 ]
 DecoderOpt = Annotated[
     Decoder,
-    typer.Option("--decoder", rich_help_panel=_DECODE,
+    typer.Option("--decoder", rich_help_panel=PANEL_DECODING,
                  help="dola: DoLa with --layers (plain decoding with --layers none); activation: Activation "
                       "Decoding, on top of DoLa's contrast unless --layers none."),
 ]
-AlphaOpt = Annotated[float, typer.Option("--alpha", min=0.0, rich_help_panel=_DECODE,
+AlphaOpt = Annotated[float, typer.Option("--alpha", min=0.0, rich_help_panel=PANEL_DECODING,
                                          help="Activation Decoding: weight of the sharpness (entropy) term.")]
 InfoLayerOpt = Annotated[Optional[int], typer.Option(
-    "--info-layer", min=0, rich_help_panel=_DECODE, show_default=False,
+    "--info-layer", min=0, rich_help_panel=PANEL_DECODING, show_default=False,
     help="Activation Decoding: the layer whose activations over the context are measured "
          "(default: round(0.8 x layers), as the reference's 26 of 32; `dola-cpp info` shows it).")]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", "-t", min=0.0, rich_help_panel=PANEL_SAMPLING,
+                                               help="Sampling temperature; 0 = greedy.")]
+TopKOpt = Annotated[int, typer.Option("--top-k", min=0, rich_help_panel=PANEL_SAMPLING,
+                                      help="Sample from the k best tokens (0 = all).")]
+TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, rich_help_panel=PANEL_SAMPLING,
+                                        help="Nucleus sampling threshold.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", min=0, rich_help_panel=PANEL_SAMPLING, show_default=False,
+                                                help="Random seed for sampling (default: random).")]
+# The command line, the chat's /set max_tokens and the server all refuse a budget of 0 tokens.
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=1, rich_help_panel=PANEL_STOPPING,
+                                           help="Most tokens to generate per answer.")]
 EosBoostOpt = Annotated[float, typer.Option(
-    "--eos-boost", min=0.0, rich_help_panel=_DECODE,
+    "--eos-boost", min=0.0, rich_help_panel=PANEL_STOPPING,
     help="Raise the end-of-answer tokens' scores from 80% of --max-tokens on, linearly up to this many nats at "
          "the limit, so answers end instead of being cut (0 = off).")]
-ShowRiskOpt = Annotated[bool, typer.Option("--show-risk", rich_help_panel=_DECODE,
-                                           help="Colour each token by its risk (low, medium, high).")]
 AbstainOpt = Annotated[Optional[float], typer.Option(
-    "--abstain", callback=lambda v: _check_risk(v), rich_help_panel=_DECODE, show_default=False,
+    "--abstain", callback=lambda v: _check_risk(v), rich_help_panel=PANEL_STOPPING, show_default=False,
     help="Say it is not sure instead of answering when the answer's risk exceeds this (0-1).")]
-SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", rich_help_panel=_DECODE,
+SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", metavar="TEXT", rich_help_panel=PANEL_PROMPT,
                                                   help="System prompt (with the chat template).")]
-MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=0, rich_help_panel=_DECODE,
-                                           help="Most tokens to generate per answer.")]
-TemperatureOpt = Annotated[float, typer.Option("--temperature", "-t", min=0.0, rich_help_panel=_DECODE,
-                                               help="Sampling temperature; 0 = greedy.")]
-TopKOpt = Annotated[int, typer.Option("--top-k", min=0, rich_help_panel=_DECODE,
-                                      help="Sample from the k best tokens (0 = all).")]
-TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, rich_help_panel=_DECODE,
-                                        help="Nucleus sampling threshold.")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", min=0, rich_help_panel=_DECODE, show_default=False,
-                                                help="Random seed for sampling (default: random).")]
-TemplateOpt = Annotated[Template, typer.Option("--template", rich_help_panel=_DECODE,
+TemplateOpt = Annotated[Template, typer.Option("--template", rich_help_panel=PANEL_PROMPT,
                                                help="auto: the model's chat template if it has one; "
                                                     "chat: require it; none: no template.")]
-CtxOpt = Annotated[int, typer.Option("--ctx", "-c", min=0, rich_help_panel=_ENGINE,
-                                     help="Context size in tokens (0 = the model's training context).")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, rich_help_panel=_ENGINE, show_default=False,
-                                                   help="CPU threads (default: all cores).")]
-GpuLayersOpt = Annotated[int, typer.Option("--gpu-layers", "-ngl", rich_help_panel=_ENGINE,
+CtxOpt = Annotated[int, typer.Option("--ctx", "-c", min=0, rich_help_panel=PANEL_ENGINE,
+                                     help="Context size in tokens (0 = the model's training context; beyond it "
+                                          "answers degrade).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, rich_help_panel=PANEL_ENGINE,
+                                                   show_default=False, help="CPU threads (default: all cores).")]
+GpuLayersOpt = Annotated[int, typer.Option("--gpu-layers", "-ngl", rich_help_panel=PANEL_ENGINE,
                                            help="Layers to offload to the GPU (-1 = all, 0 = none).")]
-RepackOpt = Annotated[bool, typer.Option("--repack/--no-repack", rich_help_panel=_ENGINE,
+RepackOpt = Annotated[bool, typer.Option("--repack/--no-repack", rich_help_panel=PANEL_ENGINE,
                                          help="Let llama.cpp repack weights for this CPU (AMX, CPU_REPACK); "
                                               "--no-repack keeps ggml's plain layout.")]
 RpcOpt = Annotated[Optional[str], typer.Option(
-    "--rpc", rich_help_panel=_ENGINE, show_default=False,
+    "--rpc", metavar="HOST:PORT,...", rich_help_panel=PANEL_ENGINE, show_default=False,
     help="Offload layers to ggml RPC servers: host:port[,host:port] (start them with `dola-cpp rpc-server`).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+ShowRiskOpt = Annotated[bool, typer.Option("--show-risk", rich_help_panel=PANEL_OUTPUT,
+                                           help="Colour each token by its risk (low, medium, high).")]
+JsonOpt = Annotated[bool, typer.Option("--json", rich_help_panel=PANEL_OUTPUT, help="Print JSON instead of text.")]
 
 
 # ---------------------------------------------------------------------------------------- settings
@@ -234,11 +253,27 @@ def model_path(ref: Optional[str]) -> Path:
 
 
 def load_model(ref: Optional[str], ctx: int = 2048, threads: Optional[int] = None, gpu_layers: int = -1,
-               repack: bool = True, rpc: Optional[str] = None) -> Model:
-    m = Model(model_path(ref), n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, repack=repack, rpc=rpc)
+               repack: bool = True, rpc: Optional[str] = None, kv_type: Optional[str] = None) -> Model:
+    """The model for a command, with a note when llama.cpp changed the context size and a warning
+    when the context is larger than the one the model was trained on."""
+    extra = {} if kv_type is None else {"kv_type": kv_type}
+    m = Model(model_path(ref), n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, repack=repack, rpc=rpc,
+              **extra)
     if ctx and m.n_ctx != ctx:
         typer.echo(f"note: llama.cpp made the context {m.n_ctx} tokens (--ctx {ctx} asked for {ctx})", err=True)
+    _loaded["n_ctx_train"] = m.n_ctx_train
+    warning = beyond_training_warning(m.n_ctx, m.n_ctx_train)
+    if warning:
+        typer.echo(f"warning: {warning}", err=True)
     return m
+
+
+def beyond_training_warning(n_ctx: int, n_ctx_train: int) -> Optional[str]:
+    """What a context larger than the model's training context means, or None."""
+    if n_ctx_train <= 0 or n_ctx <= n_ctx_train:
+        return None
+    return (f"a context of {n_ctx} tokens is larger than the {n_ctx_train} the model was trained on; "
+            f"answer quality degrades beyond {n_ctx_train} tokens of prompt and answer")
 
 
 def decode_config(model: Model, **fields: Any) -> DecodeConfig:

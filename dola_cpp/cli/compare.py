@@ -9,7 +9,7 @@ import typer
 
 from .. import GenerationResult
 from ._cli_utils import (
-    AlphaOpt, CtxOpt, GpuLayersOpt, InfoLayerOpt, LayersOpt, Layout, MaxTokensOpt, ModelRequiredArg, PrematureNormOpt,
+    PANEL_OUTPUT, AlphaOpt, CtxOpt, GpuLayersOpt, InfoLayerOpt, LayersOpt, Layout, MaxTokensOpt, ModelRequiredArg, PrematureNormOpt,
     PromptArg, RepackOpt, RepetitionPenaltyOpt, SystemOpt, Template, TemplateOpt, ThreadsOpt, decode_config, examples,
     layer_plan, load_model, note_penalty, prompt_text,
 )
@@ -24,7 +24,7 @@ COMPARE_EXAMPLES = examples(
 # Side by side only when each column gets at least this many characters.
 MIN_COLUMN = 48
 
-LayoutOpt = Annotated[Layout, typer.Option("--layout", help="columns (side by side), rows (one after the other), "
+LayoutOpt = Annotated[Layout, typer.Option("--layout", rich_help_panel=PANEL_OUTPUT, help="columns (side by side), rows (one after the other), "
                                                             "or auto: columns when the terminal is wide enough.")]
 
 
@@ -45,7 +45,9 @@ def compare(
     gpu_layers: GpuLayersOpt = -1,
     repack: RepackOpt = True,
 ) -> None:
-    """Answer PROMPT with plain greedy decoding, with DoLa and with Activation Decoding, and show
+    """Compare the plain, DoLa and Activation Decoding answers.
+
+    Answers PROMPT with plain greedy decoding, with DoLa and with Activation Decoding, and shows
     the answers side by side (or one after the other).
 
     The Activation Decoding answer runs without DoLa's contrast (the reference's `activation`;

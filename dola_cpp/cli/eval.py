@@ -11,21 +11,22 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import Model, evaldata
+from .. import evaldata
 from .. import evaluate as ev
 from ._cli_utils import (
-    AlphaOpt, CLIError, CtxOpt, Decoder, DecoderOpt, InfoLayerOpt, ModelRequiredArg, ThreadsOpt, check_layer_syntax,
-    decode_config, layer_plan, model_path,
+    PANEL_DECODING, PANEL_ENGINE, PANEL_OUTPUT, AlphaOpt, CLIError, CtxOpt, Decoder, DecoderOpt, DolaCommand,
+    InfoLayerOpt, ModelRequiredArg, ThreadsOpt, check_layer_syntax, decode_config, layer_plan, load_model,
 )
 from ._render import describe_config
 
 app = typer.Typer(
-    help="Reproduce the DoLa paper's multiple-choice evaluations with the DoLa repository's protocol.",
+    help="Reproduce the DoLa paper's multiple-choice evaluations.\n\nTruthfulQA MC and FACTOR, with the DoLa "
+         "repository's protocol, and selective question answering by risk.",
     no_args_is_help=True,
 )
 
 DataOpt = Annotated[Optional[Path], typer.Option(
-    "--data", show_default=False,
+    "--data", metavar="CSV", show_default=False,
     help="The dataset CSV. Without it the published file is downloaded once into the cache, with its licence.")]
 
 
@@ -41,21 +42,28 @@ SubsetOpt = Annotated[Optional[FactorSubset], typer.Option(
 EarlyExitOpt = Annotated[
     Optional[str],
     typer.Option(
-        "--early-exit-layers",
+        "--early-exit-layers", metavar="LAYERS", rich_help_panel=PANEL_DECODING,
         help="The DoLa repo's layer string: one value (-1) = plain, two = static 'premature,mature', "
         "more = dynamic with the last as mature.",
     ),
 ]
 LayersOpt = Annotated[
-    Optional[str], typer.Option("--layers", callback=check_layer_syntax,
-                                help="'high', 'low', 'none' or a layer string such as '16,18,32'.")
+    Optional[str], typer.Option("--layers", metavar="LAYERS", callback=check_layer_syntax,
+                                rich_help_panel=PANEL_DECODING, show_default=False,
+                                help="'high', 'low', 'none' or a layer string such as '16,18,32'. Default: none "
+                                     "(plain decoding), unless --early-exit-layers is given.")
 ]
 PrematureNormOpt = Annotated[
-    bool, typer.Option("--premature-norm", help="Apply the final norm to premature hidden states (logit lens).")
+    bool, typer.Option("--premature-norm/--raw", rich_help_panel=PANEL_DECODING,
+                       help="--premature-norm applies the final norm to premature hidden states before projecting "
+                            "them (logit lens); --raw projects the raw hidden state, as the DoLa repository's "
+                            "evaluations do.")
 ]
-LimitOpt = Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluate only the first N items.")]
+LimitOpt = Annotated[Optional[int], typer.Option("--limit", metavar="N", min=1, show_default=False,
+                                                 help="Evaluate only the first N items (default: all).")]
 JsonOpt = Annotated[
-    Optional[Path], typer.Option("--json", help="Append per-item results as JSON lines here; a rerun resumes.")
+    Optional[Path], typer.Option("--json", metavar="FILE", rich_help_panel=PANEL_OUTPUT,
+                                 help="Append per-item results as JSON lines here; a rerun resumes.")
 ]
 
 
@@ -67,7 +75,7 @@ class KVType(str, Enum):
 KVTypeOpt = Annotated[
     KVType,
     typer.Option(
-        "--kv-type",
+        "--kv-type", rich_help_panel=PANEL_ENGINE,
         help="KV cache type. f32 (default) makes a score independent of whether the prompt's cache was "
         "reused; with f16, llama.cpp's attention kernels differ between a long and a short batch.",
     ),
@@ -113,7 +121,7 @@ def _run(task: ev.Task, model_ref: str, data: Optional[Path], spec, premature_no
 
     console = Console()
     data, items = _items(task.name, task.load, data, limit, subset)
-    model = Model(model_path(model_ref), n_ctx=ctx, n_threads=threads, kv_type=kv_type.value)
+    model = load_model(model_ref, ctx, threads, kv_type=kv_type.value)
     plan = layer_plan(model, spec) if spec is not None else model.resolve_layers(None)
     config = decode_config(model, layers=spec, premature_norm=premature_norm, decoder=decoder, alpha=alpha,
                            info_layer=info_layer)
@@ -189,7 +197,7 @@ def _run(task: ev.Task, model_ref: str, data: Optional[Path], spec, premature_no
         )
 
 
-@app.command("tfqa-mc")
+@app.command("tfqa-mc", cls=DolaCommand)
 def tfqa_mc(
     model: ModelRequiredArg,
     data: DataOpt = None,
@@ -205,12 +213,14 @@ def tfqa_mc(
     threads: ThreadsOpt = None,
     kv_type: KVTypeOpt = KVType.f32,
 ) -> None:
-    """TruthfulQA MC1/MC2/MC3 (the DoLa repo's tfqa_mc_eval.py: 6-shot prompt, relative_top=0)."""
+    """Score TruthfulQA MC1, MC2 and MC3 as the DoLa repository does.
+
+    The DoLa repository's tfqa_mc_eval.py: a 6-shot prompt, relative_top=0."""
     _run(ev.TASKS[ev.TFQA], model, data, _layer_spec(early_exit_layers, layers), premature_norm, limit, json_out, ctx,
          threads, kv_type, decoder, alpha, info_layer)
 
 
-@app.command("factor")
+@app.command("factor", cls=DolaCommand)
 def factor(
     model: ModelRequiredArg,
     data: DataOpt = None,
@@ -227,28 +237,33 @@ def factor(
     threads: ThreadsOpt = None,
     kv_type: KVTypeOpt = KVType.f32,
 ) -> None:
-    """FACTOR accuracy (the DoLa repo's factor_eval.py: relative_top=0.1, post-softmax)."""
+    """Score FACTOR accuracy as the DoLa repository does.
+
+    The DoLa repository's factor_eval.py: relative_top=0.1, post-softmax."""
     _run(ev.TASKS[ev.FACTOR], model, data, _layer_spec(early_exit_layers, layers), premature_norm, limit, json_out, ctx,
          threads, kv_type, decoder, alpha, info_layer, subset)
 
 
-@app.command("selective")
+@app.command("selective", cls=DolaCommand)
 def selective(
     model: ModelRequiredArg,
     data: DataOpt = None,
-    layers: Annotated[str, typer.Option("--layers", callback=check_layer_syntax,
+    layers: Annotated[str, typer.Option("--layers", metavar="LAYERS", callback=check_layer_syntax,
+                                        rich_help_panel=PANEL_DECODING,
                                         help="The DoLa mode's layers ('high', 'low' or a layer string).")] = "high",
     premature_norm: PrematureNormOpt = False,
     limit: LimitOpt = None,
-    out: Annotated[Path, typer.Option("--out", help="Writes OUT.json (curves and areas), OUT.png (the plot) and "
+    out: Annotated[Path, typer.Option("--out", metavar="OUT", rich_help_panel=PANEL_OUTPUT, help="Writes OUT.json (curves and areas), OUT.png (the plot) and "
                                                     "OUT.plain.jsonl / OUT.dola.jsonl (per question; a rerun "
                                                     "resumes).")] = Path("selective"),
     ctx: CtxOpt = 2048,
     threads: ThreadsOpt = None,
     kv_type: KVTypeOpt = KVType.f32,
 ) -> None:
-    """Selective QA on TruthfulQA: rank the questions by each risk signal and plot MC1 accuracy against
-    coverage, in plain and DoLa modes."""
+    """Plot TruthfulQA accuracy against coverage for each risk signal.
+
+    Selective QA: ranks the questions by each risk signal and plots MC1 accuracy against coverage,
+    in plain and DoLa modes."""
     from rich.console import Console
     from rich.table import Table
 
@@ -258,7 +273,7 @@ def selective(
     if layers.strip().lower() == "none":
         raise typer.BadParameter("the DoLa mode needs layers ('high', 'low' or a layer string)", param_hint="--layers")
     data, items = _items(ev.TFQA, ev.load_truthfulqa, data, limit)
-    m = Model(model_path(model), n_ctx=ctx, n_threads=threads, kv_type=kv_type.value)
+    m = load_model(model, ctx, threads, kv_type=kv_type.value)
     dola_plan = layer_plan(m, layers)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = []

@@ -10,7 +10,7 @@ import typer
 
 from .. import DecodeConfig, GenerationResult, LayerPlan, Model
 from ._cli_utils import (
-    AbstainOpt, AlphaOpt, CtxOpt, Decoder, DecoderOpt, EosBoostOpt, GpuLayersOpt, InfoLayerOpt, JsonOpt, LayersOpt, MaxTokensOpt,
+    PANEL_STOPPING, AbstainOpt, AlphaOpt, CtxOpt, Decoder, DecoderOpt, EosBoostOpt, GpuLayersOpt, InfoLayerOpt, JsonOpt, LayersOpt, MaxTokensOpt,
     ModelRequiredArg, PrematureNormOpt, PromptArg, RepackOpt, RpcOpt, RepetitionPenaltyOpt, SeedOpt, SystemOpt, TemperatureOpt,
     Template, TemplateOpt, ThreadsOpt, TopKOpt, TopPOpt, decode_config, examples, layer_plan, load_model, note_penalty,
     prompt_text,
@@ -23,7 +23,8 @@ GENERATE_EXAMPLES = examples(
     "dola-cpp generate smollm2 'Name three planets.' --json | jq '.steps[].premature_layer'",
 )
 
-StopOpt = Annotated[Optional[List[str]], typer.Option("--stop", show_default=False,
+StopOpt = Annotated[Optional[List[str]], typer.Option("--stop", metavar="TEXT", show_default=False,
+                                                      rich_help_panel=PANEL_STOPPING,
                                                       help="Stop at this text (repeatable).")]
 
 

@@ -22,9 +22,11 @@ TEMPLATE_PREVIEW_WIDTH = 100
 
 
 def info(model: ModelRequiredArg, as_json: JsonOpt = False) -> None:
-    """Show a model's architecture, layers, vocabulary, quantization, context length, chat
-    template, tied embeddings, the layers DoLa's 'high' and 'low' sets contrast, and Activation
-    Decoding's default info layer."""
+    """Show what a model is and what DoLa's layer sets mean for it.
+
+    Its architecture, layers, vocabulary, quantization, training context length, chat template,
+    tied embeddings, the layers DoLa's 'high' and 'low' sets contrast, and Activation Decoding's
+    default info layer."""
     m = load_model(model, ctx=256, gpu_layers=0)
     facts = model_facts(m)
     if as_json:

@@ -25,12 +25,14 @@ def rpc_server(
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, show_default=False,
                                                    help="CPU threads when serving the CPU (default: all cores).")]
     = None,
-    cache: Annotated[Optional[str], typer.Option("--cache", show_default=False,
+    cache: Annotated[Optional[str], typer.Option("--cache", metavar="DIR", show_default=False,
                                                  help="A folder where the server caches tensors it received, so a "
                                                       "reload of the same model is fast.")] = None,
 ) -> None:
-    """Serve this machine's devices (its GPUs, else the CPU) to other machines' dola-cpp or llama.cpp
-    over ggml's RPC protocol, until stopped (Ctrl-C)."""
+    """Serve this machine's GPUs or CPU over ggml's RPC protocol.
+
+    Other machines' dola-cpp or llama.cpp (--rpc HOST:PORT) then run model layers on this machine's
+    devices (its GPUs, else the CPU), until the server is stopped (Ctrl-C)."""
     from .. import _core
 
     if not _core.rpc_available():

@@ -37,8 +37,9 @@ def serve(
     repack: RepackOpt = True,
     rpc: RpcOpt = None,
 ) -> None:
-    """Serve MODEL over the OpenAI HTTP API (chat/completions, completions, models) with DoLa.
+    """Serve a model over the OpenAI HTTP API, with DoLa.
 
+    Serves MODEL's chat/completions, completions and models endpoints.
     DoLa and the other decoders are extra body fields: dola_layers, premature_norm, repetition_penalty,
     decoder, alpha, info_layer, eos_boost, risk. Needs the server extra: pip install 'dola-cpp[server]'.
     """

@@ -9,9 +9,9 @@ import typer
 
 from .. import trace as tr
 from ._cli_utils import (
-    CLIError, CtxOpt, GpuLayersOpt, MaxTokensOpt, ModelRequiredArg, PrematureNormOpt, PromptArg, RepackOpt,
-    RepetitionPenaltyOpt, SystemOpt, Template, TemplateOpt, ThreadsOpt, check_layer_syntax, decode_config, examples,
-    layer_plan, load_model, prompt_text,
+    PANEL_DECODING, PANEL_OUTPUT, CLIError, CtxOpt, GpuLayersOpt, MaxTokensOpt, ModelRequiredArg, PrematureNormOpt,
+    PromptArg, RepackOpt, RepetitionPenaltyOpt, SystemOpt, Template, TemplateOpt, ThreadsOpt, check_layer_syntax,
+    decode_config, examples, layer_plan, load_model, prompt_text,
 )
 from ._render import describe_config
 
@@ -24,9 +24,11 @@ TRACE_EXAMPLES = examples(
 def trace(
     model: ModelRequiredArg,
     prompt: PromptArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="The picture: .png, .svg, .pdf (matplotlib) or .html.")]
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE", rich_help_panel=PANEL_OUTPUT,
+                                      help="The picture: .png, .svg, .pdf (matplotlib) or .html.")]
     = Path("trace.png"),
-    layers: Annotated[str, typer.Option("--layers", "-l", callback=check_layer_syntax,
+    layers: Annotated[str, typer.Option("--layers", "-l", metavar="LAYERS", callback=check_layer_syntax,
+                                        rich_help_panel=PANEL_DECODING,
                                         help="Candidate layers (two or more): high, low or a list like "
                                              "0,2,4,...,32 (last = mature).")] = "high",
     premature_norm: PrematureNormOpt = True,
@@ -39,7 +41,9 @@ def trace(
     gpu_layers: GpuLayersOpt = -1,
     repack: RepackOpt = True,
 ) -> None:
-    """Generate an answer to PROMPT with dynamic DoLa (greedy) and draw, per generated token, the JSD
+    """Draw how DoLa's layers compare, token by token, for one answer.
+
+    Generates an answer to PROMPT with dynamic DoLa (greedy) and draws, per generated token, the JSD
     between the mature layer and every candidate layer, the chosen premature layer and the token's risk."""
     if out.suffix.lower() not in (*tr.IMAGE_SUFFIXES, ".html"):
         raise typer.BadParameter(f"write .png, .svg, .pdf or .html, not {out.name!r}", param_hint="--out")
