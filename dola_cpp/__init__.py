@@ -21,6 +21,13 @@ from .model import Model, PromptTooLongError
 from .stream import PenaltyWarning, Stream
 from .results import GenerationResult, ScoreResult, StepInfo
 
+# The core's exception classes are defined in the extension as _core.Error and _core.Cancelled;
+# they are this package's DolaError and Cancelled, and tracebacks and reprs say so.
+for _cls, _name in ((DolaError, "DolaError"), (Cancelled, "Cancelled")):
+    _cls.__name__ = _cls.__qualname__ = _name
+    _cls.__module__ = __name__
+del _cls, _name
+
 __version__ = "0.1.0"
 
 __all__ = [

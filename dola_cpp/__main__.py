@@ -1,0 +1,5 @@
+"""``python -m dola_cpp``: the ``dola-cpp`` command line."""
+
+from .cli import main
+
+main()
