@@ -222,5 +222,10 @@ def _check_number(name: str, value: Any, low: float, high: Optional[float], low_
     if high is not None:
         ok = ok and (v < high if high_open else v <= high)
     if not ok:
-        bounds = f"{'(' if low_open else '['}{low:g}, {'' if high is None else f'{high:g}'}{')' if high is None or high_open else ']'}"
+        if not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        lower = f"{'>' if low_open else '>='} {low:g}"
+        if high is None:  # "temperature must be >= 0, got -1"
+            raise ValueError(f"{name} must be {lower}, got {value!r}")
+        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
         raise ValueError(f"{name} must be in {bounds}, got {value!r}")
