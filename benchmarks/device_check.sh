@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU machine's checks in one command (issues #14 item 6 and #15): the CUDA build, DoLa on
+# The GPU machine's checks in one command: the CUDA build, DoLa on
 # every placement of the weights against the CPU, the decode/prompt table on a 7B-shaped model,
-# and which CPU features (AMX) that machine has. Prepare with benchmarks/device_prep.sh here, then:
-#   run(command="bash benchmarks/device_check.sh", carry=[".device"], timeout_s=590)
-# Everything is logged to $OUT/device_check.log (and the tables to $OUT/*.md), which come back.
+# and which CPU features (AMX) that machine has. Prepare with benchmarks/device_prep.sh, copy the
+# working tree with .device/ to the GPU machine, then run there:
+#   bash benchmarks/device_check.sh
+# Everything is logged to $OUT/device_check.log (and the tables to $OUT/*.md).
 # The machine has no network: llama.cpp comes from .device/llama.cpp; numpy, pybind11,
 # scikit-build-core, cmake and ninja are in its image.
 set -uo pipefail

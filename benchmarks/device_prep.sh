@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Prepares what the GPU machine's check (benchmarks/device_check.sh) needs and cannot fetch: that
-# machine has no network, and a call carries at most 64 MiB. Run here, in the repository root,
+# machine has no network, and what is copied to it is at most 64 MiB. Run here, in the repository root,
 # after one build (which fetched llama.cpp into third_party/). Writes .device/ (git-ignored through
 # .git/info/exclude): llama.cpp's build inputs without its models, docs, tools and tests (~37 MB).
 #
-# Then, from a session that is lent a device, one call:
-#   run(command="bash benchmarks/device_check.sh", carry=[".device"], timeout_s=590)
-# and read $OUT/device_check.log (it comes back with the reply).
+# Then copy the working tree with .device/ to the GPU machine, run there
+#   bash benchmarks/device_check.sh
+# and read $OUT/device_check.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 src=third_party/llama.cpp

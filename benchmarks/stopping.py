@@ -1,4 +1,4 @@
-"""Do answers end? Seed 003's question, measured: TruthfulQA questions as `dola-cpp run` asks them
+"""Do answers end? Measured on TruthfulQA questions as `dola-cpp run` asks them
 (the GGUF's chat template; a "User: ... / Assistant:" transcript ending at the next "User:" for a
 model without one), greedy, 128-token budget; for plain, DoLa high and DoLa high
 with the premature norm, each without and with eos_boost. Prints the share of answers that end

@@ -20,7 +20,7 @@ from . import _core
 from .layers import LayerPlan, LayerSpec, default_info_layer, parse_layer_string
 
 RECOMMENDED_REPETITION_PENALTY = 1.2
-EOS_BOOST_START = 0.8  # eos_boost acts from this share of the token budget on (seed 003)
+EOS_BOOST_START = 0.8  # eos_boost acts from this share of the token budget on
 DECODERS = ("dola", "activation")
 
 
@@ -89,7 +89,7 @@ class DecodeConfig:
     ``repetition_penalty``: None = 1.2 with DoLa or Activation Decoding, 1.0 plain.
     ``eos_boost`` (nats, 0 = off): from EOS_BOOST_START of the token budget on, every
     end-of-generation token's score gains a bonus rising linearly to ``eos_boost`` at the last
-    token (seed 003's logits processor, made gradual; ``eos_bonus``). It acts after the
+    token (an end-of-answer logits bonus, made gradual; ``eos_bonus``). It acts after the
     contrast and the penalty, and an end token the relative-top filter removed re-enters as far
     below the best score as the mature distribution has it below its top token.
     ``temperature`` 0 = greedy; then ``top_k`` (0 = all), ``top_p``, ``min_p``, ``seed`` (None =

@@ -1,4 +1,4 @@
-"""Training-free risk: how likely a token, or an answer, is to be wrong (seed 004).
+"""Training-free risk: how likely a token, or an answer, is to be wrong.
 
 Every decoding step already has the signals: the mature distribution's probability of the
 emitted token, its top probability and entropy, and with dynamic DoLa the JSD between the mature

@@ -1,4 +1,4 @@
-"""Selective question answering (seed 004): answer only when the risk is low, and measure what
+"""Selective question answering: answer only when the risk is low, and measure what
 that buys. Each TruthfulQA question's MC1 answer is the model's choice among the best answer and
 the false ones; its risk signals are read off that answer's tokens (teacher-forced, exactly what a
 generation of it would report per step). Ranking the questions by a signal and answering the
