@@ -31,6 +31,8 @@ DATA = Path(__file__).resolve().parent / "data"
 TFQA_CSV = DATA / "truthfulqa" / "TruthfulQA_sample.csv"
 FACTOR_CSV = DATA / "factor" / "expert_factor_sample.csv"
 
+pytest_plugins = ["pytester"]  # tests/test_skip_policy.py runs inner sessions
+
 _session: dict = {}
 
 

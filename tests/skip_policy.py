@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -39,6 +40,18 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+GPU_BACKENDS = ("CUDA", "Metal", "MTL", "Vulkan", "HIP", "ROCm", "SYCL", "MUSA", "OpenCL")
+
+
+def gpu_backends() -> list[str]:
+    """The GPU backends this build registered (llama.cpp's system info lists each backend with its
+    features; RPC, which also counts as offloading, is not a device here)."""
+    from dola_cpp import _core
+
+    info = _core.system_info()
+    return [b for b in GPU_BACKENDS if f"{b} :" in info]
+
+
 @functools.lru_cache(maxsize=None)
 def expected_hardware() -> dict[str, str]:
     """The features a ``hardware`` test may name that this machine is expected to have, each with
@@ -56,8 +69,10 @@ def expected_hardware() -> dict[str, str]:
             out["Q8_KERNEL"] = "x86 with AVX2: dola-cpp's Q8_0 kernel runs there"
         if "amx_int8" in flags and _core.amx_build_note().startswith("enabled"):
             out["AMX"] = f"the CPU has amx_int8 and the build enabled AMX ({_core.amx_build_note()})"
-    if _core.supports_gpu_offload():
-        out["GPU"] = "this build offloads to a GPU"
+    if gpu_backends():
+        out["GPU"] = f"this build has a GPU backend ({', '.join(gpu_backends())})"
+    if sys.platform.startswith("linux"):
+        out["linux"] = "this is Linux"
     return out
 
 
@@ -95,7 +110,7 @@ def pytest_runtest_makereport(item, call):
         setattr(report, EXEMPT, ", ".join(hardware_features(item)))
     elif no_skip():
         report.outcome = "failed"
-        report.longrepr = f"{reason}: {report.longrepr}"
+        report.longrepr = f"{reason}: {_skip_reason(report)}"
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -105,7 +120,8 @@ def pytest_make_collect_report(collector):
     report = outcome.get_result()
     if report.skipped and no_skip():
         report.outcome = "failed"
-        report.longrepr = f"skipped at collection in CI (DOLA_CPP_NO_SKIP=1), with all its tests: {report.longrepr}"
+        report.longrepr = (f"skipped at collection in CI (DOLA_CPP_NO_SKIP=1), with all its tests: "
+                           f"{_skip_reason(report)}")
 
 
 def _skip_reason(report) -> str:

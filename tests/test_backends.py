@@ -17,6 +17,7 @@ import pytest
 import dola_cpp
 from dola_cpp import Model, _core
 from dola_cpp.synthetic import write_llama_gguf
+from skip_policy import gpu_backends
 
 # The output-matrix type that each extra buffer type takes in this llama.cpp (repack: Q4_0 on
 # x86 AVX2 and ARM; AMX: Q4_0/Q4_1/Q8_0 and K-quants; KleidiAI: Q4_0).
@@ -33,7 +34,10 @@ def _why_absent(buft: str) -> str:
     return f"this build and CPU offer no {buft} buffer type (offered: {sorted(AVAILABLE) or 'none'})"
 
 
-@pytest.fixture(scope="module", params=sorted(OUTPUT_TYPE), ids=lambda b: b.lower())
+# each buffer type is the hardware feature its tests need: where the machine is expected to have it
+# (CPU_REPACK on x86 with AVX2, tests/skip_policy.py), CI refuses the skip
+@pytest.fixture(scope="module", params=[pytest.param(b, marks=pytest.mark.hardware(b), id=b.lower())
+                                        for b in sorted(OUTPUT_TYPE)])
 def model_pair(request, tmp_path_factory):
     buft = request.param
     if buft not in AVAILABLE:
@@ -46,7 +50,6 @@ def model_pair(request, tmp_path_factory):
     return buft, repacked, plain
 
 
-@pytest.mark.hardware
 def test_output_matrix_lands_in_the_extra_buffer_type(model_pair):
     buft, repacked, plain = model_pair
     repacked.layer_logits(PROMPT, layers=[3])
@@ -55,7 +58,6 @@ def test_output_matrix_lands_in_the_extra_buffer_type(model_pair):
     assert re.search(r" in CPU(_Mapped)?\]$", plain.projection_backend), plain.projection_backend
 
 
-@pytest.mark.hardware
 @pytest.mark.parametrize("premature_norm", [False, True], ids=["raw", "normed"])
 def test_projection_matches_the_plain_layout(model_pair, premature_norm):
     buft, repacked, plain = model_pair
@@ -68,7 +70,6 @@ def test_projection_matches_the_plain_layout(model_pair, premature_norm):
     np.testing.assert_allclose(one_a[0], b[3], rtol=1e-3, atol=1e-3 * np.abs(b[3]).max())
 
 
-@pytest.mark.hardware
 @pytest.mark.parametrize("layers", [None, "high", "2,6"], ids=["plain", "high", "static"])
 def test_generation_matches_the_plain_layout(model_pair, layers):
     buft, repacked, plain = model_pair
@@ -79,7 +80,6 @@ def test_generation_matches_the_plain_layout(model_pair, layers):
         assert [s.premature_layer for s in a.steps] == [s.premature_layer for s in b.steps]
 
 
-@pytest.mark.hardware
 @pytest.mark.parametrize("layers", [None, "high"], ids=["activation", "activation_dola"])
 def test_activation_decoding_matches_the_plain_layout(model_pair, layers):
     """A repacked output matrix cannot be read row by row: H then comes from projecting every
@@ -95,7 +95,6 @@ def test_activation_decoding_matches_the_plain_layout(model_pair, layers):
     np.testing.assert_allclose(sa.token_scores, sb.token_scores, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.hardware
 def test_score_matches_the_plain_layout(model_pair):
     buft, repacked, plain = model_pair
     a = repacked.score("the capital of France is", " Paris. the capital of France is Paris.", layers="high")
@@ -112,7 +111,7 @@ def q8_kernel(monkeypatch):
     return model
 
 
-@pytest.mark.hardware
+@pytest.mark.hardware("Q8_KERNEL")
 def test_our_q8_kernel_matches_ggml(q8_kernel, smollm2_path):
     """SmolLM2's tied output matrix is Q8_0 in plain host memory: our kernel (AVX2 or VNNI) and
     ggml's must agree, for the row counts DoLa uses."""
@@ -135,13 +134,33 @@ def test_q8_kernel_setting_is_checked(q8_kernel, smollm2_path):
         m.generate(PROMPT, max_tokens=1, layers="high")
 
 
-def test_device_parity_script_runs():
-    """benchmarks/device_parity.py is what a GPU machine runs (benchmarks/device_check.sh): on this
-    build it compares the placements it has (all the CPU here) and must pass."""
+def _device_parity(tokens: int = 8) -> subprocess.CompletedProcess:
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "device_parity.py"
-    r = subprocess.run([sys.executable, str(script), "--tokens", "8"], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, str(script), "--tokens", str(tokens)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_device_parity_script_runs():
+    """benchmarks/device_parity.py is what a GPU machine runs (benchmarks/device_check.sh). On a
+    build without a GPU it runs every placement on the CPU and says so: a check of the script, not
+    of a device (test_device_parity is that)."""
+    r = _device_parity()
     assert r.returncode == 0, r.stdout + r.stderr
     assert "| all offloaded |" in r.stdout and "| half offloaded |" in r.stdout
+    cpu_only = "(no GPU in this build or machine: every placement ran on the CPU)" in r.stdout
+    assert cpu_only == (not gpu_backends()), r.stdout
+
+
+@pytest.mark.hardware("GPU")
+def test_device_parity():
+    """DoLa with all, half and none of the layers on the GPU gives the CPU's tokens, layers, JSD
+    and scores."""
+    if not gpu_backends():
+        pytest.skip("no second device: this build has no GPU backend")
+    r = _device_parity(tokens=16)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "every placement ran on the CPU" not in r.stdout, r.stdout
+    assert r.stdout.count("| yes |") == 3, r.stdout
 
 
 def _dola_run(path, monkeypatch, mode, **kw):

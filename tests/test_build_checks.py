@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 AMX_FLAGS = ["-DGGML_NATIVE=OFF", "-DGGML_AMX_TILE=ON", "-DGGML_AMX_INT8=ON", "-DGGML_AVX512=ON",
              "-DGGML_AVX512_VNNI=ON"]
 
-pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="AMX is x86 only")
+pytestmark = [pytest.mark.hardware("x86"),
+              pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="AMX is x86 only")]
 
 
 def _configure(tmp_path: Path, *defines: str) -> tuple[str, str]:

@@ -12,9 +12,10 @@ import pytest
 
 import dola_cpp
 
-openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
-from dola_cpp.server import create_app  # noqa: E402  (needs the server extra)
+import openai  # the test extra's: plain imports, so that a missing package fails the suite
+import uvicorn
+
+from dola_cpp.server import create_app
 
 QUESTIONS = [
     "What is the capital of France?", "Who wrote Hamlet?", "What is 2 + 2?", "Name a planet.",
