@@ -1,13 +1,16 @@
-"""Which DoLa variant the chat should default to: short factual questions on the demo models.
+"""Which settings the chat and the server default to: short factual and list questions on the demo models.
 
-    python benchmarks/chat_defaults.py [--models smollm2,gemma3-270m] [--max-tokens 48]
+    python benchmarks/chat_defaults.py [--models smollm2,gemma3-270m] [--max-tokens 48] [--list-tokens 160]
 
-Asks 30 short factual questions (written for this benchmark, not taken from TruthfulQA or FACTOR,
-so no evaluation set is tuned on) the way `dola-cpp run` does (the GGUF's chat template, else a
-User:/Assistant: transcript), greedy, in four modes: plain, DoLa high on raw hidden states (the
-paper's semantics), DoLa high with the final norm (``premature_norm``), DoLa low. Prints, per
-model and mode, the share of answers that contain the expected entity and the share that end by
-themselves (EOS or the transcript's next "User:") within the token budget.
+Asks 30 short factual questions and 10 list questions (written for this benchmark, not taken from
+TruthfulQA or FACTOR, so no evaluation set is tuned on) the way `dola-cpp run` does (the GGUF's chat
+template, else a User:/Assistant: transcript), greedy, in several modes: plain, DoLa high on raw
+hidden states (the paper's semantics), DoLa high with the final norm (``premature_norm``), DoLa
+low, and DoLa high with the chat's defaults (normed, ``eos_boost``, llama.cpp's DRY sampler,
+``stop_loops``). Prints, per model and mode, the share of factual answers that contain the
+expected entity, the share of answers that end by themselves (EOS or the transcript's next
+"User:") within the token budget, and the answers that loop: that repeat a cycle of 3 or more
+tokens 4 times in a row, or that ``stop_loops`` stopped.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import time
 
 import dola_cpp
 from dola_cpp import Model
+from dola_cpp.config import CHAT_DRY_MULTIPLIER, CHAT_EOS_BOOST, CHAT_PREMATURE_NORM
+from dola_cpp.stream import loop_cycle
 
 QUESTIONS: list[tuple[str, tuple[str, ...]]] = [
     ("What is the capital of France?", ("Paris",)),
@@ -51,12 +56,34 @@ QUESTIONS: list[tuple[str, tuple[str, ...]]] = [
     ("Which organ pumps blood through the human body?", ("heart",)),
 ]
 
+LIST_QUESTIONS: list[str] = [
+    "List five fruits that are high in vitamin C.",
+    "Name three primary colours.",
+    "List the days of the week.",
+    "Name four planets of the solar system.",
+    "List five animals that live in the ocean.",
+    "Give three examples of mammals.",
+    "List the first five prime numbers.",
+    "Name three countries in Europe.",
+    "List four musical instruments.",
+    "Name five vegetables.",
+]
+
+CHAT = dict(layers="high", premature_norm=CHAT_PREMATURE_NORM, eos_boost=CHAT_EOS_BOOST)
+
 MODES = {
     "plain": dict(layers=None),
     "DoLa high (raw)": dict(layers="high"),
     "DoLa high (normed)": dict(layers="high", premature_norm=True),
     "DoLa low (raw)": dict(layers="low"),
+    "DoLa high, normed, eos_boost (the chat's defaults before DRY)": dict(CHAT),
+    "the chat's defaults: + DRY, stop_loops": dict(CHAT, dry_multiplier=CHAT_DRY_MULTIPLIER, stop_loops=True),
 }
+
+
+def loops(r) -> bool:
+    """Whether an answer repeats a cycle of >= 3 tokens 4 times in a row anywhere (or was stopped for it)."""
+    return r.finish_reason == "loop" or any(loop_cycle(r.tokens[:end]) for end in range(1, len(r.tokens) + 1))
 
 
 def prompt_for(m: Model, question: str) -> tuple[str, list[str]]:
@@ -68,32 +95,37 @@ def prompt_for(m: Model, question: str) -> tuple[str, list[str]]:
     return f"User: {question}\nAssistant:", ["\nUser:"]
 
 
-def run(model_name: str, max_tokens: int) -> list[str]:
+def run(model_name: str, max_tokens: int, list_tokens: int) -> list[str]:
     m = Model(dola_cpp.demo_model_path(model_name), n_ctx=1024)
-    lines = [f"### {model_name} ({len(QUESTIONS)} questions, greedy, at most {max_tokens} tokens)", "",
-             "| mode | right entity | ends by itself | mean tokens | seconds |", "|---|---:|---:|---:|---:|"]
+    n, n_list = len(QUESTIONS), len(LIST_QUESTIONS)
+    lines = [f"### {model_name} ({n} factual questions, at most {max_tokens} tokens; {n_list} list questions, "
+             f"at most {list_tokens}; greedy)", "",
+             "| mode | right entity | ends by itself | loops | mean tokens | seconds |", "|---|---:|---:|---:|---:|---:|"]
+    asked = [(q, a, max_tokens) for q, a in QUESTIONS] + [(q, (), list_tokens) for q in LIST_QUESTIONS]
     for mode, kw in MODES.items():
-        right = ended = n_tokens = 0
+        right = ended = looped = n_tokens = 0
         t0 = time.perf_counter()
-        for question, answers in QUESTIONS:
+        for question, answers, budget in asked:
             prompt, stop = prompt_for(m, question)
-            r = m.generate(prompt, max_tokens=max_tokens, stop=stop, **kw)
+            r = m.generate(prompt, max_tokens=budget, stop=stop, **kw)
             right += any(a.lower() in r.text.lower() for a in answers)
             ended += r.finish_reason == "stop"
+            looped += loops(r)
             n_tokens += len(r.tokens)
-        n = len(QUESTIONS)
-        lines.append(f"| {mode} | {right}/{n} ({right / n:.0%}) | {ended}/{n} ({ended / n:.0%}) | "
-                     f"{n_tokens / n:.1f} | {time.perf_counter() - t0:.0f} |")
+        total = len(asked)
+        lines.append(f"| {mode} | {right}/{n} | {ended}/{total} | {looped}/{total} | {n_tokens / total:.1f} | "
+                     f"{time.perf_counter() - t0:.0f} |")
     return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="smollm2,gemma3-270m")
-    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--max-tokens", type=int, default=48, help="budget of a factual answer")
+    ap.add_argument("--list-tokens", type=int, default=160, help="budget of a list answer")
     args = ap.parse_args()
     for name in args.models.split(","):
-        print("\n".join(run(name, args.max_tokens)), "\n", flush=True)
+        print("\n".join(run(name, args.max_tokens, args.list_tokens)), "\n", flush=True)
 
 
 if __name__ == "__main__":

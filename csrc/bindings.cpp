@@ -246,7 +246,9 @@ PYBIND11_MODULE(_core, m) {
         })
         .def("is_eog", &dola::model::is_eog, py::arg("token"))
         .def_property_readonly("eog_tokens", &dola::model::eog_tokens)
-        .def("tokenize", &dola::model::tokenize, py::arg("text"), py::arg("add_special"), py::arg("parse_special"))
+        // released: a server tokenizes a large request on a worker thread while others stream
+        .def("tokenize", &dola::model::tokenize, py::arg("text"), py::arg("add_special"), py::arg("parse_special"),
+             py::call_guard<py::gil_scoped_release>())
         .def("token_to_piece", [](const dola::model & self, int32_t t, bool special) {
             if (t < 0 || t >= self.n_vocab()) throw dola::error("token id " + std::to_string(t) + " is outside the vocabulary");
             return py::bytes(self.token_to_piece(t, special));
@@ -260,7 +262,12 @@ PYBIND11_MODULE(_core, m) {
         }, py::arg("tokens"), py::arg("special") = false)
         .def("apply_chat_template", [](const dola::model & self, const std::vector<std::pair<std::string, std::string>> & messages,
                                        bool add_assistant, const std::string & tmpl) {
-            return lenient_str(self.apply_chat_template(messages, add_assistant, tmpl));
+            std::string out;
+            {
+                py::gil_scoped_release release;
+                out = self.apply_chat_template(messages, add_assistant, tmpl);
+            }
+            return lenient_str(out);
         }, py::arg("messages"), py::arg("add_assistant") = true, py::arg("template") = "");
 
     py::class_<dola::step_result>(m, "Step")
@@ -299,7 +306,11 @@ PYBIND11_MODULE(_core, m) {
         .def_readwrite("top_k", &dola::decode_params::top_k)
         .def_readwrite("top_p", &dola::decode_params::top_p)
         .def_readwrite("min_p", &dola::decode_params::min_p)
-        .def_readwrite("seed", &dola::decode_params::seed);
+        .def_readwrite("seed", &dola::decode_params::seed)
+        .def_readwrite("dry_multiplier", &dola::decode_params::dry_multiplier)
+        .def_readwrite("dry_base", &dola::decode_params::dry_base)
+        .def_readwrite("dry_allowed_length", &dola::decode_params::dry_allowed_length)
+        .def_readwrite("dry_penalty_last_n", &dola::decode_params::dry_penalty_last_n);
 
     py::class_<py_session>(m, "Session")
         .def(py::init([](std::shared_ptr<dola::model> mdl, uint32_t n_ctx, int32_t n_threads, uint32_t n_batch,

@@ -109,6 +109,10 @@ void session::configure(const decode_params & p) {
     if (p.top_k < 0) throw error("top_k must be >= 0");
     if (!(p.top_p > 0.0f && p.top_p <= 1.0f)) throw error("top_p must be in (0, 1]");
     if (!(p.min_p >= 0.0f && p.min_p <= 1.0f)) throw error("min_p must be in [0, 1]");
+    if (!(p.dry_multiplier >= 0.0f) || !std::isfinite(p.dry_multiplier)) throw error("dry_multiplier must be >= 0");
+    if (!(p.dry_base >= 1.0f) || !std::isfinite(p.dry_base)) throw error("dry_base must be >= 1");
+    if (p.dry_allowed_length < 0) throw error("dry_allowed_length must be >= 0");
+    if (p.dry_penalty_last_n < -1) throw error("dry_penalty_last_n must be >= -1 (-1 = the whole context)");
     if (p.activation) {
         if (p.info_layer < 0 || p.info_layer >= N) {
             throw error("info_layer " + std::to_string(p.info_layer) + " is out of range: valid layers are 0.." + std::to_string(N - 1));
@@ -158,6 +162,13 @@ void session::configure(const decode_params & p) {
 
     params_ = p;
     params_.mature = mature;
+    dry_.reset();
+    dry_last_n_ = p.dry_penalty_last_n < 0 ? n_ctx_ : (size_t) p.dry_penalty_last_n;
+    if (p.dry_multiplier > 0.0f && dry_last_n_ > 0) {
+        static const char * breakers[] = {"\n", ":", "\"", "*"};  // llama-server's default sequence breakers
+        dry_.reset(llama_sampler_init_dry(llama_model_get_vocab(model_->get()), p.dry_multiplier, p.dry_base,
+                                          p.dry_allowed_length, (int32_t) dry_last_n_, breakers, 4));
+    }
     chain_.reset();
     if (p.temperature > 0.0f) {
         // transformers' order: temperature, then top-k, top-p, min-p on the tempered scores.
@@ -497,6 +508,7 @@ step_result session::sample(float eos_bonus) {
         decoder_->step(rows_for(cand_logits_.data(), -1), lp_.data(), scores_.data(), res);
     }
     repetition_penalty(scores_.data(), V, tokens_.data(), (int64_t) tokens_.size(), params_.repetition_penalty);
+    if (dry_) apply_dry();
     res.top_logprob = *std::max_element(lp_.begin(), lp_.end());
     if (eos_bonus != 0.0f) boost_eog(eos_bonus, res.top_logprob);
 
@@ -523,6 +535,24 @@ step_result session::sample(float eos_bonus) {
     if (context_layer() >= 0) context_entropy_of(&tok, 1, &res.activation_entropy);
     timings_.contrast_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     return res;
+}
+
+// DRY only lowers tokens of the scanned window (those that would extend one of its repeats), so
+// it runs on those tokens alone instead of the whole vocabulary, with the window as its history.
+void session::apply_dry() {
+    const size_t n = tokens_.size();
+    const size_t from = n > dry_last_n_ ? n - dry_last_n_ : 0;
+    llama_sampler_reset(dry_.get());
+    dry_ids_.assign(tokens_.begin() + (std::ptrdiff_t) from, tokens_.end());
+    for (llama_token t : dry_ids_) llama_sampler_accept(dry_.get(), t);
+    std::sort(dry_ids_.begin(), dry_ids_.end());
+    dry_ids_.erase(std::unique(dry_ids_.begin(), dry_ids_.end()), dry_ids_.end());
+    if (dry_ids_.empty()) return;
+    cur_.resize(dry_ids_.size());
+    for (size_t i = 0; i < dry_ids_.size(); ++i) cur_[i] = {dry_ids_[i], scores_[dry_ids_[i]], 0.0f};
+    llama_token_data_array arr = {cur_.data(), cur_.size(), -1, false};
+    llama_sampler_apply(dry_.get(), &arr);
+    for (size_t i = 0; i < arr.size; ++i) scores_[arr.data[i].id] = arr.data[i].logit;
 }
 
 void session::boost_eog(float bonus, float top_logprob) {

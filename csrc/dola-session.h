@@ -49,6 +49,14 @@ struct decode_params {
     float top_p = 1.0f;
     float min_p = 0.0f;
     uint32_t seed = 0xFFFFFFFF;
+    // llama.cpp's DRY ("don't repeat yourself") sampler, as llama-server names its settings:
+    // a token that would extend a sequence already in the context by more than
+    // dry_allowed_length tokens loses dry_multiplier * dry_base^(length - dry_allowed_length).
+    // dry_multiplier 0 = off; dry_penalty_last_n: tokens scanned, -1 = the whole context.
+    float dry_multiplier = 0.0f;
+    float dry_base = 1.75f;
+    int32_t dry_allowed_length = 2;
+    int32_t dry_penalty_last_n = -1;
 };
 
 struct step_result {
@@ -206,6 +214,10 @@ private:
     std::vector<int32_t> capture_layers_;  // hidden layers captured for the current params
     bool fuse_final_ = false;              // final logits computed with the premature rows
     llama_sampler_ptr chain_;
+    llama_sampler_ptr dry_;  // null when DRY is off
+    size_t dry_last_n_ = 0;
+    std::vector<llama_token> dry_ids_;  // scratch: the distinct tokens DRY may penalise
+    void apply_dry();
 
     std::vector<llama_token> tokens_;  // what the KV cache holds
     bool have_outputs_ = false;        // the last decode's last row is available

@@ -102,6 +102,10 @@ class DecodeParams:
     top_p: float
     min_p: float
     seed: int
+    dry_multiplier: float
+    dry_base: float
+    dry_allowed_length: int
+    dry_penalty_last_n: int
     def __init__(self) -> None: ...
 
 class Session:

@@ -20,8 +20,18 @@ from . import _core
 from .layers import LayerPlan, LayerSpec, default_info_layer, parse_layer_string
 
 RECOMMENDED_REPETITION_PENALTY = 1.2
+INT32_MAX = 2**31 - 1
 EOS_BOOST_START = 0.8  # eos_boost acts from this share of the token budget on
 DECODERS = ("dola", "activation")
+
+# What the chat (``dola-cpp run``) and the server decode with unless told otherwise, chosen with
+# benchmarks/chat_defaults.py (README, "Chat defaults"): premature layers through the final norm,
+# an end-of-answer boost near the token budget, llama.cpp's DRY sampler against loops, and a stop
+# when the answer repeats a cycle anyway.
+CHAT_PREMATURE_NORM = True
+CHAT_EOS_BOOST = 10.0
+CHAT_DRY_MULTIPLIER = 0.8
+CHAT_MAX_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -93,7 +103,11 @@ class DecodeConfig:
     contrast and the penalty, and an end token the relative-top filter removed re-enters as far
     below the best score as the mature distribution has it below its top token.
     ``temperature`` 0 = greedy; then ``top_k`` (0 = all), ``top_p``, ``min_p``, ``seed`` (None =
-    random). ``replace`` takes the
+    random). ``dry_multiplier`` (0 = off), ``dry_base``, ``dry_allowed_length``,
+    ``dry_penalty_last_n`` (-1 = the whole context): llama.cpp's DRY sampler, which lowers a token
+    that would extend a sequence the context already holds by ``dry_multiplier *
+    dry_base ** (length - dry_allowed_length)``, after the repetition penalty (llama-server's
+    names and defaults; the chat and the server turn it on). ``replace`` takes the
     sub-configs' fields by name too: ``DecodeConfig().replace(layers="high", temperature=0.7)``.
     """
 
@@ -107,6 +121,10 @@ class DecodeConfig:
     top_p: float = 1.0
     min_p: float = 0.0
     seed: Optional[int] = None
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = -1
 
     def __post_init__(self) -> None:
         self.validate()
@@ -124,10 +142,17 @@ class DecodeConfig:
             _check_number("repetition_penalty", self.repetition_penalty, 0.0, None, low_open=True)
         _check_number("eos_boost", self.eos_boost, 0.0, None)
         _check_number("temperature", self.temperature, 0.0, None)
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = all tokens), got {self.top_k!r}")
+        if not _is_int(self.top_k) or not 0 <= self.top_k <= INT32_MAX:
+            raise ValueError(f"top_k must be an integer from 0 (all tokens) to {INT32_MAX}, got {self.top_k!r}")
         _check_number("top_p", self.top_p, 0.0, 1.0, low_open=True)
         _check_number("min_p", self.min_p, 0.0, 1.0)
+        _check_number("dry_multiplier", self.dry_multiplier, 0.0, None)
+        _check_number("dry_base", self.dry_base, 1.0, None)
+        if not _is_int(self.dry_allowed_length) or not 0 <= self.dry_allowed_length <= INT32_MAX:
+            raise ValueError(f"dry_allowed_length must be an integer >= 0, got {self.dry_allowed_length!r}")
+        if not _is_int(self.dry_penalty_last_n) or not -1 <= self.dry_penalty_last_n <= INT32_MAX:
+            raise ValueError(f"dry_penalty_last_n must be an integer >= -1 (-1 = the whole context, 0 = off), "
+                             f"got {self.dry_penalty_last_n!r}")
         if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
             raise ValueError(f"seed must be an integer >= 0 or None (random), got {self.seed!r}")
 
@@ -201,6 +226,10 @@ class DecodeConfig:
         p.top_p = float(self.top_p)
         p.min_p = float(self.min_p)
         p.seed = 0xFFFFFFFF if self.seed is None else int(self.seed) & 0xFFFFFFFF
+        p.dry_multiplier = float(self.dry_multiplier)
+        p.dry_base = float(self.dry_base)
+        p.dry_allowed_length = int(self.dry_allowed_length)
+        p.dry_penalty_last_n = int(self.dry_penalty_last_n)
         return p
 
 

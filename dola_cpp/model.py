@@ -12,6 +12,7 @@ import numpy as np
 from . import _core
 from .config import DecodeConfig
 from .layers import LayerPlan, LayerSpec, resolve_layers
+from .prompts import chat_segments, transcript_prompt
 from .results import GenerationResult, ScoreResult
 from .stream import Stream
 
@@ -200,7 +201,8 @@ class Model:
     # ------------------------------------------------------------------ tokens
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        """Token ids of ``text``; ``add_special`` adds BOS when the GGUF asks for it."""
+        """Token ids of ``text``; ``add_special`` adds BOS when the GGUF asks for it;
+        ``parse_special`` makes special-token text (``<|im_end|>``) those tokens (False: text)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         return list(self._weights.tokenize(_utf8(text), add_special, parse_special))
@@ -213,15 +215,64 @@ class Model:
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         """Render ``[{"role": ..., "content": ...}]`` with the GGUF's chat template. llama.cpp matches
-        the template against the formats it knows; the template text is never executed."""
+        the template against the formats it knows; the template text is never executed.
+        Tokenizing the result parses special-token text inside the messages too: to generate
+        from a chat, use :meth:`chat_tokens`."""
         pairs = [(_utf8(str(m["role"]), "role"), _utf8(str(m["content"]), "message")) for m in messages]
         return self._weights.apply_chat_template(pairs, add_generation_prompt)
 
-    def _prompt_ids(self, prompt: Prompt, add_special: bool = True) -> list[int]:
+    def chat_tokens(self, messages: Sequence[dict], template: Optional[bool] = None,
+                    add_generation_prompt: bool = True) -> list[int]:
+        """The token ids of a chat (``[{"role": ..., "content": ...}]``) ready for the answer.
+
+        With the GGUF's chat template (``template`` None = when llama.cpp recognises it, True =
+        required) only the template's markup is parsed for special tokens: message content is
+        tokenized as text, so a message holding ``<|im_end|>`` cannot end its turn or forge
+        another. Without one, a plain ``User: …`` / ``Assistant:`` transcript (stop it at
+        :data:`dola_cpp.prompts.TRANSCRIPT_STOP`), all of it text."""
+        messages = [{"role": _utf8(str(m["role"]), "role"), "content": _utf8(str(m["content"]), "message")}
+                    for m in messages]
+        if not messages:
+            raise ValueError("the chat has no messages")
+        use_template = self.chat_template_supported if template is None else template
+        if not use_template:
+            return self._tokens(transcript_prompt(messages), True, False)
+        pieces = chat_segments(lambda ms: self.apply_chat_template(ms, add_generation_prompt), messages)
+        # The markup's control tokens, and runs of text between them, each run tokenized in one
+        # piece as llama.cpp tokenizes the text between special tokens: for content without
+        # special-token text the ids equal tokenizing the whole rendering.
+        ids = self._tokens("", True, False)  # BOS where the GGUF asks for it
+        run = ""
+        for text, markup in pieces:
+            if not markup:
+                run += text
+                continue
+            pos = 0
+            for t in self._tokens(text, False, True):
+                piece = self._weights.token_to_piece(t, True).decode("utf-8", "replace")
+                if self._weights.token_to_piece(t, False) or not piece:
+                    continue  # text, not a control token
+                at = text.find(piece, pos)
+                if at < 0:
+                    raise ValueError("could not place the chat template's special tokens")
+                run += text[pos:at]
+                if run:
+                    ids += self._tokens(run, False, False)
+                run, pos = "", at + len(piece)
+                ids.append(t)
+            run += text[pos:]
+        if run:
+            ids += self._tokens(run, False, False)
+        return ids
+
+    def _tokens(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        return list(self._weights.tokenize(text, add_special, parse_special))
+
+    def _prompt_ids(self, prompt: Prompt, add_special: bool = True, parse_special: bool = True) -> list[int]:
         if isinstance(prompt, str):
             if prompt == "":
                 raise ValueError("the prompt is empty")
-            ids = list(self._weights.tokenize(_utf8(prompt, "prompt"), add_special, True))
+            ids = self._tokens(_utf8(prompt, "prompt"), add_special, parse_special)
         else:
             arr = np.asarray(prompt)
             if arr.dtype.kind not in "iu" and arr.size:
@@ -263,9 +314,15 @@ class Model:
         top_p: float = _UNSET,
         min_p: float = _UNSET,
         seed: Optional[int] = _UNSET,
+        dry_multiplier: float = _UNSET,
+        dry_base: float = _UNSET,
+        dry_allowed_length: int = _UNSET,
+        dry_penalty_last_n: int = _UNSET,
         stop: Union[str, Sequence[str], None] = None,
+        stop_loops: bool = False,
         ignore_eos: bool = False,
         add_special: bool = True,
+        parse_special: bool = True,
         abstain_above: Optional[float] = None,
     ) -> GenerationResult:
         """Generate a completion (greedy unless ``temperature`` > 0).
@@ -274,9 +331,16 @@ class Model:
         plain greedy decoding) with any of its fields given as keywords replacing the config's:
         ``layers``, ``premature_norm``, ``relative_top``, ``decoder`` ("dola" or "activation"),
         ``alpha``, ``info_layer``, ``repetition_penalty``, ``eos_boost``, ``temperature``,
-        ``top_k``, ``top_p``, ``min_p``, ``seed``. ``stop``: strings that end the answer (not
-        included, even when they span tokens); ``ignore_eos``: go on past end-of-generation
-        tokens (every one the GGUF marks: EOS, EOT, ...); ``add_special``: BOS as the GGUF asks.
+        ``top_k``, ``top_p``, ``min_p``, ``seed``, ``dry_multiplier``, ``dry_base``,
+        ``dry_allowed_length``, ``dry_penalty_last_n``. ``stop``: strings that end the answer (not
+        included, even when they span tokens); ``stop_loops``: end with ``finish_reason="loop"``
+        once the answer repeats a cycle of 3 or more tokens 4 times in a row (``dola_cpp.stream``);
+        ``ignore_eos``: go on past end-of-generation
+        tokens (every one the GGUF marks: EOS, EOT, ...); ``add_special``: BOS as the GGUF asks;
+        ``parse_special``: a string prompt's special-token text (``<|im_end|>``) becomes those
+        tokens, as a raw prompt written for the model expects (False: all of it is text). For
+        chats with untrusted content use :meth:`chat_tokens`, which parses only the template's
+        markup.
 
         Each step carries its ``risk`` and the result the answer's (``dola_cpp.risk``).
         ``abstain_above``: stop with ``finish_reason="abstained"`` (and the text so far) once the
@@ -286,9 +350,10 @@ class Model:
         cfg = _config(config, layers=layers, premature_norm=premature_norm, relative_top=relative_top,
                       decoder=decoder, alpha=alpha, info_layer=info_layer,
                       repetition_penalty=repetition_penalty, eos_boost=eos_boost, temperature=temperature,
-                      top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+                      top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, dry_multiplier=dry_multiplier,
+                      dry_base=dry_base, dry_allowed_length=dry_allowed_length, dry_penalty_last_n=dry_penalty_last_n)
         run = Stream(self, prompt, max_tokens, cfg, stop=stop, ignore_eos=ignore_eos, add_special=add_special,
-                     abstain_above=abstain_above)
+                     parse_special=parse_special, abstain_above=abstain_above, stop_loops=stop_loops)
         for _ in run:
             pass
         return run.result()
@@ -312,23 +377,30 @@ class Model:
         top_p: float = _UNSET,
         min_p: float = _UNSET,
         seed: Optional[int] = _UNSET,
+        dry_multiplier: float = _UNSET,
+        dry_base: float = _UNSET,
+        dry_allowed_length: int = _UNSET,
+        dry_penalty_last_n: int = _UNSET,
         stop: Union[str, Sequence[str], None] = None,
+        stop_loops: bool = False,
         ignore_eos: bool = False,
         add_special: bool = True,
+        parse_special: bool = True,
         abstain_above: Optional[float] = None,
     ) -> "Stream":
         """Like :meth:`generate`, as an iterator of text pieces produced as they are decoded.
 
         The arguments are checked here, before the first piece. Closing the stream (or
         :meth:`cancel`) stops decoding; once it is exhausted, ``finish_reason`` says why it ended
-        ("stop", "length", "abstained", "cancelled"), ``steps`` holds each token's diagnostics and ``result()``
+        ("stop", "length", "abstained", "loop", "cancelled"), ``steps`` holds each token's diagnostics and ``result()``
         gives the whole result."""
         cfg = _config(config, layers=layers, premature_norm=premature_norm, relative_top=relative_top,
                       decoder=decoder, alpha=alpha, info_layer=info_layer,
                       repetition_penalty=repetition_penalty, eos_boost=eos_boost, temperature=temperature,
-                      top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+                      top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, dry_multiplier=dry_multiplier,
+                      dry_base=dry_base, dry_allowed_length=dry_allowed_length, dry_penalty_last_n=dry_penalty_last_n)
         return Stream(self, prompt, max_tokens, cfg, stop=stop, ignore_eos=ignore_eos, add_special=add_special,
-                     abstain_above=abstain_above)
+                     parse_special=parse_special, abstain_above=abstain_above, stop_loops=stop_loops)
 
     stream_steps = stream  # the name of earlier versions
 
@@ -428,23 +500,6 @@ class Model:
 
     def timings(self) -> dict:
         return self._session.timings()
-
-
-TRANSCRIPT_STOP = "\nUser:"  # where a transcript's answer ends: the next turn
-
-
-def transcript_prompt(messages: Sequence[dict]) -> str:
-    """Chat messages as a plain ``User: …`` / ``Assistant: …`` transcript ending with ``Assistant:``:
-    the format for models without a chat template llama.cpp recognises (stop at TRANSCRIPT_STOP)."""
-    text = ""
-    for m in messages:
-        if m["role"] == "system":
-            text += f"{m['content']}\n\n"
-        elif m["role"] == "user":
-            text += f"User: {m['content']}\n"
-        else:
-            text += f"Assistant: {m['content']}\n"
-    return text + "Assistant:"
 
 
 def rpc_endpoints(rpc: Union[str, Sequence[str], None]) -> list[str]:

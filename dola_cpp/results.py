@@ -36,7 +36,8 @@ class GenerationResult:
     tokens: list[int]
     steps: list[StepInfo]
     # "stop" (an end-of-generation token or a stop string), "length", "abstained" (the running
-    # risk crossed abstain_above), "cancelled", "interrupted"
+    # risk crossed abstain_above), "loop" (stop_loops: the answer repeated a cycle of tokens),
+    # "cancelled", "interrupted"
     finish_reason: str
     prompt_tokens: int
     prefill_seconds: float = 0.0
@@ -45,7 +46,8 @@ class GenerationResult:
     mature_layer: Optional[int] = None
     decoder: str = "plain"  # plain, dola, activation or activation_dola
     info_layer: Optional[int] = None  # Activation Decoding's info layer
-    risk: Optional[float] = None  # the answer's risk: the mean of its tokens' (None when empty)
+    risk: Optional[float] = None  # the answer's risk: the mean of its tokens' (None when empty; 1 when it looped)
+    loop: int = 0  # finish_reason "loop": the length of the cycle the answer repeated
 
     @property
     def tokens_per_second(self) -> float:

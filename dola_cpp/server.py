@@ -9,6 +9,12 @@ other decoders come as extra body fields (``dola_layers``, ``repetition_penalty`
 a bounded queue, and one that finds the queue full gets HTTP 503 with ``Retry-After``. A client
 that disconnects cancels its generation at once. Errors are OpenAI-style JSON bodies.
 
+Requests are untrusted: message content is tokenized as text (only the chat template's markup is
+special); a body is bounded (``max_body``, 413) and so is the work it can cause: what the context
+cannot hold is refused before it is parsed or tokenized, and parsing, templating and tokenizing
+run on worker threads, never on the event loop. Connections that send their headers too slowly
+are closed (``server_config``).
+
 Needs the ``server`` extra: ``pip install 'dola-cpp[server]'``.
 """
 
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import secrets
 import threading
@@ -30,11 +37,22 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .config import DecodeConfig, DolaConfig
-from .model import TRANSCRIPT_STOP, Model, PromptTooLongError, transcript_prompt
+from .config import (CHAT_DRY_MULTIPLIER, CHAT_EOS_BOOST, CHAT_MAX_TOKENS, CHAT_PREMATURE_NORM, INT32_MAX,
+                     DecodeConfig, DolaConfig)
+from .model import Model, PromptTooLongError
+from .prompts import TRANSCRIPT_STOP
 from .results import GenerationResult, StepInfo
 
 OWNED_BY = "dola-cpp"
+DEFAULT_MAX_BODY = 8 * 2**20  # bytes of one request body; more is HTTP 413
+HEADER_TIMEOUT = 10.0  # seconds a new connection has to send its first request's headers
+IDLE_TIMEOUT = 5.0  # seconds an idle keep-alive connection stays open
+BODY_TIMEOUT = 60.0  # seconds a client has to send a request's body
+# JSON spends at most this many bytes on one byte of text (a \u00XX escape), and a request's
+# fields and markup at most this many on top of its text
+_JSON_BYTES_PER_BYTE, _FIELD_BYTES, _FIELD_BYTES_PER_MESSAGE = 6, 65536, 256
+
+log = logging.getLogger("dola_cpp.server")
 
 
 # ---------------------------------------------------------------------------- errors
@@ -89,10 +107,10 @@ class _Common(_Strict):
     """The fields both endpoints take: OpenAI's, then dola-cpp's extras."""
 
     model: Optional[str] = None
-    max_tokens: Optional[int] = None
+    max_tokens: Optional[int] = Field(None, ge=1, le=INT32_MAX)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: Optional[int] = Field(None, ge=0)
+    seed: Optional[int] = Field(None, ge=0, le=2**64 - 1)
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
@@ -100,23 +118,28 @@ class _Common(_Strict):
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)  # not implemented: only the neutral value
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
     user: Optional[str] = None
-    # dola-cpp
+    # dola-cpp; None = the chat's default (CHAT_* in dola_cpp.config)
     dola_layers: Union[str, list[int], None] = None
-    premature_norm: bool = False
+    premature_norm: Optional[bool] = None
     relative_top: float = 0.1
     repetition_penalty: Optional[float] = None
     decoder: Literal["dola", "activation"] = "dola"
     alpha: float = 0.5
-    info_layer: Optional[int] = None
-    eos_boost: float = 0.0
-    top_k: int = 0
+    info_layer: Optional[int] = Field(None, ge=0, le=INT32_MAX)
+    eos_boost: Optional[float] = None
+    top_k: int = Field(0, ge=0, le=INT32_MAX)
     min_p: float = 0.0
+    dry_multiplier: Optional[float] = None
+    dry_base: float = 1.75
+    dry_allowed_length: int = Field(2, ge=0, le=INT32_MAX)
+    dry_penalty_last_n: int = Field(-1, ge=-1, le=INT32_MAX)
+    stop_loops: bool = True
     risk: bool = False
 
 
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = None
+    max_completion_tokens: Optional[int] = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=0)  # alternatives are not reported
 
@@ -144,6 +167,8 @@ class Pool:
         self.waiting = 0
         self._free: Optional[asyncio.Queue] = None
         self.executor = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="dola-gen")
+        # parsing, templates and tokenization: off the event loop, beside the generations
+        self.prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dola-prep")
 
     def _queue(self) -> asyncio.Queue:
         if self._free is None:  # made on the server's event loop
@@ -179,6 +204,7 @@ class Job:
     max_tokens: int
     config: DecodeConfig
     stop: list[str]
+    stop_loops: bool = True
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -187,7 +213,8 @@ class Job:
             loop.call_soon_threadsafe(self.events.put_nowait, event)
 
         try:
-            stream = self.ctx.stream(self.ids, self.max_tokens, config=self.config, stop=self.stop)
+            stream = self.ctx.stream(self.ids, self.max_tokens, config=self.config, stop=self.stop,
+                                     stop_loops=self.stop_loops)
             seen = 0
             for piece in stream:
                 emit("piece", piece, stream.steps[seen:])
@@ -207,17 +234,49 @@ class Job:
 # ---------------------------------------------------------------------------- the app
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one request may cost before it is refused: its body's bytes, and what the context
+    could hold (messages, characters of text, the JSON values and bytes that can carry them),
+    all checked before the body is parsed or tokenized."""
+
+    max_body: int
+    n_ctx: int
+    max_chars: int  # text beyond n_ctx tokens of the model's longest piece cannot fit
+
+    @classmethod
+    def of(cls, model: Model, max_body: int) -> "Limits":
+        longest = max(len(model.token_bytes(t)) for t in range(model.n_vocab))
+        return cls(max_body, model.n_ctx, model.n_ctx * max(1, longest))
+
+    @property
+    def max_json_bytes(self) -> int:
+        return self.max_chars * _JSON_BYTES_PER_BYTE + self.n_ctx * _FIELD_BYTES_PER_MESSAGE + _FIELD_BYTES
+
+    @property
+    def max_json_values(self) -> int:
+        return self.max_chars + 8 * self.n_ctx + 4096
+
+
 def create_app(model: Model, *, parallel: int = 1, max_queue: Optional[int] = None, api_key: Optional[str] = None,
-               model_name: Optional[str] = None) -> FastAPI:
-    """The ASGI app serving ``model`` (already loaded) with ``parallel`` contexts."""
+               model_name: Optional[str] = None, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
+    """The ASGI app serving ``model`` (already loaded) with ``parallel`` contexts. Serve it with
+    :func:`server_config`'s timeouts."""
     if parallel < 1:
         raise ValueError(f"parallel must be at least 1, got {parallel}")
+    if api_key is not None and not api_key.strip():
+        raise ValueError("the API key is empty: give a key, or none to serve without one")
+    if max_body < 1024:
+        raise ValueError(f"max_body must be at least 1024 bytes, got {max_body}")
     name = model_name or model.path.name
     pool = Pool(model, parallel, 4 * parallel if max_queue is None else max_queue)
+    limits = Limits.of(model, max_body)
     created = int(time.time())
     templated = model.chat_template_supported  # else chats are plain transcripts, as in the CLI
+    key = api_key.encode() if api_key is not None else None
     app = FastAPI(title="dola-cpp", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.pool = pool
+    app.state.limits = limits
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -227,12 +286,20 @@ def create_app(model: Model, *, parallel: int = 1, max_queue: Optional[int] = No
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return APIError(exc.status_code, str(exc.detail), type="invalid_request_error").response()
 
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        # the last resort: a JSON 500 the client can quote, the traceback in the server's log
+        rid = uuid.uuid4().hex[:16]
+        log.error("request %s %s failed (request id %s)", request.method, request.url.path, rid, exc_info=exc)
+        return APIError(500, f"internal server error (request id {rid})", type="server_error").response()
+
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), api_key):
+        if key is not None and request.url.path.startswith("/v1/"):
+            # headers arrive as latin-1 text: their bytes, compared in constant time
+            given = request.headers.get("authorization", "").encode("latin-1", "replace")
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), key):
                 return APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
                                 type="authentication_error", code="invalid_api_key").response()
         return await call_next(request)
@@ -253,54 +320,118 @@ def create_app(model: Model, *, parallel: int = 1, max_queue: Optional[int] = No
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        body = await _parse(request, ChatRequest)
+        raw = await _read_body(request, limits)
+        body, ids, extra_stop = await _off_loop(pool, _prepare_chat, model, raw, limits, templated)
         _check_model(body.model, name)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
-        extra_stop = []
-        if templated:
-            text = model.apply_chat_template(messages)
-        else:  # as the CLI's chat: a transcript, ending at the next turn
-            text, extra_stop = transcript_prompt(messages), [TRANSCRIPT_STOP]
-        ids = _tokens(model, text, add_special=True)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         return await _serve(request, pool, body, ids, max_tokens, name, chat=True, extra_stop=extra_stop)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await _parse(request, CompletionRequest)
+        raw = await _read_body(request, limits)
+        body, ids = await _off_loop(pool, _prepare_completion, model, raw, limits)
         _check_model(body.model, name)
-        if body.echo or body.suffix:
-            raise APIError(400, "echo and suffix are not supported", param="echo" if body.echo else "suffix")
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            if len(prompt) != 1:
-                raise APIError(400, "one prompt per request (n = 1)", param="prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            if not prompt:
-                raise APIError(400, "the prompt is empty", param="prompt")
-            ids = _tokens(model, prompt, add_special=True)
-        else:
-            ids = [int(t) for t in prompt]
-            if not ids:
-                raise APIError(400, "the prompt is empty", param="prompt")
-            bad = [t for t in ids if not 0 <= t < model.n_vocab]
-            if bad:
-                raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{model.n_vocab - 1})",
-                               param="prompt")
         return await _serve(request, pool, body, ids, body.max_tokens, name, chat=False)
 
     return app
 
 
-async def _parse(request: Request, kind: type[_Common]) -> Any:
-    """The JSON body as ``kind`` (whatever the Content-Type says), or an OpenAI-style 400."""
-    raw = await request.body()
+def server_config(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *,
+                  header_timeout: float = HEADER_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT,
+                  log_level: str = "warning") -> Any:
+    """uvicorn's configuration for ``app``: a connection that has not sent its first request's
+    headers within ``header_timeout`` seconds is closed (uvicorn itself waits for ever), and an
+    idle keep-alive connection after ``idle_timeout``."""
+    import uvicorn
+
+    if not header_timeout > 0 or not idle_timeout > 0:
+        raise ValueError("the header and idle timeouts must be positive numbers of seconds")
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=_h11_with_header_timeout(header_timeout),
+                          timeout_keep_alive=idle_timeout)
+
+
+def _h11_with_header_timeout(timeout: float) -> type:
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11Protocol(H11Protocol):
+        # uvicorn times idle keep-alive connections, but not a new connection that never
+        # completes its first request's headers (slowloris): this does
+        _header_timer: Optional[asyncio.TimerHandle] = None
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._header_timer = self.loop.call_later(timeout, self._headers_too_slow)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.cycle is not None:
+                self._stop_header_timer()
+
+        def connection_lost(self, exc: Optional[Exception]) -> None:
+            self._stop_header_timer()
+            super().connection_lost(exc)
+
+        def _stop_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_too_slow(self) -> None:
+            self._header_timer = None
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.close()
+
+    return TimedH11Protocol
+
+
+async def _read_body(request: Request, limits: Limits) -> bytes:
+    """The body, at most ``limits.max_body`` bytes (else 413), within BODY_TIMEOUT seconds."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.max_body:
+        raise _too_large(limits)
+
+    async def read() -> bytes:
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limits.max_body:
+                raise _too_large(limits)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), timeout=BODY_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {BODY_TIMEOUT:g} s", code="timeout") from None
+
+
+def _too_large(limits: Limits) -> APIError:
+    return APIError(413, f"the request body is larger than this server's limit of {limits.max_body} bytes",
+                    code="request_too_large")
+
+
+async def _off_loop(pool: Pool, fn, *args):
+    """``fn(*args)`` on a worker thread: what scales with the request never blocks the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(pool.prep, fn, *args)
+
+
+def _too_long(what: str, limits: Limits) -> APIError:
+    return APIError(400, f"the {what} cannot fit in the {limits.n_ctx}-token context", param=what,
+                    code="context_length_exceeded")
+
+
+def _parse(raw: bytes, kind: type[_Common], limits: Limits, what: str) -> Any:
+    """The JSON body as ``kind``, or an OpenAI-style 400. A body that could not fit in the context
+    whatever it holds is refused before it is parsed: JSON parsing holds the GIL."""
+    if len(raw) > limits.max_json_bytes or \
+            raw.count(b",") + raw.count(b"[") + raw.count(b"{") > limits.max_json_values:
+        raise _too_long(what, limits)
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     try:
@@ -316,6 +447,53 @@ async def _parse(request: Request, kind: type[_Common]) -> Any:
         else:
             message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid")
         raise APIError(400, message, param=param, code=kind_ or None) from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
+
+
+def _prepare_chat(model: Model, raw: bytes, limits: Limits, templated: bool) -> tuple[ChatRequest, list[int], list[str]]:
+    """The request and its prompt's token ids, message content as text (on a worker thread)."""
+    body = _parse(raw, ChatRequest, limits, "messages")
+    if len(body.messages) > limits.n_ctx or sum(len(m.text()) for m in body.messages) > limits.max_chars:
+        raise _too_long("messages", limits)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    try:
+        ids = model.chat_tokens(messages, template=templated)
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages") from None
+    # without a template, as the CLI's chat: a transcript, ending at the next turn
+    return body, ids, [] if templated else [TRANSCRIPT_STOP]
+
+
+def _prepare_completion(model: Model, raw: bytes, limits: Limits) -> tuple[CompletionRequest, list[int]]:
+    """The request and its prompt's token ids (a text prompt is a raw prompt: its special-token
+    text is parsed, as llama-server does)."""
+    body = _parse(raw, CompletionRequest, limits, "prompt")
+    if body.echo or body.suffix:
+        raise APIError(400, "echo and suffix are not supported", param="echo" if body.echo else "suffix")
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        if len(prompt) != 1:
+            raise APIError(400, "one prompt per request (n = 1)", param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        if len(prompt) > limits.max_chars:
+            raise _too_long("prompt", limits)
+        try:
+            return body, model.tokenize(prompt, add_special=True)
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from None
+    if not prompt:
+        raise APIError(400, "the prompt is empty", param="prompt")
+    if len(prompt) > limits.n_ctx:
+        raise _too_long("prompt", limits)
+    ids = [int(t) for t in prompt]
+    bad = [t for t in ids if not 0 <= t < model.n_vocab]
+    if bad:
+        raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{model.n_vocab - 1})", param="prompt")
+    return body, ids
 
 
 def _model_card(name: str, created: int) -> dict:
@@ -329,21 +507,19 @@ def _check_model(requested: Optional[str], name: str) -> None:
                        param="model", code="model_not_found")
 
 
-def _tokens(model: Model, text: str, add_special: bool) -> list[int]:
-    try:
-        return model.tokenize(text, add_special=add_special)
-    except ValueError as e:
-        raise APIError(400, str(e), param="prompt") from None
-
-
 def _config(model: Model, body: _Common) -> DecodeConfig:
     layers = body.dola_layers
     if isinstance(layers, str) and layers.strip().lower() in ("", "none"):
         layers = None
-    fields = dict(layers=layers, premature_norm=body.premature_norm, relative_top=body.relative_top,
-                  repetition_penalty=body.repetition_penalty, decoder=body.decoder, alpha=body.alpha,
-                  info_layer=body.info_layer, eos_boost=body.eos_boost, temperature=body.temperature,
-                  top_k=body.top_k, top_p=body.top_p, min_p=body.min_p, seed=body.seed)
+    fields = dict(layers=layers,
+                  premature_norm=CHAT_PREMATURE_NORM if body.premature_norm is None else body.premature_norm,
+                  relative_top=body.relative_top, repetition_penalty=body.repetition_penalty, decoder=body.decoder,
+                  alpha=body.alpha, info_layer=body.info_layer,
+                  eos_boost=CHAT_EOS_BOOST if body.eos_boost is None else body.eos_boost,
+                  temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p, seed=body.seed,
+                  dry_multiplier=CHAT_DRY_MULTIPLIER if body.dry_multiplier is None else body.dry_multiplier,
+                  dry_base=body.dry_base, dry_allowed_length=body.dry_allowed_length,
+                  dry_penalty_last_n=body.dry_penalty_last_n)
     try:
         DolaConfig(layers=layers)
     except (ValueError, TypeError) as e:
@@ -357,6 +533,8 @@ def _config(model: Model, body: _Common) -> DecodeConfig:
         plan = model.resolve_layers(config.dola.layers)
     except (ValueError, TypeError) as e:
         raise APIError(400, f"dola_layers: {e}", param="dola_layers") from None
+    if plan.is_plain and not config.uses_activation and body.premature_norm is None:
+        config = config.replace(premature_norm=False)  # nothing is projected: the default stays neutral
     try:
         config.to_core(plan, model.n_layers)
     except ValueError as e:
@@ -371,7 +549,9 @@ def _stops(stop: Union[str, list[str], None]) -> list[str]:
     return [s for s in stops if s]
 
 
-FINISH = {"stop": "stop", "length": "length", "abstained": "stop", "cancelled": "stop", "interrupted": "stop"}
+# OpenAI's finish reasons for ours; the choice also carries ours as dola_finish_reason when they differ
+FINISH = {"stop": "stop", "length": "length", "abstained": "stop", "loop": "stop", "cancelled": "stop",
+          "interrupted": "stop"}
 
 
 async def _serve(request: Request, pool: Pool, body: _Common, ids: list[int], max_tokens: Optional[int], name: str,
@@ -382,8 +562,8 @@ async def _serve(request: Request, pool: Pool, body: _Common, ids: list[int], ma
         raise APIError(400, f"the prompt has {len(ids)} tokens but the context holds {n_ctx} (with at least one "
                             f"for the answer)", param="messages" if chat else "prompt", code="context_length_exceeded")
     room = n_ctx - len(ids) + 1
-    if max_tokens is None:
-        max_tokens = room
+    if max_tokens is None:  # the chat's budget, which eos_boost ends answers within
+        max_tokens = min(room, CHAT_MAX_TOKENS)
     if max_tokens < 1:
         raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
     if max_tokens > room:
@@ -398,7 +578,7 @@ async def _serve(request: Request, pool: Pool, body: _Common, ids: list[int], ma
         raise APIError(503, "the server is busy: every context is generating and the queue is full; retry shortly",
                        type="server_error", code="server_busy", headers={"Retry-After": "1"}) from None
     loop = asyncio.get_running_loop()
-    job = Job(ctx, ids, max_tokens, config, stop)
+    job = Job(ctx, ids, max_tokens, config, stop, stop_loops=body.stop_loops)
     future = loop.run_in_executor(pool.executor, job.run, loop)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
@@ -541,6 +721,8 @@ class _Shape:
             choice["text"] = text or ""
         choice["logprobs"] = self._logprobs(steps) if steps else None
         choice["finish_reason"] = finish
+        if result is not None and FINISH.get(result.finish_reason) != result.finish_reason:
+            choice["dola_finish_reason"] = result.finish_reason
         if self.risk and (steps or result is not None):
             choice["risk"] = self._risk(steps, result)
         return {**self.envelope(), "choices": [choice]}
@@ -553,6 +735,8 @@ class _Shape:
             choice["text"] = text
         choice["logprobs"] = self._logprobs(steps)
         choice["finish_reason"] = FINISH.get(result.finish_reason, "stop")
+        if choice["finish_reason"] != result.finish_reason:
+            choice["dola_finish_reason"] = result.finish_reason
         if self.risk:
             choice["risk"] = self._risk(steps, result)
         return {**self.envelope(chunk=False), "choices": [choice], "usage": _usage(result.prompt_tokens,

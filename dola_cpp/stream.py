@@ -23,6 +23,22 @@ _warned_penalty = False
 # abstain_above judges the running risk once the answer has this many tokens (or when it ends)
 ABSTAIN_MIN_TOKENS = 4
 
+# A loop: the answer's last LOOP_REPEATS * p tokens are one cycle of p >= LOOP_MIN_CYCLE tokens
+# repeated (cycles up to LOOP_MAX_CYCLE tokens are looked for).
+LOOP_MIN_CYCLE, LOOP_REPEATS, LOOP_MAX_CYCLE = 3, 4, 64
+# An answer that looped is unreliable however confident each token was: its risk is this.
+LOOP_RISK = 1.0
+
+
+def loop_cycle(tokens: Sequence[int]) -> int:
+    """The length of the cycle ``tokens`` ends by repeating LOOP_REPEATS times in a row (0 = none)."""
+    n = len(tokens)
+    for p in range(LOOP_MIN_CYCLE, min(LOOP_MAX_CYCLE, n // LOOP_REPEATS) + 1):
+        span = p * (LOOP_REPEATS - 1)
+        if tokens[n - 1] == tokens[n - 1 - p] and all(tokens[n - 1 - i] == tokens[n - 1 - i - p] for i in range(span)):
+            return p
+    return 0
+
 
 class PenaltyWarning(UserWarning):
     """DoLa ran with a repetition penalty below the recommended 1.2."""
@@ -42,13 +58,15 @@ class Stream:
         stop: Union[str, Sequence[str], None] = None,
         ignore_eos: bool = False,
         add_special: bool = True,
+        parse_special: bool = True,
         abstain_above: Optional[float] = None,
+        stop_loops: bool = False,
     ) -> None:
         global _warned_penalty
         if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
             raise ValueError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
         self.model = model
-        self.ids = model._prompt_ids(prompt, add_special=add_special)
+        self.ids = model._prompt_ids(prompt, add_special=add_special, parse_special=parse_special)
         self.plan = model.resolve_layers(config.dola.layers)
         self.config = config
         self.params = config.to_core(self.plan, model.n_layers)
@@ -67,6 +85,8 @@ class Stream:
                 raise ValueError(f"abstain_above must be a risk in (0, 1] or None, got {abstain_above!r}")
             abstain_above = float(abstain_above)
         self.abstain_above = abstain_above
+        self.stop_loops = bool(stop_loops)
+        self.loop = 0  # the cycle length the answer ended by repeating (finish_reason "loop")
         self._risk_sum = 0.0
         self.tokens: list[int] = []
         self.steps: list[StepInfo] = []
@@ -99,11 +119,15 @@ class Stream:
             decoder=self.config.decoder_name(self.plan),
             info_layer=None if self.params.info_layer < 0 else self.params.info_layer,
             risk=self.risk,
+            loop=self.loop,
         )
 
     @property
     def risk(self) -> Optional[float]:
-        """The answer's risk so far: the mean of its tokens' risks (None before the first)."""
+        """The answer's risk so far: the mean of its tokens' risks (None before the first), or
+        LOOP_RISK once it was stopped for looping."""
+        if self.loop:
+            return LOOP_RISK
         return self._risk_sum / len(self.steps) if self.steps else None
 
     def _abstains(self, final: bool) -> bool:
@@ -176,6 +200,11 @@ class Stream:
                         self.text = self.text[:cut]
                         self.finish_reason = "abstained" if self._abstains(final=True) else "stop"
                         break
+                    if self.stop_loops:
+                        self.loop = loop_cycle(self.tokens)
+                        if self.loop:
+                            self.finish_reason = "loop"
+                            break
                     if self._abstains(final=False):
                         self.finish_reason = "abstained"
                         break

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import typer
 
 from .. import DecodeConfig, GenerationResult, LayerPlan, Model
-from ..model import TRANSCRIPT_STOP, transcript_prompt
+from ..prompts import TRANSCRIPT_STOP, transcript_prompt
 from ..risk import RISK_BANDS, RISK_FORMULA
 from ..hub import cache_dir
 from ._cli_utils import CLIError, Template, layer_plan, one_line, template_choice
@@ -74,24 +74,28 @@ class Conversation:
     def stop(self) -> list[str]:
         return [] if self.use_template else [TRANSCRIPT_STOP]
 
-    def render(self, user: str, exchanges: list[Exchange]) -> str:
+    def messages(self, user: str, exchanges: list[Exchange]) -> list[dict]:
         messages = [{"role": "system", "content": self.system}] if self.system else []
         for ex in exchanges:
             messages += [{"role": "user", "content": ex.user}, {"role": "assistant", "content": ex.assistant}]
-        messages.append({"role": "user", "content": user})
+        return messages + [{"role": "user", "content": user}]
+
+    def render(self, user: str, exchanges: list[Exchange]) -> str:
+        messages = self.messages(user, exchanges)
         return self.model.apply_chat_template(messages) if self.use_template else transcript_prompt(messages)
 
     def prompt(self, user: str, budget: int) -> tuple[str, list[int], int]:
         """The prompt for ``user``'s message within ``budget`` tokens, dropping the oldest
-        exchanges when needed: its text, its token ids and how many exchanges were dropped."""
+        exchanges when needed: its text, its token ids (what the user and the model said is text,
+        never markup: ``Model.chat_tokens``) and how many exchanges were dropped."""
         for dropped in range(len(self.exchanges) + 1):
-            text = self.render(user, self.exchanges[dropped:])
-            ids = self.model.tokenize(text)
+            kept = self.exchanges[dropped:]
+            ids = self.model.chat_tokens(self.messages(user, kept), template=self.use_template)
             n = len(ids)
             if n <= budget:
                 if dropped:
                     del self.exchanges[:dropped]
-                return text, ids, dropped
+                return self.render(user, kept), ids, dropped
         n_train = self.model.n_ctx_train
         if n_train > 0 and self.model.n_ctx >= n_train:
             raise CLIError(f"this message needs {n} tokens but only {budget} fit in the context (with room for the "

@@ -9,7 +9,7 @@ import traceback
 import warnings
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, Union
 
 import typer
 from typer.core import TyperGroup
@@ -310,15 +310,17 @@ def template_choice(model: Model, template: Template) -> tuple[bool, Optional[st
     return False, f"this model {why}; using a plain 'User: … / Assistant:' transcript"
 
 
-def prompt_text(model: Model, prompt: str, template: Template, system: Optional[str] = None) -> tuple[str, bool]:
-    """The model input for a one-shot prompt and whether the chat template was applied (without
-    one, the prompt goes as it is)."""
+def prompt_text(model: Model, prompt: str, template: Template,
+                system: Optional[str] = None) -> tuple[Union[str, list[int]], bool]:
+    """The model input for a one-shot prompt and whether the chat template was applied: with it,
+    token ids in which the prompt is text (``Model.chat_tokens``); without it, the prompt as it is
+    (a raw prompt, whose special-token text is parsed)."""
     if not prompt.strip():
         raise CLIError("the prompt is empty")
     use_template, _ = template_choice(model, template)
     if use_template:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return model.apply_chat_template(messages), True
+        return model.chat_tokens(messages, template=True), True
     if system:
         typer.echo("note: --system needs the chat template; ignored", err=True)
     return prompt, False

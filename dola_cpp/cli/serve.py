@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Optional
 
 import typer
 
 from ._cli_utils import CLIError, CtxOpt, GpuLayersOpt, ModelArg, RepackOpt, RpcOpt, ThreadsOpt, examples, load_model
+
+# the server's defaults, without importing the server (its extra may be missing)
+DEFAULT_MAX_BODY, HEADER_TIMEOUT, IDLE_TIMEOUT = 8 * 2**20, 10.0, 5.0
 
 SERVE_EXAMPLES = examples(
     "dola-cpp serve",
@@ -31,6 +35,13 @@ def serve(
                                                    help="Require 'Authorization: Bearer KEY' on /v1/.")] = None,
     name: Annotated[Optional[str], typer.Option("--name", show_default=False,
                                                 help="The model id clients see (default: the file name).")] = None,
+    max_body: Annotated[int, typer.Option("--max-body", min=1024, metavar="BYTES",
+                                          help="Largest request body; beyond it HTTP 413.")] = DEFAULT_MAX_BODY,
+    header_timeout: Annotated[float, typer.Option("--header-timeout", min=0.001, metavar="SECONDS",
+                                                  help="Close a connection whose request headers have not "
+                                                       "arrived by then.")] = HEADER_TIMEOUT,
+    idle_timeout: Annotated[float, typer.Option("--idle-timeout", min=0.001, metavar="SECONDS",
+                                                help="Close an idle keep-alive connection after this.")] = IDLE_TIMEOUT,
     ctx: CtxOpt = 2048,
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = -1,
@@ -41,17 +52,22 @@ def serve(
 
     Serves MODEL's chat/completions, completions and models endpoints.
     DoLa and the other decoders are extra body fields: dola_layers, premature_norm, repetition_penalty,
-    decoder, alpha, info_layer, eos_boost, risk. Needs the server extra: pip install 'dola-cpp[server]'.
+    decoder, alpha, info_layer, eos_boost, dry_multiplier, stop_loops, risk; unset, they decode as the
+    chat does. Needs the server extra: pip install 'dola-cpp[server]'.
     """
     try:
         import uvicorn
 
-        from ..server import create_app
+        from ..server import create_app, server_config
     except ModuleNotFoundError as e:
         raise CLIError(f"serve needs {e.name}: pip install 'dola-cpp[server]'") from None
+    if api_key is None and os.environ.get("DOLA_CPP_API_KEY") is not None:
+        api_key = os.environ["DOLA_CPP_API_KEY"]  # set but empty: click reads it as unset
+    if api_key is not None and not api_key.strip():
+        raise CLIError("--api-key is empty (or DOLA_CPP_API_KEY is set to nothing): give a key, or leave it out")
     m = load_model(model, ctx, threads, gpu_layers, repack, rpc)
-    app = create_app(m, parallel=parallel, max_queue=queue, api_key=api_key, model_name=name)
+    app = create_app(m, parallel=parallel, max_queue=queue, api_key=api_key, model_name=name, max_body=max_body)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         typer.echo(f"note: listening on {host} without --api-key: anyone who can reach it can use it", err=True)
     typer.echo(f"serving {name or m.path.name} on http://{host}:{port}/v1 ({parallel} at once)", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.Server(server_config(app, host, port, header_timeout=header_timeout, idle_timeout=idle_timeout)).run()
