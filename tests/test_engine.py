@@ -1,5 +1,6 @@
 """The engine on the real default model (SmolLM2-135M-Instruct Q4_1)."""
 
+import collections
 import signal
 import threading
 import time
@@ -73,11 +74,17 @@ def test_stream_pieces_concatenate_to_generate(smollm2):
 
 
 def test_sampling_is_seeded(smollm2):
-    a = smollm2.generate(PROMPT, max_tokens=16, temperature=0.9, top_k=40, top_p=0.95, seed=7, ignore_eos=True)
-    b = smollm2.generate(PROMPT, max_tokens=16, temperature=0.9, top_k=40, top_p=0.95, seed=7, ignore_eos=True)
+    kw = dict(max_tokens=16, temperature=0.9, top_k=40, top_p=0.95, ignore_eos=True)
+    a = smollm2.generate(PROMPT, seed=7, **kw)
+    b = smollm2.generate(PROMPT, seed=7, **kw)
     c = smollm2.generate(PROMPT, max_tokens=16, temperature=1.5, seed=8, ignore_eos=True)
     assert a.tokens == b.tokens
     assert a.tokens != c.tokens
+    # the seed alone changes the sample (the same settings otherwise), and a sample is not greedy
+    samples = {tuple(smollm2.generate(PROMPT, seed=seed, **kw).tokens) for seed in (1, 2, 3, 4)}
+    assert len(samples) > 1
+    greedy = tuple(smollm2.generate(PROMPT, max_tokens=16, ignore_eos=True).tokens)
+    assert samples - {greedy}
 
 
 @pytest.mark.parametrize(
@@ -98,13 +105,35 @@ def test_multibyte_utf8_split_across_tokens_streams_whole_characters(smollm2):
         pieces[0].decode("utf-8")
     # stream a prompt that makes the model repeat the emoji: no piece holds a broken character
     prompt = smollm2.tokenize("Repeat: 🦙🦙🦙🦙 🦙🦙🦙🦙 🦙🦙🦙🦙", add_special=False)
-    out = list(smollm2.stream(prompt + ids, max_tokens=12, ignore_eos=True))
+    stream = smollm2.stream(prompt + ids, max_tokens=12, ignore_eos=True)
+    out = list(stream)
     assert "\ufffd" not in "".join(out)
+    # the model did generate the emoji, as tokens that are not whole characters on their own
+    assert "🦙" in "".join(out)
+    generated = [smollm2.token_bytes(t) for t in stream.result().tokens]
+    assert any(not _is_utf8(piece) for piece in generated)
+    assert "".join(out) == b"".join(generated).decode("utf-8")
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def test_invalid_utf8_is_replaced_not_raised(smollm2):
     ids = smollm2.tokenize("🦙", add_special=False)
-    assert smollm2.detokenize(ids[:1]) == "\ufffd" * len(smollm2.detokenize(ids[:1]))
+    head = smollm2.token_bytes(ids[0])
+    assert not _is_utf8(head)
+    text = smollm2.detokenize(ids[:1])
+    assert text and set(text) == {"\ufffd"}  # replaced, not dropped
+    assert text == head.decode("utf-8", "replace")
+    # the valid text around the broken bytes stays
+    cat = smollm2.tokenize(" cat", add_special=False)
+    mixed = smollm2.detokenize(cat + ids[:1] + cat)
+    assert mixed == (b" cat" + head + b" cat").decode("utf-8", "replace") and mixed.count("\ufffd") >= 1
 
 
 # ------------------------------------------------------------------------------- bad input
@@ -199,51 +228,113 @@ def test_bad_constructor_arguments(smollm2_path):
 # ------------------------------------------------------------------------------- interruption
 
 
-def _interrupt_main_after(seconds):
-    main = threading.main_thread().ident
-    timer = threading.Timer(seconds, lambda: signal.pthread_kill(main, signal.SIGINT))
-    timer.start()
-    return timer
+class CountingSession:
+    """A model's core session with its calls counted, so that a test can wait for tokens (not for
+    a time) and count what ran after an interrupt. Installed as ``Model._session``."""
+
+    def __init__(self, session) -> None:
+        self._session = session
+        self.calls: collections.Counter = collections.Counter()
+
+    def __getattr__(self, name):
+        attr = getattr(self._session, name)
+        if not callable(attr):
+            return attr
+
+        def counted(*args, **kwargs):
+            self.calls[name] += 1
+            return attr(*args, **kwargs)
+
+        return counted
 
 
-def test_ctrl_c_during_prefill(smollm2_path):
+@pytest.fixture
+def counted(smollm2_path):
+    """A fresh model (n_ctx 2048, n_batch 2048: one prefill call for a long prompt) whose session
+    calls are counted."""
     m = Model(smollm2_path, n_ctx=2048, n_batch=2048)
+    m._session = CountingSession(m._session)
+    return m
+
+
+def _interrupt_main_when(condition, then=None) -> threading.Thread:
+    """SIGINT to the main thread as soon as ``condition()`` holds (checked every millisecond);
+    ``then()`` runs right after sending, in this helper thread, while the main thread computes."""
+    main = threading.main_thread().ident
+
+    def watch():
+        deadline = time.monotonic() + 300  # a hang guard, not a bound
+        while not condition():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.001)
+        if then is not None:
+            then()
+        signal.pthread_kill(main, signal.SIGINT)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
+def test_ctrl_c_during_prefill(counted):
+    """With DoLa only the prompt's last ubatch is captured (test_capture_callback_only_where_rows_are_
+    captured): a prefill stopped by Ctrl-C never reached it. The signal is sent once the prefill
+    runs, a quarter of a whole prefill's time in."""
+    m = counted
     long_prompt = m.tokenize("The quick brown fox jumps over the lazy dog. " * 160)
+    assert len(long_prompt) > 3 * 512  # several ubatches in the one prefill call
     t0 = time.perf_counter()
-    m.generate(long_prompt, max_tokens=1)
+    m.generate(long_prompt, max_tokens=1, layers="high")
     full = time.perf_counter() - t0
-    m._session.clear()
-    _interrupt_main_after(full / 4)
-    t0 = time.perf_counter()
+    s = m._session
+    assert s.timings()["n_captured_ubatches"] == 1 and s.timings()["n_prefill"] == len(long_prompt)
+    s.clear()
+    s.reset_timings()
+    before = s.calls["prefill"]
+    started = {}
+    _interrupt_main_when(lambda: s.calls["prefill"] > before and time.perf_counter() - started["t"] > full / 4,
+                         then=lambda: started.setdefault("sent", s.calls["sample"]))
+    started["t"] = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):
-        m.generate(long_prompt, max_tokens=1)
-    assert time.perf_counter() - t0 < full * 0.8  # stopped well before the prefill's end
+        m.generate(long_prompt, max_tokens=1, layers="high")
+    # stopped inside the prefill: its last ubatch never ran, nothing was sampled
+    assert s.timings()["n_captured_ubatches"] == 0 and s.timings()["n_prefill"] == 0
+    assert s.calls["sample"] == started["sent"]
     assert "Paris" in m.generate(PROMPT, max_tokens=8).text  # the model stays usable
 
 
-def test_ctrl_c_during_decode(smollm2):
-    _interrupt_main_after(0.3)
-    t0 = time.perf_counter()
+def test_ctrl_c_during_decode(counted):
+    """Ctrl-C after the fifth token stops the generation at the token being computed."""
+    s = counted._session
+    sent = {}
+    _interrupt_main_when(lambda: s.calls["sample"] >= 5, then=lambda: sent.setdefault("at", s.calls["sample"]))
     with pytest.raises(KeyboardInterrupt):
-        smollm2.generate(PROMPT, max_tokens=5000, ignore_eos=True)
-    assert time.perf_counter() - t0 < 2.0
-    assert "Paris" in smollm2.generate(PROMPT, max_tokens=8).text
+        counted.generate(PROMPT, max_tokens=5000, ignore_eos=True)
+    assert s.calls["sample"] - sent["at"] <= 1  # at most the token in flight, then it stopped
+    assert "Paris" in counted.generate(PROMPT, max_tokens=8).text
 
 
-def test_cancel_from_another_thread(smollm2):
+def test_cancel_from_another_thread(counted):
+    s = counted._session
     out = {}
 
     def work():
-        out["r"] = smollm2.generate(PROMPT, max_tokens=5000, ignore_eos=True)
+        out["r"] = counted.generate(PROMPT, max_tokens=5000, ignore_eos=True)
 
     t = threading.Thread(target=work)
     t.start()
-    time.sleep(0.3)
-    smollm2.cancel()
-    t.join(timeout=5)
+    deadline = time.monotonic() + 300  # a hang guard, not a bound
+    while s.calls["sample"] < 5 and t.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    at = s.calls["sample"]
+    counted.cancel()
+    t.join(timeout=300)
     assert not t.is_alive()
-    assert out["r"].finish_reason == "cancelled" and 0 < len(out["r"].tokens) < 5000
-    assert "Paris" in smollm2.generate(PROMPT, max_tokens=8).text
+    r = out["r"]
+    assert r.finish_reason == "cancelled" and 5 <= at and len(r.tokens) <= at
+    assert s.calls["sample"] - at <= 1  # the token in flight at most
+    assert "Paris" in counted.generate(PROMPT, max_tokens=8).text
 
 
 def test_closing_a_stream_frees_the_model(smollm2):
@@ -266,11 +357,10 @@ def test_two_models_and_shared_weights(smollm2_path, smollm2):
     assert shared.generate(PROMPT, max_tokens=10).tokens == expected
 
 
-def test_threads_generate_concurrently_without_holding_the_gil(smollm2):
+def test_threads_generate_concurrently(smollm2):
     a, b = smollm2.share(n_ctx=256, n_threads=1), smollm2.share(n_ctx=256, n_threads=1)
     expected = a.generate(PROMPT, max_tokens=30, ignore_eos=True).tokens
     results = {}
-    ticks = []
 
     def run(name, m):
         results[name] = m.generate(PROMPT, max_tokens=30, ignore_eos=True).tokens
@@ -278,11 +368,54 @@ def test_threads_generate_concurrently_without_holding_the_gil(smollm2):
     threads = [threading.Thread(target=run, args=(n, m)) for n, m in (("a", a), ("b", b))]
     for t in threads:
         t.start()
-    while any(t.is_alive() for t in threads):  # this thread keeps running Python meanwhile
-        ticks.append(time.perf_counter())
-        time.sleep(0.001)
+    for t in threads:
+        t.join()
     assert results == {"a": expected, "b": expected}
-    assert len(ticks) > 20
+
+
+def _longest_pause(step) -> tuple[float, float, int]:
+    """Run ``step`` in another thread while this one ticks (sleeping 0.5 ms between ticks): the
+    step's duration, the longest interval without a tick during it, and the ticks during it. A step
+    that holds the GIL stops the ticks for its whole duration."""
+    done = threading.Event()
+    span = []
+
+    def work():
+        t0 = time.perf_counter()
+        step()
+        span.extend([t0, time.perf_counter()])
+        done.set()
+
+    ticks = []
+    worker = threading.Thread(target=work)
+    worker.start()
+    while not done.is_set():
+        ticks.append(time.perf_counter())
+        time.sleep(0.0005)
+    worker.join()
+    t0, t1 = span
+    inside = [t for t in ticks if t0 <= t <= t1]
+    edges = [t0] + inside + [t1]
+    return t1 - t0, max(b - a for a, b in zip(edges, edges[1:])), len(inside)
+
+
+def test_a_long_core_call_does_not_hold_the_gil(smollm2):
+    """One C++ call long enough to measure (the prefill of a 200-token prompt, on one thread): Python
+    in another thread keeps running through it. The control, a C loop that keeps the GIL
+    (``sum`` over a range), stops it for the whole call: the measurement would see a held GIL."""
+    m = smollm2.share(n_ctx=512, n_threads=1)
+    ids = m.tokenize("The quick brown fox jumps over the lazy dog. " * 20)
+    assert len(ids) > 200
+
+    def prefill():
+        m._session.clear()
+        m.layer_logits(ids, [m.n_layers])  # one core call: the prefill and the final row
+
+    held, held_pause, held_ticks = _longest_pause(lambda: sum(range(20_000_000)))
+    assert held_pause > 0.9 * held and held_ticks <= 1  # the control: no tick while the GIL is held
+    duration, pause, ticks = _longest_pause(prefill)
+    # released: the ticks go on (every ~0.5 ms; an interval of half the call would mean a held GIL)
+    assert pause < duration / 2 and ticks >= 20, (duration, pause, ticks)
 
 
 def test_convert_model_rejects_bad_type(smollm2_path, tmp_path):

@@ -33,7 +33,18 @@ for _ in range(n):
         pass
     del m, shared, stream
     gc.collect()
+
+# the positive control: a block nothing points to, which LeakSanitizer must report at exit (made
+# on a thread that then ends, so no stale copy of its address stays on a stack LSan scans)
+import ctypes, threading
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+t = threading.Thread(target=lambda: ctypes.memset(libc.malloc(DELIBERATE), 0x5A, DELIBERATE))
+t.start()
+t.join()
 """
+
+DELIBERATE = 123457  # bytes, an odd size nothing else allocates
 
 
 def lsan_library() -> str | None:
@@ -46,15 +57,18 @@ def lsan_library() -> str | None:
 
 def leak_report(lib: str, model: Path, tmp_path: Path, n: int) -> tuple[int, str]:
     script = tmp_path / "leak_script.py"
-    script.write_text(SCRIPT)
+    script.write_text(SCRIPT.replace("DELIBERATE", str(DELIBERATE)))
     p = subprocess.run(
         [sys.executable, str(script), str(model), str(n)],
         env=dict(os.environ, LD_PRELOAD=lib, PYTHONMALLOC="malloc", LSAN_OPTIONS="exitcode=0:fast_unwind_on_malloc=0"),
         capture_output=True, text=True, timeout=600,
     )
     assert p.returncode == 0, p.stderr[-3000:]
+    # LeakSanitizer ran: it reports the deliberate leak (so "no leak of ours" below means something)
     m = re.search(r"SUMMARY: LeakSanitizer: (\d+) byte", p.stderr)
-    return (int(m.group(1)) if m else 0), p.stderr
+    assert m, f"LeakSanitizer printed no report: it did not run\n{p.stderr[-3000:]}"
+    assert f"Direct leak of {DELIBERATE} byte(s) in 1 object(s)" in p.stderr, p.stderr[-3000:]
+    return int(m.group(1)), p.stderr
 
 
 # A leak is ours when a stack frame is in our code, llama.cpp or ggml: matched on the function (or,
@@ -81,6 +95,11 @@ def test_leak_filter_matches_frames_not_paths():
     assert our_leaks(numpy_in_a_clone) == []
     assert our_leaks(ours) == [ours]
     assert our_leaks(unsymbolised) == [unsymbolised]
+    # the deliberate leak of the leak script (allocated through ctypes) is not ours
+    deliberate = (f"Direct leak of {DELIBERATE} byte(s) in 1 object(s) allocated from:\n"
+                  "    #0 0x7f00 in malloc (/usr/lib/x86_64-linux-gnu/liblsan.so.0+0xf3)\n"
+                  "    #1 0x7f04 in ffi_call_unix64 (/lib/x86_64-linux-gnu/libffi.so.8+0x7052)")
+    assert our_leaks(deliberate) == []
 
 
 def test_repeated_model_and_context_creation_leaks_nothing(tmp_path):
