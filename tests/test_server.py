@@ -87,6 +87,41 @@ def server(weights):
     s.stop()
 
 
+class Recorder:
+    """Installed as a context's ``stream``: every generation on it must run to its budget (EOS
+    ignored, no loop stop) unless it is cancelled, and is recorded; with ``gate``, a generation
+    waits for it before starting (the context stays taken meanwhile)."""
+
+    def __init__(self, ctx: dola_cpp.Model, gate: threading.Event | None = None) -> None:
+        self.real, self.gate, self.streams = ctx.stream, gate, []
+        ctx.stream = self
+
+    def __call__(self, *args, **kwargs):
+        if self.gate is not None:
+            assert self.gate.wait(timeout=300)
+        kwargs["ignore_eos"] = True
+        if "stop_loops" in kwargs:
+            kwargs["stop_loops"] = False
+        stream = self.real(*args, **kwargs)
+        self.streams.append(stream)
+        return stream
+
+    def wait_for_tokens(self, n: int) -> None:
+        """Until the latest generation has made ``n`` tokens (a hang guard, not a bound)."""
+        deadline = time.monotonic() + 300
+        while not (self.streams and len(self.streams[-1].steps) >= n):
+            assert time.monotonic() < deadline, "the generation did not start"
+            time.sleep(0.01)
+
+
+def wait_until(predicate, what: str) -> None:
+    """Poll ``predicate`` (a hang guard of 300 s, not a bound)."""
+    deadline = time.monotonic() + 300
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.02)
+
+
 def chat(client, question, **kw):
     return client.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1.gguf",
                                           messages=[{"role": "user", "content": question}], **kw)
@@ -153,9 +188,16 @@ def test_completions_and_stop(server):
 
 def test_sampling_is_seeded(server):
     client = server.client()
-    a = chat(client, "Tell me a story.", temperature=0.9, seed=5, max_tokens=12).choices[0].message.content
-    b = chat(client, "Tell me a story.", temperature=0.9, seed=5, max_tokens=12).choices[0].message.content
-    assert a == b
+
+    def story(**kw):
+        return chat(client, "Tell me a story.", max_tokens=12, **kw).choices[0].message.content
+
+    a = story(temperature=0.9, seed=5)
+    assert a == story(temperature=0.9, seed=5)
+    # the seed is used: another seed, another sample (of four, not all the same); and it samples
+    samples = {story(temperature=0.9, seed=seed) for seed in (6, 7, 8, 9)} | {a}
+    assert len(samples) > 1
+    assert samples - {story(temperature=0)}
 
 
 # ---------------------------------------------------------------------------- many clients
@@ -177,37 +219,103 @@ def test_32_concurrent_streams_complete_and_match_alone(server):
                 finish = c.choices[0].finish_reason or finish
         return "".join(pieces), finish
 
-    t0 = time.monotonic()
-    with concurrent.futures.ThreadPoolExecutor(32) as pool:
-        results = list(pool.map(one, questions))
-    assert time.monotonic() - t0 < 150
+    seen = {"busy": 0, "waiting": 0}
+    done = threading.Event()
+
+    def watch():  # the server's own account of what runs at once
+        while not done.is_set():
+            h = request(server.url).json()
+            seen["busy"], seen["waiting"] = max(seen["busy"], h["busy"]), max(seen["waiting"], h["waiting"])
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            results = list(pool.map(one, questions))
+    finally:
+        done.set()
+        watcher.join()
     assert all(finish in ("stop", "length") for _, finish in results)
     assert [text for text, _ in results] == alone
+    # the four contexts generated at once, and the others waited in the queue
+    assert seen["busy"] == 4 and seen["waiting"] > 0, seen
+
+
+COUNT = {"messages": [{"role": "user", "content": "Count to one thousand."}], "temperature": 0}
 
 
 def test_a_full_queue_gets_503_with_retry_after(weights):
-    s = Server(create_app(weights.share(), parallel=1, max_queue=0))
+    ctx = weights.share()
+    recorder = Recorder(ctx)
+    s = Server(create_app(ctx, parallel=1, max_queue=0))
     try:
-        body = {"messages": [{"role": "user", "content": "Count to one thousand."}], "max_tokens": 400,
-                "temperature": 0}
+        budget = 400
         busy = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
-        busy.request("POST", "/v1/chat/completions", body=json.dumps({**body, "stream": True}),
+        busy.request("POST", "/v1/chat/completions", body=json.dumps({**COUNT, "max_tokens": budget, "stream": True}),
                      headers={"Content-Type": "application/json"})
         stream = busy.getresponse()
         assert stream.status == 200 and stream.readline().startswith(b"data: ")  # generating now
-        r = request(s.url, "POST", "/v1/chat/completions", body)
+        r = request(s.url, "POST", "/v1/chat/completions", {**COUNT, "max_tokens": 4})
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert r.json()["error"]["code"] == "server_busy"
-        # the client goes away: its generation stops at once and the context is free again
+        # the client goes away: its generation (which would run to its budget) is cancelled
+        recorder.wait_for_tokens(3)
         busy.sock.shutdown(socket.SHUT_RDWR)
         busy.close()
-        t0 = time.monotonic()
-        while request(s.url).json()["busy"]:
-            assert time.monotonic() - t0 < 2.0, "the disconnected stream kept its context"
-            time.sleep(0.02)
-        ok = request(s.url, "POST", "/v1/chat/completions", {**body, "max_tokens": 4})
+        wait_until(lambda: not request(s.url).json()["busy"], "the context is free again")
+        (gone,) = recorder.streams
+        assert len(gone.tokens) < budget and gone.finish_reason != "length", (len(gone.tokens), gone.finish_reason)
+        ok = request(s.url, "POST", "/v1/chat/completions", {**COUNT, "max_tokens": 4})
         assert ok.status_code == 200
     finally:
+        s.stop()
+
+
+@pytest.mark.xfail(strict=True, reason="the non-streaming path checks for a disconnected client only when no "
+                                       "token arrived for 0.25 s, so a steady generation runs to its end "
+                                       "(dola_cpp/server.py, _serve)")
+def test_a_client_that_goes_away_cancels_its_whole_answer(weights):
+    """The non-streaming path: the client closes its connection while the answer is generated."""
+    ctx = weights.share()
+    recorder = Recorder(ctx)
+    s = Server(create_app(ctx, parallel=1))
+    try:
+        budget = 400
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
+        conn.request("POST", "/v1/chat/completions", body=json.dumps({**COUNT, "max_tokens": budget}),
+                     headers={"Content-Type": "application/json"})
+        recorder.wait_for_tokens(3)
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        wait_until(lambda: not request(s.url).json()["busy"], "the context is free again")
+        (gone,) = recorder.streams
+        assert len(gone.tokens) < budget and gone.finish_reason != "length", (len(gone.tokens), gone.finish_reason)
+    finally:
+        s.stop()
+
+
+def test_the_queue_holds_four_per_context_by_default(weights):
+    """create_app's default queue (and dola-cpp serve's without --queue): 4 x parallel requests may
+    wait; the next gets 503. The one context is held (its generation waits for a gate) while the
+    requests arrive."""
+    gate = threading.Event()
+    ctx = weights.share()
+    Recorder(ctx, gate=gate)
+    s = Server(create_app(ctx, parallel=1))
+    body = {**COUNT, "max_tokens": 2}
+    try:
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:
+            first = pool.submit(request, s.url, "POST", "/v1/chat/completions", body)
+            wait_until(lambda: request(s.url).json()["busy"] == 1, "the context is taken")
+            queued = [pool.submit(request, s.url, "POST", "/v1/chat/completions", body) for _ in range(4)]
+            wait_until(lambda: request(s.url).json()["waiting"] == 4, "four requests wait")
+            refused = request(s.url, "POST", "/v1/chat/completions", body)
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_busy"
+            gate.set()
+            assert [f.result().status_code for f in [first, *queued]] == [200] * 5
+    finally:
+        gate.set()
         s.stop()
 
 
@@ -243,6 +351,31 @@ def test_bad_requests_get_openai_errors(server, body, status, param):
     assert ok.status_code == 200
 
 
+@pytest.mark.parametrize("path, field, value, neutral", [
+    ("/v1/chat/completions", "frequency_penalty", 0.5, 0.0),
+    ("/v1/chat/completions", "presence_penalty", -0.5, 0.0),
+    ("/v1/chat/completions", "top_logprobs", 2, 0),
+    ("/v1/chat/completions", "n", 2, 1),
+    ("/v1/completions", "frequency_penalty", 1.0, 0.0),
+    ("/v1/completions", "logprobs", 1, 0),
+    ("/v1/completions", "echo", True, False),
+    ("/v1/completions", "suffix", " and so on", None),
+])
+def test_openai_fields_without_an_implementation_are_refused_unless_neutral(server, path, field, value, neutral):
+    """OpenAI fields dola-cpp does not implement: their neutral value is accepted (it asks for
+    nothing), anything else is a 400 naming the field, never silently ignored."""
+    base = ({"messages": [{"role": "user", "content": "hi"}]} if path.endswith("chat/completions")
+            else {"prompt": "Hi"})
+    base["max_tokens"] = 2
+    if field == "top_logprobs":
+        base["logprobs"] = True
+    r = request(server.url, "POST", path, {**base, field: value})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == field
+    ok = request(server.url, "POST", path, {**base, field: neutral})
+    assert ok.status_code == 200, ok.text
+
+
 def test_completion_prompts_are_validated(server):
     for prompt, message in (([10**9], "outside the vocabulary"), ("", "empty"), (["a", "b"], "one prompt")):
         r = request(server.url, "POST", "/v1/completions", {"prompt": prompt})
@@ -261,40 +394,93 @@ def test_api_key(weights):
         s.stop()
 
 
-def test_cli_serve_subprocess(smollm2_path, tmp_path):
-    """`dola-cpp serve` as a user starts it: binds 127.0.0.1, answers, and stops on SIGINT."""
-    import os
-    import signal
-    import subprocess
-    import sys
+class ServeProcess:
+    """`dola-cpp serve` as a user starts it, in a subprocess (outside the checkout), until SIGINT."""
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path / "serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "dola_cpp.cli", "serve", str(smollm2_path), "--port", str(port),
-                                 "--parallel", "2", "--threads", "1", "--ctx", "512"], cwd=tmp_path, stdout=out,
-                                stderr=subprocess.STDOUT, env={**os.environ, "DOLA_CPP_DEBUG": ""})
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
+    def __init__(self, smollm2_path, tmp_path, *args: str, env: dict | None = None, host: str = "127.0.0.1"):
+        import os
+        import subprocess
+        import sys
+
+        with socket.socket() as s:
+            s.bind((host, 0))
+            self.port = s.getsockname()[1]
+        self.log = tmp_path / f"serve-{self.port}.log"
+        self.url = f"http://{host}:{self.port}"
+        with self.log.open("w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dola_cpp.cli", "serve", str(smollm2_path), "--host", host, "--port",
+                 str(self.port), "--threads", "1", "--ctx", "512", *args], cwd=tmp_path, stdout=out,
+                stderr=subprocess.STDOUT, env={**os.environ, "DOLA_CPP_DEBUG": "", **(env or {})})
+        deadline = time.monotonic() + 300  # a hang guard: the model loads, then uvicorn starts
         while True:
             try:
-                health = request(url)
+                self.health = request(self.url)
                 break
             except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
                 time.sleep(0.2)
-        assert health.json()["parallel"] == 2
-        with openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0) as client:
+
+    def stop(self) -> int:
+        """SIGINT, as Ctrl-C: the exit status (the process is killed if it does not exit)."""
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("dola-cpp serve did not stop on SIGINT:\n" + self.log.read_text()) from None
+
+
+def assert_stopped_by_sigint(status: int, log) -> None:
+    """uvicorn shuts down on SIGINT and then re-raises it: the exit status is 130 (128 + SIGINT, an
+    interrupted command's), 0 if the command line handled it itself; never a crash."""
+    text = log.read_text()
+    assert status in (0, 130) and "Traceback" not in text, (status, text)
+
+
+def test_cli_serve_subprocess(smollm2_path, tmp_path):
+    """`dola-cpp serve` as a user starts it: binds 127.0.0.1, answers, and stops on SIGINT."""
+    serve = ServeProcess(smollm2_path, tmp_path, "--parallel", "2")
+    try:
+        assert serve.health.json()["parallel"] == 2
+        with openai.OpenAI(base_url=serve.url + "/v1", api_key="none", max_retries=0) as client:
             r = chat(client, "What is the capital of France?", temperature=0, max_tokens=16,
                      extra_body={"dola_layers": "high", "premature_norm": True})
         assert "Paris" in r.choices[0].message.content
-        assert "serving SmolLM2-135M-Instruct.Q4_1.gguf on http://127.0.0.1:" in log.read_text()
+        log = serve.log.read_text()
+        assert "serving SmolLM2-135M-Instruct.Q4_1.gguf on http://127.0.0.1:" in log
+        assert "without --api-key" not in log  # this machine only: no warning
     finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) is not None
+        status = serve.stop()
+    assert_stopped_by_sigint(status, serve.log)
+
+
+def test_cli_serve_warns_beyond_this_machine_without_a_key_and_takes_the_key_from_the_environment(
+        smollm2_path, tmp_path):
+    """Listening on an address other than 127.0.0.1/localhost/::1 without a key prints a warning
+    (127.0.0.2 is such an address, and still loopback: nothing is exposed). DOLA_CPP_API_KEY is
+    the key when --api-key is not given: then no warning, and /v1/ requires it."""
+    open_server = ServeProcess(smollm2_path, tmp_path, host="127.0.0.2")
+    try:
+        log = open_server.log.read_text()
+        assert "note: listening on 127.0.0.2 without --api-key: anyone who can reach it can use it" in log
+        assert request(open_server.url, path="/v1/models").status_code == 200
+    finally:
+        assert_stopped_by_sigint(open_server.stop(), open_server.log)
+    keyed = ServeProcess(smollm2_path, tmp_path, host="127.0.0.2", env={"DOLA_CPP_API_KEY": "k3y-from-env"})
+    try:
+        assert "without --api-key" not in keyed.log.read_text()
+        r = request(keyed.url, path="/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert request(keyed.url, path="/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert request(keyed.url, path="/v1/models", headers={"Authorization": "Bearer k3y-from-env"}).status_code == 200
+    finally:
+        assert_stopped_by_sigint(keyed.stop(), keyed.log)
 
 
 def test_a_model_without_a_chat_template_gets_the_cli_transcript():
