@@ -9,8 +9,9 @@ hidden states (the paper's semantics), DoLa high with the final norm (``prematur
 low, and DoLa high with the chat's defaults (normed, ``eos_boost``, llama.cpp's DRY sampler,
 ``stop_loops``). Prints, per model and mode, the share of factual answers that contain the
 expected entity, the share of answers that end by themselves (EOS or the transcript's next
-"User:") within the token budget, and the answers that loop: that repeat a cycle of 3 or more
-tokens 4 times in a row, or that ``stop_loops`` stopped.
+"User:") within the token budget, the answers that loop (repeat a cycle of 3 or more tokens 4
+times in a row, the cycle's shortest period) and those that ``stop_loops`` ended (at a cycle's
+third time, or a run of one or two tokens over 32).
 """
 
 from __future__ import annotations
@@ -82,8 +83,8 @@ MODES = {
 
 
 def loops(r) -> bool:
-    """Whether an answer repeats a cycle of >= 3 tokens 4 times in a row anywhere (or was stopped for it)."""
-    return r.finish_reason == "loop" or any(loop_cycle(r.tokens[:end]) for end in range(1, len(r.tokens) + 1))
+    """Whether an answer repeats a cycle of >= 3 tokens (its shortest period) 4 times in a row anywhere."""
+    return any(loop_cycle(r.tokens[:end], repeats=4, runs=False) for end in range(1, len(r.tokens) + 1))
 
 
 def prompt_for(m: Model, question: str) -> tuple[str, list[str]]:
@@ -95,15 +96,18 @@ def prompt_for(m: Model, question: str) -> tuple[str, list[str]]:
     return f"User: {question}\nAssistant:", ["\nUser:"]
 
 
-def run(model_name: str, max_tokens: int, list_tokens: int) -> list[str]:
+def run(model_name: str, max_tokens: int, list_tokens: int, modes: list[str]) -> list[str]:
     m = Model(dola_cpp.demo_model_path(model_name), n_ctx=1024)
     n, n_list = len(QUESTIONS), len(LIST_QUESTIONS)
     lines = [f"### {model_name} ({n} factual questions, at most {max_tokens} tokens; {n_list} list questions, "
              f"at most {list_tokens}; greedy)", "",
-             "| mode | right entity | ends by itself | loops | mean tokens | seconds |", "|---|---:|---:|---:|---:|---:|"]
+             "| mode | right entity | ends by itself | loops | stopped repeating | mean tokens | seconds |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     asked = [(q, a, max_tokens) for q, a in QUESTIONS] + [(q, (), list_tokens) for q in LIST_QUESTIONS]
     for mode, kw in MODES.items():
-        right = ended = looped = n_tokens = 0
+        if modes and mode not in modes:
+            continue
+        right = ended = looped = stopped = n_tokens = 0
         t0 = time.perf_counter()
         for question, answers, budget in asked:
             prompt, stop = prompt_for(m, question)
@@ -111,9 +115,11 @@ def run(model_name: str, max_tokens: int, list_tokens: int) -> list[str]:
             right += any(a.lower() in r.text.lower() for a in answers)
             ended += r.finish_reason == "stop"
             looped += loops(r)
+            stopped += r.finish_reason == "loop"
             n_tokens += len(r.tokens)
         total = len(asked)
-        lines.append(f"| {mode} | {right}/{n} | {ended}/{total} | {looped}/{total} | {n_tokens / total:.1f} | "
+        lines.append(f"| {mode} | {right}/{n} | {ended}/{total} | {looped}/{total} | {stopped}/{total} | "
+                     f"{n_tokens / total:.1f} | "
                      f"{time.perf_counter() - t0:.0f} |")
     return lines
 
@@ -123,9 +129,13 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2,gemma3-270m")
     ap.add_argument("--max-tokens", type=int, default=48, help="budget of a factual answer")
     ap.add_argument("--list-tokens", type=int, default=160, help="budget of a list answer")
+    ap.add_argument("--modes", default="", help="comma-separated numbers of the modes to run (default: all): "
+                    + ", ".join(f"{i} = {m}" for i, m in enumerate(MODES)))
     args = ap.parse_args()
+    names = list(MODES)
+    modes = [names[int(i)] for i in args.modes.split(",")] if args.modes else []
     for name in args.models.split(","):
-        print("\n".join(run(name, args.max_tokens, args.list_tokens)), "\n", flush=True)
+        print("\n".join(run(name, args.max_tokens, args.list_tokens, modes)), "\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -310,7 +310,8 @@ PYBIND11_MODULE(_core, m) {
         .def_readwrite("dry_multiplier", &dola::decode_params::dry_multiplier)
         .def_readwrite("dry_base", &dola::decode_params::dry_base)
         .def_readwrite("dry_allowed_length", &dola::decode_params::dry_allowed_length)
-        .def_readwrite("dry_penalty_last_n", &dola::decode_params::dry_penalty_last_n);
+        .def_readwrite("dry_penalty_last_n", &dola::decode_params::dry_penalty_last_n)
+        .def_readwrite("dry_sequence_breakers", &dola::decode_params::dry_sequence_breakers);
 
     py::class_<py_session>(m, "Session")
         .def(py::init([](std::shared_ptr<dola::model> mdl, uint32_t n_ctx, int32_t n_threads, uint32_t n_batch,

@@ -113,6 +113,12 @@ void session::configure(const decode_params & p) {
     if (!(p.dry_base >= 1.0f) || !std::isfinite(p.dry_base)) throw error("dry_base must be >= 1");
     if (p.dry_allowed_length < 0) throw error("dry_allowed_length must be >= 0");
     if (p.dry_penalty_last_n < -1) throw error("dry_penalty_last_n must be >= -1 (-1 = the whole context)");
+    for (const std::string & b : p.dry_sequence_breakers) {
+        // llama.cpp skips empty ones and truncates long ones; a NUL would cut the C string it reads
+        if (b.empty() || b.size() > 40 || b.find('\0') != std::string::npos) {
+            throw error("each DRY sequence breaker must be 1 to 40 bytes of text without NUL");
+        }
+    }
     if (p.activation) {
         if (p.info_layer < 0 || p.info_layer >= N) {
             throw error("info_layer " + std::to_string(p.info_layer) + " is out of range: valid layers are 0.." + std::to_string(N - 1));
@@ -165,9 +171,10 @@ void session::configure(const decode_params & p) {
     dry_.reset();
     dry_last_n_ = p.dry_penalty_last_n < 0 ? n_ctx_ : (size_t) p.dry_penalty_last_n;
     if (p.dry_multiplier > 0.0f && dry_last_n_ > 0) {
-        static const char * breakers[] = {"\n", ":", "\"", "*"};  // llama-server's default sequence breakers
+        std::vector<const char *> breakers;
+        for (const std::string & b : p.dry_sequence_breakers) breakers.push_back(b.c_str());
         dry_.reset(llama_sampler_init_dry(llama_model_get_vocab(model_->get()), p.dry_multiplier, p.dry_base,
-                                          p.dry_allowed_length, (int32_t) dry_last_n_, breakers, 4));
+                                          p.dry_allowed_length, (int32_t) dry_last_n_, breakers.data(), breakers.size()));
     }
     chain_.reset();
     if (p.temperature > 0.0f) {

@@ -57,6 +57,7 @@ struct decode_params {
     float dry_base = 1.75f;
     int32_t dry_allowed_length = 2;
     int32_t dry_penalty_last_n = -1;
+    std::vector<std::string> dry_sequence_breakers = {"\n", ":", "\"", "*"};  // llama-server's default
 };
 
 struct step_result {

@@ -106,6 +106,7 @@ class DecodeParams:
     dry_base: float
     dry_allowed_length: int
     dry_penalty_last_n: int
+    dry_sequence_breakers: list[str]
     def __init__(self) -> None: ...
 
 class Session:

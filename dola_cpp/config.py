@@ -32,6 +32,8 @@ CHAT_PREMATURE_NORM = True
 CHAT_EOS_BOOST = 10.0
 CHAT_DRY_MULTIPLIER = 0.8
 CHAT_MAX_TOKENS = 512
+# llama-server's: DRY does not follow a repeat across them
+DRY_SEQUENCE_BREAKERS = ("\n", ":", '"', "*")
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ class DecodeConfig:
     dry_base: float = 1.75
     dry_allowed_length: int = 2
     dry_penalty_last_n: int = -1
+    dry_sequence_breakers: tuple[str, ...] = DRY_SEQUENCE_BREAKERS
 
     def __post_init__(self) -> None:
         self.validate()
@@ -153,6 +156,11 @@ class DecodeConfig:
         if not _is_int(self.dry_penalty_last_n) or not -1 <= self.dry_penalty_last_n <= INT32_MAX:
             raise ValueError(f"dry_penalty_last_n must be an integer >= -1 (-1 = the whole context, 0 = off), "
                              f"got {self.dry_penalty_last_n!r}")
+        if isinstance(self.dry_sequence_breakers, str) or not all(
+                isinstance(b, str) and 0 < len(b.encode("utf-8", "surrogatepass")) <= 40 and "\0" not in b
+                for b in self.dry_sequence_breakers):
+            raise ValueError(f"dry_sequence_breakers must be a sequence of strings of 1 to 40 bytes without NUL, "
+                             f"got {self.dry_sequence_breakers!r}")
         if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
             raise ValueError(f"seed must be an integer >= 0 or None (random), got {self.seed!r}")
 
@@ -230,6 +238,7 @@ class DecodeConfig:
         p.dry_base = float(self.dry_base)
         p.dry_allowed_length = int(self.dry_allowed_length)
         p.dry_penalty_last_n = int(self.dry_penalty_last_n)
+        p.dry_sequence_breakers = list(self.dry_sequence_breakers)
         return p
 
 

@@ -318,6 +318,7 @@ class Model:
         dry_base: float = _UNSET,
         dry_allowed_length: int = _UNSET,
         dry_penalty_last_n: int = _UNSET,
+        dry_sequence_breakers: Sequence[str] = _UNSET,
         stop: Union[str, Sequence[str], None] = None,
         stop_loops: bool = False,
         ignore_eos: bool = False,
@@ -332,7 +333,7 @@ class Model:
         ``layers``, ``premature_norm``, ``relative_top``, ``decoder`` ("dola" or "activation"),
         ``alpha``, ``info_layer``, ``repetition_penalty``, ``eos_boost``, ``temperature``,
         ``top_k``, ``top_p``, ``min_p``, ``seed``, ``dry_multiplier``, ``dry_base``,
-        ``dry_allowed_length``, ``dry_penalty_last_n``. ``stop``: strings that end the answer (not
+        ``dry_allowed_length``, ``dry_penalty_last_n``, ``dry_sequence_breakers``. ``stop``: strings that end the answer (not
         included, even when they span tokens); ``stop_loops``: end with ``finish_reason="loop"``
         once the answer repeats a cycle of 3 or more tokens 4 times in a row (``dola_cpp.stream``);
         ``ignore_eos``: go on past end-of-generation
@@ -351,7 +352,8 @@ class Model:
                       decoder=decoder, alpha=alpha, info_layer=info_layer,
                       repetition_penalty=repetition_penalty, eos_boost=eos_boost, temperature=temperature,
                       top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, dry_multiplier=dry_multiplier,
-                      dry_base=dry_base, dry_allowed_length=dry_allowed_length, dry_penalty_last_n=dry_penalty_last_n)
+                      dry_base=dry_base, dry_allowed_length=dry_allowed_length, dry_penalty_last_n=dry_penalty_last_n,
+                      dry_sequence_breakers=dry_sequence_breakers)
         run = Stream(self, prompt, max_tokens, cfg, stop=stop, ignore_eos=ignore_eos, add_special=add_special,
                      parse_special=parse_special, abstain_above=abstain_above, stop_loops=stop_loops)
         for _ in run:
@@ -381,6 +383,7 @@ class Model:
         dry_base: float = _UNSET,
         dry_allowed_length: int = _UNSET,
         dry_penalty_last_n: int = _UNSET,
+        dry_sequence_breakers: Sequence[str] = _UNSET,
         stop: Union[str, Sequence[str], None] = None,
         stop_loops: bool = False,
         ignore_eos: bool = False,
@@ -398,7 +401,8 @@ class Model:
                       decoder=decoder, alpha=alpha, info_layer=info_layer,
                       repetition_penalty=repetition_penalty, eos_boost=eos_boost, temperature=temperature,
                       top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, dry_multiplier=dry_multiplier,
-                      dry_base=dry_base, dry_allowed_length=dry_allowed_length, dry_penalty_last_n=dry_penalty_last_n)
+                      dry_base=dry_base, dry_allowed_length=dry_allowed_length, dry_penalty_last_n=dry_penalty_last_n,
+                      dry_sequence_breakers=dry_sequence_breakers)
         return Stream(self, prompt, max_tokens, cfg, stop=stop, ignore_eos=ignore_eos, add_special=add_special,
                      parse_special=parse_special, abstain_above=abstain_above, stop_loops=stop_loops)
 

@@ -23,19 +23,36 @@ _warned_penalty = False
 # abstain_above judges the running risk once the answer has this many tokens (or when it ends)
 ABSTAIN_MIN_TOKENS = 4
 
-# A loop: the answer's last LOOP_REPEATS * p tokens are one cycle of p >= LOOP_MIN_CYCLE tokens
-# repeated (cycles up to LOOP_MAX_CYCLE tokens are looked for).
-LOOP_MIN_CYCLE, LOOP_REPEATS, LOOP_MAX_CYCLE = 3, 4, 64
-# An answer that looped is unreliable however confident each token was: its risk is this.
+# A loop: the answer's last repeats * p tokens are one cycle of p >= LOOP_MIN_CYCLE tokens
+# repeated, p its shortest period (cycles up to LOOP_MAX_CYCLE tokens are looked for). stop_loops
+# ends an answer at a cycle's third time in a row, before it becomes a loop of four. Shorter
+# periods (a token or two again and again: "!!!", "|---|---") are common in good text; they count
+# only once they run for RUN_SPAN tokens.
+LOOP_MIN_CYCLE, LOOP_MAX_CYCLE, STOP_LOOP_REPEATS, RUN_SPAN = 3, 64, 3, 32
+# An answer stopped for looping is unreliable however confident each token was: its risk is this.
 LOOP_RISK = 1.0
 
 
-def loop_cycle(tokens: Sequence[int]) -> int:
-    """The length of the cycle ``tokens`` ends by repeating LOOP_REPEATS times in a row (0 = none)."""
+def _periodic(tokens: Sequence[int], p: int, span: int) -> bool:
+    """Whether the last ``span`` tokens repeat with period ``p``."""
     n = len(tokens)
-    for p in range(LOOP_MIN_CYCLE, min(LOOP_MAX_CYCLE, n // LOOP_REPEATS) + 1):
-        span = p * (LOOP_REPEATS - 1)
-        if tokens[n - 1] == tokens[n - 1 - p] and all(tokens[n - 1 - i] == tokens[n - 1 - i - p] for i in range(span)):
+    return span <= n and all(tokens[n - 1 - i] == tokens[n - 1 - i - p] for i in range(span - p))
+
+
+def loop_cycle(tokens: Sequence[int], repeats: int = STOP_LOOP_REPEATS, runs: bool = True) -> int:
+    """The period of the loop ``tokens`` ends with (0 = none): a cycle of at least LOOP_MIN_CYCLE
+    tokens repeated ``repeats`` times in a row, or (``runs``) a period of 1 or 2 tokens over the
+    last RUN_SPAN tokens."""
+    n = len(tokens)
+    if runs:
+        for p in range(1, LOOP_MIN_CYCLE):
+            if _periodic(tokens, p, RUN_SPAN):
+                return p
+    for p in range(LOOP_MIN_CYCLE, min(LOOP_MAX_CYCLE, n // repeats) + 1):
+        span = p * repeats
+        if tokens[n - 1] == tokens[n - 1 - p] and _periodic(tokens, p, span):
+            if any(_periodic(tokens, q, span) for q in range(1, LOOP_MIN_CYCLE)):
+                continue  # a run of a shorter period, not a cycle of p
             return p
     return 0
 

@@ -35,6 +35,9 @@ Commands:
   /set temperature X           (0 = greedy)
   /set max_tokens N
   /set eos_boost X             (nats; ends answers as the token limit nears; 0 = off)
+  /set dry_multiplier X        (llama.cpp's DRY sampler against repeats; 0 = off; also
+                                dry_base, dry_allowed_length, dry_penalty_last_n)
+  /set stop_loops on|off       (end an answer that repeats a cycle of tokens)
   /set show_risk on|off        (colour each token by its risk)
   /set abstain X|off           (say "not sure" instead of an answer riskier than X)
   /set top_k K | top_p P | seed N|random
@@ -163,7 +166,7 @@ class Output:
 class Chat:
     def __init__(self, model: Model, settings: DecodeConfig, max_tokens: int = 256, system: Optional[str] = None,
                  template: Template = Template.auto, interactive: bool = True, show_risk: bool = False,
-                 abstain: Optional[float] = None) -> None:
+                 abstain: Optional[float] = None, stop_loops: bool = True) -> None:
         self.model = model
         self.out = Output(interactive)
         use_template, self.template_note = template_choice(model, template)
@@ -172,6 +175,7 @@ class Chat:
         self.max_tokens = max_tokens
         self.show_risk = show_risk
         self.abstain = abstain
+        self.stop_loops = stop_loops
         self.plan = self._plan(settings.dola.layers)
         self._dola_layers = settings.dola.layers if not self.plan.is_plain else "high"
         self.last: Optional[GenerationResult] = None
@@ -268,7 +272,7 @@ class Chat:
             _, ids, dropped = self.conversation.prompt(text, budget)
             # the ids, not the text: tokenized once per turn
             run = self.model.stream(ids, self.max_tokens, config=self.settings, stop=self.conversation.stop,
-                                    abstain_above=self.abstain)
+                                    abstain_above=self.abstain, stop_loops=self.stop_loops)
         except (CLIError, ValueError, TypeError, OSError) as e:
             self._fail(e)
             return None
@@ -450,8 +454,14 @@ class Chat:
                 if not 0.0 < risk <= 1.0:
                     raise CLIError(f"abstain takes a risk in (0, 1] or off, got {value}")
                 self.abstain = risk
-        elif key == "eos_boost":
-            self._apply(eos_boost=_number(key, value, float))
+        elif key in ("eos_boost", "dry_multiplier", "dry_base"):
+            self._apply(**{key: _number(key, value, float)})
+        elif key in ("dry_allowed_length", "dry_penalty_last_n"):
+            self._apply(**{key: _number(key, value, int)})
+        elif key == "stop_loops":
+            if value.lower() not in ("on", "off"):
+                raise CLIError("/set stop_loops takes on or off")
+            self.stop_loops = value.lower() == "on"
         elif key in ("repetition_penalty", "penalty", "rp"):
             self._apply(repetition_penalty=None if value.lower() == "auto" else _number(key, value, float))
         elif key == "premature_norm":
@@ -472,7 +482,7 @@ class Chat:
             self._apply(seed=None if value.lower() == "random" else _number(key, value, int))
         else:
             raise CLIError(f"unknown setting {key!r}; /set without arguments lists them")
-        if key not in ("show_risk", "abstain"):
+        if key not in ("show_risk", "abstain", "stop_loops"):
             self.out.status(f"{key} = {value} · {self._decoding()}")
         else:
             self.out.status(f"{key} = {value}")
@@ -494,6 +504,9 @@ class Chat:
             ("seed", "random" if s.seed is None else str(s.seed)),
             ("max_tokens", str(self.max_tokens)),
             ("eos_boost", f"{s.eos_boost:g}"),
+            ("dry_multiplier", f"{s.dry_multiplier:g} (base {s.dry_base:g}, allowed length {s.dry_allowed_length}, "
+                               f"last {'all' if s.dry_penalty_last_n < 0 else s.dry_penalty_last_n})"),
+            ("stop_loops", "on" if self.stop_loops else "off"),
             ("show_risk", "on" if self.show_risk else "off"),
             ("abstain", "off" if self.abstain is None else f"{self.abstain:g}"),
             ("system", repr(self.conversation.system) if self.conversation.system else "(none)"),

@@ -195,6 +195,19 @@ TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, rich_help_p
                                         help="Nucleus sampling threshold.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", min=0, rich_help_panel=PANEL_SAMPLING, show_default=False,
                                                 help="Random seed for sampling (default: random).")]
+DryMultiplierOpt = Annotated[float, typer.Option(
+    "--dry-multiplier", min=0.0, rich_help_panel=PANEL_SAMPLING,
+    help="llama.cpp's DRY sampler: lower a token that would extend a repeat of the context by this times "
+         "--dry-base to the power of the repeat's length beyond --dry-allowed-length (0 = off).")]
+DryBaseOpt = Annotated[float, typer.Option("--dry-base", min=1.0, rich_help_panel=PANEL_SAMPLING,
+                                           help="DRY's growth per repeated token.")]
+DryAllowedLengthOpt = Annotated[int, typer.Option("--dry-allowed-length", min=0, rich_help_panel=PANEL_SAMPLING,
+                                                  help="Repeats up to this many tokens are not lowered by DRY.")]
+DryLastNOpt = Annotated[int, typer.Option("--dry-penalty-last-n", min=-1, rich_help_panel=PANEL_SAMPLING,
+                                          help="Tokens DRY scans for repeats (-1 = the whole context, 0 = off).")]
+StopLoopsOpt = Annotated[bool, typer.Option(
+    "--stop-loops/--no-stop-loops", rich_help_panel=PANEL_STOPPING,
+    help="End an answer that repeats a cycle of 3 or more tokens a third time in a row.")]
 # The command line, the chat's /set max_tokens and the server all refuse a budget of 0 tokens.
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=1, rich_help_panel=PANEL_STOPPING,
                                            help="Most tokens to generate per answer.")]

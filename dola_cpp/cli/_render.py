@@ -83,6 +83,8 @@ def stats_line(result: GenerationResult, interrupted: bool = False) -> str:
         parts.append("stopped at the token limit")
     elif result.finish_reason == "abstained":
         parts.append("abstained")
+    elif result.finish_reason == "loop":
+        parts.append(f"stopped: repeating a cycle of {result.loop} tokens (risk counts it as 1)")
     return " · ".join(parts)
 
 

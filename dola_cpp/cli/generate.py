@@ -13,6 +13,7 @@ from ._cli_utils import (
     PANEL_STOPPING, AbstainOpt, AlphaOpt, CtxOpt, Decoder, DecoderOpt, EosBoostOpt, GpuLayersOpt, InfoLayerOpt, JsonOpt, LayersOpt, MaxTokensOpt,
     ModelRequiredArg, PrematureNormOpt, PromptArg, RepackOpt, RpcOpt, RepetitionPenaltyOpt, SeedOpt, SystemOpt, TemperatureOpt,
     Template, TemplateOpt, ThreadsOpt, TopKOpt, TopPOpt, decode_config, examples, layer_plan, load_model, note_penalty,
+    DryAllowedLengthOpt, DryBaseOpt, DryLastNOpt, DryMultiplierOpt, StopLoopsOpt,
     prompt_text,
 )
 
@@ -45,7 +46,12 @@ def generate(
     top_k: TopKOpt = 0,
     top_p: TopPOpt = 1.0,
     seed: SeedOpt = None,
+    dry_multiplier: DryMultiplierOpt = 0.0,
+    dry_base: DryBaseOpt = 1.75,
+    dry_allowed_length: DryAllowedLengthOpt = 2,
+    dry_penalty_last_n: DryLastNOpt = -1,
     stop: StopOpt = None,
+    stop_loops: StopLoopsOpt = False,
     template: TemplateOpt = Template.auto,
     ctx: CtxOpt = 2048,
     threads: ThreadsOpt = None,
@@ -64,11 +70,13 @@ def generate(
     m = load_model(model, ctx, threads, gpu_layers, repack, rpc)
     config = decode_config(m, layers=layers, repetition_penalty=repetition_penalty, premature_norm=premature_norm,
                            decoder=decoder, alpha=alpha, info_layer=info_layer, eos_boost=eos_boost,
-                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                           dry_multiplier=dry_multiplier, dry_base=dry_base, dry_allowed_length=dry_allowed_length,
+                           dry_penalty_last_n=dry_penalty_last_n)
     plan = layer_plan(m, layers)
     note_penalty(config, plan)
     text, templated = prompt_text(m, prompt, template, system)
-    run = m.stream(text, max_tokens, config=config, stop=stop, abstain_above=abstain)
+    run = m.stream(text, max_tokens, config=config, stop=stop, abstain_above=abstain, stop_loops=stop_loops)
     if as_json:
         for _ in run:
             pass

@@ -11,11 +11,9 @@ from ._cli_utils import (
     AbstainOpt, AlphaOpt, CtxOpt, Decoder, DecoderOpt, EosBoostOpt, GpuLayersOpt, InfoLayerOpt, LayersOpt, MaxTokensOpt, ModelArg,
     PrematureNormOpt, RepackOpt, RpcOpt, RepetitionPenaltyOpt, SeedOpt, SystemOpt, TemperatureOpt, Template, TemplateOpt,
     ShowRiskOpt, ThreadsOpt, TopKOpt, TopPOpt, decode_config, examples, load_model,
+    DryAllowedLengthOpt, DryBaseOpt, DryLastNOpt, DryMultiplierOpt, StopLoopsOpt,
 )
-
-# the chat's default --eos-boost (the API's is 0): from the README's stopping table, it ends more
-# answers at a sentence and changes nothing before 80% of --max-tokens
-CHAT_EOS_BOOST = 10.0
+from ..config import CHAT_DRY_MULTIPLIER, CHAT_EOS_BOOST, CHAT_MAX_TOKENS, CHAT_PREMATURE_NORM
 
 RUN_EXAMPLES = examples(
     "dola-cpp run",
@@ -32,19 +30,24 @@ def run(
     model: ModelArg = None,
     layers: LayersOpt = "high",
     repetition_penalty: RepetitionPenaltyOpt = None,
-    premature_norm: PrematureNormOpt = True,
+    premature_norm: PrematureNormOpt = CHAT_PREMATURE_NORM,
     decoder: DecoderOpt = Decoder.dola,
     alpha: AlphaOpt = 0.5,
     info_layer: InfoLayerOpt = None,
     system: SystemOpt = None,
-    max_tokens: MaxTokensOpt = 512,
+    max_tokens: MaxTokensOpt = CHAT_MAX_TOKENS,
     eos_boost: EosBoostOpt = CHAT_EOS_BOOST,
+    stop_loops: StopLoopsOpt = True,
     show_risk: ShowRiskOpt = False,
     abstain: AbstainOpt = None,
     temperature: TemperatureOpt = 0.0,
     top_k: TopKOpt = 0,
     top_p: TopPOpt = 1.0,
     seed: SeedOpt = None,
+    dry_multiplier: DryMultiplierOpt = CHAT_DRY_MULTIPLIER,
+    dry_base: DryBaseOpt = 1.75,
+    dry_allowed_length: DryAllowedLengthOpt = 2,
+    dry_penalty_last_n: DryLastNOpt = -1,
     template: TemplateOpt = Template.auto,
     ctx: CtxOpt = 2048,
     threads: ThreadsOpt = None,
@@ -62,7 +65,9 @@ def run(
     m = load_model(model, ctx, threads, gpu_layers, repack, rpc)
     config = decode_config(m, layers=layers, repetition_penalty=repetition_penalty, premature_norm=premature_norm,
                            decoder=decoder, alpha=alpha, info_layer=info_layer, eos_boost=eos_boost,
-                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                           dry_multiplier=dry_multiplier, dry_base=dry_base, dry_allowed_length=dry_allowed_length,
+                           dry_penalty_last_n=dry_penalty_last_n)
     chat = Chat(m, config, max_tokens=max_tokens, system=system, template=template, interactive=sys.stdin.isatty(),
-                show_risk=show_risk, abstain=abstain)
+                show_risk=show_risk, abstain=abstain, stop_loops=stop_loops)
     raise typer.Exit(chat.repl())
