@@ -48,6 +48,7 @@ DEFAULT_MAX_BODY = 8 * 2**20  # bytes of one request body; more is HTTP 413
 HEADER_TIMEOUT = 10.0  # seconds a new connection has to send its first request's headers
 IDLE_TIMEOUT = 5.0  # seconds an idle keep-alive connection stays open
 BODY_TIMEOUT = 60.0  # seconds a client has to send a request's body
+DISCONNECT_POLL = 0.25  # seconds between checks that a non-streaming request's client is still there
 # JSON spends at most this many bytes on one byte of text (a \u00XX escape), and a request's
 # fields and markup at most this many on top of its text
 _JSON_BYTES_PER_BYTE, _FIELD_BYTES, _FIELD_BYTES_PER_MESSAGE = 6, 65536, 256
@@ -293,16 +294,8 @@ def create_app(model: Model, *, parallel: int = 1, max_queue: Optional[int] = No
         log.error("request %s %s failed (request id %s)", request.method, request.url.path, rid, exc_info=exc)
         return APIError(500, f"internal server error (request id {rid})", type="server_error").response()
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if key is not None and request.url.path.startswith("/v1/"):
-            # headers arrive as latin-1 text: their bytes, compared in constant time
-            given = request.headers.get("authorization", "").encode("latin-1", "replace")
-            scheme, _, token = given.partition(b" ")
-            if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), key):
-                return APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
-                                type="authentication_error", code="invalid_api_key").response()
-        return await call_next(request)
+    if key is not None:
+        app.add_middleware(_Auth, key=key)
 
     @app.get("/health")
     async def health() -> dict:
@@ -334,6 +327,25 @@ def create_app(model: Model, *, parallel: int = 1, max_queue: Optional[int] = No
         return await _serve(request, pool, body, ids, body.max_tokens, name, chat=False)
 
     return app
+
+
+class _Auth:
+    """``Authorization: Bearer KEY`` on /v1/, the header's bytes compared in constant time. Plain
+    ASGI: the app below keeps uvicorn's own receive, so a gone client is noticed."""
+
+    def __init__(self, app: Any, key: bytes) -> None:
+        self.app, self.key = app, key
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.key):
+                response = APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                    type="authentication_error", code="invalid_api_key").response()
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def server_config(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *,
@@ -606,12 +618,18 @@ async def _serve(request: Request, pool: Pool, body: _Common, ids: list[int], ma
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
         text, steps, result = "", [], None
+        checked = time.monotonic()
         while result is None:
             try:
-                event = await asyncio.wait_for(job.events.get(), timeout=0.25)
+                event = await asyncio.wait_for(job.events.get(), timeout=DISCONNECT_POLL)
             except asyncio.TimeoutError:
+                event = None
+            # every DISCONNECT_POLL seconds, also while tokens keep coming
+            if event is None or time.monotonic() - checked >= DISCONNECT_POLL:
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     return JSONResponse({}, status_code=499)
+            if event is None:
                 continue
             if event[0] == "piece":
                 text += event[1]

@@ -241,6 +241,9 @@ class Stream:
                     self.finish_reason = "abstained"
             except _core.Cancelled:
                 self.finish_reason = "cancelled"
+            except GeneratorExit:  # close(): the caller stopped it
+                self.finish_reason = "cancelled"
+                raise
             except KeyboardInterrupt:
                 self.finish_reason = "interrupted"
                 raise
