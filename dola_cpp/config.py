@@ -146,7 +146,7 @@ class DecodeConfig:
         _check_number("eos_boost", self.eos_boost, 0.0, None)
         _check_number("temperature", self.temperature, 0.0, None)
         if not _is_int(self.top_k) or not 0 <= self.top_k <= INT32_MAX:
-            raise ValueError(f"top_k must be an integer from 0 (all tokens) to {INT32_MAX}, got {self.top_k!r}")
+            raise ValueError(f"top_k must be an integer >= 0 and <= {INT32_MAX} (0 = all tokens), got {self.top_k!r}")
         _check_number("top_p", self.top_p, 0.0, 1.0, low_open=True)
         _check_number("min_p", self.min_p, 0.0, 1.0)
         _check_number("dry_multiplier", self.dry_multiplier, 0.0, None)

@@ -62,7 +62,7 @@ def test_activation_settings_are_checked_before_decoding(smollm2):
         smollm2.generate("Hi", max_tokens=2, decoder="activation", info_layer=N)
     with pytest.raises(ValueError, match="info_layer must be a layer number"):
         smollm2.stream("Hi", decoder="activation", info_layer=-1)
-    with pytest.raises(ValueError, match="alpha must be in"):
+    with pytest.raises(ValueError, match="alpha must be a finite number, got nan"):
         smollm2.generate("Hi", max_tokens=2, decoder="activation", alpha=float("nan"))
     with pytest.raises(ValueError, match="decoder must be one of dola, activation"):
         smollm2.generate("Hi", max_tokens=2, decoder="activaton")

@@ -17,12 +17,13 @@ def test_defaults_are_plain_greedy():
 
 
 @pytest.mark.parametrize("changes, error, message", [
-    ({"temperature": -1}, ValueError, r"temperature must be in \[0, \)"),
+    ({"temperature": -1}, ValueError, r"temperature must be >= 0, got -1"),
     ({"temperature": float("nan")}, ValueError, "temperature"),
     ({"top_p": 0.0}, ValueError, r"top_p must be in \(0, 1\]"),
     ({"min_p": 1.5}, ValueError, r"min_p must be in \[0, 1\]"),
     ({"relative_top": 1.0}, ValueError, r"relative_top must be in \[0, 1\)"),
-    ({"repetition_penalty": 0}, ValueError, r"repetition_penalty must be in \(0, \)"),
+    ({"repetition_penalty": 0}, ValueError, r"repetition_penalty must be > 0, got 0"),
+    ({"top_k": 2**31}, ValueError, "top_k must be an integer >= 0 and <= 2147483647"),
     ({"top_k": -1}, ValueError, "top_k must be an integer >= 0"),
     ({"top_k": 2.5}, ValueError, "top_k must be an integer"),
     ({"seed": -3}, ValueError, "seed must be an integer >= 0"),
