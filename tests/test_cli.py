@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import dola_cpp
 from dola_cpp.cli._app import app
-from dola_cpp.cli._chat import Chat, Conversation, Exchange
+from dola_cpp.cli._chat import Chat, Conversation, Exchange, risk_colour
 from dola_cpp.cli._cli_utils import CLIError, Template, one_line, template_choice
 from dola_cpp.cli._render import histogram, side_by_side, stats_line
 
@@ -559,7 +559,19 @@ def test_chat_show_risk_colours_tokens(smollm2, capsys):
     assert "Paris" in re.sub(r"\x1b\[[\d;]*m", "", out)
     colours = set(re.findall(r"\x1b\[(3[123])m", out))  # green, yellow, red
     assert colours and colours <= {"31", "32", "33"}
-    for step in chat.last.steps:  # every token was coloured by its risk band
+    # every token was coloured by its risk band: the answer line is coloured spans and the spaces
+    # between them only, and each span's colour is a band of the tokens' risks (a span is a piece:
+    # the text of the steps since the last one, coloured by the riskiest of them)
+    answer = next(line for line in out.splitlines() if "Paris" in line)
+    spans = re.findall(r"\x1b\[(3[123])m(.*?)\x1b\[0m", answer)
+    outside = re.sub(r"\x1b\[3[123]m.*?\x1b\[0m", "", answer)
+    assert spans and outside.strip() == "", repr(answer)
+    code = {"green": "32", "yellow": "33", "red": "31"}
+    bands = {code[risk_colour(step.risk)] for step in chat.last.steps}
+    assert {colour for colour, _ in spans} <= bands
+    assert code[risk_colour(max(step.risk for step in chat.last.steps))] in {colour for colour, _ in spans}
+    assert "".join("".join(text for _, text in spans).split()) == "".join(chat.last.text.split())
+    for step in chat.last.steps:
         assert 0 <= step.risk <= 1
     chat.show_risk = False
     chat.ask("What is the capital of France?")
