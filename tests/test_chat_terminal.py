@@ -36,9 +36,40 @@ class Terminal:
         self._tmux("send-keys", "-t", "chat", *keys)
 
     def type(self, text: str) -> None:
-        time.sleep(0.2)  # a moment after the prompt appears, as a person would take
+        self.wait_idle()  # typed once the chat reads its terminal, as a person would
         self._tmux("send-keys", "-t", "chat", "-l", text)
         self.keys("Enter")
+
+    def chat_pid(self) -> int:
+        """The chat's process: the child of the pane's shell."""
+        shell = int(self._tmux("display-message", "-p", "-t", "chat", "#{pane_pid}").strip())
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == shell:  # the parent's pid
+                return int(stat.parent.name)
+        raise AssertionError(f"the chat is not running; screen:\n{self.screen()}")
+
+    def wait_idle(self, timeout: float = 90.0) -> None:
+        """Until the chat waits for terminal input: its main thread asleep in poll, select or
+        epoll (the line editor's wait for a key), twice in a row. Keys and signals sent then reach
+        the line editor at its wait, never while it is busy with earlier keys."""
+        pid = self.chat_pid()
+        deadline = time.monotonic() + timeout
+        calm = 0
+        while time.monotonic() < deadline:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                wchan = Path(f"/proc/{pid}/wchan").read_text()
+            except OSError:
+                break
+            calm = calm + 1 if state == "S" and re.search(r"poll|select", wchan) else 0
+            if calm >= 2:
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"the chat did not wait for input; screen:\n{self.screen()}")
 
     def screen(self) -> str:
         text = self._tmux("capture-pane", "-p", "-J", "-t", "chat", "-S", "-500")
@@ -176,15 +207,16 @@ def test_chat_discards_what_was_typed_during_an_answer(terminal, smollm2_path, e
 def test_chat_exits_cleanly_at_an_empty_prompt(terminal, smollm2_path, key):
     t = terminal("run", str(smollm2_path), *FAST)
     t.wait_for_prompt("Type /help")
-    # Pauses as a person makes them: a signal that lands while readline handles other keys can
-    # be held until the next key (CPython's readline checks for signals only around its select).
-    time.sleep(0.3)
+    # Each key once the chat waits for input: a signal that lands while readline handles other
+    # keys can be held until the next key (CPython's readline checks for signals only around its
+    # select).
+    t.wait_idle()
     t.keys("partly typed")
     t.wait_for(lambda s: s.rstrip().endswith(">>> partly typed"), "the typed text")
-    time.sleep(0.3)
+    t.wait_idle()
     t.keys("C-c")  # discards the line, does not exit
     t.wait_for(lambda s: s.rstrip().endswith(">>> partly typed\n>>>"), "a fresh prompt")
-    time.sleep(0.3)
+    t.wait_idle()
     t.keys(key)
     assert t.exit_status() == 0
     # leaving the cursor on a fresh line for the shell
