@@ -79,3 +79,40 @@ def test_capture_modes_agree(smollm2_path, tmp_path):
             np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-5, err_msg=key)
         else:
             assert a[key] == b[key], key
+
+
+SPLITS = """
+import json, sys
+import dola_cpp
+m = dola_cpp.Model(sys.argv[1], n_ctx=256, n_batch=8)
+s = m._session
+prompt = "The history of the Roman Empire spans more than a thousand years, from its founding to its fall"
+m.generate(prompt, max_tokens=6, ignore_eos=True, layers="high")
+out = {"mode": dola_cpp._core.capture_mode(), "k": len(m.resolve_layers("high").candidates),
+       "generate": dict(s.timings())}
+s.reset_timings()
+m.score("The capital of France is", " Paris, a city on the Seine.", layers="high")
+out["score"] = dict(s.timings())
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.hardware("linux")
+@pytest.mark.parametrize("mode", ["outputs", "callback"])
+def test_stops_per_token_in_each_mode(smollm2_path, tmp_path, mode):
+    """The README's count of graph stops: with the layers kept as outputs, one per captured ubatch
+    (at the fused final row); with the eval callback (DOLA_CPP_CAPTURE=callback, also on Linux),
+    K + 1: one after each of the K candidate layers and one at the final row. Scoring takes the
+    final logits from llama.cpp: no stop with outputs, K per ubatch with the callback."""
+    if _core.capture_mode() != "outputs":
+        pytest.skip("this build has only the callback capture (no graph-allocation hook)")
+    script = tmp_path / "splits.py"
+    script.write_text(SPLITS)
+    out = _probe(script, mode, smollm2_path)
+    k, gen, score = out["k"], out["generate"], out["score"]
+    assert k == 8
+    assert gen["n_captured_ubatches"] == 1 + 5  # the prompt's last chunk, then each decoded token
+    per_token = 1 if mode == "outputs" else k + 1
+    assert gen["n_capture_splits"] == gen["n_captured_ubatches"] * per_token
+    assert score["n_captured_ubatches"] >= 1
+    assert score["n_capture_splits"] == (0 if mode == "outputs" else k * score["n_captured_ubatches"])

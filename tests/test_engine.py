@@ -337,6 +337,17 @@ def test_cancel_from_another_thread(counted):
     assert "Paris" in counted.generate(PROMPT, max_tokens=8).text
 
 
+def test_closing_a_stream_says_cancelled(smollm2):
+    """README: "closing a stream ... stops it promptly ... (the stream's finish_reason is then
+    "cancelled")"."""
+    it = smollm2.stream(PROMPT, max_tokens=100, ignore_eos=True)
+    next(it)
+    next(it)
+    it.close()
+    assert len(it.result().tokens) < 100
+    assert it.finish_reason == "cancelled" and it.result().finish_reason == "cancelled"
+
+
 def test_closing_a_stream_frees_the_model(smollm2):
     it = smollm2.stream(PROMPT, max_tokens=100, ignore_eos=True)
     next(it)
@@ -509,3 +520,26 @@ def test_capture_callback_only_where_rows_are_captured(smollm2_path):
     # the same DoLa tokens as a context whose every ubatch is small enough to capture
     one = Model(smollm2_path, n_ctx=256, n_batch=256)
     assert one.generate(prompt, max_tokens=6, ignore_eos=True, layers="high").tokens == high.tokens
+
+
+def test_metadata_strings_with_invalid_utf8_decode_with_replacement_characters(tmp_path):
+    """A GGUF's strings are bytes from an untrusted file: invalid UTF-8 in them reads with U+FFFD
+    (as Python's "replace" decodes it), in every string the model exposes, never an exception."""
+    from dola_cpp.synthetic import write_llama_gguf
+
+    marker, broken = b"MARKER1", b"ab\xff\xfe\xc3(z"  # the same length: the file's offsets hold
+    assert len(marker) == len(broken)
+    path = write_llama_gguf(tmp_path / "ok.gguf", metadata={
+        "general.name": "name MARKER1 end", "general.description": "MARKER1",
+        "tokenizer.chat_template": "{{ MARKER1 }}"})
+    data = path.read_bytes()
+    assert data.count(marker) == 3
+    bad = tmp_path / "bad-utf8.gguf"
+    bad.write_bytes(data.replace(marker, broken))
+    m = Model(bad, n_ctx=64, n_threads=1)
+    text = broken.decode("utf-8", "replace")
+    assert "\ufffd" in text
+    assert m.metadata()["general.name"] == f"name {text} end"
+    assert m.metadata()["general.description"] == text
+    assert m.chat_template == "{{ " + text + " }}"
+    assert m.generate("the", max_tokens=2).tokens  # and the model works
