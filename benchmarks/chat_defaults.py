@@ -6,8 +6,9 @@ Asks 30 short factual questions and 10 list questions (written for this benchmar
 TruthfulQA or FACTOR, so no evaluation set is tuned on) the way `dola-cpp run` does (the GGUF's chat
 template, else a User:/Assistant: transcript), greedy, in several modes: plain, DoLa high on raw
 hidden states (the paper's semantics), DoLa high with the final norm (``premature_norm``), DoLa
-low, and DoLa high with the chat's defaults (normed, ``eos_boost``, llama.cpp's DRY sampler,
-``stop_loops``). Prints, per model and mode, the share of factual answers that contain the
+low, and DoLa high normed with ``eos_boost``, then with llama.cpp's DRY sampler and
+``stop_loops`` at the repetition penalty 1.2 and at 1.0 (the chat's defaults: with DRY the
+automatic penalty is 1.0). Prints, per model and mode, the share of factual answers that contain the
 expected entity, the share of answers that end by themselves (EOS or the transcript's next
 "User:") within the token budget, the answers that loop (repeat a cycle of 3 or more tokens 4
 times in a row, the cycle's shortest period) and those that ``stop_loops`` ended (at a cycle's
@@ -77,8 +78,11 @@ MODES = {
     "DoLa high (raw)": dict(layers="high"),
     "DoLa high (normed)": dict(layers="high", premature_norm=True),
     "DoLa low (raw)": dict(layers="low"),
-    "DoLa high, normed, eos_boost (the chat's defaults before DRY)": dict(CHAT),
-    "the chat's defaults: + DRY, stop_loops": dict(CHAT, dry_multiplier=CHAT_DRY_MULTIPLIER, stop_loops=True),
+    "DoLa high, normed, eos_boost (repetition penalty 1.2)": dict(CHAT),
+    "+ DRY and stop_loops, repetition penalty 1.2": dict(CHAT, dry_multiplier=CHAT_DRY_MULTIPLIER, stop_loops=True,
+                                                         repetition_penalty=1.2),
+    "the chat's defaults: + DRY and stop_loops (repetition penalty 1.0)": dict(
+        CHAT, dry_multiplier=CHAT_DRY_MULTIPLIER, stop_loops=True),
 }
 
 

@@ -98,7 +98,8 @@ class DecodeConfig:
     (Activation Decoding; with ``layers`` set, Activation Decoding on top of DoLa's contrast:
     the reference's ``activation_dola``).
 
-    ``repetition_penalty``: None = 1.2 with DoLa or Activation Decoding, 1.0 plain.
+    ``repetition_penalty``: None = 1.2 with DoLa or Activation Decoding, 1.0 plain or with DRY
+    (``dry_multiplier`` > 0).
     ``eos_boost`` (nats, 0 = off): from EOS_BOOST_START of the token budget on, every
     end-of-generation token's score gains a bonus rising linearly to ``eos_boost`` at the last
     token (an end-of-answer logits bonus, made gradual; ``eos_bonus``). It acts after the
@@ -194,8 +195,13 @@ class DecodeConfig:
         """The repetition penalty this config decodes ``plan`` with."""
         if self.repetition_penalty is not None:
             return float(self.repetition_penalty)
-        # the DoLa and Activation Decoding repositories generate with 1.2; plain decoding with 1.0
-        return 1.0 if plan.is_plain and not self.uses_activation else RECOMMENDED_REPETITION_PENALTY
+        # the DoLa and Activation Decoding repositories generate with 1.2; plain decoding with 1.0,
+        # and so does DoLa with DRY, which guards against repeats without penalising every token
+        # the prompt holds (the chat template's system text included: "Hi" then drifts into emoji
+        # bytes on SmolLM2; README, "Chat defaults")
+        if (plan.is_plain and not self.uses_activation) or self.dry_multiplier > 0:
+            return 1.0
+        return RECOMMENDED_REPETITION_PENALTY
 
     def eos_bonus(self, step: int, budget: int) -> float:
         """What ``eos_boost`` adds to the end tokens' scores when choosing token ``step`` (0-based)
@@ -212,7 +218,7 @@ class DecodeConfig:
     def penalty_note(self, plan: LayerPlan) -> Optional[str]:
         """Why DoLa with this penalty may repeat itself, or None."""
         p = self.penalty(plan)
-        if plan.is_plain or p >= RECOMMENDED_REPETITION_PENALTY:
+        if plan.is_plain or p >= RECOMMENDED_REPETITION_PENALTY or self.dry_multiplier > 0:
             return None
         return (f"DoLa decoding is recommended with repetition_penalty >= {RECOMMENDED_REPETITION_PENALTY} "
                 f"(got {p:g}); answers may repeat themselves")

@@ -109,7 +109,7 @@ class _Common(_Strict):
 
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(None, ge=1, le=INT32_MAX)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)  # None: the chat's greedy decoding
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: Optional[int] = Field(None, ge=0, le=2**64 - 1)
     stop: Union[str, list[str], None] = None
@@ -528,7 +528,7 @@ def _config(model: Model, body: _Common) -> DecodeConfig:
                   relative_top=body.relative_top, repetition_penalty=body.repetition_penalty, decoder=body.decoder,
                   alpha=body.alpha, info_layer=body.info_layer,
                   eos_boost=CHAT_EOS_BOOST if body.eos_boost is None else body.eos_boost,
-                  temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p, seed=body.seed,
+                  temperature=0.0 if body.temperature is None else body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p, seed=body.seed,
                   dry_multiplier=CHAT_DRY_MULTIPLIER if body.dry_multiplier is None else body.dry_multiplier,
                   dry_base=body.dry_base, dry_allowed_length=body.dry_allowed_length,
                   dry_penalty_last_n=body.dry_penalty_last_n)

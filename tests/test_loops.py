@@ -119,3 +119,17 @@ def test_the_chat_defaults_and_the_footer_of_a_stopped_loop(gemma, monkeypatch):
     assert r.exit_code == 0, r.output
     assert seen["settings"].dry_multiplier > 0 and seen["stop_loops"] and seen["settings"].eos_boost > 0
     assert STOP_LOOP_REPEATS == 3
+
+
+def test_with_dry_the_automatic_penalty_is_1_and_nothing_warns(smollm2):
+    dola = smollm2.resolve_layers("high")
+    assert DecodeConfig().penalty(dola) == 1.2
+    with_dry = DecodeConfig(dry_multiplier=0.8)
+    assert with_dry.penalty(dola) == 1.0 and with_dry.penalty_note(dola) is None
+    assert DecodeConfig(dry_multiplier=0.8, repetition_penalty=1.3).penalty(dola) == 1.3  # a set one stands
+    # the greeting that the blanket penalty over the chat template's system text derails
+    hi = smollm2.chat_tokens([{"role": "user", "content": "Hi"}])
+    derailed = smollm2.generate(hi, 48, layers="high", premature_norm=True, repetition_penalty=1.2,
+                                dry_multiplier=0.8)
+    r = smollm2.generate(hi, 48, layers="high", premature_norm=True, dry_multiplier=0.8)
+    assert derailed.finish_reason == "length" and r.finish_reason == "stop"

@@ -339,3 +339,7 @@ def test_a_chat_that_sends_only_messages_ends(server):
     choice = json.loads(text)["choices"][0]
     assert "Paris" in choice["message"]["content"] and choice["finish_reason"] == "stop"
     assert json.loads(text)["usage"]["completion_tokens"] < 64
+    # the request of dola-cpp serve --help's example
+    status, _, text = server.request({"messages": [{"role": "user", "content": "Hi"}], "dola_layers": "high"})
+    assert status == 200 and json.loads(text)["choices"][0]["finish_reason"] == "stop", text
+    assert json.loads(text)["usage"]["completion_tokens"] < 64, text

@@ -28,7 +28,7 @@ HELP = f"""\
 Commands:
   /set                         show the settings
   /set layers high|low|none|16,18,32
-  /set repetition_penalty X    (auto = 1.2 with DoLa, 1.0 plain)
+  /set repetition_penalty X    (auto = 1.2 with DoLa, 1.0 plain or with DRY)
   /set premature_norm on|off   (final norm on premature layers: logit lens)
   /set decoder dola|activation (activation: Activation Decoding, on DoLa unless layers none)
   /set alpha X | info_layer N|auto   (Activation Decoding's weight and layer)
