@@ -465,6 +465,10 @@ def _parse(raw: bytes, kind: type[_Common], limits: Limits, what: str) -> Any:
 
 def _prepare_chat(model: Model, raw: bytes, limits: Limits, templated: bool) -> tuple[ChatRequest, list[int], list[str]]:
     """The request and its prompt's token ids, message content as text (on a worker thread)."""
+    # every message has a "role" key, and inside a JSON string the quotes would be escaped: a body
+    # with more of them than twice the messages the context could hold is refused unparsed
+    if raw.count(b'"role"') > 2 * limits.n_ctx + 16:
+        raise _too_long("messages", limits)
     body = _parse(raw, ChatRequest, limits, "messages")
     if len(body.messages) > limits.n_ctx or sum(len(m.text()) for m in body.messages) > limits.max_chars:
         raise _too_long("messages", limits)
