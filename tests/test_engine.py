@@ -257,6 +257,16 @@ def counted(smollm2_path):
     return m
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt, as in a terminal, whatever this process inherited: a process
+    started in the background by a shell without job control has SIGINT ignored (and Python then
+    installs no handler)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 class Interrupter:
     """Sends SIGINT to the main thread as soon as ``condition()`` holds (checked every millisecond),
     once; records the session's sample calls at that moment. A context manager: on leaving, the
@@ -292,7 +302,7 @@ class Interrupter:
                 f"blocked: {signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])}")
 
 
-def test_ctrl_c_during_prefill(smollm2_path):
+def test_ctrl_c_during_prefill(smollm2_path, ctrl_c_raises):
     """With DoLa only the prompt's last ubatch is captured (test_capture_callback_only_where_rows_are_
     captured): a prefill stopped by Ctrl-C never reached it, and nothing was sampled. One thread,
     ~1800 tokens in one call: seconds of prefill on any machine; the signal goes 0.25 s after the
@@ -323,7 +333,7 @@ def test_ctrl_c_during_prefill(smollm2_path):
     assert "Paris" in m.generate(PROMPT, max_tokens=8).text
 
 
-def test_ctrl_c_during_decode(counted):
+def test_ctrl_c_during_decode(counted, ctrl_c_raises):
     """Ctrl-C after the fifth token stops the generation at the token being computed."""
     s = counted._session
     with Interrupter(s, lambda: s.calls["sample"] >= 5) as ctrl_c:
