@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .hub import _reachable, _sha256, cache_dir
+from .hub import cache_dir, reachable, sha256_of
 
 GITHUB_RAW = "https://raw.githubusercontent.com"
 PROBE_SECONDS = 3.0
@@ -153,7 +153,7 @@ def _download(item: Published, dest: Path, rows: Optional[int] = None) -> str:
             partial.unlink(missing_ok=True)
             reason = getattr(e, "reason", None) or e
             raise DataUnavailable(f"could not download {url}: {reason}") from None
-    digest = _sha256(partial)
+    digest = sha256_of(partial)
     if item.sha256 is not None and digest != item.sha256:
         partial.unlink(missing_ok=True)
         raise DataUnavailable(f"{url}: sha256 {digest} does not match the pinned {item.sha256}; "
@@ -175,7 +175,7 @@ def fetch(name: str, progress: Optional[Callable[[str], None]] = None) -> Path:
     ds = DATASETS[name]
     first = url_of(ds.data)
     reason = offline_reason()
-    if reason is None and not _reachable(first, PROBE_SECONDS):
+    if reason is None and not reachable(first, PROBE_SECONDS):
         reason = f"{urllib.parse.urlparse(first).netloc} cannot be reached (no network?)"
     if reason is not None:
         raise DataUnavailable(f"{ds.data.filename} ({ds.about}) is not in the cache and {reason}; "

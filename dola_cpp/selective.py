@@ -72,7 +72,7 @@ def _count(layers: Sequence[Optional[int]]) -> dict[int, int]:
 TASK = ev.Task(
     SELECTIVE, ev.load_truthfulqa, score_selective, relative_top=0.0, post_softmax=False, metric="MC1",
     item_metric=lambda r: float(r["correct"]),
-    summarize=lambda records: {"MC1": ev._mean(records, lambda r: float(r["correct"]))},
+    summarize=lambda records: {"MC1": ev.mean_of(records, lambda r: float(r["correct"]))},
 )
 
 

@@ -355,7 +355,7 @@ def network(monkeypatch):
     """What fetch does on the network: its reachability probes (url, timeout), its downloads and
     the names it has the resolver look up (the suite's resolver answers only for loopback)."""
     seen = SimpleNamespace(probes=[], downloads=[], lookups=[])
-    reachable, download, getaddrinfo = evaldata._reachable, evaldata._download, socket.getaddrinfo
+    reachable, download, getaddrinfo = evaldata.reachable, evaldata._download, socket.getaddrinfo
 
     def probe(url, timeout):
         seen.probes.append((url, timeout))
@@ -369,7 +369,7 @@ def network(monkeypatch):
         seen.lookups.append(host)
         return getaddrinfo(host, *args, **kwargs)
 
-    monkeypatch.setattr(evaldata, "_reachable", probe)
+    monkeypatch.setattr(evaldata, "reachable", probe)
     monkeypatch.setattr(evaldata, "_download", fetch_file)
     monkeypatch.setattr(socket, "getaddrinfo", lookup)
     return seen

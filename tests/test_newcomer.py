@@ -160,8 +160,8 @@ def test_offline_hub_reference_waits_for_nothing_but_one_probe(tmp_path, monkeyp
     from dola_cpp import hub
 
     probes, downloads = [], []
-    reachable = hub._reachable
-    monkeypatch.setattr(hub, "_reachable", lambda url, timeout: probes.append((url, timeout)) or reachable(url, timeout))
+    reachable = hub.reachable
+    monkeypatch.setattr(hub, "reachable", lambda url, timeout: probes.append((url, timeout)) or reachable(url, timeout))
     import huggingface_hub
 
     real_download = huggingface_hub.hf_hub_download
