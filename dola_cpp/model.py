@@ -12,11 +12,10 @@ import numpy as np
 from . import _core
 from .config import DecodeConfig
 from .layers import LayerPlan, LayerSpec, resolve_layers
-from .prompts import chat_segments, transcript_prompt
+from .prompts import Prompt, chat_ids, chat_messages, checked_utf8, render_chat
 from .results import GenerationResult, ScoreResult
+from .rpc import rpc_endpoints
 from .stream import Stream
-
-Prompt = Union[str, Sequence[int], np.ndarray]
 
 _UNSET: Any = object()  # a keyword the caller did not pass: the config's value stands
 
@@ -29,17 +28,6 @@ class PromptTooLongError(ValueError):
                          f"create the Model with a larger n_ctx or shorten the prompt")
         self.n_tokens = n_tokens
         self.n_ctx = n_ctx
-
-
-def _utf8(text: str, what: str = "text") -> str:
-    """``text`` if it encodes as UTF-8; a clear error for lone surrogates (undecodable bytes that
-    Python kept from a command line or a file read with errors="surrogateescape")."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"the {what} is not valid UTF-8: character {e.start} is an undecodable byte "
-                         f"({text[e.start]!r}); fix its encoding") from None
-    return text
 
 
 class Model:
@@ -205,7 +193,7 @@ class Model:
         ``parse_special`` makes special-token text (``<|im_end|>``) those tokens (False: text)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        return list(self._weights.tokenize(_utf8(text), add_special, parse_special))
+        return list(self._weights.tokenize(checked_utf8(text), add_special, parse_special))
 
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
         return self._weights.detokenize(np.asarray(list(tokens), dtype=np.int64), special).decode("utf-8", "replace")
@@ -218,8 +206,7 @@ class Model:
         the template against the formats it knows; the template text is never executed.
         Tokenizing the result parses special-token text inside the messages too: to generate
         from a chat, use :meth:`chat_tokens`."""
-        pairs = [(_utf8(str(m["role"]), "role"), _utf8(str(m["content"]), "message")) for m in messages]
-        return self._weights.apply_chat_template(pairs, add_generation_prompt)
+        return render_chat(self._weights, messages, add_generation_prompt)
 
     def chat_tokens(self, messages: Sequence[dict], template: Optional[bool] = None,
                     add_generation_prompt: bool = True) -> list[int]:
@@ -230,40 +217,9 @@ class Model:
         tokenized as text, so a message holding ``<|im_end|>`` cannot end its turn or forge
         another. Without one, a plain ``User: …`` / ``Assistant:`` transcript (stop it at
         :data:`dola_cpp.prompts.TRANSCRIPT_STOP`), all of it text."""
-        messages = [{"role": _utf8(str(m["role"]), "role"), "content": _utf8(str(m["content"]), "message")}
-                    for m in messages]
-        if not messages:
-            raise ValueError("the chat has no messages")
+        messages = chat_messages(messages)
         use_template = self.chat_template_supported if template is None else template
-        if not use_template:
-            return self._tokens(transcript_prompt(messages), True, False)
-        pieces = chat_segments(lambda ms: self.apply_chat_template(ms, add_generation_prompt), messages)
-        # The markup's control tokens, and runs of text between them, each run tokenized in one
-        # piece as llama.cpp tokenizes the text between special tokens: for content without
-        # special-token text the ids equal tokenizing the whole rendering.
-        ids = self._tokens("", True, False)  # BOS where the GGUF asks for it
-        run = ""
-        for text, markup in pieces:
-            if not markup:
-                run += text
-                continue
-            pos = 0
-            for t in self._tokens(text, False, True):
-                piece = self._weights.token_to_piece(t, True).decode("utf-8", "replace")
-                if self._weights.token_to_piece(t, False) or not piece:
-                    continue  # text, not a control token
-                at = text.find(piece, pos)
-                if at < 0:
-                    raise ValueError("could not place the chat template's special tokens")
-                run += text[pos:at]
-                if run:
-                    ids += self._tokens(run, False, False)
-                run, pos = "", at + len(piece)
-                ids.append(t)
-            run += text[pos:]
-        if run:
-            ids += self._tokens(run, False, False)
-        return ids
+        return chat_ids(self._weights, messages, use_template, add_generation_prompt)
 
     def _tokens(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
         return list(self._weights.tokenize(text, add_special, parse_special))
@@ -272,7 +228,7 @@ class Model:
         if isinstance(prompt, str):
             if prompt == "":
                 raise ValueError("the prompt is empty")
-            ids = self._tokens(_utf8(prompt, "prompt"), add_special, parse_special)
+            ids = self._tokens(checked_utf8(prompt, "prompt"), add_special, parse_special)
         else:
             arr = np.asarray(prompt)
             if arr.dtype.kind not in "iu" and arr.size:
@@ -406,8 +362,6 @@ class Model:
         return Stream(self, prompt, max_tokens, cfg, stop=stop, ignore_eos=ignore_eos, add_special=add_special,
                      parse_special=parse_special, abstain_above=abstain_above, stop_loops=stop_loops)
 
-    stream_steps = stream  # the name of earlier versions
-
     def cancel(self) -> None:
         """Stop the running generation (callable from any thread)."""
         self._cancel.set()
@@ -504,24 +458,6 @@ class Model:
 
     def timings(self) -> dict:
         return self._session.timings()
-
-
-def rpc_endpoints(rpc: Union[str, Sequence[str], None]) -> list[str]:
-    """``"host:port,host:port"`` or a list of them, checked."""
-    if rpc is None:
-        return []
-    items = rpc.split(",") if isinstance(rpc, str) else list(rpc)
-    out = []
-    for item in items:
-        if not isinstance(item, str):
-            raise TypeError(f"rpc endpoints are 'host:port' strings, got {item!r}")
-        host, sep, port = item.strip().rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"rpc endpoint {item.strip()!r} is not host:port")
-        out.append(item.strip())
-    if not out:
-        raise ValueError("rpc needs at least one host:port")
-    return out
 
 
 def _config(config: Optional[DecodeConfig], **fields: Any) -> DecodeConfig:

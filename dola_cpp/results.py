@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
+
+
+def finite(x: float) -> Optional[float]:
+    """``x`` as a float for JSON, which has no inf/nan: those become None (null)."""
+    x = float(x)
+    return x if math.isfinite(x) else None
 
 
 @dataclass(frozen=True)
