@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -15,6 +14,7 @@ from .layers import LayerPlan, LayerSpec, resolve_layers
 from .prompts import Prompt, chat_ids, chat_messages, checked_utf8, render_chat
 from .results import GenerationResult, ScoreResult
 from .rpc import rpc_endpoints
+from .sequence import Claim, SessionSequence
 from .stream import Stream
 
 _UNSET: Any = object()  # a keyword the caller did not pass: the config's value stands
@@ -88,8 +88,7 @@ class Model:
         )
         self._kv_type = kv_type
         self._capture = capture
-        self._busy = threading.Lock()
-        self._cancel = threading.Event()
+        self._claim = Claim()
 
     # ------------------------------------------------------------------ properties
 
@@ -310,8 +309,9 @@ class Model:
                       top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, dry_multiplier=dry_multiplier,
                       dry_base=dry_base, dry_allowed_length=dry_allowed_length, dry_penalty_last_n=dry_penalty_last_n,
                       dry_sequence_breakers=dry_sequence_breakers)
-        run = Stream(self, prompt, max_tokens, cfg, stop=stop, ignore_eos=ignore_eos, add_special=add_special,
-                     parse_special=parse_special, abstain_above=abstain_above, stop_loops=stop_loops)
+        run = Stream(self._sequence(), prompt, max_tokens, cfg, stop=stop, ignore_eos=ignore_eos,
+                     add_special=add_special, parse_special=parse_special, abstain_above=abstain_above,
+                     stop_loops=stop_loops)
         for _ in run:
             pass
         return run.result()
@@ -359,12 +359,13 @@ class Model:
                       top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, dry_multiplier=dry_multiplier,
                       dry_base=dry_base, dry_allowed_length=dry_allowed_length, dry_penalty_last_n=dry_penalty_last_n,
                       dry_sequence_breakers=dry_sequence_breakers)
-        return Stream(self, prompt, max_tokens, cfg, stop=stop, ignore_eos=ignore_eos, add_special=add_special,
-                     parse_special=parse_special, abstain_above=abstain_above, stop_loops=stop_loops)
+        return Stream(self._sequence(), prompt, max_tokens, cfg, stop=stop, ignore_eos=ignore_eos,
+                      add_special=add_special, parse_special=parse_special, abstain_above=abstain_above,
+                      stop_loops=stop_loops)
 
     def cancel(self) -> None:
         """Stop the running generation (callable from any thread)."""
-        self._cancel.set()
+        self._claim.cancel()
         self._session.cancel()
 
     # ------------------------------------------------------------------ analysis
@@ -378,13 +379,13 @@ class Model:
         for layer in layers:
             if not 0 <= layer <= self.n_layers:
                 raise ValueError(f"layer {layer} is out of range: valid layers are 0..{self.n_layers}")
-        with self._claim():
+        with self._claim:
             return self._session.layer_logits(ids, layers, premature_norm, False)
 
     def _project_final(self, prompt: Prompt, premature_norm: bool = True) -> np.ndarray:
         """Self-check: the last block's hidden state through our projection (≈ the logits)."""
         ids = self._prompt_ids(prompt)
-        with self._claim():
+        with self._claim:
             return self._session.layer_logits(ids, [self.n_layers], premature_norm, True)[0]
 
     def score(
@@ -437,7 +438,7 @@ class Model:
                       info_layer=info_layer)
         plan = self.resolve_layers(cfg.dola.layers)
         params = cfg.to_core(plan, self.n_layers)
-        with self._claim():
+        with self._claim:
             self._session.configure(params)
             r = self._session.score(ids, n_prefix, post_softmax, float(relative_top), float(relative_top_value))
         return ScoreResult(
@@ -453,8 +454,9 @@ class Model:
 
     # ------------------------------------------------------------------ internals
 
-    def _claim(self) -> "_Claim":
-        return _Claim(self)
+    def _sequence(self) -> SessionSequence:
+        """This context as the sequence of one generation, on the session the model holds now."""
+        return SessionSequence(self._session, self._weights, self._claim, self._prompt_ids, self.resolve_layers)
 
     def timings(self) -> dict:
         return self._session.timings()
@@ -466,21 +468,3 @@ def _config(config: Optional[DecodeConfig], **fields: Any) -> DecodeConfig:
         raise TypeError(f"config must be a DecodeConfig, got {type(config).__name__}")
     changes = {k: v for k, v in fields.items() if v is not _UNSET}
     return (config or DecodeConfig()).replace(**changes) if changes or config is None else config
-
-
-class _Claim:
-    """One generation at a time per context; a second concurrent one gets a clear error."""
-
-    def __init__(self, model: Model) -> None:
-        self.model = model
-
-    def __enter__(self) -> None:
-        if not self.model._busy.acquire(blocking=False):
-            raise RuntimeError(
-                "this Model is already generating (an unfinished stream?); close it, or use Model.share() "
-                "for a second context on the same weights"
-            )
-        self.model._cancel.clear()
-
-    def __exit__(self, *exc) -> None:
-        self.model._busy.release()

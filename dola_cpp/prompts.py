@@ -54,7 +54,8 @@ def render_chat(vocab: _core.Model, messages: Sequence[dict], add_generation_pro
     return vocab.apply_chat_template(pairs, add_generation_prompt)
 
 
-def chat_ids(vocab: _core.Model, messages: Sequence[dict], templated: bool, add_generation_prompt: bool = True) -> list[int]:
+def chat_ids(vocab: _core.Model, messages: Sequence[dict], templated: bool,
+             add_generation_prompt: bool = True) -> list[int]:
     """The token ids of checked ``messages`` (:func:`chat_messages`): with the chat template
     (``templated``) only its markup parsed for special tokens, else a :func:`transcript_prompt`
     tokenized as text."""

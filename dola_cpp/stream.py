@@ -16,7 +16,8 @@ from .results import GenerationResult, StepInfo
 from .risk import token_risk
 
 if TYPE_CHECKING:
-    from .model import Model, Prompt
+    from .prompts import Prompt
+    from .sequence import SequenceContext
 
 _warned_penalty = False
 
@@ -63,11 +64,14 @@ class PenaltyWarning(UserWarning):
 
 class Stream:
     """One generation: an iterator of text pieces. ``steps`` grows as it runs; once it is
-    exhausted, ``finish_reason`` and ``result()`` say how it ended. ``close()`` stops it."""
+    exhausted, ``finish_reason`` and ``result()`` say how it ended. ``close()`` stops it.
+
+    It decodes on ``sequence`` (:class:`~dola_cpp.sequence.SequenceContext`), which
+    :meth:`dola_cpp.Model.stream` gives it."""
 
     def __init__(
         self,
-        model: Model,
+        sequence: SequenceContext,
         prompt: Prompt,
         max_tokens: int,
         config: DecodeConfig,
@@ -82,11 +86,11 @@ class Stream:
         global _warned_penalty
         if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
             raise ValueError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
-        self.model = model
-        self.ids = model._prompt_ids(prompt, add_special=add_special, parse_special=parse_special)
-        self.plan = model.resolve_layers(config.dola.layers)
+        self.sequence = sequence
+        self.ids = sequence.prompt_ids(prompt, add_special, parse_special)
+        self.plan = sequence.resolve_layers(config.dola.layers)
         self.config = config
-        self.params = config.to_core(self.plan, model.n_layers)
+        self.params = config.to_core(self.plan, sequence.n_layers)
         note = config.penalty_note(self.plan)
         if note and not _warned_penalty:
             _warned_penalty = True
@@ -167,32 +171,30 @@ class Stream:
         return keep
 
     def _generate(self) -> Iterator[str]:
-        m = self.model
-        sess = m._session
-        weights = m._weights
+        seq = self.sequence
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         emitted = 0
         cut: Optional[int] = None  # where a stop string cut the text
         t0: Optional[float] = None  # start of decoding
-        with m._claim():
+        with seq.claim():
             try:
                 if self.max_tokens == 0:
                     self.finish_reason = "length"
                     return
-                sess.configure(self.params)
+                seq.configure(self.params)
                 t_prefill = time.perf_counter()
                 try:
-                    sess.prefill(self.ids)
+                    seq.prefill(self.ids)
                 finally:  # also when Ctrl-C or cancel() stops the prefill
                     self.prefill_seconds = time.perf_counter() - t_prefill
                 t0 = time.perf_counter()
-                budget = min(self.max_tokens, sess.n_ctx - len(self.ids) + 1)
+                budget = min(self.max_tokens, seq.n_ctx - len(self.ids) + 1)
                 for i in range(self.max_tokens):
-                    if m._cancel.is_set():
+                    if seq.cancelled():
                         self.finish_reason = "cancelled"
                         break
-                    st = sess.sample(self.config.eos_bonus(i, budget))
-                    if not self.ignore_eos and weights.is_eog(st.token):
+                    st = seq.sample(self.config.eos_bonus(i, budget))
+                    if not self.ignore_eos and seq.is_eog(st.token):
                         self.finish_reason = "abstained" if self._abstains(final=True) else "stop"
                         break
                     risk = token_risk(st.top_logprob)
@@ -211,7 +213,7 @@ class Stream:
                             risk=risk,
                         )
                     )
-                    self.text += decoder.decode(weights.token_to_piece(st.token, False))
+                    self.text += decoder.decode(seq.piece(st.token))
                     cut = self._find_stop(emitted)
                     if cut is not None:
                         self.text = self.text[:cut]
@@ -231,10 +233,10 @@ class Stream:
                         yield piece
                     if i + 1 == self.max_tokens:
                         break
-                    if sess.n_cached >= sess.n_ctx:
+                    if seq.n_cached >= seq.n_ctx:
                         self.finish_reason = "length"
                         break
-                    sess.accept(st.token)
+                    seq.accept(st.token)
                 else:
                     self.finish_reason = "length"
                 if self.finish_reason == "length" and self._abstains(final=True):

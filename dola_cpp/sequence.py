@@ -1,0 +1,151 @@
+"""What one generation decodes on: a sequence of positions in a context.
+
+A :class:`~dola_cpp.stream.Stream` runs a generation through :class:`SequenceContext` alone, never
+through the :class:`~dola_cpp.Model` that made it: the model hands it a :class:`SessionSequence`
+(its one llama.cpp context, used whole), and a context shared by several generations at once
+would hand each its own sequence instead.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Callable, ContextManager, Protocol
+
+if TYPE_CHECKING:
+    from . import _core
+    from .layers import LayerPlan, LayerSpec
+    from .prompts import Prompt
+
+
+class SequenceContext(Protocol):
+    """The operations a generation needs from the sequence it decodes."""
+
+    @property
+    def n_layers(self) -> int:
+        """The model's transformer blocks (layer ``n_layers`` = the final logits)."""
+
+    @property
+    def n_ctx(self) -> int:
+        """Positions the sequence can hold."""
+
+    @property
+    def n_cached(self) -> int:
+        """Positions it holds now (prompt and accepted tokens)."""
+
+    def prompt_ids(self, prompt: Prompt, add_special: bool, parse_special: bool) -> list[int]:
+        """The prompt's token ids, checked against the vocabulary and ``n_ctx``."""
+
+    def resolve_layers(self, layers: LayerSpec) -> LayerPlan:
+        """What a layer spec means for the model."""
+
+    def claim(self) -> ContextManager[None]:
+        """Held while the generation runs: a second one at once is an error, and a cancellation
+        left from an earlier one is dropped on entry."""
+
+    def cancelled(self) -> bool:
+        """Whether the generation holding the claim was asked to stop."""
+
+    def configure(self, params: _core.DecodeParams) -> None:
+        """The decoder, layers and sampling settings for what follows."""
+
+    def prefill(self, ids: list[int]) -> None:
+        """Run the prompt (reusing whatever prefix of it is already cached)."""
+
+    def sample(self, eos_bonus: float) -> _core.Step:
+        """The next token and its diagnostics; ``eos_bonus`` is added to end-of-generation scores."""
+
+    def accept(self, token: int) -> None:
+        """Append ``token`` to the sequence, computing the next position."""
+
+    def is_eog(self, token: int) -> bool:
+        """Whether ``token`` ends a generation (EOS, EOT, ...)."""
+
+    def piece(self, token: int) -> bytes:
+        """The token's text bytes (special tokens render empty)."""
+
+
+class Claim:
+    """One call at a time on a context (a second concurrent one gets a clear error), and the
+    cancellation of the call that holds it. A context manager: entering claims, leaving releases."""
+
+    def __init__(self) -> None:
+        self._busy = threading.Lock()
+        self._cancelled = threading.Event()
+
+    def __enter__(self) -> None:
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(
+                "this Model is already generating (an unfinished stream?); close it, or use Model.share() "
+                "for a second context on the same weights"
+            )
+        self._cancelled.clear()
+
+    def __exit__(self, *exc) -> None:
+        self._busy.release()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def is_cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+class SessionSequence:
+    """A whole llama.cpp context (session) as one generation's sequence, with the model's vocabulary,
+    the context's claim, and the model's prompt checks and layer plans."""
+
+    def __init__(
+        self,
+        session: _core.Session,
+        vocab: _core.Model,
+        claim: Claim,
+        prompt_ids: Callable[[Prompt, bool, bool], list[int]],
+        resolve_layers: Callable[[LayerSpec], LayerPlan],
+    ) -> None:
+        self._session = session
+        self._vocab = vocab
+        self._claim = claim
+        self._prompt_ids = prompt_ids
+        self._resolve_layers = resolve_layers
+
+    @property
+    def n_layers(self) -> int:
+        return self._vocab.n_layer
+
+    @property
+    def n_ctx(self) -> int:
+        return self._session.n_ctx
+
+    @property
+    def n_cached(self) -> int:
+        return self._session.n_cached
+
+    def prompt_ids(self, prompt: Prompt, add_special: bool, parse_special: bool) -> list[int]:
+        return self._prompt_ids(prompt, add_special, parse_special)
+
+    def resolve_layers(self, layers: LayerSpec) -> LayerPlan:
+        return self._resolve_layers(layers)
+
+    def claim(self) -> Claim:
+        return self._claim
+
+    def cancelled(self) -> bool:
+        return self._claim.is_cancelled()
+
+    def configure(self, params: _core.DecodeParams) -> None:
+        self._session.configure(params)
+
+    def prefill(self, ids: list[int]) -> None:
+        self._session.prefill(ids)
+
+    def sample(self, eos_bonus: float) -> _core.Step:
+        return self._session.sample(eos_bonus)
+
+    def accept(self, token: int) -> None:
+        self._session.accept(token)
+
+    def is_eog(self, token: int) -> bool:
+        return self._vocab.is_eog(token)
+
+    def piece(self, token: int) -> bytes:
+        return self._vocab.token_to_piece(token, False)
