@@ -1,4 +1,5 @@
-"""DecodeConfig: the settings one generation decodes with, their defaults and their rules.
+"""DecodeConfig: the settings one generation decodes with, their defaults and their rules (each
+field's default, range and meaning are its row in ``dola_cpp.settings``).
 
 Like transformers' ``GenerationConfig``: frozen, validated when made (``validate``), and the one
 place that knows the defaults that depend on the layer plan (the repetition penalty) and when
@@ -18,22 +19,12 @@ from typing import Any, Optional
 
 from . import _core
 from .layers import LayerPlan, LayerSpec, default_info_layer, parse_layer_string
+from .settings import (  # noqa: F401  (the constants, where they have always been imported from)
+    BY_NAME, CHAT_DRY_MULTIPLIER, CHAT_EOS_BOOST, CHAT_MAX_TOKENS, CHAT_PREMATURE_NORM, DECODERS,
+    DRY_SEQUENCE_BREAKERS, INT32_MAX, RECOMMENDED_REPETITION_PENALTY, SETTINGS, Setting, default,
+)
 
-RECOMMENDED_REPETITION_PENALTY = 1.2
-INT32_MAX = 2**31 - 1
 EOS_BOOST_START = 0.8  # eos_boost acts from this share of the token budget on
-DECODERS = ("dola", "activation")
-
-# What the chat (``dola-cpp run``) and the server decode with unless told otherwise, chosen with
-# benchmarks/chat_defaults.py (README, "Chat defaults"): premature layers through the final norm,
-# an end-of-answer boost near the token budget, llama.cpp's DRY sampler against loops, and a stop
-# when the answer repeats a cycle anyway.
-CHAT_PREMATURE_NORM = True
-CHAT_EOS_BOOST = 10.0
-CHAT_DRY_MULTIPLIER = 0.8
-CHAT_MAX_TOKENS = 512
-# llama-server's: DRY does not follow a repeat across them
-DRY_SEQUENCE_BREAKERS = ("\n", ":", '"', "*")
 
 
 @dataclass(frozen=True)
@@ -47,19 +38,12 @@ class DolaConfig:
     the final norm first (logit lens). ``relative_top``: DoLa's relative-top filter.
     """
 
-    layers: LayerSpec = None
-    premature_norm: bool = False
-    relative_top: float = 0.1
+    layers: LayerSpec = default("layers")
+    premature_norm: bool = default("premature_norm")
+    relative_top: float = default("relative_top")
 
     def __post_init__(self) -> None:
-        if isinstance(self.layers, str):
-            parse_layer_string(self.layers)
-        elif self.layers is not None and (isinstance(self.layers, (bytes, bytearray))
-                                          or not all(_is_int(v) for v in self.layers)):
-            raise TypeError(f"layers must be 'low', 'high', a layer string or a sequence of ints, got {self.layers!r}")
-        if not isinstance(self.premature_norm, bool):
-            raise TypeError(f"premature_norm must be True or False, got {self.premature_norm!r}")
-        _check_number("relative_top", self.relative_top, 0.0, 1.0, high_open=True)
+        _check_fields(self, "dola")
 
 
 @dataclass(frozen=True)
@@ -71,13 +55,11 @@ class ActivationConfig:
     round(0.8 * N) (the reference's 26 of 32 for Llama-2-7B).
     """
 
-    alpha: float = 0.5
-    info_layer: Optional[int] = None
+    alpha: float = default("alpha")
+    info_layer: Optional[int] = default("info_layer")
 
     def __post_init__(self) -> None:
-        _check_number("alpha", self.alpha, 0.0, None)
-        if self.info_layer is not None and (not _is_int(self.info_layer) or self.info_layer < 0):
-            raise ValueError(f"info_layer must be a layer number >= 0 or None (per model), got {self.info_layer!r}")
+        _check_fields(self, "activation")
 
     def resolve_info_layer(self, n_layer: int) -> int:
         """The info layer for an ``n_layer``-layer model; ValueError when out of range."""
@@ -115,55 +97,33 @@ class DecodeConfig:
     """
 
     dola: DolaConfig = field(default_factory=DolaConfig)
-    decoder: str = "dola"
+    decoder: str = default("decoder")
     activation: ActivationConfig = field(default_factory=ActivationConfig)
-    repetition_penalty: Optional[float] = None
-    eos_boost: float = 0.0
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    seed: Optional[int] = None
-    dry_multiplier: float = 0.0
-    dry_base: float = 1.75
-    dry_allowed_length: int = 2
-    dry_penalty_last_n: int = -1
-    dry_sequence_breakers: tuple[str, ...] = DRY_SEQUENCE_BREAKERS
+    repetition_penalty: Optional[float] = default("repetition_penalty")
+    eos_boost: float = default("eos_boost")
+    temperature: float = default("temperature")
+    top_k: int = default("top_k")
+    top_p: float = default("top_p")
+    min_p: float = default("min_p")
+    seed: Optional[int] = default("seed")
+    dry_multiplier: float = default("dry_multiplier")
+    dry_base: float = default("dry_base")
+    dry_allowed_length: int = default("dry_allowed_length")
+    dry_penalty_last_n: int = default("dry_penalty_last_n")
+    dry_sequence_breakers: tuple[str, ...] = default("dry_sequence_breakers")
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Raise ValueError/TypeError naming the field for a value no model could decode with
-        (layer ranges are checked against the model when it resolves the layers)."""
+        (layer ranges are checked against the model when it resolves the layers): each field
+        against its row in ``dola_cpp.settings``."""
         if not isinstance(self.dola, DolaConfig):
             raise TypeError(f"dola must be a DolaConfig, got {type(self.dola).__name__}")
         if not isinstance(self.activation, ActivationConfig):
             raise TypeError(f"activation must be an ActivationConfig, got {type(self.activation).__name__}")
-        if self.decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
-        if self.repetition_penalty is not None:
-            _check_number("repetition_penalty", self.repetition_penalty, 0.0, None, low_open=True)
-        _check_number("eos_boost", self.eos_boost, 0.0, None)
-        _check_number("temperature", self.temperature, 0.0, None)
-        if not _is_int(self.top_k) or not 0 <= self.top_k <= INT32_MAX:
-            raise ValueError(f"top_k must be an integer >= 0 and <= {INT32_MAX} (0 = all tokens), got {self.top_k!r}")
-        _check_number("top_p", self.top_p, 0.0, 1.0, low_open=True)
-        _check_number("min_p", self.min_p, 0.0, 1.0)
-        _check_number("dry_multiplier", self.dry_multiplier, 0.0, None)
-        _check_number("dry_base", self.dry_base, 1.0, None)
-        if not _is_int(self.dry_allowed_length) or not 0 <= self.dry_allowed_length <= INT32_MAX:
-            raise ValueError(f"dry_allowed_length must be an integer >= 0, got {self.dry_allowed_length!r}")
-        if not _is_int(self.dry_penalty_last_n) or not -1 <= self.dry_penalty_last_n <= INT32_MAX:
-            raise ValueError(f"dry_penalty_last_n must be an integer >= -1 (-1 = the whole context, 0 = off), "
-                             f"got {self.dry_penalty_last_n!r}")
-        if isinstance(self.dry_sequence_breakers, str) or not all(
-                isinstance(b, str) and 0 < len(b.encode("utf-8", "surrogatepass")) <= 40 and "\0" not in b
-                for b in self.dry_sequence_breakers):
-            raise ValueError(f"dry_sequence_breakers must be a sequence of strings of 1 to 40 bytes without NUL, "
-                             f"got {self.dry_sequence_breakers!r}")
-        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
-            raise ValueError(f"seed must be an integer >= 0 or None (random), got {self.seed!r}")
+        _check_fields(self, "")
 
     def replace(self, **changes: Any) -> "DecodeConfig":
         """A copy with ``changes``, the sub-configs' fields included; an unknown name is a
@@ -227,24 +187,16 @@ class DecodeConfig:
         """The C++ core's mirror of this config, for a resolved layer plan of an ``n_layer``-layer
         model."""
         p = _core.DecodeParams()
+        for s in SETTINGS:  # the settings the core takes as they are (settings.Setting.derived)
+            if not s.derived and s.core_members:
+                value = getattr(getattr(self, s.group) if s.group else self, s.name)
+                setattr(p, s.name, list(value) if s.type is tuple else value if s.type is bool else s.type(value))
         p.candidates = list(plan.candidates)
         p.mature = plan.mature
-        p.relative_top = float(self.dola.relative_top)
         p.repetition_penalty = self.penalty(plan)
-        p.premature_norm = self.dola.premature_norm
         p.activation = self.uses_activation
-        p.alpha = float(self.activation.alpha)
         p.info_layer = self.activation.resolve_info_layer(n_layer) if self.uses_activation else -1
-        p.temperature = float(self.temperature)
-        p.top_k = int(self.top_k)
-        p.top_p = float(self.top_p)
-        p.min_p = float(self.min_p)
         p.seed = 0xFFFFFFFF if self.seed is None else int(self.seed) & 0xFFFFFFFF
-        p.dry_multiplier = float(self.dry_multiplier)
-        p.dry_base = float(self.dry_base)
-        p.dry_allowed_length = int(self.dry_allowed_length)
-        p.dry_penalty_last_n = int(self.dry_penalty_last_n)
-        p.dry_sequence_breakers = list(self.dry_sequence_breakers)
         return p
 
 
@@ -255,6 +207,43 @@ FIELDS = [f.name for f in dataclasses.fields(DecodeConfig)] + DOLA_FIELDS + ACTI
 
 def _is_int(v: Any) -> bool:
     return not isinstance(v, bool) and isinstance(v, int) or type(v).__name__ in ("int64", "int32", "int16", "int8")
+
+
+def _check_fields(config: Any, group: str) -> None:
+    """Check each field of ``config`` (the sub-config ``group``, or DecodeConfig's own fields for
+    "") against its setting, in the dataclass's order."""
+    for f in dataclasses.fields(config):
+        s = BY_NAME.get(f.name)
+        if s is not None and s.group == group:
+            _check_setting(s, getattr(config, f.name))
+
+
+def _check_setting(s: Setting, value: Any) -> None:
+    if s.name == "layers":
+        if isinstance(value, str):
+            parse_layer_string(value)
+        elif value is not None and (isinstance(value, (bytes, bytearray)) or not all(_is_int(v) for v in value)):
+            raise TypeError(f"layers must be 'low', 'high', a layer string or a sequence of ints, got {value!r}")
+    elif s.name == "dry_sequence_breakers":
+        if isinstance(value, str) or not all(
+                isinstance(b, str) and 0 < len(b.encode("utf-8", "surrogatepass")) <= 40 and "\0" not in b
+                for b in value):
+            raise ValueError(f"dry_sequence_breakers must be a sequence of strings of 1 to 40 bytes without NUL, "
+                             f"got {value!r}")
+    elif value is None and s.none:
+        return
+    elif s.choices:
+        if value not in s.choices:
+            raise ValueError(f"{s.name} must be one of {', '.join(s.choices)}, got {value!r}")
+    elif s.type is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{s.name} must be True or False, got {value!r}")
+    elif s.type is int:
+        if not _is_int(value) or value < s.low or (s.high is not None and value > s.high) or \
+                (s.int32 and value > INT32_MAX):
+            raise ValueError(f"{s.name} must be {s.rule}, got {value!r}")
+    else:
+        _check_number(s.name, value, s.low, s.high, s.low_open, s.high_open)
 
 
 def _check_number(name: str, value: Any, low: float, high: Optional[float], low_open: bool = False,
