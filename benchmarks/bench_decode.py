@@ -71,7 +71,7 @@ def decode_rates(models: list[Model], layers, n_tokens: int, repeats: int = 3, *
     rates: list[list[float]] = [[] for _ in models]
     for _ in range(repeats):
         for m, out in zip(models, rates):
-            m._session.clear()
+            m.clear_cache()
             r = m.generate(ids, max_tokens=n_tokens, layers=layers, ignore_eos=True, **kw)
             out.append(len(r.tokens) / r.decode_seconds)
     return [statistics.median(r) for r in rates]
@@ -85,7 +85,7 @@ def prefill_rate(m: Model, layers, repeats: int = 3, **kw) -> float:
     ids = m.tokenize(LONG_PROMPT)[:512]  # the synthetic models' byte vocabulary makes it longer
     rates = []
     for _ in range(repeats):
-        m._session.clear()
+        m.clear_cache()
         r = m.generate(ids, max_tokens=1, layers=layers, **kw)
         rates.append(len(ids) / r.prefill_seconds)
     return statistics.median(rates)
@@ -162,7 +162,7 @@ def bench(name: str, path: Path, args) -> list[str]:
         rows.append((f"{label} (K={k})", decode_rate(m, layers, args.tokens, args.repeats), layers))
     pp_plain = prefill_rate(base, None, args.repeats)
     pp_dola = prefill_rate(m, "high", args.repeats)
-    lines = [f"### {name}  (N={N}, vocab={m.n_vocab}, {args.tokens} new tokens, threads={m._session.n_threads})", "",
+    lines = [f"### {name}  (N={N}, vocab={m.n_vocab}, {args.tokens} new tokens, threads={m.n_threads})", "",
              f"DoLa's projection ran on: {m.projection_backend}; layer capture: {_core.capture_mode()}", "",
              "| decoding | tok/s | × plain | ms/token | projection+contrast ms | contrast ms |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -230,7 +230,7 @@ def activation_table(name: str, path: Path, args) -> list[str]:
             d.append(decode_rate(model, layers, args.tokens, 1, **kw))
             p.append(prefill_rate(model, layers, 1, **kw))
     lines = [f"### {name}: Activation Decoding  (N={m.n_layers}, info layer {info}, vocab={m.n_vocab}, "
-             f"{args.tokens} new tokens, 512-token prompt, threads={m._session.n_threads}, median of {args.repeats})", "",
+             f"{args.tokens} new tokens, 512-token prompt, threads={m.n_threads}, median of {args.repeats})", "",
              "| decoder | decode tok/s | × plain | prompt tok/s | × plain |", "|---|---:|---:|---:|---:|"]
     d0, p0 = statistics.median(decode[0]), statistics.median(prompt[0])
     for (label, *_), d, p in zip(runs, decode, prompt):

@@ -35,7 +35,7 @@ def start_server(threads: int, cwd: str) -> tuple[subprocess.Popen, str]:
 
 
 def _wall(m: Model, prompt: str, tokens: int, layers) -> float:
-    m._session.clear()
+    m.clear_cache()
     t0 = time.perf_counter()
     m.generate(prompt, max_tokens=tokens, layers=layers, ignore_eos=True)
     return time.perf_counter() - t0

@@ -54,7 +54,7 @@ def main():
                     if same_items:
                         recs = [r for r in recs if r["index"] in common[model, task]]
                     metrics = ev.get_task(task).summarize(recs)
-                    hist = ev._layer_histogram(recs, header["candidates"])
+                    hist = ev.layer_histogram(recs, header["candidates"])
                     row[task] = (header, recs, metrics, hist)
             if not row:
                 continue

@@ -22,7 +22,7 @@ def run(model, items, layers, scratch):
         prompt = ev.tfqa_prompt(item.question)
         for answer in item.true + item.false:
             if scratch:
-                model._session.clear()
+                model.clear_cache()
             scores.append(model.score(prompt, " " + answer, layers=layers).score)
     return time.perf_counter() - t0, np.array(scores)
 

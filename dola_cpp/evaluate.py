@@ -357,7 +357,7 @@ def get_task(task: Union[str, Task]) -> Task:
     return TASKS[task]
 
 
-def _layer_histogram(records: list[dict], candidates: Sequence[int]) -> dict[int, int]:
+def layer_histogram(records: list[dict], candidates: Sequence[int]) -> dict[int, int]:
     hist: dict[int, int] = {int(c): 0 for c in candidates}
     for r in records:
         for k, v in r["layers"].items():
@@ -477,7 +477,7 @@ def run_eval(
         task=t.name,
         n=len(records),
         metrics=t.summarize(records),
-        layer_histogram=_layer_histogram(records, plan.candidates),
+        layer_histogram=layer_histogram(records, plan.candidates),
         candidates=tuple(plan.candidates),
         mature=None if plan.is_plain else plan.mature,
         wall_seconds=time.perf_counter() - t_run,

@@ -368,6 +368,12 @@ class Model:
         self._claim.cancel()
         self._session.cancel()
 
+    def clear_cache(self) -> None:
+        """Forget the KV cache: the next call prefills its whole prompt (benchmarks use it to time
+        prefill and decoding from a cold start)."""
+        with self._claim:
+            self._session.clear()
+
     # ------------------------------------------------------------------ analysis
 
     def layer_logits(self, prompt: Prompt, layers: Sequence[int], premature_norm: bool = False) -> np.ndarray:
