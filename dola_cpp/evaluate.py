@@ -28,6 +28,7 @@ import numpy as np
 from .config import DecodeConfig
 from .layers import LayerSpec, parse_layer_string
 from .model import Model
+from .settings import default
 
 PathLike = Union[str, os.PathLike]
 Progress = Callable[[int, int, dict], None]
@@ -231,7 +232,7 @@ class ScoreOptions:
     premature_norm: bool = False
     relative_top_value: float = -1000.0
     decoder: str = "dola"  # "activation": minus alpha * H[token] (Activation Decoding's lm_score)
-    alpha: float = 0.5
+    alpha: float = default("alpha")
     info_layer: Optional[int] = None
 
 
@@ -405,7 +406,7 @@ def run_eval(
     layers: LayerSpec = None,
     premature_norm: bool = False,
     decoder: str = "dola",
-    alpha: float = 0.5,
+    alpha: float = default("alpha"),
     info_layer: Optional[int] = None,
     results_path: Optional[PathLike] = None,
     progress: Optional[Progress] = None,
