@@ -102,6 +102,10 @@ class Setting:
         return self.default if d is _SAME else d
 
     @property
+    def has_chat_default(self) -> bool:
+        return self.chat_default is not _SAME
+
+    @property
     def chat_value(self) -> Any:
         """What the chat and the server decode with unless told otherwise."""
         return self.default if self.chat_default is _SAME else self.chat_default

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import Counter
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import typer
 
@@ -18,11 +18,13 @@ from .. import DecodeConfig, GenerationResult, LayerPlan, Model
 from ..prompts import TRANSCRIPT_STOP, transcript_prompt
 from ..risk import RISK_BANDS, RISK_FORMULA
 from ..hub import cache_dir
+from ..settings import Setting, chat_words
 from ._cli_utils import CLIError, Template, layer_plan, one_line, template_choice
 from ._input import Interrupted, LineReader, discard_typeahead, line_reader
 from ._render import describe_config, describe_plan, histogram, stats_line
 
 MULTILINE = '"""'
+SET_WORDS = chat_words()  # /set's words for the decode settings (dola_cpp.settings)
 
 HELP = f"""\
 Commands:
@@ -438,12 +440,11 @@ class Chat:
             if max_tokens < 1:
                 raise CLIError(f"max_tokens must be at least 1, got {value}")
             self.max_tokens = max_tokens
-        elif key == "layers":
-            self._apply(layers=value)
+        elif key in SET_WORDS:  # a decode setting (dola_cpp.settings): DecodeConfig checks its value
+            setting = SET_WORDS[key]
+            self._apply(**{setting.name: _setting_value(setting, key, value)})
         elif key == "show_risk":
-            if value.lower() not in ("on", "off"):
-                raise CLIError("/set show_risk takes on or off")
-            self.show_risk = value.lower() == "on"
+            self.show_risk = _on_off(key, value)
             if self.show_risk:
                 self.out.legend()
         elif key == "abstain":
@@ -454,32 +455,8 @@ class Chat:
                 if not 0.0 < risk <= 1.0:
                     raise CLIError(f"abstain takes a risk in (0, 1] or off, got {value}")
                 self.abstain = risk
-        elif key in ("eos_boost", "dry_multiplier", "dry_base"):
-            self._apply(**{key: _number(key, value, float)})
-        elif key in ("dry_allowed_length", "dry_penalty_last_n"):
-            self._apply(**{key: _number(key, value, int)})
         elif key == "stop_loops":
-            if value.lower() not in ("on", "off"):
-                raise CLIError("/set stop_loops takes on or off")
-            self.stop_loops = value.lower() == "on"
-        elif key in ("repetition_penalty", "penalty", "rp"):
-            self._apply(repetition_penalty=None if value.lower() == "auto" else _number(key, value, float))
-        elif key == "premature_norm":
-            if value.lower() not in ("on", "off"):
-                raise CLIError("/set premature_norm takes on or off")
-            self._apply(premature_norm=value.lower() == "on")
-        elif key == "decoder":
-            self._apply(decoder=value.lower())
-        elif key == "alpha":
-            self._apply(alpha=_number(key, value, float))
-        elif key == "info_layer":
-            self._apply(info_layer=None if value.lower() == "auto" else _number(key, value, int))
-        elif key in ("temperature", "top_p"):
-            self._apply(**{key: _number(key, value, float)})
-        elif key == "top_k":
-            self._apply(top_k=_number(key, value, int))
-        elif key == "seed":
-            self._apply(seed=None if value.lower() == "random" else _number(key, value, int))
+            self.stop_loops = _on_off(key, value)
         else:
             raise CLIError(f"unknown setting {key!r}; /set without arguments lists them")
         if key not in ("show_risk", "abstain", "stop_loops"):
@@ -531,6 +508,26 @@ class Chat:
 
     def _plan(self, layers: str) -> LayerPlan:
         return layer_plan(self.model, layers, label="layers")
+
+
+def _on_off(key: str, value: str) -> bool:
+    if value.lower() not in ("on", "off"):
+        raise CLIError(f"/set {key} takes on or off")
+    return value.lower() == "on"
+
+
+def _setting_value(setting: Setting, key: str, value: str) -> Any:
+    """The text of ``/set key value`` as the setting's value: its word for None (``auto``), on or
+    off, a choice (in lower case), a number, or the text itself (layers)."""
+    if setting.none and value.lower() == setting.none:
+        return None
+    if setting.type is bool:
+        return _on_off(key, value)
+    if setting.choices:
+        return value.lower()
+    if setting.type in (int, float):
+        return _number(key, value, setting.type)
+    return value
 
 
 def _number(key: str, value: str, kind: type):

@@ -3,13 +3,15 @@ options, the penalty note, the chat-template choice, and model loading."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import sys
 import traceback
 import warnings
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, Callable, Optional, TypeVar, Union
 
 import typer
 from typer.core import TyperGroup
@@ -19,6 +21,7 @@ from .. import (
     PromptTooLongError, resolve_model,
 )
 from ..layers import parse_layer_string
+from ..settings import BY_NAME, Setting, for_command
 from ._help import (  # noqa: F401  (the panels, for the commands' own options)
     PANEL_DECODING, PANEL_ENGINE, PANEL_OUTPUT, PANEL_PROMPT, PANEL_SAMPLING, PANEL_STOPPING, DolaCommand,
 )
@@ -107,9 +110,7 @@ class Template(str, Enum):
     none = "none"  # raw text (generate/compare) or a plain User:/Assistant: transcript (run)
 
 
-class Decoder(str, Enum):
-    dola = "dola"
-    activation = "activation"
+Decoder = Enum("Decoder", {c: c for c in BY_NAME["decoder"].choices}, type=str)  # --decoder's choices
 
 
 class Layout(str, Enum):
@@ -154,67 +155,12 @@ ModelArg = Annotated[Optional[str], typer.Argument(metavar="MODEL", show_default
                                                    help=_MODEL_HELP + " Default: the default demo model.")]
 ModelRequiredArg = Annotated[str, typer.Argument(metavar="MODEL", help=_MODEL_HELP, show_default=False)]
 PromptArg = Annotated[str, typer.Argument(metavar="PROMPT", help="The prompt text.", show_default=False)]
-LayersOpt = Annotated[
-    str,
-    typer.Option(
-        "--layers", "-l", metavar="LAYERS", callback=check_layer_syntax, rich_help_panel=PANEL_DECODING,
-        help="Premature layers to contrast: high, low, none (plain decoding), or a list like 16,18,32 "
-             "(last = mature layer; one value = plain decoding from that layer).",
-    ),
-]
-RepetitionPenaltyOpt = Annotated[
-    Optional[float],
-    typer.Option("--repetition-penalty", "--rp", callback=_check_positive, rich_help_panel=PANEL_DECODING,
-                 show_default=False,
-                 help=f"Repetition penalty. Default: {RECOMMENDED_REPETITION_PENALTY} with DoLa, 1.0 plain."),
-]
-PrematureNormOpt = Annotated[
-    bool,
-    typer.Option("--premature-norm/--raw", rich_help_panel=PANEL_DECODING,
-                 help="--premature-norm (the command line's default) applies the final norm to premature layers "
-                      "before projecting them (logit lens); --raw projects the raw hidden state as the DoLa "
-                      "paper, transformers and the Python API do. Why the default differs: README, 'Chat defaults'."),
-]
-DecoderOpt = Annotated[
-    Decoder,
-    typer.Option("--decoder", rich_help_panel=PANEL_DECODING,
-                 help="dola: DoLa with --layers (plain decoding with --layers none); activation: Activation "
-                      "Decoding, on top of DoLa's contrast unless --layers none."),
-]
-AlphaOpt = Annotated[float, typer.Option("--alpha", min=0.0, rich_help_panel=PANEL_DECODING,
-                                         help="Activation Decoding: weight of the sharpness (entropy) term.")]
-InfoLayerOpt = Annotated[Optional[int], typer.Option(
-    "--info-layer", min=0, rich_help_panel=PANEL_DECODING, show_default=False,
-    help="Activation Decoding: the layer whose activations over the context are measured "
-         "(default: round(0.8 x layers), as the reference's 26 of 32; `dola-cpp info` shows it).")]
-TemperatureOpt = Annotated[float, typer.Option("--temperature", "-t", min=0.0, rich_help_panel=PANEL_SAMPLING,
-                                               help="Sampling temperature; 0 = greedy.")]
-TopKOpt = Annotated[int, typer.Option("--top-k", min=0, rich_help_panel=PANEL_SAMPLING,
-                                      help="Sample from the k best tokens (0 = all).")]
-TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, rich_help_panel=PANEL_SAMPLING,
-                                        help="Nucleus sampling threshold.")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", min=0, rich_help_panel=PANEL_SAMPLING, show_default=False,
-                                                help="Random seed for sampling (default: random).")]
-DryMultiplierOpt = Annotated[float, typer.Option(
-    "--dry-multiplier", min=0.0, rich_help_panel=PANEL_SAMPLING,
-    help="llama.cpp's DRY sampler: lower a token that would extend a repeat of the context by this times "
-         "--dry-base to the power of the repeat's length beyond --dry-allowed-length (0 = off).")]
-DryBaseOpt = Annotated[float, typer.Option("--dry-base", min=1.0, rich_help_panel=PANEL_SAMPLING,
-                                           help="DRY's growth per repeated token.")]
-DryAllowedLengthOpt = Annotated[int, typer.Option("--dry-allowed-length", min=0, rich_help_panel=PANEL_SAMPLING,
-                                                  help="Repeats up to this many tokens are not lowered by DRY.")]
-DryLastNOpt = Annotated[int, typer.Option("--dry-penalty-last-n", min=-1, rich_help_panel=PANEL_SAMPLING,
-                                          help="Tokens DRY scans for repeats (-1 = the whole context, 0 = off).")]
 StopLoopsOpt = Annotated[bool, typer.Option(
     "--stop-loops/--no-stop-loops", rich_help_panel=PANEL_STOPPING,
     help="End an answer that repeats a cycle of 3 or more tokens a third time in a row.")]
 # The command line, the chat's /set max_tokens and the server all refuse a budget of 0 tokens.
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=1, rich_help_panel=PANEL_STOPPING,
                                            help="Most tokens to generate per answer.")]
-EosBoostOpt = Annotated[float, typer.Option(
-    "--eos-boost", min=0.0, rich_help_panel=PANEL_STOPPING,
-    help="Raise the end-of-answer tokens' scores from 80% of --max-tokens on, linearly up to this many nats at "
-         "the limit, so answers end instead of being cut (0 = off).")]
 AbstainOpt = Annotated[Optional[float], typer.Option(
     "--abstain", callback=lambda v: _check_risk(v), rich_help_panel=PANEL_STOPPING, show_default=False,
     help="Say it is not sure instead of answering when the answer's risk exceeds this (0-1).")]
@@ -239,6 +185,73 @@ RpcOpt = Annotated[Optional[str], typer.Option(
 ShowRiskOpt = Annotated[bool, typer.Option("--show-risk", rich_help_panel=PANEL_OUTPUT,
                                            help="Colour each token by its risk (low, medium, high).")]
 JsonOpt = Annotated[bool, typer.Option("--json", rich_help_panel=PANEL_OUTPUT, help="Print JSON instead of text.")]
+
+
+# ---------------------------------------------------------------------------------------- decode options
+
+# The checks an option runs as its callback instead of a min/max (settings.Setting.cli_check).
+CHECKS: dict[str, Callable[[Any], Any]] = {"layers": check_layer_syntax, "positive": _check_positive}
+
+# A command's parameter ``decode: DecodeOptions = DECODE_OPTIONS`` is where decode_options puts
+# the table's options; the command gets their values as one dict, by setting name.
+DecodeOptions = dict[str, Any]
+DECODE_OPTIONS: Any = object()
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def decode_option(setting: Setting, command: str) -> tuple[Any, Any]:
+    """``setting`` as ``command``'s option: its annotation (``Annotated[type, typer.Option]``)
+    and its default, both from the table (``dola_cpp.settings``)."""
+    shown = setting.cli[command]
+    default = setting.default_on(command)
+    kind: Any = Decoder if setting.name == "decoder" else setting.type
+    extra: dict[str, Any] = {}
+    if setting.metavar:
+        extra["metavar"] = setting.metavar
+    if setting.cli_check:
+        extra["callback"] = CHECKS[setting.cli_check]
+    else:
+        if setting.low is not None:
+            extra["min"] = setting.type(setting.low)
+        if setting.high is not None:
+            extra["max"] = setting.type(setting.high)
+    if default is None:
+        kind, extra["show_default"] = Optional[kind], False
+    elif kind is Decoder:
+        default = Decoder(default)
+    option = typer.Option(*(shown.flags or setting.flags), rich_help_panel=setting.panel,
+                          help=shown.help or setting.help, **extra)
+    return Annotated[kind, option], default
+
+
+def decode_options(command: str) -> Callable[[_F], _F]:
+    """Give ``command`` (its name on the command line: ``"generate"``, ``"eval factor"``) the
+    table's options for it, in the place of its parameter ``decode``, which receives their
+    values as a dict by setting name (an enum's value for ``--decoder``)."""
+    settings = for_command(command)
+
+    def wrap(fn: _F) -> _F:
+        sig = inspect.signature(fn, eval_str=True)
+        own = list(sig.parameters.values())
+        at = [p.name for p in own].index("decode")
+        made = []
+        for s in settings:
+            annotation, default = decode_option(s, command)
+            made.append(inspect.Parameter(s.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                                          annotation=annotation))
+        params = own[:at] + made + own[at + 1:]
+
+        @functools.wraps(fn)
+        def run_command(**kwargs: Any) -> Any:
+            decode = {s.name: kwargs.pop(s.name) for s in settings}
+            decode = {k: v.value if isinstance(v, Enum) else v for k, v in decode.items()}
+            return fn(**kwargs, decode=decode)
+
+        run_command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        run_command.__annotations__ = {p.name: p.annotation for p in params}
+        return run_command  # type: ignore[return-value]
+
+    return wrap
 
 
 # ---------------------------------------------------------------------------------------- settings

@@ -9,8 +9,8 @@ import typer
 
 from .. import GenerationResult
 from ._cli_utils import (
-    PANEL_OUTPUT, AlphaOpt, CtxOpt, GpuLayersOpt, InfoLayerOpt, LayersOpt, Layout, MaxTokensOpt, ModelRequiredArg, PrematureNormOpt,
-    PromptArg, RepackOpt, RepetitionPenaltyOpt, SystemOpt, Template, TemplateOpt, ThreadsOpt, decode_config, examples,
+    DECODE_OPTIONS, PANEL_OUTPUT, CtxOpt, DecodeOptions, GpuLayersOpt, Layout, MaxTokensOpt, ModelRequiredArg,
+    PromptArg, RepackOpt, SystemOpt, Template, TemplateOpt, ThreadsOpt, decode_config, decode_options, examples,
     layer_plan, load_model, note_penalty, prompt_text,
 )
 from ._render import describe_config, side_by_side, top_layers
@@ -28,14 +28,11 @@ LayoutOpt = Annotated[Layout, typer.Option("--layout", rich_help_panel=PANEL_OUT
                                                             "or auto: columns when the terminal is wide enough.")]
 
 
+@decode_options("compare")
 def compare(
     model: ModelRequiredArg,
     prompt: PromptArg,
-    layers: LayersOpt = "high",
-    repetition_penalty: RepetitionPenaltyOpt = None,
-    premature_norm: PrematureNormOpt = True,
-    alpha: AlphaOpt = 0.5,
-    info_layer: InfoLayerOpt = None,
+    decode: DecodeOptions = DECODE_OPTIONS,  # the table's options for compare (dola_cpp.settings)
     max_tokens: MaxTokensOpt = 128,
     system: SystemOpt = None,
     template: TemplateOpt = Template.auto,
@@ -56,6 +53,7 @@ def compare(
     --repetition-penalty applies to every answer; without it, plain decoding uses 1.0 and the
     others 1.2 (the library defaults), as the headings say.
     """
+    layers, repetition_penalty, premature_norm = decode["layers"], decode["repetition_penalty"], decode["premature_norm"]
     m = load_model(model, ctx, threads, gpu_layers, repack)
     plan = layer_plan(m, layers)
     plain_plan = m.resolve_layers(None)
@@ -65,7 +63,7 @@ def compare(
         runs.append((plain_config.replace(layers=layers, premature_norm=premature_norm), plan))
         note_penalty(runs[-1][0], plan)
     act_config = decode_config(m, repetition_penalty=repetition_penalty, premature_norm=premature_norm,
-                               decoder="activation", alpha=alpha, info_layer=info_layer)
+                               decoder="activation", alpha=decode["alpha"], info_layer=decode["info_layer"])
     runs.append((act_config, plain_plan))
     text, _ = prompt_text(m, prompt, template, system)
     panes = []

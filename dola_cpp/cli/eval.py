@@ -14,8 +14,8 @@ import typer
 from .. import evaldata
 from .. import evaluate as ev
 from ._cli_utils import (
-    PANEL_DECODING, PANEL_ENGINE, PANEL_OUTPUT, AlphaOpt, CLIError, CtxOpt, Decoder, DecoderOpt, DolaCommand,
-    InfoLayerOpt, ModelRequiredArg, ThreadsOpt, check_layer_syntax, decode_config, layer_plan, load_model,
+    DECODE_OPTIONS, PANEL_DECODING, PANEL_ENGINE, PANEL_OUTPUT, CLIError, CtxOpt, DecodeOptions, DolaCommand,
+    ModelRequiredArg, ThreadsOpt, decode_config, decode_options, layer_plan, load_model,
 )
 from ._render import describe_config
 
@@ -46,18 +46,6 @@ EarlyExitOpt = Annotated[
         help="The DoLa repo's layer string: one value (-1) = plain, two = static 'premature,mature', "
         "more = dynamic with the last as mature.",
     ),
-]
-LayersOpt = Annotated[
-    Optional[str], typer.Option("--layers", metavar="LAYERS", callback=check_layer_syntax,
-                                rich_help_panel=PANEL_DECODING, show_default=False,
-                                help="'high', 'low', 'none' or a layer string such as '16,18,32'. Default: none "
-                                     "(plain decoding), unless --early-exit-layers is given.")
-]
-PrematureNormOpt = Annotated[
-    bool, typer.Option("--premature-norm/--raw", rich_help_panel=PANEL_DECODING,
-                       help="--premature-norm applies the final norm to premature hidden states before projecting "
-                            "them (logit lens); --raw projects the raw hidden state, as the DoLa repository's "
-                            "evaluations do.")
 ]
 LimitOpt = Annotated[Optional[int], typer.Option("--limit", metavar="N", min=1, show_default=False,
                                                  help="Evaluate only the first N items (default: all).")]
@@ -112,9 +100,8 @@ def _items(task: str, load, data: Optional[Path], limit: Optional[int],
     return data, (items[:limit] if limit else items)
 
 
-def _run(task: ev.Task, model_ref: str, data: Optional[Path], spec, premature_norm: bool, limit, json_out, ctx,
-         threads, kv_type, decoder: Decoder = Decoder.dola, alpha: float = 0.5, info_layer: Optional[int] = None,
-         subset: Optional[FactorSubset] = None) -> None:
+def _run(task: ev.Task, model_ref: str, data: Optional[Path], spec, decode: DecodeOptions, limit, json_out, ctx,
+         threads, kv_type, subset: Optional[FactorSubset] = None) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Table
@@ -123,8 +110,7 @@ def _run(task: ev.Task, model_ref: str, data: Optional[Path], spec, premature_no
     data, items = _items(task.name, task.load, data, limit, subset)
     model = load_model(model_ref, ctx, threads, kv_type=kv_type.value)
     plan = layer_plan(model, spec) if spec is not None else model.resolve_layers(None)
-    config = decode_config(model, layers=spec, premature_norm=premature_norm, decoder=decoder, alpha=alpha,
-                           info_layer=info_layer)
+    config = decode_config(model, **{**decode, "layers": spec})
     console.print(f"[bold]{task.name}[/] {model.path.name}: {len(items)} items, "
                   f"{describe_config(config, plan, model.n_layers)}", highlight=False, soft_wrap=True)
 
@@ -155,10 +141,10 @@ def _run(task: ev.Task, model_ref: str, data: Optional[Path], spec, premature_no
                 model,
                 items,
                 layers=spec,
-                premature_norm=premature_norm,
+                premature_norm=decode["premature_norm"],
                 decoder=config.decoder,
-                alpha=alpha,
-                info_layer=info_layer,
+                alpha=decode["alpha"],
+                info_layer=decode["info_layer"],
                 results_path=json_out,
                 progress=progress,
                 header_extra={"data": data.name, "kv_type": kv_type.value},
@@ -198,15 +184,12 @@ def _run(task: ev.Task, model_ref: str, data: Optional[Path], spec, premature_no
 
 
 @app.command("tfqa-mc", cls=DolaCommand)
+@decode_options("eval tfqa-mc")
 def tfqa_mc(
     model: ModelRequiredArg,
     data: DataOpt = None,
     early_exit_layers: EarlyExitOpt = None,
-    layers: LayersOpt = None,
-    premature_norm: PrematureNormOpt = False,
-    decoder: DecoderOpt = Decoder.dola,
-    alpha: AlphaOpt = 0.5,
-    info_layer: InfoLayerOpt = None,
+    decode: DecodeOptions = DECODE_OPTIONS,  # the table's options for eval tfqa-mc (dola_cpp.settings)
     limit: LimitOpt = None,
     json_out: JsonOpt = None,
     ctx: CtxOpt = 2048,
@@ -216,21 +199,18 @@ def tfqa_mc(
     """Score TruthfulQA MC1, MC2 and MC3 as the DoLa repository does.
 
     The DoLa repository's tfqa_mc_eval.py: a 6-shot prompt, relative_top=0."""
-    _run(ev.TASKS[ev.TFQA], model, data, _layer_spec(early_exit_layers, layers), premature_norm, limit, json_out, ctx,
-         threads, kv_type, decoder, alpha, info_layer)
+    _run(ev.TASKS[ev.TFQA], model, data, _layer_spec(early_exit_layers, decode["layers"]), decode, limit, json_out,
+         ctx, threads, kv_type)
 
 
 @app.command("factor", cls=DolaCommand)
+@decode_options("eval factor")
 def factor(
     model: ModelRequiredArg,
     data: DataOpt = None,
     subset: SubsetOpt = None,
     early_exit_layers: EarlyExitOpt = None,
-    layers: LayersOpt = None,
-    premature_norm: PrematureNormOpt = False,
-    decoder: DecoderOpt = Decoder.dola,
-    alpha: AlphaOpt = 0.5,
-    info_layer: InfoLayerOpt = None,
+    decode: DecodeOptions = DECODE_OPTIONS,  # the table's options for eval factor (dola_cpp.settings)
     limit: LimitOpt = None,
     json_out: JsonOpt = None,
     ctx: CtxOpt = 2048,
@@ -240,18 +220,16 @@ def factor(
     """Score FACTOR accuracy as the DoLa repository does.
 
     The DoLa repository's factor_eval.py: relative_top=0.1, post-softmax."""
-    _run(ev.TASKS[ev.FACTOR], model, data, _layer_spec(early_exit_layers, layers), premature_norm, limit, json_out, ctx,
-         threads, kv_type, decoder, alpha, info_layer, subset)
+    _run(ev.TASKS[ev.FACTOR], model, data, _layer_spec(early_exit_layers, decode["layers"]), decode, limit, json_out,
+         ctx, threads, kv_type, subset)
 
 
 @app.command("selective", cls=DolaCommand)
+@decode_options("eval selective")
 def selective(
     model: ModelRequiredArg,
     data: DataOpt = None,
-    layers: Annotated[str, typer.Option("--layers", metavar="LAYERS", callback=check_layer_syntax,
-                                        rich_help_panel=PANEL_DECODING,
-                                        help="The DoLa mode's layers ('high', 'low' or a layer string).")] = "high",
-    premature_norm: PrematureNormOpt = False,
+    decode: DecodeOptions = DECODE_OPTIONS,  # the table's options for eval selective (dola_cpp.settings)
     limit: LimitOpt = None,
     out: Annotated[Path, typer.Option("--out", metavar="OUT", rich_help_panel=PANEL_OUTPUT, help="Writes OUT.json (curves and areas), OUT.png (the plot) and "
                                                     "OUT.plain.jsonl / OUT.dola.jsonl (per question; a rerun "
@@ -269,6 +247,7 @@ def selective(
 
     from .. import selective as sel
 
+    layers, premature_norm = decode["layers"], decode["premature_norm"]
     console = Console()
     if layers.strip().lower() == "none":
         raise typer.BadParameter("the DoLa mode needs layers ('high', 'low' or a layer string)", param_hint="--layers")

@@ -10,11 +10,9 @@ import typer
 
 from .. import DecodeConfig, GenerationResult, LayerPlan, Model
 from ._cli_utils import (
-    PANEL_STOPPING, AbstainOpt, AlphaOpt, CtxOpt, Decoder, DecoderOpt, EosBoostOpt, GpuLayersOpt, InfoLayerOpt, JsonOpt, LayersOpt, MaxTokensOpt,
-    ModelRequiredArg, PrematureNormOpt, PromptArg, RepackOpt, RpcOpt, RepetitionPenaltyOpt, SeedOpt, SystemOpt, TemperatureOpt,
-    Template, TemplateOpt, ThreadsOpt, TopKOpt, TopPOpt, decode_config, examples, layer_plan, load_model, note_penalty,
-    DryAllowedLengthOpt, DryBaseOpt, DryLastNOpt, DryMultiplierOpt, StopLoopsOpt,
-    prompt_text,
+    DECODE_OPTIONS, PANEL_STOPPING, AbstainOpt, CtxOpt, DecodeOptions, GpuLayersOpt, JsonOpt, MaxTokensOpt,
+    ModelRequiredArg, PromptArg, RepackOpt, RpcOpt, StopLoopsOpt, SystemOpt, Template, TemplateOpt, ThreadsOpt,
+    decode_config, decode_options, examples, layer_plan, load_model, note_penalty, prompt_text,
 )
 
 GENERATE_EXAMPLES = examples(
@@ -29,27 +27,14 @@ StopOpt = Annotated[Optional[List[str]], typer.Option("--stop", metavar="TEXT", 
                                                       help="Stop at this text (repeatable).")]
 
 
+@decode_options("generate")
 def generate(
     model: ModelRequiredArg,
     prompt: PromptArg,
-    layers: LayersOpt = "high",
-    repetition_penalty: RepetitionPenaltyOpt = None,
-    premature_norm: PrematureNormOpt = True,
-    decoder: DecoderOpt = Decoder.dola,
-    alpha: AlphaOpt = 0.5,
-    info_layer: InfoLayerOpt = None,
     system: SystemOpt = None,
     max_tokens: MaxTokensOpt = 256,
-    eos_boost: EosBoostOpt = 0.0,
+    decode: DecodeOptions = DECODE_OPTIONS,  # the table's options for generate (dola_cpp.settings)
     abstain: AbstainOpt = None,
-    temperature: TemperatureOpt = 0.0,
-    top_k: TopKOpt = 0,
-    top_p: TopPOpt = 1.0,
-    seed: SeedOpt = None,
-    dry_multiplier: DryMultiplierOpt = 0.0,
-    dry_base: DryBaseOpt = 1.75,
-    dry_allowed_length: DryAllowedLengthOpt = 2,
-    dry_penalty_last_n: DryLastNOpt = -1,
     stop: StopOpt = None,
     stop_loops: StopLoopsOpt = False,
     template: TemplateOpt = Template.auto,
@@ -68,12 +53,8 @@ def generate(
     (exit status 3 otherwise).
     """
     m = load_model(model, ctx, threads, gpu_layers, repack, rpc)
-    config = decode_config(m, layers=layers, repetition_penalty=repetition_penalty, premature_norm=premature_norm,
-                           decoder=decoder, alpha=alpha, info_layer=info_layer, eos_boost=eos_boost,
-                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                           dry_multiplier=dry_multiplier, dry_base=dry_base, dry_allowed_length=dry_allowed_length,
-                           dry_penalty_last_n=dry_penalty_last_n)
-    plan = layer_plan(m, layers)
+    config = decode_config(m, **decode)
+    plan = layer_plan(m, decode["layers"])
     note_penalty(config, plan)
     text, templated = prompt_text(m, prompt, template, system)
     run = m.stream(text, max_tokens, config=config, stop=stop, abstain_above=abstain, stop_loops=stop_loops)

@@ -7,13 +7,12 @@ import sys
 import typer
 
 from ._chat import Chat
+from ..settings import CHAT_MAX_TOKENS
 from ._cli_utils import (
-    AbstainOpt, AlphaOpt, CtxOpt, Decoder, DecoderOpt, EosBoostOpt, GpuLayersOpt, InfoLayerOpt, LayersOpt, MaxTokensOpt, ModelArg,
-    PrematureNormOpt, RepackOpt, RpcOpt, RepetitionPenaltyOpt, SeedOpt, SystemOpt, TemperatureOpt, Template, TemplateOpt,
-    ShowRiskOpt, ThreadsOpt, TopKOpt, TopPOpt, decode_config, examples, load_model,
-    DryAllowedLengthOpt, DryBaseOpt, DryLastNOpt, DryMultiplierOpt, StopLoopsOpt,
+    DECODE_OPTIONS, AbstainOpt, CtxOpt, DecodeOptions, GpuLayersOpt, MaxTokensOpt, ModelArg, RepackOpt, RpcOpt,
+    ShowRiskOpt, StopLoopsOpt, SystemOpt, Template, TemplateOpt, ThreadsOpt, decode_config, decode_options, examples,
+    load_model,
 )
-from ..config import CHAT_DRY_MULTIPLIER, CHAT_EOS_BOOST, CHAT_MAX_TOKENS, CHAT_PREMATURE_NORM
 
 RUN_EXAMPLES = examples(
     "dola-cpp run",
@@ -26,28 +25,15 @@ RUN_EXAMPLES = examples(
 )
 
 
+@decode_options("run")
 def run(
     model: ModelArg = None,
-    layers: LayersOpt = "high",
-    repetition_penalty: RepetitionPenaltyOpt = None,
-    premature_norm: PrematureNormOpt = CHAT_PREMATURE_NORM,
-    decoder: DecoderOpt = Decoder.dola,
-    alpha: AlphaOpt = 0.5,
-    info_layer: InfoLayerOpt = None,
     system: SystemOpt = None,
     max_tokens: MaxTokensOpt = CHAT_MAX_TOKENS,
-    eos_boost: EosBoostOpt = CHAT_EOS_BOOST,
+    decode: DecodeOptions = DECODE_OPTIONS,  # the table's options for run, the chat's defaults (dola_cpp.settings)
     stop_loops: StopLoopsOpt = True,
     show_risk: ShowRiskOpt = False,
     abstain: AbstainOpt = None,
-    temperature: TemperatureOpt = 0.0,
-    top_k: TopKOpt = 0,
-    top_p: TopPOpt = 1.0,
-    seed: SeedOpt = None,
-    dry_multiplier: DryMultiplierOpt = CHAT_DRY_MULTIPLIER,
-    dry_base: DryBaseOpt = 1.75,
-    dry_allowed_length: DryAllowedLengthOpt = 2,
-    dry_penalty_last_n: DryLastNOpt = -1,
     template: TemplateOpt = Template.auto,
     ctx: CtxOpt = 2048,
     threads: ThreadsOpt = None,
@@ -63,11 +49,7 @@ def run(
     line is a user turn and only the answers are printed.
     """
     m = load_model(model, ctx, threads, gpu_layers, repack, rpc)
-    config = decode_config(m, layers=layers, repetition_penalty=repetition_penalty, premature_norm=premature_norm,
-                           decoder=decoder, alpha=alpha, info_layer=info_layer, eos_boost=eos_boost,
-                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                           dry_multiplier=dry_multiplier, dry_base=dry_base, dry_allowed_length=dry_allowed_length,
-                           dry_penalty_last_n=dry_penalty_last_n)
+    config = decode_config(m, **decode)
     chat = Chat(m, config, max_tokens=max_tokens, system=system, template=template, interactive=sys.stdin.isatty(),
                 show_risk=show_risk, abstain=abstain, stop_loops=stop_loops)
     raise typer.Exit(chat.repl())

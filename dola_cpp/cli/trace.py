@@ -9,9 +9,9 @@ import typer
 
 from .. import trace as tr
 from ._cli_utils import (
-    PANEL_DECODING, PANEL_OUTPUT, CLIError, CtxOpt, GpuLayersOpt, MaxTokensOpt, ModelRequiredArg, PrematureNormOpt,
-    PromptArg, RepackOpt, RepetitionPenaltyOpt, SystemOpt, Template, TemplateOpt, ThreadsOpt, check_layer_syntax,
-    decode_config, examples, layer_plan, load_model, prompt_text,
+    DECODE_OPTIONS, PANEL_OUTPUT, CLIError, CtxOpt, DecodeOptions, GpuLayersOpt, MaxTokensOpt, ModelRequiredArg,
+    PromptArg, RepackOpt, SystemOpt, Template, TemplateOpt, ThreadsOpt, decode_config, decode_options, examples,
+    layer_plan, load_model, prompt_text,
 )
 from ._render import describe_config
 
@@ -21,18 +21,14 @@ TRACE_EXAMPLES = examples(
 )
 
 
+@decode_options("trace")
 def trace(
     model: ModelRequiredArg,
     prompt: PromptArg,
     out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE", rich_help_panel=PANEL_OUTPUT,
                                       help="The picture: .png, .svg, .pdf (matplotlib) or .html.")]
     = Path("trace.png"),
-    layers: Annotated[str, typer.Option("--layers", "-l", metavar="LAYERS", callback=check_layer_syntax,
-                                        rich_help_panel=PANEL_DECODING,
-                                        help="Candidate layers (two or more): high, low or a list like "
-                                             "0,2,4,...,32 (last = mature).")] = "high",
-    premature_norm: PrematureNormOpt = True,
-    repetition_penalty: RepetitionPenaltyOpt = None,
+    decode: DecodeOptions = DECODE_OPTIONS,  # the table's options for trace (dola_cpp.settings)
     system: SystemOpt = None,
     max_tokens: MaxTokensOpt = 64,
     template: TemplateOpt = Template.auto,
@@ -47,11 +43,12 @@ def trace(
     between the mature layer and every candidate layer, the chosen premature layer and the token's risk."""
     if out.suffix.lower() not in (*tr.IMAGE_SUFFIXES, ".html"):
         raise typer.BadParameter(f"write .png, .svg, .pdf or .html, not {out.name!r}", param_hint="--out")
+    layers = decode["layers"]
     m = load_model(model, ctx, threads, gpu_layers, repack)
     plan = layer_plan(m, layers)
     if len(plan.candidates) < 2:
         raise CLIError(f"--layers {layers}: a trace needs two or more candidate layers (dynamic DoLa)")
-    config = decode_config(m, layers=layers, premature_norm=premature_norm, repetition_penalty=repetition_penalty)
+    config = decode_config(m, **decode)
     text, _ = prompt_text(m, prompt, template, system)
     result = m.generate(text, max_tokens, config=config)
     pieces = [m.detokenize([t]) for t in result.tokens]
