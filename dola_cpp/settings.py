@@ -5,7 +5,7 @@ Each :class:`Setting` names a field of :class:`~dola_cpp.config.DecodeConfig` (o
 means, and where it shows:
 
 - ``DecodeConfig`` takes its defaults from here and checks its values against the ranges;
-  ``to_core`` copies the fields whose ``core`` is the field itself into ``_core.DecodeParams``;
+  ``to_core`` copies each setting that is not ``derived`` into its ``_core.DecodeParams`` member;
 - ``cli``: the commands that have it as an option (``dola_cpp.cli._cli_utils.decode_options``
   makes the options), with that command's default and, where it differs, its help and names;
 - ``chat``: the words the chat's ``/set`` takes for it;
@@ -13,10 +13,11 @@ means, and where it shows:
 - ``chat_default``: what the chat (``dola-cpp run``) and the server decode with unless told
   otherwise, where that differs from the library's default.
 
+The table's order is the order of the options within a help panel and of the request's fields.
 ``tests/test_fields.py`` checks each surface against this table, ``_core.DecodeParams`` and
 ``Model.generate``/``stream`` included: a new setting is one row here, its member in
-``csrc/dola-session.h`` (``decode_params``) and the binding, the field in ``DecodeConfig`` and
-its keyword on ``Model.generate``/``stream``.
+``csrc/dola-session.h`` (``decode_params``), the binding and ``_core.pyi``, the field in
+``DecodeConfig`` and its keyword on ``Model.generate``/``stream``.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class On:
 
 
 def on(*commands: str, default: Any = _SAME, help: str = "", flags: tuple[str, ...] = ()) -> dict[str, On]:
+    """``Setting.cli`` for ``commands``, each showing the setting the same way."""
     return {c: On(default, help, flags) for c in commands}
 
 

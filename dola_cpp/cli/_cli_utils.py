@@ -21,7 +21,7 @@ from .. import (
     PromptTooLongError, resolve_model,
 )
 from ..layers import parse_layer_string
-from ..settings import BY_NAME, Setting, for_command
+from ..settings import SETTINGS, Setting, for_command
 from ._help import (  # noqa: F401  (the panels, for the commands' own options)
     PANEL_DECODING, PANEL_ENGINE, PANEL_OUTPUT, PANEL_PROMPT, PANEL_SAMPLING, PANEL_STOPPING, DolaCommand,
 )
@@ -110,7 +110,10 @@ class Template(str, Enum):
     none = "none"  # raw text (generate/compare) or a plain User:/Assistant: transcript (run)
 
 
-Decoder = Enum("Decoder", {c: c for c in BY_NAME["decoder"].choices}, type=str)  # --decoder's choices
+# a setting's choices (settings.Setting.choices) as the enum its option takes: --decoder's Decoder
+CHOICES = {s.name: Enum(s.name.title().replace("_", ""), {c: c for c in s.choices}, type=str)
+           for s in SETTINGS if s.choices}
+Decoder = CHOICES["decoder"]
 
 
 class Layout(str, Enum):
@@ -204,7 +207,7 @@ def decode_option(setting: Setting, command: str) -> tuple[Any, Any]:
     and its default, both from the table (``dola_cpp.settings``)."""
     shown = setting.cli[command]
     default = setting.default_on(command)
-    kind: Any = Decoder if setting.name == "decoder" else setting.type
+    kind: Any = CHOICES.get(setting.name, setting.type)
     extra: dict[str, Any] = {}
     if setting.metavar:
         extra["metavar"] = setting.metavar
@@ -217,8 +220,8 @@ def decode_option(setting: Setting, command: str) -> tuple[Any, Any]:
             extra["max"] = setting.type(setting.high)
     if default is None:
         kind, extra["show_default"] = Optional[kind], False
-    elif kind is Decoder:
-        default = Decoder(default)
+    elif setting.choices:
+        default = kind(default)
     option = typer.Option(*(shown.flags or setting.flags), rich_help_panel=setting.panel,
                           help=shown.help or setting.help, **extra)
     return Annotated[kind, option], default
