@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 from typing import Any, AsyncIterator, Optional
 
 from .model import Model, PromptTooLongError
-from .results import GenerationResult, StepInfo
+from .results import GenerationResult, StepInfo, finite
 from .server_schema import APIError
 
 
@@ -63,10 +62,6 @@ def usage(n_prompt: int, n_completion: int) -> dict:
     return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion}
 
 
-def _finite(x: float) -> Optional[float]:
-    return float(x) if math.isfinite(x) else None
-
-
 class ResponseShape:
     """The OpenAI response objects for one request."""
 
@@ -87,16 +82,16 @@ class ResponseShape:
             return None
         pieces = [self.model.token_bytes(s.token) for s in steps]
         if self.chat:
-            return {"content": [{"token": p.decode("utf-8", "replace"), "logprob": _finite(s.mature_logprob),
+            return {"content": [{"token": p.decode("utf-8", "replace"), "logprob": finite(s.mature_logprob),
                                  "bytes": list(p), "top_logprobs": []} for p, s in zip(pieces, steps)]}
         return {"tokens": [p.decode("utf-8", "replace") for p in pieces],
-                "token_logprobs": [_finite(s.mature_logprob) for s in steps], "top_logprobs": None,
+                "token_logprobs": [finite(s.mature_logprob) for s in steps], "top_logprobs": None,
                 "text_offset": None}
 
     def _risk(self, steps: list[StepInfo], result: Optional[GenerationResult] = None) -> dict:
-        out: dict[str, Any] = {"tokens": [_finite(s.risk) for s in steps]}
+        out: dict[str, Any] = {"tokens": [finite(s.risk) for s in steps]}
         if result is not None:
-            out["answer"] = None if result.risk is None else _finite(result.risk)
+            out["answer"] = None if result.risk is None else finite(result.risk)
         return out
 
     def chunk(self, text: Optional[str] = None, steps: Optional[list[StepInfo]] = None, role: bool = False,

@@ -17,7 +17,7 @@ import typer
 from typer.core import TyperGroup
 
 from .. import (
-    DEMO_MODELS, RECOMMENDED_REPETITION_PENALTY, DecodeConfig, DolaError, LayerPlan, Model, PenaltyWarning,
+    DEMO_MODELS, DecodeConfig, DolaError, LayerPlan, Model, PenaltyWarning,
     PromptTooLongError, resolve_model,
 )
 from ..layers import parse_layer_string

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 from typing import Annotated, List, Optional
 
 import typer
 
 from .. import DecodeConfig, GenerationResult, LayerPlan, Model
+from ..results import finite
 from ._cli_utils import (
     DECODE_OPTIONS, PANEL_STOPPING, AbstainOpt, CtxOpt, DecodeOptions, GpuLayersOpt, JsonOpt, MaxTokensOpt,
     ModelRequiredArg, PromptArg, RepackOpt, RpcOpt, StopLoopsOpt, SystemOpt, Template, TemplateOpt, ThreadsOpt,
@@ -92,7 +92,7 @@ def result_json(model: Model, plan: LayerPlan, result: GenerationResult, config:
         "eos_boost": config.eos_boost,
         "text": result.text,
         "finish_reason": result.finish_reason,
-        "risk": None if result.risk is None else _finite(result.risk),
+        "risk": None if result.risk is None else finite(result.risk),
         "prompt_tokens": result.prompt_tokens,
         "tokens": list(result.tokens),
         "prefill_seconds": result.prefill_seconds,
@@ -104,21 +104,15 @@ def result_json(model: Model, plan: LayerPlan, result: GenerationResult, config:
                 "token": s.token,
                 "piece": model.detokenize([s.token]),
                 "premature_layer": s.premature_layer,
-                "jsd": [_finite(x) for x in s.jsd],
-                "mature_logprob": _finite(s.mature_logprob),
-                "confidence": _finite(s.confidence),
-                "entropy": _finite(s.entropy),
-                "activation_entropy": None if s.activation_entropy is None else _finite(s.activation_entropy),
-                "score": _finite(s.score),
-                "top_logprob": _finite(s.top_logprob),
-                "risk": _finite(s.risk),
+                "jsd": [finite(x) for x in s.jsd],
+                "mature_logprob": finite(s.mature_logprob),
+                "confidence": finite(s.confidence),
+                "entropy": finite(s.entropy),
+                "activation_entropy": None if s.activation_entropy is None else finite(s.activation_entropy),
+                "score": finite(s.score),
+                "top_logprob": finite(s.top_logprob),
+                "risk": finite(s.risk),
             }
             for s in result.steps
         ],
     }
-
-
-def _finite(x: float) -> Optional[float]:
-    """JSON has no inf/nan: those become null."""
-    x = float(x)
-    return x if math.isfinite(x) else None
