@@ -35,13 +35,32 @@ void set_error(PyObject * type, const char * what) {
     PyErr_SetObject(type, msg.ptr());
 }
 
-std::vector<int32_t> to_tokens(const py::array_t<int64_t, py::array::c_style | py::array::forcecast> & a) {
-    if (a.ndim() != 1) throw py::value_error("token ids must be a 1-D sequence of integers");
-    std::vector<int32_t> out(a.size());
-    const int64_t * d = a.data();
-    for (py::ssize_t i = 0; i < a.size(); ++i) {
-        if (d[i] < INT32_MIN || d[i] > INT32_MAX) throw py::value_error("token id " + std::to_string(d[i]) + " is outside the vocabulary");
-        out[i] = (int32_t) d[i];
+// Token ids from Python (a 1-D array or sequence of integers) as llama.cpp's int32. The model
+// checks them where they are used; an id that does not even fit in int32 is outside every
+// vocabulary, and the model's message says so with the id as given.
+std::vector<int32_t> to_tokens(const dola::model & m, py::handle ids) {
+    using int64_array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+    std::vector<int32_t> out;
+    if (int64_array a = int64_array::ensure(ids)) {
+        if (a.ndim() != 1) throw py::value_error("token ids must be a 1-D sequence of integers");
+        out.resize(a.size());
+        const int64_t * d = a.data();
+        for (py::ssize_t i = 0; i < a.size(); ++i) {
+            if (d[i] < INT32_MIN || d[i] > INT32_MAX) m.check_token(d[i]);  // throws
+            out[i] = (int32_t) d[i];
+        }
+        return out;
+    }
+    // numpy could not make int64s of them: ids beyond 64 bits, or not integers at all
+    for (py::handle item : py::iter(ids)) {
+        if (!PyLong_Check(item.ptr())) throw py::type_error("token ids must be integers");
+        int overflow = 0;
+        const long long v = PyLong_AsLongLongAndOverflow(item.ptr(), &overflow);
+        if (overflow == 0 && v >= INT32_MIN && v <= INT32_MAX) {
+            out.push_back((int32_t) v);
+            continue;
+        }
+        throw dola::error(m.outside_vocabulary(py::str(item)));
     }
     return out;
 }
@@ -130,10 +149,17 @@ PYBIND11_MODULE(_core, m) {
     m.doc() = "dola-cpp C++ core (private; use the dola_cpp package)";
 
     static py::exception<dola::error> dola_error(m, "Error", PyExc_ValueError);
+    // carries n_tokens and n_ctx; the package raises its PromptTooLongError from it
+    static py::exception<dola::prompt_too_long> dola_too_long(m, "PromptTooLong", dola_error.ptr());
     static py::exception<dola::aborted> dola_cancelled(m, "Cancelled", PyExc_RuntimeError);
     py::register_exception_translator([](std::exception_ptr p) {
         try {
             if (p) std::rethrow_exception(p);
+        } catch (const dola::prompt_too_long & e) {
+            py::object exc = py::handle(dola_too_long.ptr())(lenient_str(e.what()));
+            exc.attr("n_tokens") = e.n_tokens;
+            exc.attr("n_ctx") = e.n_ctx;
+            PyErr_SetObject(dola_too_long.ptr(), exc.ptr());
         } catch (const dola::error & e) {
             set_error(dola_error.ptr(), e.what());
         } catch (const dola::aborted & e) {
@@ -141,28 +167,32 @@ PYBIND11_MODULE(_core, m) {
         }
     });
 
-    m.def("check_gguf_file", &dola::check_gguf_file, py::arg("path"));
-    m.def("convert_model", &dola::convert_model, py::arg("src"), py::arg("dst"), py::arg("type") = "F32",
-          py::arg("n_threads") = 0, py::call_guard<py::gil_scoped_release>());
-    m.def("system_info", [] { dola::backend_init_once(); return std::string(llama_print_system_info()); });
-    m.def("cpu_extra_buffer_types", [] {
-        dola::backend_init_once();
+    // The DOLA_CPP_* switches are read here, when a model, a context or llama.cpp's backends are
+    // first made, and handed to the core.
+    auto init_backends = [] { dola::backend_init_once(dola::switches::from_environment().verbose); };
+    m.def("convert_model", [](const std::string & src, const std::string & dst, const std::string & type, int32_t n_threads) {
+        dola::convert_model(src, dst, type, n_threads, dola::switches::from_environment().verbose);
+    }, py::arg("src"), py::arg("dst"), py::arg("type") = "F32", py::arg("n_threads") = 0,
+       py::call_guard<py::gil_scoped_release>());
+    m.def("system_info", [init_backends] { init_backends(); return std::string(llama_print_system_info()); });
+    m.def("cpu_extra_buffer_types", [init_backends] {
+        init_backends();
         std::vector<std::string> names;
         for (auto * b : dola::cpu_extra_buffer_types()) names.emplace_back(ggml_backend_buft_name(b));
         return names;
     });
     m.def("rpc_available", &dola::rpc_available);
-    m.def("rpc_serve", [](const std::string & host, int port, int n_threads, const std::string & cache_dir) {
-        dola::backend_init_once();
+    m.def("rpc_serve", [init_backends](const std::string & host, int port, int n_threads, const std::string & cache_dir) {
+        init_backends();
         py::gil_scoped_release release;
         dola::rpc_serve(host, port, n_threads, cache_dir);
     }, py::arg("host"), py::arg("port"), py::arg("n_threads") = 1, py::arg("cache_dir") = "");
     m.def("amx_build_note", [] { return std::string(DOLA_AMX_NOTE); });
-    m.def("capture_mode", [] { return std::string(dola::layer_capture::capture_mode()); },
-          "How layer outputs leave llama.cpp's graph: 'outputs' (kept as graph outputs, read after "
-          "the graph) or 'callback' (llama.cpp's eval callback; DOLA_CPP_CAPTURE=callback, or builds "
-          "without the linker hook)");
-    m.def("supports_gpu_offload", [] { dola::backend_init_once(); return llama_supports_gpu_offload(); });
+    m.def("capture_mode", [] {
+        return std::string(dola::layer_capture::capture_mode(dola::switches::from_environment().capture_callback));
+    }, "How a context made now takes layer outputs from llama.cpp's graph: 'outputs' (kept as graph "
+       "outputs, read after the graph) or 'callback' (llama.cpp's eval callback; DOLA_CPP_CAPTURE=callback, "
+       "or builds without the linker hook)");
 
     // Vector kernels, exposed for the tests' numpy reference checks and the benchmarks.
     py::module_ k = m.def_submodule("kernels", "the contrast kernels (for tests and benchmarks)");
@@ -220,6 +250,7 @@ PYBIND11_MODULE(_core, m) {
                  p.use_mmap = use_mmap;
                  p.repack = repack;
                  p.rpc = std::move(rpc);
+                 p.verbose = dola::switches::from_environment().verbose;
                  py::gil_scoped_release release;  // loading reads hundreds of MB
                  return std::make_shared<dola::model>(path, p);
              }),
@@ -234,11 +265,6 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("architecture", [](const dola::model & self) { return lenient_str(self.architecture()); })
         .def_property_readonly("description", [](const dola::model & self) { return lenient_str(self.description()); })
         .def_property_readonly("chat_template", [](const dola::model & self) { return lenient_str(self.chat_template()); })
-        .def_property_readonly("add_bos", &dola::model::add_bos)
-        .def_property_readonly("eos", &dola::model::eos)
-        .def_property_readonly("n_params", &dola::model::n_params)
-        .def_property_readonly("size_bytes", &dola::model::size_bytes)
-        .def("meta", [](const dola::model & self, const std::string & key) { return lenient_str(self.meta(key)); }, py::arg("key"))
         .def("metadata", [](const dola::model & self) {
             py::list out;
             for (const auto & [k, v] : self.metadata()) out.append(py::make_tuple(lenient_str(k), lenient_str(v)));
@@ -250,15 +276,10 @@ PYBIND11_MODULE(_core, m) {
         .def("tokenize", &dola::model::tokenize, py::arg("text"), py::arg("add_special"), py::arg("parse_special"),
              py::call_guard<py::gil_scoped_release>())
         .def("token_to_piece", [](const dola::model & self, int32_t t, bool special) {
-            if (t < 0 || t >= self.n_vocab()) throw dola::error("token id " + std::to_string(t) + " is outside the vocabulary");
             return py::bytes(self.token_to_piece(t, special));
         }, py::arg("token"), py::arg("special") = false)
-        .def("detokenize", [](const dola::model & self, py::array_t<int64_t, py::array::c_style | py::array::forcecast> ids, bool special) {
-            std::vector<int32_t> toks = to_tokens(ids);
-            for (int32_t t : toks) {
-                if (t < 0 || t >= self.n_vocab()) throw dola::error("token id " + std::to_string(t) + " is outside the vocabulary");
-            }
-            return py::bytes(self.detokenize(toks, special));
+        .def("detokenize", [](const dola::model & self, py::handle ids, bool special) {
+            return py::bytes(self.detokenize(to_tokens(self, ids), special));
         }, py::arg("tokens"), py::arg("special") = false)
         .def("apply_chat_template", [](const dola::model & self, const std::vector<std::pair<std::string, std::string>> & messages,
                                        bool add_assistant, const std::string & tmpl) {
@@ -317,6 +338,7 @@ PYBIND11_MODULE(_core, m) {
         .def(py::init([](std::shared_ptr<dola::model> mdl, uint32_t n_ctx, int32_t n_threads, uint32_t n_batch,
                          const std::string & kv_type, bool capture, bool adaptive_threads) {
                  dola::context_params p;
+                 p.env = dola::switches::from_environment();
                  p.kv_type = kv_type;
                  p.capture = capture;
                  p.adaptive_threads = adaptive_threads;
@@ -333,10 +355,13 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("adaptive_threads", [](const py_session & self) { return self.s.adaptive_threads(); })
         .def_property_readonly("projection_backend", [](const py_session & self) { return self.s.projection_backend(); })
         .def_property_readonly("n_cached", [](const py_session & self) { return self.s.tokens().size(); })
-        .def_property_readonly("cached_tokens", [](const py_session & self) { return self.s.tokens(); })
         .def("configure", [](py_session & self, const dola::decode_params & p) { self.s.configure(p); })
-        .def("prefill", [](py_session & self, py::array_t<int64_t, py::array::c_style | py::array::forcecast> ids) {
-            std::vector<int32_t> toks = to_tokens(ids);
+        .def("check_prompt", [](const py_session & self, py::handle ids) {
+            self.s.check_prompt(to_tokens(self.s.get_model(), ids));
+        }, py::arg("tokens"), "What prefill and score check first: empty, an id outside the vocabulary, "
+           "longer than the context (PromptTooLong)")
+        .def("prefill", [](py_session & self, py::handle ids) {
+            std::vector<int32_t> toks = to_tokens(self.s.get_model(), ids);
             self.run([&] { self.s.prefill(toks); });
         })
         .def("sample", [](py_session & self, float eos_bonus) { return self.run([&] { return self.s.sample(eos_bonus); }); },
@@ -344,16 +369,16 @@ PYBIND11_MODULE(_core, m) {
         .def("accept", [](py_session & self, int32_t t) { self.run([&] { self.s.accept(t); }); })
         .def("clear", [](py_session & self) { self.s.clear(); })
         .def("cancel", [](py_session & self) { self.s.cancel(); })  // any thread, GIL not needed
-        .def("layer_logits", [](py_session & self, py::array_t<int64_t, py::array::c_style | py::array::forcecast> ids,
-                                std::vector<int32_t> layers, bool premature_norm, bool project_final) {
-            std::vector<int32_t> toks = to_tokens(ids);
+        .def("layer_logits", [](py_session & self, py::handle ids, std::vector<int32_t> layers, bool premature_norm,
+                                bool project_final) {
+            std::vector<int32_t> toks = to_tokens(self.s.get_model(), ids);
             std::vector<float> out = self.run([&] { return self.s.layer_logits(toks, layers, premature_norm, project_final); });
             const py::ssize_t nv = self.s.get_model().n_vocab();
             return to_array(std::move(out), {(py::ssize_t) layers.size(), nv});
         }, py::arg("tokens"), py::arg("layers"), py::arg("premature_norm") = false, py::arg("project_final") = false)
-        .def("score", [](py_session & self, py::array_t<int64_t, py::array::c_style | py::array::forcecast> ids, size_t n_prefix,
-                         bool post_softmax, double relative_top, float mask_value) {
-            std::vector<int32_t> toks = to_tokens(ids);
+        .def("score", [](py_session & self, py::handle ids, size_t n_prefix, bool post_softmax, double relative_top,
+                         float mask_value) {
+            std::vector<int32_t> toks = to_tokens(self.s.get_model(), ids);
             return self.run([&] { return self.s.score(toks, n_prefix, post_softmax, relative_top, mask_value); });
         }, py::arg("tokens"), py::arg("n_prefix"), py::arg("post_softmax") = false, py::arg("relative_top") = 0.0,
            py::arg("mask_value") = -1000.0f)

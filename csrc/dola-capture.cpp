@@ -4,7 +4,6 @@
 #include "ggml.h"
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 
 namespace dola {
@@ -37,21 +36,18 @@ bool __wrap_ggml_backend_sched_reserve(ggml_backend_sched_t sched, struct ggml_c
 
 namespace dola {
 
-const char * layer_capture::capture_mode() {
+const char * layer_capture::capture_mode(bool callback) {
 #ifdef DOLA_CAPTURE_HOOK
-    static const bool callback = [] {
-        const char * e = std::getenv("DOLA_CPP_CAPTURE");
-        return e && std::strcmp(e, "callback") == 0;
-    }();
     return callback ? "callback" : "outputs";
 #else
+    (void) callback;
     return "callback";
 #endif
 }
 
-layer_capture::layer_capture(int32_t n_layer, int32_t n_embd)
+layer_capture::layer_capture(int32_t n_layer, int32_t n_embd, bool callback)
     : n_layer_(n_layer), n_embd_(n_embd), slot_of_layer_(n_layer + 1, -1),
-      outputs_(std::strcmp(capture_mode(), "outputs") == 0), tensor_of_(n_layer + 1, nullptr) {}
+      outputs_(std::strcmp(capture_mode(callback), "outputs") == 0), tensor_of_(n_layer + 1, nullptr) {}
 
 layer_capture::building::building(layer_capture & c) : prev_(t_building) { t_building = &c; }
 layer_capture::building::~building() { t_building = prev_; }

@@ -2,7 +2,7 @@
 // Layer j follows transformers' hidden_states[j]: 0 = embedding output ("embd", or "inp_scaled"
 // for Gemma), j >= 1 = output of block j-1 (llama.cpp tensor "l_out-{j-1}").
 //
-// Two ways, chosen once per process (capture_mode()):
+// Two ways, chosen per context (capture_mode()):
 //  - outputs: where the build links dola-cpp's hook on ggml's graph allocation (Linux, BSD), the
 //    layers' tensors are marked as graph outputs when llama.cpp allocates a graph, so ggml keeps
 //    them to the end of the graph; after llama_decode they are read in one go, one wait for all.
@@ -23,7 +23,8 @@ namespace dola {
 
 class layer_capture {
 public:
-    layer_capture(int32_t n_layer, int32_t n_embd);
+    // callback: use the eval callback even where the build has the hook (switches::capture_callback)
+    layer_capture(int32_t n_layer, int32_t n_embd, bool callback);
 
     // Layers to capture, in slot order; empty = capture nothing (the callback then costs one
     // string compare per graph node).
@@ -55,9 +56,9 @@ public:
     // final row in outputs mode. When not, the callback is not installed at all.
     bool needs_callback() const;
 
-    // "outputs" where the build has the allocation hook and DOLA_CPP_CAPTURE is not "callback",
-    // else "callback".
-    static const char * capture_mode();
+    // "outputs" where the build has the allocation hook and callback is not asked for, else
+    // "callback".
+    static const char * capture_mode(bool callback);
     bool outputs_mode() const { return outputs_; }
 
     // Outputs mode. Call before each llama_decode: true when the layers to mark differ from those

@@ -3,6 +3,7 @@
 #include "dola-error.h"
 #include "dola-log.h"
 
+#include "ggml-cpp.h"  // gguf_context_ptr
 #include "gguf.h"
 #include "llama.h"
 
@@ -79,7 +80,8 @@ void check_gguf_file(const std::string & path) {
     }
     clear_last_error();
     gguf_init_params params = {/*.no_alloc =*/ true, /*.ctx =*/ nullptr};
-    gguf_context * g = gguf_init_from_file(path.c_str(), params);
+    gguf_context_ptr owned(gguf_init_from_file(path.c_str(), params));
+    const gguf_context * g = owned.get();
     if (!g) throw error(with_detail("'" + path + "' has a malformed or truncated GGUF header"));
     const uint64_t data_offset = gguf_get_data_offset(g);
     const int64_t n = gguf_get_n_tensors(g);
@@ -88,14 +90,7 @@ void check_gguf_file(const std::string & path) {
         const uint64_t end = data_offset + gguf_get_tensor_offset(g, i) + gguf_get_tensor_size(g, i);
         if (end > file_size) bad = gguf_get_tensor_name(g, i);
     }
-    std::string problem;
-    try {
-        problem = check_gguf_metadata(g);
-    } catch (...) {
-        gguf_free(g);
-        throw;
-    }
-    gguf_free(g);
+    const std::string problem = check_gguf_metadata(g);
     if (!problem.empty()) throw error("'" + path + "' has invalid metadata: " + problem);
     if (!bad.empty()) {
         throw error("'" + path + "' is truncated: tensor '" + bad + "' extends past the end of the file (" +
@@ -103,8 +98,9 @@ void check_gguf_file(const std::string & path) {
     }
 }
 
-void convert_model(const std::string & src, const std::string & dst, const std::string & type, int32_t n_threads) {
-    backend_init_once();
+void convert_model(const std::string & src, const std::string & dst, const std::string & type, int32_t n_threads,
+                   bool verbose) {
+    backend_init_once(verbose);
     check_gguf_file(src);
     llama_model_quantize_params qp = llama_model_quantize_default_params();
     if (type == "F32") {

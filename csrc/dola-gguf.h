@@ -10,7 +10,9 @@ namespace dola {
 // asserts, i.e. aborts the process, on some malformed files). Throws dola::error.
 void check_gguf_file(const std::string & path);
 
-// Writes an F32 (or other type) copy of a GGUF with llama.cpp's quantizer.
-void convert_model(const std::string & src, const std::string & dst, const std::string & type, int32_t n_threads);
+// Writes an F32 (or other type) copy of a GGUF with llama.cpp's quantizer. verbose: llama.cpp's
+// log on stderr, when this is the process's first use of llama.cpp (backend_init_once).
+void convert_model(const std::string & src, const std::string & dst, const std::string & type, int32_t n_threads,
+                   bool verbose = false);
 
 }  // namespace dola

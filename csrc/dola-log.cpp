@@ -3,7 +3,6 @@
 #include "llama.h"
 
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <mutex>
 
@@ -50,11 +49,10 @@ std::string with_detail(std::string msg) {
     return msg;
 }
 
-void backend_init_once() {
+void backend_init_once(bool verbose) {
     static std::once_flag once;
-    std::call_once(once, [] {
-        const char * v = std::getenv("DOLA_CPP_VERBOSE");
-        g_verbose = v && *v && std::strcmp(v, "0") != 0;
+    std::call_once(once, [verbose] {
+        g_verbose = verbose;
         llama_log_set(log_cb, nullptr);
         llama_backend_init();
     });

@@ -1,4 +1,4 @@
-// llama.cpp's log: silent unless DOLA_CPP_VERBOSE is set, with the first error line kept so that
+// llama.cpp's log: silent unless verbose (DOLA_CPP_VERBOSE), with the first error line kept so that
 // our errors can say why llama.cpp failed.
 #pragma once
 
@@ -6,8 +6,9 @@
 
 namespace dola {
 
-// Routes llama.cpp's log here and initialises its backends, once per process.
-void backend_init_once();
+// Routes llama.cpp's log here and initialises its backends, once per process; verbose: the log
+// also goes to stderr (switches::verbose). The first call decides.
+void backend_init_once(bool verbose);
 
 void clear_last_error();
 // llama.cpp's first error line since the last clear, without its "error loading model:" prefix.

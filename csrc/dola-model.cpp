@@ -14,7 +14,7 @@
 namespace dola {
 
 model::model(const std::string & path, const model_params & params) {
-    backend_init_once();
+    backend_init_once(params.verbose);
     check_gguf_file(path);
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = params.n_gpu_layers < 0 ? -1 : params.n_gpu_layers;
@@ -105,11 +105,15 @@ std::string model::chat_template() const {
     return t ? t : "";
 }
 
-bool model::add_bos() const { return llama_vocab_get_add_bos(vocab_); }
-llama_token model::eos() const { return llama_vocab_eos(vocab_); }
 bool model::is_eog(llama_token t) const { return llama_vocab_is_eog(vocab_, t); }
-uint64_t model::n_params() const { return llama_model_n_params(get()); }
-uint64_t model::size_bytes() const { return llama_model_size(get()); }
+
+void model::check_token(int64_t t) const {
+    if (t < 0 || t >= n_vocab_) throw error(outside_vocabulary(std::to_string(t)));
+}
+
+std::string model::outside_vocabulary(const std::string & id) const {
+    return "token id " + id + " is outside the vocabulary (0.." + std::to_string(n_vocab_ - 1) + ")";
+}
 
 std::vector<llama_token> model::tokenize_impl(const std::string & text, bool add_special, bool parse_special) const {
     const int32_t cap = (int32_t) std::min<size_t>(text.size() + 8, (size_t) INT32_MAX);
@@ -136,6 +140,11 @@ std::vector<llama_token> model::tokenize(const std::string & text, bool add_spec
 }
 
 std::string model::token_to_piece(llama_token t, bool special) const {
+    check_token(t);
+    return piece(t, special);
+}
+
+std::string model::piece(llama_token t, bool special) const {
     char buf[256];
     int32_t n = llama_token_to_piece(vocab_, t, buf, sizeof buf, 0, special);
     if (n >= 0) return std::string(buf, n);
@@ -145,8 +154,9 @@ std::string model::token_to_piece(llama_token t, bool special) const {
 }
 
 std::string model::detokenize(const std::vector<llama_token> & tokens, bool special) const {
+    for (llama_token t : tokens) check_token(t);  // all of them before any text
     std::string out;
-    for (llama_token t : tokens) out += token_to_piece(t, special);
+    for (llama_token t : tokens) out += piece(t, special);
     return out;
 }
 

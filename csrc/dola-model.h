@@ -16,6 +16,7 @@ struct model_params {
     bool use_mmap = true;
     bool repack = true;  // let llama.cpp put weights in the CPU's extra buffer types (AMX, CPU_REPACK, ...)
     std::vector<std::string> rpc;  // RPC servers ("host:port") to offload layers to
+    bool verbose = false;  // llama.cpp's log on stderr (switches::verbose; the first model decides)
 };
 
 class model {
@@ -42,16 +43,19 @@ public:
     std::string meta(const std::string & key) const;  // "" when absent
     std::vector<std::pair<std::string, std::string>> metadata() const;
     std::string chat_template() const;
-    bool add_bos() const;
-    llama_token eos() const;
     bool is_eog(llama_token t) const;
     // Every end-of-generation token of the vocabulary (EOS, EOT, EOM, ...: llama_vocab_is_eog).
     const std::vector<llama_token> & eog_tokens() const { return eog_; }
-    uint64_t n_params() const;
-    uint64_t size_bytes() const;
+
+    // Throws dola::error when t is not a token id of this vocabulary: the one check of token ids,
+    // with the message users see. 64-bit so that callers can check ids before narrowing them.
+    void check_token(int64_t t) const;
+    // That error's message for an id given as text (one too large even for 64 bits).
+    std::string outside_vocabulary(const std::string & id) const;
 
     // llama.cpp's exceptions (e.g. a vocabulary without byte tokens) become dola::error
     std::vector<llama_token> tokenize(const std::string & text, bool add_special, bool parse_special) const;
+    // Both check the ids (check_token).
     std::string token_to_piece(llama_token t, bool special) const;
     std::string detokenize(const std::vector<llama_token> & tokens, bool special) const;
     // Renders chat messages with the GGUF's template through llama.cpp's built-in template
@@ -61,6 +65,7 @@ public:
 
 private:
     std::vector<llama_token> tokenize_impl(const std::string & text, bool add_special, bool parse_special) const;
+    std::string piece(llama_token t, bool special) const;  // t already checked
 
     llama_model_ptr model_;
     const llama_vocab * vocab_ = nullptr;

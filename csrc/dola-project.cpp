@@ -12,7 +12,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -64,7 +63,7 @@ bool is_cpu_extra_buffer_type(ggml_backend_buffer_type_t buft) {
     return std::find(extra.begin(), extra.end(), buft) != extra.end();
 }
 
-projector::projector(const llama_model * model) {
+projector::projector(const llama_model * model, const switches & env) {
     output_ = model->output ? model->output : model->tok_embd;
     if (!output_ || !output_->buffer) throw error("this model has no output matrix to project layers with");
     if (model->output_b) throw error("early exit is not supported for models with an output bias");
@@ -87,7 +86,7 @@ projector::projector(const llama_model * model) {
     const std::string buft_name = ggml_backend_buft_name(buft);
     ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
     if (dev != nullptr && ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU && ggml_backend_dev_supports_buft(dev, buft)) {
-        backend_ = ggml_backend_dev_init(dev, nullptr);
+        backend_.reset(ggml_backend_dev_init(dev, nullptr));
     } else {
         const bool host = ggml_backend_buffer_is_host(output_->buffer);
         const bool extra = is_cpu_extra_buffer_type(buft);
@@ -95,23 +94,20 @@ projector::projector(const llama_model * model) {
             throw error("the output matrix is in a " + buft_name + " buffer, which the early-exit projection cannot read; " +
                         "load the model with repack=False (CLI: --no-repack)");
         }
-        backend_ = ggml_backend_cpu_init();
+        backend_.reset(ggml_backend_cpu_init());
         is_cpu_ = true;
         plain_host_ = host && !extra;
     }
     if (!backend_) throw error("could not initialise a backend for the output matrix (" + buft_name + ")");
-    backend_name_ = ggml_backend_name(backend_);
-    galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_));
+    backend_name_ = ggml_backend_name(backend_.get());
+    // the allocators and graphs are members: if a check below throws, they and the backend are freed
+    galloc_.reset(ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_.get())));
 
-    // Q8_0 weights in plain host memory can use our kernel. DOLA_CPP_Q8_KERNEL: auto (default:
+    // Q8_0 weights in plain host memory can use our kernel. switches::q8_kernel: auto (default:
     // whichever measures faster), on (always ours), off (never).
-    const char * mode = std::getenv("DOLA_CPP_Q8_KERNEL");
-    const std::string q8_mode = mode ? mode : "auto";
-    if (q8_mode != "auto" && q8_mode != "on" && q8_mode != "off") {
-        throw error("DOLA_CPP_Q8_KERNEL must be auto, on or off, got '" + q8_mode + "'");
-    }
-    q8_always_ = q8_mode == "on";
-    use_q8_ = plain_host_ && q8_0_kernel_available() && q8_mode != "off" &&
+    const switch_mode q8_mode = env.q8_kernel_mode();
+    q8_always_ = q8_mode == switch_mode::on;
+    use_q8_ = plain_host_ && q8_0_kernel_available() && q8_mode != switch_mode::off &&
               output_->type == GGML_TYPE_Q8_0 && ggml_is_contiguous(output_) && n_embd_ % 32 == 0 &&
               (!output_norm_ || (output_norm_->type == GGML_TYPE_F32 && ggml_backend_buffer_is_host(output_norm_->buffer)));
     if (use_q8_) {
@@ -120,57 +116,46 @@ projector::projector(const llama_model * model) {
     }
     backend_name_ += std::string(" [weights: ") + ggml_type_name(output_->type) + " in " + buft_name + "]";
 
-    // DOLA_CPP_DEVICE_CONTRAST: auto (default: where the backend is not the CPU, whose own kernels
-    // are faster than a ggml graph), on (any backend; for tests), off.
-    const char * dmode = std::getenv("DOLA_CPP_DEVICE_CONTRAST");
-    const std::string contrast_mode = dmode ? dmode : "auto";
-    if (contrast_mode != "auto" && contrast_mode != "on" && contrast_mode != "off") {
-        throw error("DOLA_CPP_DEVICE_CONTRAST must be auto, on or off, got '" + contrast_mode + "'");
-    }
-    device_contrast_ = contrast_mode == "on" || (contrast_mode == "auto" && !is_cpu_);
+    // switches::device_contrast: auto (default: where the backend is not the CPU, whose own
+    // kernels are faster than a ggml graph), on (any backend; for tests), off.
+    const switch_mode contrast_mode = env.device_contrast_mode();
+    device_contrast_ = contrast_mode == switch_mode::on || (contrast_mode == switch_mode::automatic && !is_cpu_);
     if (device_contrast_) backend_name_ += " (DoLa's contrast there too)";
-    galloc_d_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_));
-}
-
-projector::~projector() {
-    if (ctx_) ggml_free(ctx_);
-    if (galloc_) ggml_gallocr_free(galloc_);
-    if (ctx_d_) ggml_free(ctx_d_);
-    if (galloc_d_) ggml_gallocr_free(galloc_d_);
-    if (backend_) ggml_backend_free(backend_);
+    galloc_d_.reset(ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_.get())));
 }
 
 void projector::set_n_threads(int32_t n_threads) {
     n_threads_ = n_threads;
-    if (is_cpu_) ggml_backend_cpu_set_n_threads(backend_, n_threads);
+    if (is_cpu_) ggml_backend_cpu_set_n_threads(backend_.get(), n_threads);
 }
 
 void projector::build(int32_t n_rows, bool norm) {
-    if (ctx_) ggml_free(ctx_);
     ggml_init_params params = {
         /*.mem_size   =*/ ggml_tensor_overhead() * 8 + ggml_graph_overhead(),
         /*.mem_buffer =*/ nullptr,
         /*.no_alloc   =*/ true,
     };
-    ctx_ = ggml_init(params);
-    in_ = ggml_new_tensor_2d(ctx_, GGML_TYPE_F32, n_embd_, n_rows);
+    ctx_.reset(ggml_init(params));
+    ggml_context * c = ctx_.get();
+    built_rows_ = -1;  // until the new graph is allocated
+    in_ = ggml_new_tensor_2d(c, GGML_TYPE_F32, n_embd_, n_rows);
     ggml_set_input(in_);
     ggml_tensor * x = in_;
     if (norm) {
-        x = ggml_rms_norm(ctx_, x, norm_eps_);
-        x = ggml_mul(ctx_, x, output_norm_);
+        x = ggml_rms_norm(c, x, norm_eps_);
+        x = ggml_mul(c, x, output_norm_);
     }
-    out_ = ggml_mul_mat(ctx_, output_, x);  // [n_vocab, n_rows]
+    out_ = ggml_mul_mat(c, output_, x);  // [n_vocab, n_rows]
     ggml_set_output(out_);
-    graph_ = ggml_new_graph(ctx_);
+    graph_ = ggml_new_graph(c);
     ggml_build_forward_expand(graph_, out_);
-    if (const ggml_tensor * node = first_unsupported(backend_, graph_)) {
+    if (const ggml_tensor * node = first_unsupported(backend_.get(), graph_)) {
         throw error(std::string("the early-exit projection (") + ggml_op_desc(node) + " of a " + ggml_type_name(output_->type) +
                     " output matrix in a " + ggml_backend_buft_name(ggml_backend_buffer_get_type(output_->buffer)) +
-                    " buffer) is not supported by backend " + ggml_backend_name(backend_) +
+                    " buffer) is not supported by backend " + ggml_backend_name(backend_.get()) +
                     "; load the model with repack=False (CLI: --no-repack)");
     }
-    if (!ggml_gallocr_alloc_graph(galloc_, graph_)) throw error("could not allocate the projection graph");
+    if (!ggml_gallocr_alloc_graph(galloc_.get(), graph_)) throw error("could not allocate the projection graph");
     built_rows_ = n_rows;
     built_norm_ = norm;
 }
@@ -256,7 +241,7 @@ void projector::project_ggml(const float * hidden, int32_t n_rows, bool norm, fl
     const int32_t padded = (n_rows == 1 || !is_cpu_) ? n_rows : (n_rows + 3) / 4 * 4;
     if (padded != built_rows_ || norm != built_norm_) {
         build(padded, norm);
-    } else if (!ggml_gallocr_alloc_graph(galloc_, graph_)) {
+    } else if (!ggml_gallocr_alloc_graph(galloc_.get(), graph_)) {
         throw error("could not allocate the projection graph");
     }
     const size_t row_bytes = (size_t) n_embd_ * sizeof(float);
@@ -265,7 +250,7 @@ void projector::project_ggml(const float * hidden, int32_t n_rows, bool norm, fl
         pad_.assign((size_t) (padded - n_rows) * n_embd_, 0.0f);
         ggml_backend_tensor_set(in_, pad_.data(), row_bytes * n_rows, row_bytes * (padded - n_rows));
     }
-    if (ggml_backend_graph_compute(backend_, graph_) != GGML_STATUS_SUCCESS) {
+    if (ggml_backend_graph_compute(backend_.get(), graph_) != GGML_STATUS_SUCCESS) {
         throw error("the early-exit projection failed on backend " + backend_name_);
     }
     ggml_backend_tensor_get(out_, out, 0, (size_t) n_vocab_ * n_rows * sizeof(float));
@@ -277,14 +262,13 @@ void projector::project_ggml(const float * hidden, int32_t n_rows, bool norm, fl
 // (z - max) - log(sum(exp(z - max))), and per candidate the JSD terms of transformers' formula,
 // M (2 log M - lp - lq) with M = (p + q) / 2, summed over the vocabulary.
 bool projector::build_dola(int32_t n_rows) {
-    if (ctx_d_) ggml_free(ctx_d_);
     ggml_init_params params = {
         /*.mem_size   =*/ ggml_tensor_overhead() * 48 + ggml_graph_overhead(),
         /*.mem_buffer =*/ nullptr,
         /*.no_alloc   =*/ true,
     };
-    ctx_d_ = ggml_init(params);
-    ggml_context * c = ctx_d_;
+    ctx_d_.reset(ggml_init(params));
+    ggml_context * c = ctx_d_.get();
     const int32_t K = n_rows - 1;
     const int64_t V = n_vocab_;
     in_d_ = ggml_new_tensor_2d(c, GGML_TYPE_F32, n_embd_, n_rows);
@@ -314,9 +298,9 @@ bool projector::build_dola(int32_t n_rows) {
     ggml_build_forward_expand(graph_d_, lp_d_);
     ggml_build_forward_expand(graph_d_, sums_d_);
     built_d_rows_ = n_rows;
-    d_supported_ = first_unsupported(backend_, graph_d_) == nullptr;
+    d_supported_ = first_unsupported(backend_.get(), graph_d_) == nullptr;
     if (!d_supported_) return false;  // the host contrast it is
-    if (!ggml_gallocr_alloc_graph(galloc_d_, graph_d_)) throw error("could not allocate the contrast graph");
+    if (!ggml_gallocr_alloc_graph(galloc_d_.get(), graph_d_)) throw error("could not allocate the contrast graph");
     return true;
 }
 
@@ -326,18 +310,18 @@ bool projector::project_dola(const float * hidden, int32_t n_rows, float * jsd, 
         if (!build_dola(n_rows)) return false;
     } else if (!d_supported_) {
         return false;
-    } else if (!ggml_gallocr_alloc_graph(galloc_d_, graph_d_)) {
+    } else if (!ggml_gallocr_alloc_graph(galloc_d_.get(), graph_d_)) {
         throw error("could not allocate the contrast graph");
     }
     // queued on the backend, one wait at the end
-    ggml_backend_tensor_set_async(backend_, in_d_, hidden, 0, (size_t) n_embd_ * n_rows * sizeof(float));
-    if (ggml_backend_graph_compute_async(backend_, graph_d_) != GGML_STATUS_SUCCESS) {
+    ggml_backend_tensor_set_async(backend_.get(), in_d_, hidden, 0, (size_t) n_embd_ * n_rows * sizeof(float));
+    if (ggml_backend_graph_compute_async(backend_.get(), graph_d_) != GGML_STATUS_SUCCESS) {
         throw error("the DoLa contrast failed on backend " + backend_name_);
     }
     const int32_t K = n_rows - 1;
     sums_.resize(n_rows);
-    ggml_backend_tensor_get_async(backend_, sums_d_, sums_.data(), 0, (size_t) n_rows * sizeof(float));
-    ggml_backend_synchronize(backend_);
+    ggml_backend_tensor_get_async(backend_.get(), sums_d_, sums_.data(), 0, (size_t) n_rows * sizeof(float));
+    ggml_backend_synchronize(backend_.get());
     for (int32_t k = 0; k < K; ++k) jsd[k] = (float) (0.5 * (double) sums_[k] / (double) n_vocab_);
     *entropy = -(double) sums_[K];
     return true;
@@ -348,9 +332,9 @@ void projector::fetch_log_softmax(int32_t n, const int32_t * rows, float * const
         if (!lp_d_ || rows[i] < 0 || rows[i] >= built_d_rows_) throw error("internal: no such row of the contrast graph");
     }
     for (int32_t i = 0; i < n; ++i) {
-        ggml_backend_tensor_get_async(backend_, lp_d_, out[i], (size_t) rows[i] * lp_d_->nb[1], (size_t) n_vocab_ * sizeof(float));
+        ggml_backend_tensor_get_async(backend_.get(), lp_d_, out[i], (size_t) rows[i] * lp_d_->nb[1], (size_t) n_vocab_ * sizeof(float));
     }
-    ggml_backend_synchronize(backend_);
+    ggml_backend_synchronize(backend_.get());
 }
 
 }  // namespace dola

@@ -2,18 +2,16 @@
 // backend that holds that matrix (no dequantized host copy of the LM head).
 #pragma once
 
+#include "dola-switches.h"
+
+#include "ggml-cpp.h"
+
 #include <cstdint>
 #include <map>
 #include <string>
 #include <vector>
 
 struct llama_model;
-struct ggml_tensor;
-struct ggml_context;
-struct ggml_cgraph;
-typedef struct ggml_backend * ggml_backend_t;
-typedef struct ggml_gallocr * ggml_gallocr_t;
-typedef struct ggml_backend_buffer_type * ggml_backend_buffer_type_t;
 
 namespace dola {
 
@@ -24,8 +22,8 @@ bool is_cpu_extra_buffer_type(ggml_backend_buffer_type_t buft);
 
 class projector {
 public:
-    explicit projector(const llama_model * model);
-    ~projector();
+    // env: its q8_kernel and device_contrast settings (checked here: an unknown value throws)
+    projector(const llama_model * model, const switches & env);
     projector(const projector &) = delete;
     projector & operator=(const projector &) = delete;
 
@@ -48,7 +46,7 @@ public:
     bool can_fuse_final() const { return can_fuse_final_; }
     const std::string & backend_name() const { return backend_name_; }
 
-    // DoLa's contrast where the logits are (DOLA_CPP_DEVICE_CONTRAST: auto = on a GPU's own
+    // DoLa's contrast where the logits are (switches::device_contrast: auto = on a GPU's own
     // buffers, on = on any backend, off): project n_rows hidden rows ([K candidates..., mature],
     // raw: the fused final row is already normed), compute every row's log-softmax, each
     // candidate's JSD against the mature row and the mature entropy on the backend, and bring back
@@ -72,7 +70,8 @@ private:
     bool norm_supported_ = false;
     int32_t n_embd_ = 0;
     int64_t n_vocab_ = 0;
-    ggml_backend_t backend_ = nullptr;
+    // declared before the allocators and graphs made on it, so that it is freed after them
+    ggml_backend_ptr backend_;
     bool is_cpu_ = false;
     bool plain_host_ = false;  // ggml's plain layout in host memory: our kernels may read it
     bool use_q8_ = false;
@@ -82,8 +81,8 @@ private:
     std::vector<float> normed_;
     std::vector<float> norm_weight_;  // the final norm's weight, copied to the host once
     std::string backend_name_;
-    ggml_gallocr_t galloc_ = nullptr;
-    ggml_context * ctx_ = nullptr;
+    ggml_gallocr_ptr galloc_;
+    ggml_context_ptr ctx_;
     ggml_cgraph * graph_ = nullptr;
     ggml_tensor * in_ = nullptr;
     ggml_tensor * out_ = nullptr;
@@ -93,8 +92,8 @@ private:
     std::map<int32_t, bool> q8_faster_;  // (rows, norm) -> our kernel measured faster
     // the DoLa contrast graph (project_dola)
     bool device_contrast_ = false;
-    ggml_gallocr_t galloc_d_ = nullptr;
-    ggml_context * ctx_d_ = nullptr;
+    ggml_gallocr_ptr galloc_d_;
+    ggml_context_ptr ctx_d_;
     ggml_cgraph * graph_d_ = nullptr;
     ggml_tensor * in_d_ = nullptr;
     ggml_tensor * lp_d_ = nullptr;   // [n_vocab, n_rows] log-softmax of every row

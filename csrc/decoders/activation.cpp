@@ -11,7 +11,6 @@
 #include "decoders/decoder.h"
 
 #include "dola-contrast.h"
-#include "dola-session.h"
 
 #include <limits>
 #include <utility>

@@ -1,7 +1,5 @@
 #include "decoders/decoder.h"
 
-#include "dola-session.h"
-
 namespace dola {
 
 namespace {

@@ -6,15 +6,14 @@
 // a case in make_decoder, the binding's parameters and the Python option list.
 #pragma once
 
+#include "dola-types.h"
+
 #include <cstdint>
 #include <limits>
 #include <memory>
 #include <vector>
 
 namespace dola {
-
-struct decode_params;
-struct step_result;
 
 // Activation Decoding's per-vocabulary entropy over the context positions of the decoder's
 // context_layer(), computed by the session on demand.

@@ -4,7 +4,6 @@
 #include "decoders/decoder.h"
 
 #include "dola-contrast.h"
-#include "dola-session.h"
 
 #include <utility>
 

@@ -2,7 +2,6 @@
 #include "decoders/decoder.h"
 
 #include "dola-contrast.h"
-#include "dola-session.h"
 
 #include <cstring>
 

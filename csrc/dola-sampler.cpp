@@ -1,0 +1,112 @@
+#include "dola-sampler.h"
+
+#include "dola-contrast.h"
+#include "dola-error.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <utility>
+
+namespace dola {
+
+sampler::sampler(const llama_vocab * vocab, int64_t n_vocab, std::vector<llama_token> eog)
+    : vocab_(vocab), n_vocab_(n_vocab), eog_(std::move(eog)) {}
+
+void sampler::check(const decode_params & p) {
+    if (!(p.repetition_penalty > 0.0f) || !std::isfinite(p.repetition_penalty)) throw error("repetition_penalty must be > 0");
+    if (!(p.temperature >= 0.0f) || !std::isfinite(p.temperature)) throw error("temperature must be >= 0");
+    if (p.top_k < 0) throw error("top_k must be >= 0");
+    if (!(p.top_p > 0.0f && p.top_p <= 1.0f)) throw error("top_p must be in (0, 1]");
+    if (!(p.min_p >= 0.0f && p.min_p <= 1.0f)) throw error("min_p must be in [0, 1]");
+    if (!(p.dry_multiplier >= 0.0f) || !std::isfinite(p.dry_multiplier)) throw error("dry_multiplier must be >= 0");
+    if (!(p.dry_base >= 1.0f) || !std::isfinite(p.dry_base)) throw error("dry_base must be >= 1");
+    if (p.dry_allowed_length < 0) throw error("dry_allowed_length must be >= 0");
+    if (p.dry_penalty_last_n < -1) throw error("dry_penalty_last_n must be >= -1 (-1 = the whole context)");
+    for (const std::string & b : p.dry_sequence_breakers) {
+        // llama.cpp skips empty ones and truncates long ones; a NUL would cut the C string it reads
+        if (b.empty() || b.size() > 40 || b.find('\0') != std::string::npos) {
+            throw error("each DRY sequence breaker must be 1 to 40 bytes of text without NUL");
+        }
+    }
+}
+
+void sampler::configure(const decode_params & p, uint32_t n_ctx) {
+    repetition_penalty_ = p.repetition_penalty;
+    dry_.reset();
+    dry_last_n_ = p.dry_penalty_last_n < 0 ? n_ctx : (size_t) p.dry_penalty_last_n;
+    if (p.dry_multiplier > 0.0f && dry_last_n_ > 0) {
+        std::vector<const char *> breakers;
+        for (const std::string & b : p.dry_sequence_breakers) breakers.push_back(b.c_str());
+        dry_.reset(llama_sampler_init_dry(vocab_, p.dry_multiplier, p.dry_base, p.dry_allowed_length,
+                                          (int32_t) dry_last_n_, breakers.data(), breakers.size()));
+    }
+    chain_.reset();
+    if (p.temperature > 0.0f) {
+        // transformers' order: temperature, then top-k, top-p, min-p on the tempered scores.
+        chain_.reset(llama_sampler_chain_init(llama_sampler_chain_default_params()));
+        llama_sampler_chain_add(chain_.get(), llama_sampler_init_temp(p.temperature));
+        if (p.top_k > 0) llama_sampler_chain_add(chain_.get(), llama_sampler_init_top_k(p.top_k));
+        if (p.top_p < 1.0f) llama_sampler_chain_add(chain_.get(), llama_sampler_init_top_p(p.top_p, 1));
+        if (p.min_p > 0.0f) llama_sampler_chain_add(chain_.get(), llama_sampler_init_min_p(p.min_p, 1));
+        llama_sampler_chain_add(chain_.get(), llama_sampler_init_dist(p.seed));
+    }
+}
+
+void sampler::process(float * scores, const float * lp, float top_logprob, const std::vector<llama_token> & history,
+                      float eos_bonus) {
+    repetition_penalty(scores, n_vocab_, history.data(), (int64_t) history.size(), repetition_penalty_);
+    if (dry_) apply_dry(scores, history);
+    if (eos_bonus != 0.0f) boost_eog(scores, lp, eos_bonus, top_logprob);
+}
+
+llama_token sampler::choose(const float * scores) {
+    if (!chain_) {
+        llama_token tok = 0;
+        float best = -std::numeric_limits<float>::infinity();
+        for (int64_t i = 0; i < n_vocab_; ++i) {
+            if (scores[i] > best) {
+                best = scores[i];
+                tok = (llama_token) i;
+            }
+        }
+        return tok;
+    }
+    cur_.resize(n_vocab_);
+    for (int64_t i = 0; i < n_vocab_; ++i) cur_[i] = {(llama_token) i, scores[i], 0.0f};
+    llama_token_data_array arr = {cur_.data(), (size_t) n_vocab_, -1, false};
+    llama_sampler_apply(chain_.get(), &arr);
+    if (arr.selected < 0 || arr.selected >= (int64_t) arr.size) throw error("the sampler selected no token");
+    return arr.data[arr.selected].id;
+}
+
+// DRY only lowers tokens of the scanned window (those that would extend one of its repeats), so
+// it runs on those tokens alone instead of the whole vocabulary, with the window as its history.
+void sampler::apply_dry(float * scores, const std::vector<llama_token> & history) {
+    const size_t n = history.size();
+    const size_t from = n > dry_last_n_ ? n - dry_last_n_ : 0;
+    llama_sampler_reset(dry_.get());
+    dry_ids_.assign(history.begin() + (std::ptrdiff_t) from, history.end());
+    for (llama_token t : dry_ids_) llama_sampler_accept(dry_.get(), t);
+    std::sort(dry_ids_.begin(), dry_ids_.end());
+    dry_ids_.erase(std::unique(dry_ids_.begin(), dry_ids_.end()), dry_ids_.end());
+    if (dry_ids_.empty()) return;
+    cur_.resize(dry_ids_.size());
+    for (size_t i = 0; i < dry_ids_.size(); ++i) cur_[i] = {dry_ids_[i], scores[dry_ids_[i]], 0.0f};
+    llama_token_data_array arr = {cur_.data(), cur_.size(), -1, false};
+    llama_sampler_apply(dry_.get(), &arr);
+    for (size_t i = 0; i < arr.size; ++i) scores[arr.data[i].id] = arr.data[i].logit;
+}
+
+void sampler::boost_eog(float * scores, const float * lp, float bonus, float top_logprob) const {
+    const float ninf = -std::numeric_limits<float>::infinity();
+    const float best = *std::max_element(scores, scores + n_vocab_);
+    for (llama_token e : eog_) {
+        float & s = scores[e];
+        if (s == ninf) s = best + (lp[e] - top_logprob);
+        if (s != ninf) s += bonus;
+    }
+}
+
+}  // namespace dola
