@@ -1,6 +1,7 @@
-"""Every code block in the README runs as written: the Python blocks whole, and each command of
-the shell blocks, except the install and build commands (CI runs the install itself, a build takes
-minutes) and the test suite (this is it)."""
+"""Every code block in the README and in docs/*.md runs as written: the Python blocks whole, and
+each command of the shell blocks, except the install and build commands (CI runs the install
+itself, a build takes minutes) and the test suite (this is it). Every relative link in them
+points to a file that exists, and to a heading of it where it names one."""
 
 import os
 import re
@@ -12,13 +13,30 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
-BLOCKS = re.findall(r"^```(\w+)\n(.*?)^```", README, re.S | re.M)
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+TEXTS = {page: page.read_text() for page in PAGES}
+
+FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.S | re.M)
+# what each block language is: run (python whole, bash command by command) or shown only
+# (sh: commands for other machines, such as rpc-server's; text: diagrams)
+RUN, SHOWN = ("python", "bash"), ("sh", "text")
 
 
-def _commands() -> list[str]:
+def _name(page: Path) -> str:
+    return str(page.relative_to(ROOT))
+
+
+BLOCKS = [(page, lang.strip(), body) for page in PAGES for lang, body in FENCE.findall(TEXTS[page])]
+
+
+def _unique(items):
+    return list(dict.fromkeys(items))  # a block or command shown on two pages runs once
+
+
+def _commands(blocks) -> list[str]:
     out = []
-    for lang, body in BLOCKS:
+    for _, lang, body in blocks:
         if lang != "bash":
             continue
         for line in body.splitlines():
@@ -39,8 +57,8 @@ def _kind(command: str) -> str:
     return "unknown"
 
 
-PYTHON_BLOCKS = [body for lang, body in BLOCKS if lang == "python"]
-COMMANDS = _commands()
+PYTHON_BLOCKS = _unique(body for _, lang, body in BLOCKS if lang == "python")
+COMMANDS = _unique(_commands(BLOCKS))
 
 
 def _env(tmp_path: Path) -> dict:
@@ -49,9 +67,26 @@ def _env(tmp_path: Path) -> dict:
 
 
 def test_readme_has_blocks_and_every_command_is_known():
-    assert PYTHON_BLOCKS and COMMANDS
+    readme = [b for b in BLOCKS if b[0] == README]
+    assert [b for b in readme if b[1] == "python"] and _commands(readme)
     unknown = [c for c in COMMANDS if _kind(c) == "unknown"]
-    assert not unknown, f"README commands this test does not know how to check: {unknown}"
+    assert not unknown, f"documented commands this test does not know how to check: {unknown}"
+
+
+def test_every_code_block_says_whether_it_runs():
+    """A block without a language, or in one this test does not know, would be skipped silently."""
+    odd = [f"{_name(page)}: ```{lang}" for page, lang, _ in BLOCKS if lang not in RUN + SHOWN]
+    assert not odd, odd
+    for page in PAGES:  # every fence is opened and closed in pairs: none swallowed a page's text
+        fences = re.findall(r"^```", TEXTS[page], re.M)
+        assert len(fences) == 2 * len(FENCE.findall(TEXTS[page])), _name(page)
+
+
+def test_the_readme_is_a_front_page_that_links_every_docs_page():
+    assert len(TEXTS[README].splitlines()) <= 300
+    linked = {target for _, target in _links(README)}
+    missing = [_name(p) for p in PAGES[1:] if _name(p) not in {t.split("#")[0] for t in linked}]
+    assert not missing, f"docs pages the README does not link: {missing}"
 
 
 @pytest.mark.parametrize("code", PYTHON_BLOCKS, ids=lambda c: c.splitlines()[0][:40])
@@ -78,3 +113,47 @@ def test_cli_command_runs(command, tmp_path, request):
                        env=_env(tmp_path), stdin=subprocess.DEVNULL)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
 
+
+# ------------------------------------------------------------------ links
+
+
+def _prose(text: str) -> str:
+    """The text without its code blocks and inline code, where brackets are not links."""
+    return re.sub(r"`[^`\n]*`", "", FENCE.sub("", text))
+
+
+def _links(page: Path) -> list[tuple[Path, str]]:
+    targets = re.findall(r"!?\[[^\]]*\]\(([^)\s]+)\)", _prose(TEXTS[page]))
+    return [(page, t) for t in targets if not re.match(r"^[a-z][a-z0-9+.-]*:", t)]  # not http:, mailto:
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces as hyphens,
+    a repeated heading's anchor numbered."""
+    seen: dict[str, int] = {}
+    for heading in re.findall(r"^#{1,6} +(.+?) *#*$", FENCE.sub("", page.read_text()), re.M):
+        heading = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link keeps its text
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        seen[slug] = seen.get(slug, -1) + 1
+        if seen[slug]:
+            slug = f"{slug}-{seen[slug]}"
+        seen.setdefault(slug, 0)
+    return set(seen)
+
+
+LINKS = [link for page in PAGES for link in _links(page)]
+
+
+def test_the_pages_have_relative_links():
+    assert LINKS and any(t.startswith("docs/") for p, t in LINKS if p == README)
+
+
+@pytest.mark.parametrize("page, target", LINKS, ids=[f"{_name(p)}->{t}" for p, t in LINKS])
+def test_relative_link_resolves(page, target):
+    path, _, anchor = target.partition("#")
+    file = (page.parent / path).resolve() if path else page
+    assert file.is_file(), f"{_name(page)}: {target}: no such file"
+    assert ROOT in file.parents, f"{_name(page)}: {target} points outside the repository"
+    if anchor:
+        assert file.suffix == ".md", f"{_name(page)}: {target}: an anchor into a file that is not markdown"
+        assert anchor in _anchors(file), f"{_name(page)}: {target}: {file.name} has no heading #{anchor}"

@@ -86,7 +86,7 @@ _UNRESOLVABLE = re.compile(r"\bseed 0\d\d\b|\bseed 0\d\d's|this session|earlier 
 
 
 def _docs() -> list[Path]:
-    files = [ROOT / "README.md", *sorted((ROOT / "dola_cpp").rglob("*.py"))]
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "dola_cpp").rglob("*.py"))]
     files += sorted(p for p in (ROOT / "benchmarks").glob("*") if p.suffix in (".py", ".md", ".sh"))
     return [p for p in files if p.exists()]
 
