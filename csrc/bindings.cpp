@@ -201,11 +201,11 @@ PYBIND11_MODULE(_core, m) {
         std::vector<float> out(z.size());
         dola::log_softmax(z.data(), out.data(), z.size());
         return to_array(std::move(out), {z.size()});
-    });
+    }, py::arg("z"));
     k.def("jsd", [](farr lp, farr lq) {
         if (lp.size() != lq.size()) throw py::value_error("lp and lq differ in length");
         return dola::jsd(lp.data(), lq.data(), lp.size());
-    });
+    }, py::arg("lp"), py::arg("lq"));
     k.def("dola_step", [](farr z_mature, farr z_cand, double relative_top, int32_t n_threads) {
         if (z_cand.ndim() != 2 || z_cand.shape(1) != z_mature.size()) throw py::value_error("z_cand must be [K, n_vocab]");
         const int64_t n = z_mature.size();
@@ -221,12 +221,12 @@ PYBIND11_MODULE(_core, m) {
         std::vector<float> out(scores.data(), scores.data() + scores.size());
         dola::repetition_penalty(out.data(), out.size(), ids.data(), ids.size(), penalty);
         return to_array(std::move(out), {scores.size()});
-    });
+    }, py::arg("scores"), py::arg("ids"), py::arg("penalty"));
     k.def("lm_score_diff", [](farr lp, farr lq, bool post_softmax, double relative_top, float mask_value) {
         std::vector<float> out(lp.size());
         dola::lm_score_diff(lp.data(), lq.data(), lp.size(), post_softmax, relative_top, mask_value, out.data());
         return to_array(std::move(out), {lp.size()});
-    });
+    }, py::arg("lp"), py::arg("lq"), py::arg("post_softmax"), py::arg("relative_top"), py::arg("mask_value"));
     k.def("position_entropy", [](farr z, int32_t chunk, int32_t n_threads) {
         if (z.ndim() != 2) throw py::value_error("z must be [n_positions, n_vocab]");
         if (chunk < 1) throw py::value_error("chunk must be >= 1");
@@ -355,7 +355,7 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("adaptive_threads", [](const py_session & self) { return self.s.adaptive_threads(); })
         .def_property_readonly("projection_backend", [](const py_session & self) { return self.s.projection_backend(); })
         .def_property_readonly("n_cached", [](const py_session & self) { return self.s.tokens().size(); })
-        .def("configure", [](py_session & self, const dola::decode_params & p) { self.s.configure(p); })
+        .def("configure", [](py_session & self, const dola::decode_params & p) { self.s.configure(p); }, py::arg("params"))
         .def("check_prompt", [](const py_session & self, py::handle ids) {
             self.s.check_prompt(to_tokens(self.s.get_model(), ids));
         }, py::arg("tokens"), "What prefill and score check first: empty, an id outside the vocabulary, "
@@ -363,13 +363,13 @@ PYBIND11_MODULE(_core, m) {
         .def("prefill", [](py_session & self, py::handle ids) {
             std::vector<int32_t> toks = to_tokens(self.s.get_model(), ids);
             self.run([&] { self.s.prefill(toks); });
-        })
+        }, py::arg("tokens"))
         .def("sample", [](py_session & self, float eos_bonus) { return self.run([&] { return self.s.sample(eos_bonus); }); },
              py::arg("eos_bonus") = 0.0f)
-        .def("accept", [](py_session & self, int32_t t) { self.run([&] { self.s.accept(t); }); })
+        .def("accept", [](py_session & self, int32_t t) { self.run([&] { self.s.accept(t); }); }, py::arg("token"))
         .def("clear", [](py_session & self) { self.s.clear(); })
         .def("cancel", [](py_session & self) { self.s.cancel(); })  // any thread, GIL not needed
-        .def("layer_logits", [](py_session & self, py::handle ids, std::vector<int32_t> layers, bool premature_norm,
+        .def("layer_logits", [](py_session & self, py::handle ids, std::vector<int64_t> layers, bool premature_norm,
                                 bool project_final) {
             std::vector<int32_t> toks = to_tokens(self.s.get_model(), ids);
             std::vector<float> out = self.run([&] { return self.s.layer_logits(toks, layers, premature_norm, project_final); });

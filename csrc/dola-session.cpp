@@ -391,15 +391,15 @@ step_result session::sample(float eos_bonus) {
     return res;
 }
 
-std::vector<float> session::layer_logits(const std::vector<llama_token> & prompt, const std::vector<int32_t> & layers,
+std::vector<float> session::layer_logits(const std::vector<llama_token> & prompt, const std::vector<int64_t> & layers,
                                          bool premature_norm, bool project_final) {
     const int32_t N = model_->n_layer();
     const int64_t V = model_->n_vocab();
     std::vector<int32_t> hidden_layers;
-    for (int32_t l : layers) {
+    for (int64_t l : layers) {
         if (l < 0 || l > N) throw error("layer " + std::to_string(l) + " is out of range: valid layers are 0.." + std::to_string(N));
         if ((l != N || project_final) && std::find(hidden_layers.begin(), hidden_layers.end(), l) == hidden_layers.end()) {
-            hidden_layers.push_back(l);
+            hidden_layers.push_back((int32_t) l);
         }
     }
     if (!hidden_layers.empty() && !capture_enabled_) throw error("this context was created without layer capture");

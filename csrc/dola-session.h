@@ -56,8 +56,9 @@ public:
 
     // Logits of `layers` (n_layer = final logits) at the last position of `prompt`:
     // [len(layers)][n_vocab]. project_final projects the captured last block instead of
-    // returning llama.cpp's logits for n_layer (a self-check of the projection).
-    std::vector<float> layer_logits(const std::vector<llama_token> & prompt, const std::vector<int32_t> & layers,
+    // returning llama.cpp's logits for n_layer (a self-check of the projection). The layers are
+    // 64-bit as callers give them: this is where their range is checked.
+    std::vector<float> layer_logits(const std::vector<llama_token> & prompt, const std::vector<int64_t> & layers,
                                     bool premature_norm, bool project_final);
 
     // Teacher-forced DoLa score of tokens[n_prefix:] given tokens[:n_prefix] (DoLa repo lm_score)
