@@ -233,14 +233,16 @@ class Model:
             if arr.dtype.kind not in "iu" and arr.size:
                 raise TypeError("a token-id prompt must contain integers")
             ids = [int(t) for t in arr.reshape(-1)]
-        if not ids:
-            raise ValueError("the prompt is empty")
-        bad = [t for t in ids if not 0 <= t < self.n_vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
-        if len(ids) > self.n_ctx:
-            raise PromptTooLongError(len(ids), self.n_ctx)
+        self._check_prompt(ids)
         return ids
+
+    def _check_prompt(self, ids: list[int]) -> None:
+        """The core's checks of prompt ids (empty, outside the vocabulary, longer than the
+        context), at the call rather than when decoding starts."""
+        try:
+            self._session.check_prompt(ids)
+        except _core.PromptTooLong as e:
+            raise PromptTooLongError(e.n_tokens, e.n_ctx) from None
 
     # ------------------------------------------------------------------ layers
 
@@ -381,10 +383,7 @@ class Model:
         the model's own logits; others are the raw hidden state through the output matrix
         (through the final norm first with ``premature_norm=True``)."""
         ids = self._prompt_ids(prompt)
-        layers = [int(layer) for layer in layers]
-        for layer in layers:
-            if not 0 <= layer <= self.n_layers:
-                raise ValueError(f"layer {layer} is out of range: valid layers are 0..{self.n_layers}")
+        layers = [int(layer) for layer in layers]  # the core checks their range
         with self._claim:
             return self._session.layer_logits(ids, layers, premature_norm, False)
 

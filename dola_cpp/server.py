@@ -285,9 +285,10 @@ def _prepare_completion(model: Model, raw: bytes, limits: Limits) -> tuple[Compl
     if len(prompt) > limits.n_ctx:
         raise too_long("prompt", limits)
     ids = [int(t) for t in prompt]
-    bad = [t for t in ids if not 0 <= t < model.n_vocab]
-    if bad:
-        raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{model.n_vocab - 1})", param="prompt")
+    try:
+        model._check_prompt(ids)  # the core's message for an id outside the vocabulary
+    except ValueError as e:
+        raise APIError(400, str(e), param="prompt") from None
     return body, ids
 
 
