@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
+from . import stats
 from .config import DecodeConfig
 from .layers import LayerSpec, parse_layer_string
 from .model import Model
@@ -306,6 +307,8 @@ class EvalSummary:
     wall_seconds: float = 0.0  # this run
     scoring_seconds: float = 0.0  # summed over all items, resumed ones included
     resumed: int = 0
+    # metric -> its bootstrap interval over the items (stats.Interval.as_dict()); empty with ci=0
+    intervals: dict[str, dict] = field(default_factory=dict)
     records: list[dict] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict:
@@ -328,6 +331,13 @@ class Task:
     metric: str  # the per-item metric a progress display shows
     item_metric: Callable[[dict], float]
     summarize: Callable[[list[dict]], dict]
+    # metric -> its per-item value (the metric is the mean of it over the items)
+    item_values: dict[str, Callable[[dict], float]] = field(default_factory=dict)
+    binary: tuple[str, ...] = ()  # the metrics that are right/wrong per item (McNemar compares them)
+
+    def values(self, records: Sequence[dict]) -> dict[str, list[float]]:
+        """Each metric's per-item values, in the records' order."""
+        return {k: [float(f(r)) for r in records] for k, f in self.item_values.items()}
 
 
 def mean_of(records: list[dict], value: Callable[[dict], float]) -> float:
@@ -343,11 +353,69 @@ def _tfqa_summary(records: list[dict]) -> dict:
 
 TASKS: dict[str, Task] = {
     TFQA: Task(TFQA, load_truthfulqa, score_truthfulqa, relative_top=0.0, post_softmax=False, metric="MC1",
-               item_metric=lambda r: r["MC1"], summarize=_tfqa_summary),
+               item_metric=lambda r: r["MC1"], summarize=_tfqa_summary,
+               item_values={k: (lambda r, k=k: r[k]) for k in ("MC1", "MC2", "MC3")}, binary=("MC1",)),
     FACTOR: Task(FACTOR, load_factor, score_factor, relative_top=0.1, post_softmax=True, metric="accuracy",
                  item_metric=lambda r: float(r["correct"]),
-                 summarize=lambda records: {"accuracy": mean_of(records, lambda r: float(r["correct"]))}),
+                 summarize=lambda records: {"accuracy": mean_of(records, lambda r: float(r["correct"]))},
+                 item_values={"accuracy": lambda r: float(r["correct"])}, binary=("accuracy",)),
 }
+
+
+def intervals(task: Union[str, "Task"], records: Sequence[dict], n_resamples: int = stats.N_RESAMPLES,
+              seed: int = 0, warn: bool = True) -> dict[str, stats.Interval]:
+    """Each of ``task``'s metrics over ``records`` with its percentile-bootstrap interval over the
+    items (:func:`dola_cpp.stats.bootstrap_ci` of the per-item values; the same resamples for
+    every metric). ``n_resamples=0`` or no records: none. With fewer than ``stats.FEW_ITEMS`` items
+    (and ``warn``) one :class:`~dola_cpp.stats.FewItemsWarning` is issued."""
+    t = get_task(task)
+    if n_resamples <= 0 or not records:
+        return {}
+    if warn and len(records) < stats.FEW_ITEMS:
+        stats.warn_few_items(len(records))
+    return {k: stats.bootstrap_ci(v, n_resamples, seed=seed, warn=False) for k, v in t.values(records).items()}
+
+
+def compare_records(task: Union[str, "Task"], a: Sequence[dict], b: Sequence[dict],
+                    n_resamples: int = stats.N_RESAMPLES, seed: int = 0,
+                    warn: bool = True) -> tuple[list[int], dict[str, stats.PairedDifference]]:
+    """``b - a`` for each of ``task``'s metrics over the items both runs scored (paired by item
+    index): the indices, and per metric the difference with its paired bootstrap interval and
+    p-value (McNemar's exact test for right/wrong metrics, the paired bootstrap for the others)."""
+    t = get_task(task)
+    by_index = {r["index"]: r for r in b}
+    common = sorted(r["index"] for r in a if r["index"] in by_index)
+    if not common:
+        raise EvalDataError("the two runs have no item in common")
+    if warn and len(common) < stats.FEW_ITEMS:
+        stats.warn_few_items(len(common))
+    ra = sorted((r for r in a if r["index"] in by_index), key=lambda r: r["index"])
+    rb = [by_index[i] for i in common]
+    va, vb = t.values(ra), t.values(rb)
+    return common, {k: stats.compare(va[k], vb[k], binary=k in t.binary, n_resamples=n_resamples, seed=seed,
+                                     warn=False) for k in va}
+
+
+def read_run(path: PathLike) -> tuple[dict, list[dict]]:
+    """A results file's header and its item records (sorted by index; a partial last line is
+    ignored). Raises EvalDataError for a file that is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalDataError(f"results file not found: {path}")
+    text = path.read_text(encoding="utf-8").splitlines()
+    lines = []
+    for n, line in enumerate(text, 1):
+        if line.strip():
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                if n == len(text):
+                    break  # an interrupted write
+                raise EvalDataError(f"{path}: line {n} is not JSON") from None
+    if not lines or not isinstance(lines[0], dict) or lines[0].get("type") != "header":
+        raise EvalDataError(f"{path} is not a dola-cpp results file (no header line)")
+    records = sorted((r for r in lines[1:] if r.get("type") == "result"), key=lambda r: r["index"])
+    return lines[0], records
 
 
 def get_task(task: Union[str, Task]) -> Task:
@@ -411,6 +479,8 @@ def run_eval(
     results_path: Optional[PathLike] = None,
     progress: Optional[Progress] = None,
     header_extra: Optional[dict] = None,
+    ci: int = 0,
+    seed: int = 0,
 ) -> EvalSummary:
     """Evaluate ``items`` with the repo's protocol for ``task`` (``"tfqa-mc"`` or ``"factor"``).
 
@@ -419,7 +489,8 @@ def run_eval(
     ``decoder="activation"`` scores with Activation Decoding (``alpha``, ``info_layer``) on top of
     the plain or DoLa score, with the task's relative-top and post-softmax settings.
     ``progress(done, total, record)`` is called after every item (and once at the start with
-    ``record={}``).
+    ``record={}``). ``ci``: bootstrap resamples for the metrics' intervals (0 = none; see
+    :func:`intervals`, ``seed`` its seed).
     """
     t = get_task(task)
     config = DecodeConfig().replace(layers=layers, premature_norm=premature_norm, decoder=decoder, alpha=alpha,
@@ -484,6 +555,7 @@ def run_eval(
         wall_seconds=time.perf_counter() - t_run,
         scoring_seconds=sum(r.get("seconds", 0.0) for r in records),
         resumed=len(done),
+        intervals={k: v.as_dict() for k, v in intervals(t, records, ci, seed).items()},
         records=records,
     )
 

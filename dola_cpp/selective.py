@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
 from . import evaluate as ev
+from . import stats
 from .evaluate import ScoreOptions, TruthfulQAItem
 from .model import Model
 from .risk import RISK_FORMULA, SIGNALS, signal_risks
@@ -73,6 +74,7 @@ TASK = ev.Task(
     SELECTIVE, ev.load_truthfulqa, score_selective, relative_top=0.0, post_softmax=False, metric="MC1",
     item_metric=lambda r: float(r["correct"]),
     summarize=lambda records: {"MC1": ev.mean_of(records, lambda r: float(r["correct"]))},
+    item_values={"MC1": lambda r: float(r["correct"])}, binary=("MC1",),
 )
 
 
@@ -111,6 +113,44 @@ def coverage_curve(correct: Sequence[bool], risk: Sequence[float]) -> tuple[np.n
     return k / n, np.cumsum(c) / k
 
 
+def coverage_bands(correct: Sequence[bool], risk: Sequence[float], n_resamples: int = stats.N_RESAMPLES,
+                   level: float = stats.LEVEL, seed: int = 0) -> tuple[np.ndarray, np.ndarray, stats.Interval]:
+    """Bootstrap over questions of the accuracy-coverage curve: the ``level`` band of the accuracy
+    at each of the n coverage points (low, high) and the interval of the area.
+
+    Each resample draws n questions with replacement (``numpy.random.default_rng(seed)``, as
+    :func:`dola_cpp.stats.resample_means`) and answers them least risky first, tied risks
+    averaged as :func:`coverage_curve` does: with the questions of equal risk merged into groups,
+    the correct answers among the first ``m`` answered are the cumulative count interpolated
+    linearly inside a group."""
+    c = np.asarray(correct, dtype=np.float64)
+    r = np.nan_to_num(np.asarray(risk, dtype=np.float64), nan=np.inf)
+    n = len(c)
+    if n == 0:
+        raise ValueError("coverage_bands: no questions")
+    _, group = np.unique(r, return_inverse=True)  # groups in order of increasing risk
+    n_groups = int(group.max()) + 1
+    rng = np.random.default_rng(seed)
+    m = np.arange(1, n + 1, dtype=np.float64)
+    accs = np.empty((n_resamples, n))
+    for start in range(0, n_resamples, 1_000):
+        rows = min(1_000, n_resamples - start)
+        idx = rng.integers(0, n, size=(rows, n))
+        g = group[idx] + n_groups * np.arange(rows)[:, None]  # (resample, group) as one index
+        weight = np.bincount(g.ravel(), minlength=rows * n_groups).reshape(rows, n_groups)
+        right = np.bincount(g.ravel(), weights=c[idx].ravel(), minlength=rows * n_groups).reshape(rows, n_groups)
+        cum_w = np.concatenate([np.zeros((rows, 1)), np.cumsum(weight, axis=1)], axis=1)
+        cum_r = np.concatenate([np.zeros((rows, 1)), np.cumsum(right, axis=1)], axis=1)
+        for i in range(rows):
+            accs[start + i] = np.interp(m, cum_w[i], cum_r[i]) / m
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(accs, [tail, 1.0 - tail], axis=0)
+    areas = accs.mean(axis=1)
+    a_lo, a_hi = np.quantile(areas, [tail, 1.0 - tail])
+    _, acc = coverage_curve(correct, risk)
+    return low, high, stats.Interval(area(m / n, acc), float(a_lo), float(a_hi), level, n)
+
+
 def area(coverage: np.ndarray, accuracy: np.ndarray) -> float:
     """Area under the accuracy-coverage curve: the mean accuracy over the n coverage points."""
     return float(np.mean(accuracy)) if len(accuracy) else float("nan")
@@ -123,19 +163,36 @@ class SelectiveCurves:
     accuracy: float  # at full coverage (= MC1)
     curves: dict[str, tuple[np.ndarray, np.ndarray]]  # signal -> (coverage, accuracy)
     aucs: dict[str, float]
+    # with n_resamples: signal -> (low, high) of the accuracy at each coverage, and the area's interval
+    bands: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    auc_intervals: dict[str, stats.Interval] = field(default_factory=dict)
+    accuracy_interval: Optional[stats.Interval] = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        def rounded(a: np.ndarray) -> list[float]:
+            return [round(float(x), 5) for x in a]
+
+        out = {
             "mode": self.mode,
             "n": self.n,
             "accuracy": self.accuracy,
             "auc": self.aucs,
-            "curves": {s: {"coverage": [round(float(x), 5) for x in cov], "accuracy": [round(float(y), 5) for y in acc]}
+            "curves": {s: {"coverage": rounded(cov), "accuracy": rounded(acc),
+                           **({"low": rounded(self.bands[s][0]), "high": rounded(self.bands[s][1])}
+                              if s in self.bands else {})}
                        for s, (cov, acc) in self.curves.items()},
         }
+        if self.auc_intervals:
+            out["auc_interval"] = {s: i.as_dict() for s, i in self.auc_intervals.items()}
+        if self.accuracy_interval is not None:
+            out["accuracy_interval"] = self.accuracy_interval.as_dict()
+        return out
 
 
-def curves(records: Sequence[dict], n_vocab: int, mode: str, signals: Sequence[str] = SIGNALS) -> SelectiveCurves:
+def curves(records: Sequence[dict], n_vocab: int, mode: str, signals: Sequence[str] = SIGNALS,
+           n_resamples: int = 0, seed: int = 0) -> SelectiveCurves:
+    """Each signal's accuracy-coverage curve and area; with ``n_resamples``, their bootstrap bands
+    over questions (:func:`coverage_bands`) and MC1's interval."""
     correct = [bool(r["correct"]) for r in records]
     per_q = [question_risks(r, n_vocab) for r in records]
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -147,7 +204,15 @@ def curves(records: Sequence[dict], n_vocab: int, mode: str, signals: Sequence[s
     acc = float(np.mean(correct)) if correct else float("nan")
     n = len(correct)
     out["random"] = (np.arange(1, n + 1) / n, np.full(n, acc))
-    return SelectiveCurves(mode, n, acc, out, {s: area(*cv) for s, cv in out.items()})
+    result = SelectiveCurves(mode, n, acc, out, {s: area(*cv) for s, cv in out.items()})
+    if n_resamples > 0 and n:
+        for s in out:
+            values = [0.0] * n if s == "random" else [q.get(s, float("nan")) for q in per_q]
+            low, high, auc = coverage_bands(correct, values, n_resamples, seed=seed)
+            result.bands[s] = (low, high)
+            result.auc_intervals[s] = auc
+        result.accuracy_interval = stats.bootstrap_ci([float(x) for x in correct], n_resamples, seed=seed, warn=False)
+    return result
 
 
 def write_json(path: PathLike, model_name: str, results: Sequence[SelectiveCurves]) -> None:
@@ -169,7 +234,11 @@ def plot(path: PathLike, model_name: str, results: Sequence[SelectiveCurves]) ->
             style = {"color": "0.5", "linestyle": "--"} if s == "random" else {}
             width = 2.4 if s == "risk" else 1.3
             name = f"risk = {RISK_FORMULA}" if s == "risk" else s
-            ax.plot(cov, acc, label=f"{name} (AUC {res.aucs[s]:.3f})", linewidth=width, **style)
+            interval = res.auc_intervals.get(s)
+            auc = f"AUC {res.aucs[s]:.3f}" + (f" [{interval.low:.3f}, {interval.high:.3f}]" if interval else "")
+            line = ax.plot(cov, acc, label=f"{name} ({auc})", linewidth=width, **style)[0]
+            if s in res.bands:
+                ax.fill_between(cov, res.bands[s][0], res.bands[s][1], color=line.get_color(), alpha=0.12, linewidth=0)
         ax.set_title(f"{model_name}: {res.mode} (n={res.n}, MC1 {res.accuracy:.3f})", fontsize=9)
         ax.set_xlabel("coverage (share of questions answered)")
         ax.set_xlim(0, 1)

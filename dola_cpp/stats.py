@@ -73,14 +73,24 @@ def _values(values: Sequence[float], what: str) -> np.ndarray:
     return a
 
 
+def few_items_message(n: int) -> str:
+    """What :class:`FewItemsWarning` says for ``n`` items."""
+    return (f"an interval over {n} items (< {FEW_ITEMS}) is wide and the bootstrap's too narrow; "
+            "use more items to compare settings")
+
+
+def warn_few_items(n: int, stacklevel: int = 3) -> None:
+    """Issue :class:`FewItemsWarning` for an interval over ``n`` items (whatever ``n``)."""
+    warnings.warn(few_items_message(n), FewItemsWarning, stacklevel=stacklevel)
+
+
 def _check_args(n: int, n_resamples: int, level: float, warn: bool) -> None:
     if not isinstance(n_resamples, int) or n_resamples < 1:
         raise ValueError(f"n_resamples must be an integer >= 1, got {n_resamples!r}")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level!r}")
     if warn and n < FEW_ITEMS:
-        warnings.warn(f"an interval over {n} items (< {FEW_ITEMS}) is wide and the bootstrap's too narrow; "
-                      "use more items to compare settings", FewItemsWarning, stacklevel=3)
+        warn_few_items(n, stacklevel=4)
 
 
 def resample_means(values: np.ndarray, n_resamples: int = N_RESAMPLES, seed: int = 0) -> np.ndarray:
