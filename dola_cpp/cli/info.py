@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from .. import Model, _core
+from .. import sweep as sw
 from ..layers import default_info_layer
 from ._cli_utils import JsonOpt, ModelRequiredArg, examples, load_model
 from ._render import layer_list
@@ -26,9 +27,11 @@ def info(model: ModelRequiredArg, as_json: JsonOpt = False) -> None:
 
     Its architecture, layers, vocabulary, quantization, training context length, chat template,
     tied embeddings, the layers DoLa's 'high' and 'low' sets contrast, and Activation Decoding's
-    default info layer."""
+    default info layer; and the last `dola-cpp eval sweep` recommendation for this file (by its
+    SHA-256), if one is cached."""
     m = load_model(model, ctx=256, gpu_layers=0)
     facts = model_facts(m)
+    facts["sweeps"] = sw.cached(m.path)
     if as_json:
         typer.echo(json.dumps(facts, indent=2))
         return
@@ -52,12 +55,17 @@ def info(model: ModelRequiredArg, as_json: JsonOpt = False) -> None:
     rows.append(("layer capture", facts["capture_mode"] + (" (graph outputs read after each decode)" if facts["capture_mode"] == "outputs"
                                                            else " (llama.cpp's eval callback: a split per captured layer)")))
     rows.append(("chat template", _template_summary(facts)))
-    width = max(len(k) for k, _ in rows)
+    sweeps = [(f"last sweep ({task})", f"{entry.get('verdict', '')} [{entry.get('n_items')} items of "
+                                       f"{entry.get('data')}, {entry.get('created')}; {entry.get('out')}]")
+              for task, entry in sorted(facts["sweeps"].items())]
+    width = max(len(k) for k, _ in rows + sweeps)
     for key, value in rows:
         typer.echo(f"{key:<{width}}  {value}")
     if facts["chat_template"]:
         for line in _template_preview(facts["chat_template"]):
             typer.echo(f"{'':<{width}}  │ {line}")
+    for key, value in sweeps:
+        typer.echo(f"{key:<{width}}  {value}")
 
 
 def model_facts(m: Model) -> dict[str, Any]:
