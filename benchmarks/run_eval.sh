@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's multiple-choice evaluation table: SmolLM2 and Gemma-3-270M, plain / DoLa low /
+# The multiple-choice evaluation table of docs/evaluation.md: SmolLM2 and Gemma-3-270M, plain / DoLa low /
 # DoLa high / DoLa high with the premature norm / Activation Decoding (act) / Activation Decoding
 # on DoLa high (act-high), on TruthfulQA MC (dev half) and EXPERT-FACTOR.
 # Results are resumable JSON lines in benchmarks/eval_runs/; rerunning with a larger limit

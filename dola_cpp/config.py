@@ -158,7 +158,7 @@ class DecodeConfig:
         # the DoLa and Activation Decoding repositories generate with 1.2; plain decoding with 1.0,
         # and so does DoLa with DRY, which guards against repeats without penalising every token
         # the prompt holds (the chat template's system text included: "Hi" then drifts into emoji
-        # bytes on SmolLM2; README, "Chat defaults")
+        # bytes on SmolLM2; docs/decoders.md, "Chat defaults")
         if (plan.is_plain and not self.uses_activation) or self.dry_multiplier > 0:
             return 1.0
         return RECOMMENDED_REPETITION_PENALTY

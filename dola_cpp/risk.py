@@ -5,8 +5,8 @@ emitted token, its top probability and entropy, and with dynamic DoLa the JSD be
 layer and the chosen premature layer. Each becomes a per-token risk in [0, 1]; an answer's risk
 is the mean over its tokens (so long answers are not riskier for being long).
 
-``risk`` itself is RISK_FORMULA (the README's "Risk, abstaining and answers that end" has the selective-QA
-measurements it was chosen by).
+``risk`` itself is RISK_FORMULA (docs/evaluation.md, "Selective question answering", has the
+selective-QA measurements it was chosen by).
 """
 
 from __future__ import annotations

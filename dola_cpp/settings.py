@@ -32,7 +32,7 @@ DECODERS = ("dola", "activation")
 DRY_SEQUENCE_BREAKERS = ("\n", ":", '"', "*")
 
 # What the chat (``dola-cpp run``) and the server decode with unless told otherwise, chosen with
-# benchmarks/chat_defaults.py (README, "Chat defaults"): premature layers through the final norm,
+# benchmarks/chat_defaults.py (docs/decoders.md, "Chat defaults"): premature layers through the final norm,
 # an end-of-answer boost near the token budget, llama.cpp's DRY sampler against loops, and a stop
 # when the answer repeats a cycle anyway.
 CHAT_PREMATURE_NORM = True
@@ -145,7 +145,7 @@ SETTINGS: tuple[Setting, ...] = (
         "premature_norm", bool, False, group="dola", chat_default=CHAT_PREMATURE_NORM,
         help="--premature-norm (the command line's default) applies the final norm to premature layers "
              "before projecting them (logit lens); --raw projects the raw hidden state as the DoLa "
-             "paper, transformers and the Python API do. Why the default differs: README, 'Chat defaults'.",
+             "paper, transformers and the Python API do. Why the default differs: docs/decoders.md, 'Chat defaults'.",
         flags=("--premature-norm/--raw",), panel=DECODING,
         cli={**on("run", default=CHAT_PREMATURE_NORM), **on("generate", "compare", "trace", default=True),
              **on(*_EVAL, "eval selective", help=_EVAL_NORM_HELP)},

@@ -200,7 +200,7 @@ def test_scores_that_share_a_prefix_equal_fresh_scores(exact):
     assert warm[1].score == pytest.approx(cold[1].score, abs=1e-4)
     assert warm[2].score == pytest.approx(warm[0].score, abs=1e-4)
     # the entropy term is there (normed early exits give SmolLM2 non-zero H; raw ones ~0, see
-    # the README): the score without it is higher
+    # docs/decoders.md, "Activation Decoding"): the score without it is higher
     plain = exact.score(prefix, " Jupiter.", layers="high", premature_norm=True)
     assert plain.score > warm[0].score + 0.1
 

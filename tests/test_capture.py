@@ -100,7 +100,7 @@ print(json.dumps(out))
 @pytest.mark.hardware("linux")
 @pytest.mark.parametrize("mode", ["outputs", "callback"])
 def test_stops_per_token_in_each_mode(smollm2_path, tmp_path, mode):
-    """The README's count of graph stops: with the layers kept as outputs, one per captured ubatch
+    """docs/design.md's count of graph stops: with the layers kept as outputs, one per captured ubatch
     (at the fused final row); with the eval callback (DOLA_CPP_CAPTURE=callback, also on Linux),
     K + 1: one after each of the K candidate layers and one at the final row. Scoring takes the
     final logits from llama.cpp: no stop with outputs, K per ubatch with the callback."""

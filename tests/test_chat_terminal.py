@@ -126,8 +126,8 @@ def terminal(tmp_path):
 def test_chat_in_a_terminal(terminal, smollm2_path):
     t = terminal("run", str(smollm2_path), "--max-tokens", "400", *FAST)
     screen = t.wait_for_prompt("Type /help")
-    # the chat decodes with DRY by default, and then with no blanket repetition penalty (README,
-    # "Chat defaults"; DecodeConfig.penalty)
+    # the chat decodes with DRY by default, and then with no blanket repetition penalty
+    # (docs/decoders.md, "Loops"; DecodeConfig.penalty)
     assert "DoLa (normed premature layers): layers 15,17,19,21,23,25,27,29 vs 30 · repetition penalty 1.0" in screen
 
     # a long answer, stopped with Ctrl-C once it is streaming

@@ -548,7 +548,7 @@ def test_run_piped_risk_display_and_abstaining(cli, smollm2_path):
     assert re.search(r"last answer: \d+ tokens .* · risk 0\.\d\d", result.stderr)
     assert "[abstained: this question is not kept]" in result.stderr
     assert re.search(r"show_risk +off", result.stderr) and re.search(r"abstain +off", result.stderr)
-    assert re.search(r"eos_boost +10\n", result.stderr)  # the chat's default (README, "Answers that end")
+    assert re.search(r"eos_boost +10\n", result.stderr)  # the chat's default (docs/decoders.md, "Answers that end")
 
 
 def test_chat_show_risk_colours_tokens(smollm2, capsys):

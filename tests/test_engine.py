@@ -369,7 +369,7 @@ def test_cancel_from_another_thread(counted):
 
 
 def test_closing_a_stream_says_cancelled(smollm2):
-    """README: "closing a stream ... stops it promptly ... (the stream's finish_reason is then
+    """docs/usage.md, "Threads and apps": "closing a stream ... stops it promptly ... (the stream's finish_reason is then
     "cancelled")"."""
     it = smollm2.stream(PROMPT, max_tokens=100, ignore_eos=True)
     next(it)

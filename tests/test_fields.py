@@ -92,7 +92,7 @@ def test_every_setting_maps_to_members_of_the_cores_decode_params():
 
 def test_the_stub_declares_every_member_of_decode_params():
     stub = (ROOT / "dola_cpp" / "_core.pyi").read_text()
-    block = stub[stub.index("class DecodeParams:"):]
+    block = stub[re.search(r"^class DecodeParams\b.*:$", stub, re.M).start():]
     block = block[:block.index("\nclass ")]
     declared = set(re.findall(r"^    (\w+): ", block, re.M))
     assert declared == _core_members()
