@@ -6,7 +6,9 @@ out from the choice), with bootstrap intervals and a paired test.
 - **Buckets**: contiguous ranges of about N/4 layers (boundaries at multiples of ``round(N/4)``,
   the first starting where transformers' candidates start: 2 for a model with tied embeddings,
   else 0; the last ending at N-1), each contributing its even layers, against the final layer N
-  -- as the paper's [0,16), [16,32) buckets of even layers for 32-layer LLaMA-7B.
+  -- the paper's scheme of contiguous buckets of even layers ([0,16), [16,32) for 32-layer
+  LLaMA-7B; buckets of 20 layers for the larger models), at a finer grain for small models. Give
+  the paper's own with ``--buckets 0-15,16-31``.
 - **Split**: the items (after ``limit``) in the order of
   ``numpy.random.default_rng(seed).permutation(n)``; the first ``round(fraction * n)`` are the
   validation split, the rest the test split. For TruthfulQA ``fraction=0.5`` gives two halves;
