@@ -540,6 +540,11 @@ def test_cli_selective_writes_curves_and_plot(tmp_path):
         assert curve["coverage"][-1] == 1.0 and len(curve["coverage"]) == 6
         assert curve["accuracy"][-1] == pytest.approx(mode["accuracy"], abs=1e-4)
         assert mode["auc"]["random"] == pytest.approx(mode["accuracy"], abs=1e-6)
+        # the bootstrap bands over questions (--ci, 10,000 resamples by default) and the areas' intervals
+        assert len(curve["low"]) == len(curve["high"]) == 6
+        assert all(lo <= hi for lo, hi in zip(curve["low"], curve["high"]))
+        iv = mode["auc_interval"]["risk"]
+        assert iv["low"] <= mode["auc"]["risk"] <= iv["high"] and iv["n"] == 6
     assert "jsd" in data["modes"][1]["auc"] and "jsd" not in data["modes"][0]["auc"]
     # the records agree with the MC1 protocol: the chosen answer's tokens carry the signals
     rec = [json.loads(line) for line in (tmp_path / "sel.dola.jsonl").read_text().splitlines()][1]
@@ -549,3 +554,51 @@ def test_cli_selective_writes_curves_and_plot(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     r = CliRunner().invoke(app, args)  # a rerun resumes every question
     assert r.exit_code == 0 and r.output.count("6 questions") == 2
+
+
+# ------------------------------------------------------------------------------- intervals
+
+
+def test_run_eval_intervals_are_bootstrap_ci_of_the_per_item_values():
+    from dola_cpp import stats
+
+    with pytest.warns(stats.FewItemsWarning, match="4 items"):
+        s = ev.run_eval(ev.TFQA, FakeModel(), tfqa_items(4), ci=700, seed=3)
+    assert set(s.intervals) == {"MC1", "MC2", "MC3"}
+    for k in s.intervals:
+        want = stats.bootstrap_ci([r[k] for r in s.records], 700, seed=3, warn=False)
+        assert s.intervals[k] == want.as_dict()
+        assert s.intervals[k]["value"] == pytest.approx(s.metrics[k])
+    assert ev.run_eval(ev.TFQA, FakeModel(), tfqa_items(2)).intervals == {}  # ci=0: none
+    assert "intervals" in s.as_dict()
+
+
+def test_compare_records_pairs_by_index():
+    from dola_cpp import stats
+
+    a = [{"index": i, "correct": c} for i, c in enumerate([1, 0, 0, 1, 0] * 5)]
+    b = [{"index": i, "correct": c} for i, c in enumerate([1, 1, 1, 1, 0] * 5)][::-1] + [{"index": 99, "correct": 1}]
+    common, d = ev.compare_records(ev.FACTOR, a, b, 500)
+    assert common == list(range(25))
+    assert d["accuracy"].test == "McNemar exact" and d["accuracy"].p_value == stats.mcnemar_p(0, 10)
+    assert d["accuracy"].diff.value == pytest.approx(0.4)
+    with pytest.raises(ev.EvalDataError, match="no item in common"):
+        ev.compare_records(ev.FACTOR, a, [{"index": 50, "correct": 1}])
+
+
+def test_cli_reports_each_metric_with_the_bootstrap_interval(tmp_path):
+    from dola_cpp import stats
+
+    out = tmp_path / "f.jsonl"
+    r = CliRunner().invoke(app, ["factor", "smollm2", "--data", str(FACTOR_CSV), "--limit", "3", "--ci", "900",
+                                 "--json", str(out), "--threads", "2", "--ctx", "512"])
+    assert r.exit_code == 0, r.output
+    assert "95% interval" in r.output
+    assert r.output.count("warning: an interval over 3 items (< 20)") == 1
+    summary = json.loads(next(x for x in r.output.splitlines() if x.startswith("summary: "))[len("summary: "):])
+    _, recs = ev.read_run(out)
+    want = stats.bootstrap_ci([float(x["correct"]) for x in recs], 900, warn=False)
+    assert summary["intervals"]["accuracy"] == want.as_dict()
+    r = CliRunner().invoke(app, ["factor", "smollm2", "--data", str(FACTOR_CSV), "--limit", "3", "--ci", "0",
+                                 "--json", str(out), "--threads", "2"])
+    assert r.exit_code == 0 and "95% interval" not in r.output and "warning" not in r.output

@@ -125,3 +125,19 @@ def test_fewer_than_20_items_warn_and_20_do_not():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         stats.bootstrap_ci(SAMPLE[:20])
+
+
+def test_selective_band_at_full_coverage_is_the_accuracys_bootstrap_interval():
+    """coverage_bands draws its resamples as resample_means does: at full coverage the band is
+    bootstrap_ci of the right/wrong items; at each coverage it holds the curve of the items."""
+    from dola_cpp import selective as sel
+
+    risk = [0.3, 0.1, 0.9, 0.5, 0.5, 0.2, 0.7, 0.4, 0.6, 0.8, 0.15, 0.35] * 2
+    correct = SAMPLE
+    low, high, auc = sel.coverage_bands(correct, risk, 3000, seed=5)
+    ci = stats.bootstrap_ci(correct, 3000, seed=5)
+    assert (low[-1], high[-1]) == pytest.approx((ci.low, ci.high), abs=1e-12)
+    cov, acc = sel.coverage_curve(correct, risk)
+    assert auc.value == pytest.approx(sel.area(cov, acc)) and auc.low <= auc.value <= auc.high
+    assert np.all(low <= acc + 1e-12) and np.all(acc <= high + 1e-12)
+    assert len(low) == len(high) == len(correct)
