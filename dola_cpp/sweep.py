@@ -290,10 +290,11 @@ def verdict(result: dict) -> str:
     if rec["setting"] == "plain":
         return f"plain decoding scored best on the validation split ({metric} {rec['validation']:.3f}): use --layers none"
     p = d.get("p_value")
+    p_shown = f"< {1 / max(result.get('n_resamples') or 1, 1):.0e}" if p == 0 else f"= {p:.3g}"
     ci = f" [{d['low']:+.3f}, {d['high']:+.3f}]" if "low" in d else ""
     sure = ("distinguishable from zero" if rec["distinguishable"] else "not distinguishable from zero")
     return (f"use --layers {rec['layers']} ({rec['setting']}): test {metric} {rec['test']:.3f} vs plain "
-            f"{rec['test_plain']:.3f}, difference {d['value']:+.3f}{ci}, {d.get('test', '')} p = {p:.3g}: {sure}")
+            f"{rec['test_plain']:.3f}, difference {d['value']:+.3f}{ci}, {d.get('test', '')} p {p_shown}: {sure}")
 
 
 # ---------------------------------------------------------------------------- the cache (dola-cpp info)

@@ -79,6 +79,11 @@ def few_items_note():
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
+def p_text(p: float, n_resamples: int) -> str:
+    """A p-value; a bootstrap's 0 is below one resample's share."""
+    return f"< {1 / max(n_resamples, 1):.0e}" if p == 0 else f"{p:.3g}"
+
+
 def interval_text(iv: Optional[dict]) -> str:
     return f"[{iv['low']:.4f}, {iv['high']:.4f}]" if iv else ""
 
@@ -405,7 +410,7 @@ def compare(
         table.add_column(col, justify="left" if col in ("metric", "test") else "right")
     for k, d in diffs.items():
         table.add_row(k, f"{ma[k]:.4f}", f"{mb[k]:.4f}", f"{d.diff.value:+.4f}",
-                      f"[{d.diff.low:+.4f}, {d.diff.high:+.4f}]" if ci else "", f"{d.p_value:.3g}", d.test)
+                      f"[{d.diff.low:+.4f}, {d.diff.high:+.4f}]" if ci else "", p_text(d.p_value, ci), d.test)
     console.print(table)
 
 
