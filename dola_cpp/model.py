@@ -233,12 +233,13 @@ class Model:
             if arr.dtype.kind not in "iu" and arr.size:
                 raise TypeError("a token-id prompt must contain integers")
             ids = [int(t) for t in arr.reshape(-1)]
-        self._check_prompt(ids)
+        self.check_prompt(ids)
         return ids
 
-    def _check_prompt(self, ids: list[int]) -> None:
-        """The core's checks of prompt ids (empty, outside the vocabulary, longer than the
-        context), at the call rather than when decoding starts."""
+    def check_prompt(self, ids: Sequence[int]) -> None:
+        """Raise what decoding ``ids`` would: ValueError for no ids or one outside the vocabulary,
+        PromptTooLongError when they leave no room in the context (the core's checks, run at the
+        call rather than when decoding starts)."""
         try:
             self._session.check_prompt(ids)
         except _core.PromptTooLong as e:

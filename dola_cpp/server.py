@@ -286,7 +286,7 @@ def _prepare_completion(model: Model, raw: bytes, limits: Limits) -> tuple[Compl
         raise too_long("prompt", limits)
     ids = [int(t) for t in prompt]
     try:
-        model._check_prompt(ids)  # the core's message for an id outside the vocabulary
+        model.check_prompt(ids)  # the core's message for an id outside the vocabulary
     except ValueError as e:
         raise APIError(400, str(e), param="prompt") from None
     return body, ids

@@ -353,7 +353,7 @@ def compare(
     as_json: Annotated[bool, typer.Option("--json", rich_help_panel=PANEL_OUTPUT,
                                           help="Print JSON instead of the table.")] = False,
 ) -> None:
-    """Compare two runs of the same items: each metric's difference (B - A) and a paired test.
+    """Compare two runs of the same items, with paired tests.
 
     Items are paired by their index; only the items both runs scored count. Accuracies (MC1,
     FACTOR) get McNemar's exact test, MC2 and MC3 the paired bootstrap; the interval is the paired
@@ -457,7 +457,7 @@ def sweep(
     threads: ThreadsOpt = None,
     kv_type: KVTypeOpt = KVType.f32,
 ) -> None:
-    """Choose DoLa's layers the paper's way, and test the choice against plain decoding.
+    """Choose DoLa's layers, then test the choice against plain.
 
     Scores plain decoding, --layers low and high, and the paper's buckets of candidate layers on
     the validation split; the best on --metric and plain are then scored on the test split, and
