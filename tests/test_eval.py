@@ -602,3 +602,20 @@ def test_cli_reports_each_metric_with_the_bootstrap_interval(tmp_path):
     r = CliRunner().invoke(app, ["factor", "smollm2", "--data", str(FACTOR_CSV), "--limit", "3", "--ci", "0",
                                  "--json", str(out), "--threads", "2"])
     assert r.exit_code == 0 and "95% interval" not in r.output and "warning" not in r.output
+
+
+def test_the_docs_interval_tables_are_eval_tables_output_from_the_committed_runs():
+    """docs/evaluation.md's tables with intervals are regenerated, not retyped: they are what
+    benchmarks/eval_table.py prints from benchmarks/eval_runs/."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    page = (root / "docs" / "evaluation.md").read_text()
+    begin, end = "<!-- benchmarks/eval_table.py -->\n", "\n<!-- /benchmarks/eval_table.py -->"
+    assert begin in page and end in page
+    shown = page.split(begin, 1)[1].split(end, 1)[0]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "eval_table.py")], cwd=root,
+                         capture_output=True, text=True, check=True).stdout
+    assert shown.strip() == out.strip()
+    assert shown.count("[") > 100  # intervals, not the point estimates alone
