@@ -16,7 +16,7 @@ means, and where it shows:
 The table's order is the order of the options within a help panel and of the request's fields.
 ``tests/test_fields.py`` checks each surface against this table, ``_core.DecodeParams`` and
 ``Model.generate``/``stream`` included: a new setting is one row here, its member in
-``csrc/dola-session.h`` (``decode_params``), the binding and ``_core.pyi``, the field in
+``csrc/dola-types.h`` (``decode_params``), the binding and ``_core.pyi``, the field in
 ``DecodeConfig`` and its keyword on ``Model.generate``/``stream``.
 """
 
