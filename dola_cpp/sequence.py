@@ -8,6 +8,7 @@ would hand each its own sequence instead.
 
 from __future__ import annotations
 
+import gc
 import threading
 from typing import TYPE_CHECKING, Callable, ContextManager, Protocol
 
@@ -74,10 +75,14 @@ class Claim:
 
     def __enter__(self) -> None:
         if not self._busy.acquire(blocking=False):
-            raise RuntimeError(
-                "this Model is already generating (an unfinished stream?); close it, or use Model.share() "
-                "for a second context on the same weights"
-            )
+            # A stream abandoned mid-way (an exception, Ctrl-C included, in the loop over it) holds
+            # the claim until the cycle between it and its generator is collected: collect it now.
+            gc.collect()
+            if not self._busy.acquire(blocking=False):
+                raise RuntimeError(
+                    "this Model is already generating (an unfinished stream?); close it, or use Model.share() "
+                    "for a second context on the same weights"
+                )
         self._cancelled.clear()
 
     def __exit__(self, *exc) -> None:

@@ -388,6 +388,31 @@ def test_closing_a_stream_frees_the_model(smollm2):
     assert smollm2.generate(PROMPT, max_tokens=4).tokens
 
 
+def test_a_stream_left_by_an_exception_in_the_loop_frees_the_model(smollm2):
+    """Ctrl-C (or any exception) in the caller's loop body leaves the stream suspended, in a cycle
+    with its generator: the next call on the model still runs."""
+    import gc
+
+    def consume():
+        for n, _ in enumerate(smollm2.stream(PROMPT, max_tokens=100, ignore_eos=True)):
+            if n == 2:
+                raise KeyboardInterrupt  # raised in the loop body, not inside the stream
+
+    gc.disable()  # the cycle must be collected by the claim, not by a collection that happens to run
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            consume()
+        assert smollm2.generate(PROMPT, max_tokens=4).tokens
+    finally:
+        gc.enable()
+    # a stream still referenced keeps its claim
+    it = smollm2.stream(PROMPT, max_tokens=100, ignore_eos=True)
+    next(it)
+    with pytest.raises(RuntimeError, match="already generating"):
+        smollm2.generate(PROMPT, max_tokens=2)
+    it.close()
+
+
 # ------------------------------------------------------------------------------- several models
 
 
