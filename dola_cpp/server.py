@@ -168,9 +168,11 @@ class Limits:
 
 
 def create_app(model: Model, *, parallel: int = 1, max_queue: Optional[int] = None, api_key: Optional[str] = None,
-               model_name: Optional[str] = None, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
+               model_name: Optional[str] = None, max_body: int = DEFAULT_MAX_BODY,
+               aliases: Sequence[str] = ()) -> FastAPI:
     """The ASGI app serving ``model`` (already loaded) with ``parallel`` contexts. Serve it with
-    :func:`server_config`'s timeouts."""
+    :func:`server_config`'s timeouts. /v1/models lists ``model_name`` (default: the file's name),
+    then ``aliases``; a request's ``model`` may name any model: the one loaded answers it."""
     if parallel < 1:
         raise ValueError(f"parallel must be at least 1, got {parallel}")
     if api_key is not None and not api_key.strip():
@@ -178,6 +180,7 @@ def create_app(model: Model, *, parallel: int = 1, max_queue: Optional[int] = No
     if max_body < 1024:
         raise ValueError(f"max_body must be at least 1024 bytes, got {max_body}")
     name = model_name or model.path.name
+    names = list(dict.fromkeys([name, *(a for a in aliases if a)]))
     pool = Pool(model, parallel, 4 * parallel if max_queue is None else max_queue)
     limits = Limits.of(model, max_body)
     created = int(time.time())
@@ -212,27 +215,28 @@ def create_app(model: Model, *, parallel: int = 1, max_queue: Optional[int] = No
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [_model_card(name, created)]}
+        return {"object": "list", "data": [_model_card(n, created) for n in names]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model_card(model_id: str) -> dict:
-        _check_model(model_id, name)
-        return _model_card(name, created)
+        if model_id not in names:
+            raise APIError(404, f"the model {model_id!r} does not exist: this server lists {', '.join(map(repr, names))}",
+                           param="model", code="model_not_found")
+        return _model_card(model_id, created)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         raw = await read_body(request, limits.max_body)
         body, ids, extra_stop = await _off_loop(pool, _prepare_chat, model, raw, limits, templated)
-        _check_model(body.model, name)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return await _serve(request, pool, body, ids, max_tokens, name, chat=True, extra_stop=extra_stop)
+        return await _serve(request, pool, body, ids, max_tokens, body.model or name, chat=True,
+                            extra_stop=extra_stop)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         raw = await read_body(request, limits.max_body)
         body, ids = await _off_loop(pool, _prepare_completion, model, raw, limits)
-        _check_model(body.model, name)
-        return await _serve(request, pool, body, ids, body.max_tokens, name, chat=False)
+        return await _serve(request, pool, body, ids, body.max_tokens, body.model or name, chat=False)
 
     return app
 
@@ -294,13 +298,6 @@ def _prepare_completion(model: Model, raw: bytes, limits: Limits) -> tuple[Compl
 
 def _model_card(name: str, created: int) -> dict:
     return {"id": name, "object": "model", "created": created, "owned_by": OWNED_BY}
-
-
-def _check_model(requested: Optional[str], name: str) -> None:
-    """A request names the loaded model (or none); the server never loads another."""
-    if requested not in (None, "", name):
-        raise APIError(404, f"the model {requested!r} does not exist: this server serves {name!r}",
-                       param="model", code="model_not_found")
 
 
 def _config(model: Model, body: CommonRequest) -> DecodeConfig:

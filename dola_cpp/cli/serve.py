@@ -35,6 +35,10 @@ def serve(
                                                    help="Require 'Authorization: Bearer KEY' on /v1/.")] = None,
     name: Annotated[Optional[str], typer.Option("--name", show_default=False,
                                                 help="The model id clients see (default: the file name).")] = None,
+    alias: Annotated[Optional[list[str]], typer.Option("--alias", show_default=False, metavar="NAME",
+                                                       help="Another model id /v1/models lists (repeatable, or "
+                                                            "names with commas). Requests may name any model: "
+                                                            "the loaded one answers.")] = None,
     max_body: Annotated[int, typer.Option("--max-body", min=1024, metavar="BYTES",
                                           help="Largest request body; beyond it HTTP 413.")] = DEFAULT_MAX_BODY,
     header_timeout: Annotated[float, typer.Option("--header-timeout", min=0.001, metavar="SECONDS",
@@ -65,8 +69,10 @@ def serve(
         api_key = os.environ["DOLA_CPP_API_KEY"]  # set but empty: click reads it as unset
     if api_key is not None and not api_key.strip():
         raise CLIError("--api-key is empty (or DOLA_CPP_API_KEY is set to nothing): give a key, or leave it out")
+    aliases = [a.strip() for given in alias or () for a in given.split(",") if a.strip()]
     m = load_model(model, ctx, threads, gpu_layers, repack, rpc)
-    app = create_app(m, parallel=parallel, max_queue=queue, api_key=api_key, model_name=name, max_body=max_body)
+    app = create_app(m, parallel=parallel, max_queue=queue, api_key=api_key, model_name=name, max_body=max_body,
+                     aliases=aliases)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         typer.echo(f"note: listening on {host} without --api-key: anyone who can reach it can use it", err=True)
     typer.echo(f"serving {name or m.path.name} on http://{host}:{port}/v1 ({parallel} at once)", err=True)
