@@ -56,8 +56,11 @@ class PairedDifference:
 
     @property
     def distinguishable(self) -> bool:
-        """Whether the interval leaves out zero."""
-        return self.diff.low > 0 or self.diff.high < 0
+        """Whether the test rejects "no difference" at the interval's level (p < 1 - level). For
+        accuracies that is McNemar's exact test, which can keep a difference whose bootstrap
+        interval leaves out zero: with few items on which the runs disagree, that interval is too
+        narrow."""
+        return self.p_value < 1.0 - self.diff.level
 
     def as_dict(self) -> dict:
         return {**self.diff.as_dict(), "p_value": self.p_value, "test": self.test,

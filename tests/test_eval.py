@@ -619,3 +619,17 @@ def test_the_docs_interval_tables_are_eval_tables_output_from_the_committed_runs
                          capture_output=True, text=True, check=True).stdout
     assert shown.strip() == out.strip()
     assert shown.count("[") > 100  # intervals, not the point estimates alone
+
+
+def test_the_docs_sweep_tables_are_sweep_tables_output_from_the_committed_sweeps():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    page = (root / "docs" / "evaluation.md").read_text()
+    begin, end = "<!-- benchmarks/sweep_table.py -->\n", "\n<!-- /benchmarks/sweep_table.py -->"
+    shown = page.split(begin, 1)[1].split(end, 1)[0]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "sweep_table.py")], cwd=root,
+                         capture_output=True, text=True, check=True).stdout
+    assert shown.strip() == out.strip()
+    assert "Verdict: use --layers" in shown

@@ -85,6 +85,10 @@ def test_mcnemar_counts_only_the_items_where_the_runs_disagree():
     assert d.test == "McNemar exact"
     assert d.diff.value == pytest.approx((sum(b) - sum(a)) / len(a))
     assert d.p_value == pytest.approx(stats.mcnemar_p(5, 15))
+    assert d.distinguishable == (d.p_value < 0.05)
+    # 0 right of 4 discordant items: the bootstrap interval leaves out zero, McNemar does not reject
+    few = stats.mcnemar([0] * 4 + [1] * 36, [1] * 40)
+    assert few.diff.low > 0 and few.p_value == pytest.approx(0.125) and not few.distinguishable
     with pytest.raises(ValueError, match="right \\(1\\) or wrong \\(0\\)"):
         stats.mcnemar([0.5] * 30, [1] * 30)
 
