@@ -275,6 +275,7 @@ PYBIND11_MODULE(_core, m) {
         // released: a server tokenizes a large request on a worker thread while others stream
         .def("tokenize", &dola::model::tokenize, py::arg("text"), py::arg("add_special"), py::arg("parse_special"),
              py::call_guard<py::gil_scoped_release>())
+        .def("check_token", [](const dola::model & self, int64_t t) { self.check_token(t); }, py::arg("token"))
         .def("token_to_piece", [](const dola::model & self, int32_t t, bool special) {
             return py::bytes(self.token_to_piece(t, special));
         }, py::arg("token"), py::arg("special") = false)
@@ -332,7 +333,10 @@ PYBIND11_MODULE(_core, m) {
         .def_readwrite("dry_base", &dola::decode_params::dry_base)
         .def_readwrite("dry_allowed_length", &dola::decode_params::dry_allowed_length)
         .def_readwrite("dry_penalty_last_n", &dola::decode_params::dry_penalty_last_n)
-        .def_readwrite("dry_sequence_breakers", &dola::decode_params::dry_sequence_breakers);
+        .def_readwrite("dry_sequence_breakers", &dola::decode_params::dry_sequence_breakers)
+        .def_readwrite("frequency_penalty", &dola::decode_params::frequency_penalty)
+        .def_readwrite("presence_penalty", &dola::decode_params::presence_penalty)
+        .def_readwrite("logit_bias", &dola::decode_params::logit_bias);
 
     py::class_<py_session>(m, "Session")
         .def(py::init([](std::shared_ptr<dola::model> mdl, uint32_t n_ctx, int32_t n_threads, uint32_t n_batch,

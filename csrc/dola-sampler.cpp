@@ -24,6 +24,11 @@ void sampler::check(const decode_params & p) {
     if (!(p.dry_base >= 1.0f) || !std::isfinite(p.dry_base)) throw error("dry_base must be >= 1");
     if (p.dry_allowed_length < 0) throw error("dry_allowed_length must be >= 0");
     if (p.dry_penalty_last_n < -1) throw error("dry_penalty_last_n must be >= -1 (-1 = the whole context)");
+    if (!(p.frequency_penalty >= -2.0f && p.frequency_penalty <= 2.0f)) throw error("frequency_penalty must be in [-2, 2]");
+    if (!(p.presence_penalty >= -2.0f && p.presence_penalty <= 2.0f)) throw error("presence_penalty must be in [-2, 2]");
+    for (const auto & kv : p.logit_bias) {
+        if (!(kv.second >= -100.0f && kv.second <= 100.0f)) throw error("logit_bias values must be in [-100, 100]");
+    }
     for (const std::string & b : p.dry_sequence_breakers) {
         // llama.cpp skips empty ones and truncates long ones; a NUL would cut the C string it reads
         if (b.empty() || b.size() > 40 || b.find('\0') != std::string::npos) {
@@ -34,6 +39,9 @@ void sampler::check(const decode_params & p) {
 
 void sampler::configure(const decode_params & p, uint32_t n_ctx) {
     repetition_penalty_ = p.repetition_penalty;
+    frequency_penalty_ = p.frequency_penalty;
+    presence_penalty_ = p.presence_penalty;
+    bias_.assign(p.logit_bias.begin(), p.logit_bias.end());  // the ids: the session checks them
     dry_.reset();
     dry_last_n_ = p.dry_penalty_last_n < 0 ? n_ctx : (size_t) p.dry_penalty_last_n;
     if (p.dry_multiplier > 0.0f && dry_last_n_ > 0) {
@@ -55,10 +63,42 @@ void sampler::configure(const decode_params & p, uint32_t n_ctx) {
 }
 
 void sampler::process(float * scores, const float * lp, float top_logprob, const std::vector<llama_token> & history,
-                      float eos_bonus) {
+                      size_t n_prompt, float eos_bonus) {
     repetition_penalty(scores, n_vocab_, history.data(), (int64_t) history.size(), repetition_penalty_);
+    if (frequency_penalty_ != 0.0f || presence_penalty_ != 0.0f) apply_penalties(scores, history, n_prompt);
     if (dry_) apply_dry(scores, history);
     if (eos_bonus != 0.0f) boost_eog(scores, lp, eos_bonus, top_logprob);
+    if (!bias_.empty()) apply_bias(scores, lp, top_logprob);  // last: a ban holds against the bonus
+}
+
+// OpenAI's definition: score -= count * frequency_penalty + (count > 0) * presence_penalty, the
+// count over the answer so far. Touches only the tokens the answer holds; counts_ goes back to 0.
+void sampler::apply_penalties(float * scores, const std::vector<llama_token> & history, size_t n_prompt) {
+    if (counts_.size() != (size_t) n_vocab_) counts_.assign((size_t) n_vocab_, 0);
+    const size_t from = std::min(n_prompt, history.size());
+    for (size_t i = from; i < history.size(); ++i) ++counts_[history[i]];
+    for (size_t i = from; i < history.size(); ++i) {
+        int32_t & c = counts_[history[i]];
+        if (c == 0) continue;  // done: a repeat of a token already penalised
+        scores[history[i]] -= (float) c * frequency_penalty_ + presence_penalty_;
+        c = 0;
+    }
+}
+
+// -100 bans a token (OpenAI's "effectively"; here exactly). When the bans leave no token (the
+// relative-top filter kept only banned ones), the others re-enter at their mature log-probability.
+void sampler::apply_bias(float * scores, const float * lp, float top_logprob) const {
+    const float ninf = -std::numeric_limits<float>::infinity();
+    const float best = *std::max_element(scores, scores + n_vocab_);
+    for (const auto & [t, b] : bias_) {
+        float & s = scores[t];
+        if (b <= -100.0f) s = ninf;
+        if (s == ninf && b > 0.0f && best != ninf) s = best + (lp[t] - top_logprob);
+        if (s != ninf) s += b;
+    }
+    if (*std::max_element(scores, scores + n_vocab_) != ninf) return;
+    for (int64_t i = 0; i < n_vocab_; ++i) scores[i] = lp[i];
+    for (const auto & [t, b] : bias_) scores[t] = b <= -100.0f ? ninf : scores[t] + b;
 }
 
 llama_token sampler::choose(const float * scores) {

@@ -127,6 +127,13 @@ void session::configure(const decode_params & p) {
     }
     if (!(p.relative_top >= 0.0 && p.relative_top < 1.0)) throw error("relative_top must be in [0, 1)");
     sampler::check(p);
+    for (const auto & kv : p.logit_bias) {
+        try {
+            model_->check_token(kv.first);
+        } catch (const error & e) {
+            throw error(std::string("logit_bias: ") + e.what());
+        }
+    }
     if (p.activation) {
         if (p.info_layer < 0 || p.info_layer >= N) {
             throw error("info_layer " + std::to_string(p.info_layer) + " is out of range: valid layers are 0.." + std::to_string(N - 1));
@@ -286,6 +293,7 @@ size_t session::keep_cached_prefix(const std::vector<llama_token> & toks, size_t
 
 void session::prefill(const std::vector<llama_token> & prompt) {
     check_prompt(prompt);
+    n_prompt_ = prompt.size();
     const auto t0 = std::chrono::steady_clock::now();
     const size_t common = keep_cached_prefix(prompt, prompt.size() - 1);  // always decode the last token
     for (size_t i = common; i < prompt.size(); i += n_batch_) {
@@ -381,7 +389,7 @@ step_result session::sample(float eos_bonus) {
         decoder_->step(rows_for(cand_logits_.data(), -1), lp_.data(), scores_.data(), res);
     }
     res.top_logprob = *std::max_element(lp_.begin(), lp_.end());
-    sampler_.process(scores_.data(), lp_.data(), res.top_logprob, tokens_, eos_bonus);
+    sampler_.process(scores_.data(), lp_.data(), res.top_logprob, tokens_, n_prompt_, eos_bonus);
     const llama_token tok = sampler_.choose(scores_.data());
     res.token = tok;
     res.mature_logprob = lp_[tok];

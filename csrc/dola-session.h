@@ -143,6 +143,7 @@ private:
     context_entropy context_;
 
     std::vector<llama_token> tokens_;  // what the KV cache holds
+    size_t n_prompt_ = 0;              // where the answer begins in tokens_ (the last prefill's prompt)
     bool have_outputs_ = false;        // the last decode's last row is available
     projected_rows device_rows_{*this};
     std::vector<float> device_jsd_;

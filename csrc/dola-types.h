@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -49,6 +50,14 @@ struct decode_params {
     int32_t dry_allowed_length = 2;
     int32_t dry_penalty_last_n = -1;
     std::vector<std::string> dry_sequence_breakers = {"\n", ":", "\"", "*"};  // llama-server's default
+    // OpenAI's: a token's score loses frequency_penalty per time it occurs in the answer so far
+    // (the tokens generated since the prompt, not the prompt) and presence_penalty once if it occurs
+    float frequency_penalty = 0.0f;
+    float presence_penalty = 0.0f;
+    // OpenAI's: added to these tokens' scores (-100..100), last, after the penalties, DRY and the
+    // end-of-answer bonus;
+    // -100 bans the token
+    std::map<int32_t, float> logit_bias;
 };
 
 struct step_result {

@@ -15,13 +15,13 @@ import dataclasses
 import difflib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from . import _core
 from .layers import LayerPlan, LayerSpec, default_info_layer, parse_layer_string
 from .settings import (  # noqa: F401  (the constants, where they have always been imported from)
     BY_NAME, CHAT_DRY_MULTIPLIER, CHAT_EOS_BOOST, CHAT_MAX_TOKENS, CHAT_PREMATURE_NORM, DECODERS,
-    DRY_SEQUENCE_BREAKERS, INT32_MAX, RECOMMENDED_REPETITION_PENALTY, SETTINGS, Setting, default,
+    DRY_SEQUENCE_BREAKERS, INT32_MAX, LOGIT_BIAS_MAX, RECOMMENDED_REPETITION_PENALTY, SETTINGS, Setting, default,
 )
 
 EOS_BOOST_START = 0.8  # eos_boost acts from this share of the token budget on
@@ -92,7 +92,14 @@ class DecodeConfig:
     ``dry_penalty_last_n`` (-1 = the whole context): llama.cpp's DRY sampler, which lowers a token
     that would extend a sequence the context already holds by ``dry_multiplier *
     dry_base ** (length - dry_allowed_length)``, after the repetition penalty (llama-server's
-    names and defaults; the chat and the server turn it on). ``replace`` takes the
+    names and defaults; the chat and the server turn it on). ``frequency_penalty`` and
+    ``presence_penalty`` (OpenAI's, -2..2): a token's score loses ``frequency_penalty`` per time
+    it occurs in the answer so far and ``presence_penalty`` once if it does (the generated
+    tokens only, not the prompt), after DRY. ``logit_bias`` (OpenAI's): ``{token id: bias}``,
+    each bias in [-100, 100] added to that token's score last (-100 bans it, 100 forces it; a
+    token the relative-top filter removed re-enters for a positive bias as the end tokens do
+    for ``eos_boost``); held as a new dict with int keys, the ids are checked against the model's vocabulary when
+    decoding starts. ``replace`` takes the
     sub-configs' fields by name too: ``DecodeConfig().replace(layers="high", temperature=0.7)``.
     """
 
@@ -111,8 +118,12 @@ class DecodeConfig:
     dry_allowed_length: int = default("dry_allowed_length")
     dry_penalty_last_n: int = default("dry_penalty_last_n")
     dry_sequence_breakers: tuple[str, ...] = default("dry_sequence_breakers")
+    frequency_penalty: float = default("frequency_penalty")
+    presence_penalty: float = default("presence_penalty")
+    logit_bias: Mapping[int, float] = field(default_factory=lambda: dict(default("logit_bias")))
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "logit_bias", _bias_map(self.logit_bias))
         self.validate()
 
     def validate(self) -> None:
@@ -209,6 +220,22 @@ def _is_int(v: Any) -> bool:
     return not isinstance(v, bool) and isinstance(v, int) or type(v).__name__ in ("int64", "int32", "int16", "int8")
 
 
+def _bias_map(value: Any) -> dict[int, Any]:
+    """``logit_bias`` as a new {token id: bias}: the ids integers (or their text, as JSON
+    object keys are) in the core's int range, the biases as given (``_check_setting`` checks them)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"logit_bias must be a mapping of token ids to biases, got {value!r}")
+    out: dict[int, Any] = {}
+    for k, b in value.items():
+        t = int(k.strip()) if isinstance(k, str) and k.strip().lstrip("-").isdigit() else k
+        if not _is_int(t) or not -2**31 <= t <= INT32_MAX:
+            raise ValueError(f"logit_bias keys must be token ids (integers), got {k!r}")
+        out[int(t)] = b
+    return out
+
+
 def _check_fields(config: Any, group: str) -> None:
     """Check each field of ``config`` (the sub-config ``group``, or DecodeConfig's own fields for
     "") against its setting, in the dataclass's order."""
@@ -230,6 +257,11 @@ def _check_setting(s: Setting, value: Any) -> None:
                 for b in value):
             raise ValueError(f"dry_sequence_breakers must be a sequence of strings of 1 to 40 bytes without NUL, "
                              f"got {value!r}")
+    elif s.name == "logit_bias":
+        for t, b in value.items():
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not -LOGIT_BIAS_MAX <= b <= LOGIT_BIAS_MAX:
+                raise ValueError(f"logit_bias values must be numbers in [-{LOGIT_BIAS_MAX:g}, {LOGIT_BIAS_MAX:g}], "
+                                 f"got {b!r} for token {t}")
     elif value is None and s.none:
         return
     elif s.choices:

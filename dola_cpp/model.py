@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -197,6 +197,10 @@ class Model:
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
         return self._weights.detokenize(np.asarray(list(tokens), dtype=np.int64), special).decode("utf-8", "replace")
 
+    def check_token(self, token: int) -> None:
+        """ValueError (the core's message) for an id outside the vocabulary."""
+        self._weights.check_token(int(token))
+
     def token_bytes(self, token: int) -> bytes:
         return self._weights.token_to_piece(int(token), False)
 
@@ -277,6 +281,9 @@ class Model:
         dry_allowed_length: int = _UNSET,
         dry_penalty_last_n: int = _UNSET,
         dry_sequence_breakers: Sequence[str] = _UNSET,
+        frequency_penalty: float = _UNSET,
+        presence_penalty: float = _UNSET,
+        logit_bias: Mapping[int, float] = _UNSET,
         stop: Union[str, Sequence[str], None] = None,
         stop_loops: bool = False,
         ignore_eos: bool = False,
@@ -291,7 +298,8 @@ class Model:
         ``layers``, ``premature_norm``, ``relative_top``, ``decoder`` ("dola" or "activation"),
         ``alpha``, ``info_layer``, ``repetition_penalty``, ``eos_boost``, ``temperature``,
         ``top_k``, ``top_p``, ``min_p``, ``seed``, ``dry_multiplier``, ``dry_base``,
-        ``dry_allowed_length``, ``dry_penalty_last_n``, ``dry_sequence_breakers``. ``stop``: strings that end the answer (not
+        ``dry_allowed_length``, ``dry_penalty_last_n``, ``dry_sequence_breakers``,
+        ``frequency_penalty``, ``presence_penalty``, ``logit_bias`` ({token id: bias}). ``stop``: strings that end the answer (not
         included, even when they span tokens); ``stop_loops``: end with ``finish_reason="loop"``
         once the answer repeats a cycle of 3 or more tokens 4 times in a row (``dola_cpp.stream``);
         ``ignore_eos``: go on past end-of-generation
@@ -311,7 +319,8 @@ class Model:
                       repetition_penalty=repetition_penalty, eos_boost=eos_boost, temperature=temperature,
                       top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, dry_multiplier=dry_multiplier,
                       dry_base=dry_base, dry_allowed_length=dry_allowed_length, dry_penalty_last_n=dry_penalty_last_n,
-                      dry_sequence_breakers=dry_sequence_breakers)
+                      dry_sequence_breakers=dry_sequence_breakers, frequency_penalty=frequency_penalty,
+                      presence_penalty=presence_penalty, logit_bias=logit_bias)
         run = Stream(self._sequence(), prompt, max_tokens, cfg, stop=stop, ignore_eos=ignore_eos,
                      add_special=add_special, parse_special=parse_special, abstain_above=abstain_above,
                      stop_loops=stop_loops)
@@ -343,6 +352,9 @@ class Model:
         dry_allowed_length: int = _UNSET,
         dry_penalty_last_n: int = _UNSET,
         dry_sequence_breakers: Sequence[str] = _UNSET,
+        frequency_penalty: float = _UNSET,
+        presence_penalty: float = _UNSET,
+        logit_bias: Mapping[int, float] = _UNSET,
         stop: Union[str, Sequence[str], None] = None,
         stop_loops: bool = False,
         ignore_eos: bool = False,
@@ -361,7 +373,8 @@ class Model:
                       repetition_penalty=repetition_penalty, eos_boost=eos_boost, temperature=temperature,
                       top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, dry_multiplier=dry_multiplier,
                       dry_base=dry_base, dry_allowed_length=dry_allowed_length, dry_penalty_last_n=dry_penalty_last_n,
-                      dry_sequence_breakers=dry_sequence_breakers)
+                      dry_sequence_breakers=dry_sequence_breakers, frequency_penalty=frequency_penalty,
+                      presence_penalty=presence_penalty, logit_bias=logit_bias)
         return Stream(self._sequence(), prompt, max_tokens, cfg, stop=stop, ignore_eos=ignore_eos,
                       add_special=add_special, parse_special=parse_special, abstain_above=abstain_above,
                       stop_loops=stop_loops)

@@ -315,6 +315,11 @@ def _config(model: Model, body: CommonRequest) -> DecodeConfig:
     except (ValueError, TypeError) as e:  # DecodeConfig's messages start with the field's name
         word = str(e).split(" ")[0]
         raise APIError(400, str(e), param=word if word in fields else None) from None
+    for t in config.logit_bias:  # the core's message for an id outside the vocabulary
+        try:
+            model.check_token(t)
+        except ValueError as e:
+            raise APIError(400, f"logit_bias: {e}", param="logit_bias") from None
     try:
         plan = model.resolve_layers(config.dola.layers)
     except (ValueError, TypeError) as e:

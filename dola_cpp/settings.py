@@ -30,6 +30,7 @@ INT32_MAX = 2**31 - 1
 DECODERS = ("dola", "activation")
 # llama-server's: DRY does not follow a repeat across them
 DRY_SEQUENCE_BREAKERS = ("\n", ":", '"', "*")
+LOGIT_BIAS_MAX = 100.0  # OpenAI's: each bias in [-100, 100]
 
 # What the chat (``dola-cpp run``) and the server decode with unless told otherwise, chosen with
 # benchmarks/chat_defaults.py (docs/decoders.md, "Chat defaults"): premature layers through the final norm,
@@ -212,6 +213,21 @@ SETTINGS: tuple[Setting, ...] = (
         server="dry_penalty_last_n"),
     # strings of 1 to 40 bytes without NUL (DecodeConfig checks them): the Python API only
     Setting("dry_sequence_breakers", tuple, DRY_SEQUENCE_BREAKERS),
+    Setting(
+        "frequency_penalty", float, 0.0, low=-2.0, high=2.0,
+        help="OpenAI's: lower a token's score by this for each time it occurs in the answer so far (the tokens "
+             "generated, not the prompt); negative raises it.",
+        flags=("--frequency-penalty",), panel=SAMPLING, cli=on(*_ONE_SHOT_AND_CHAT), chat=("frequency_penalty",),
+        server="frequency_penalty", openai=True),
+    Setting(
+        "presence_penalty", float, 0.0, low=-2.0, high=2.0,
+        help="OpenAI's: lower a token's score by this once if it occurs in the answer so far (the tokens "
+             "generated, not the prompt); negative raises it.",
+        flags=("--presence-penalty",), panel=SAMPLING, cli=on(*_ONE_SHOT_AND_CHAT), chat=("presence_penalty",),
+        server="presence_penalty", openai=True),
+    # OpenAI's {token id: bias in [-100, 100]} added to the scores last (DecodeConfig checks the
+    # biases, the core the ids against the vocabulary): the Python API and the server only
+    Setting("logit_bias", dict, {}, server="logit_bias", server_type=dict[int, float]),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}

@@ -45,6 +45,8 @@ def _other(s: Setting):
         return next(c for c in s.choices if c != s.default)
     if s.type is tuple:
         return ("x", "yz")
+    if s.type is dict:
+        return {1: 2.5}
     if s.name == "layers":
         return "low"
     low = 0.0 if s.low is None else s.low

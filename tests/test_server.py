@@ -348,11 +348,8 @@ def test_bad_requests_get_openai_errors(server, body, status, param):
 
 
 @pytest.mark.parametrize("path, field, value, neutral", [
-    ("/v1/chat/completions", "frequency_penalty", 0.5, 0.0),
-    ("/v1/chat/completions", "presence_penalty", -0.5, 0.0),
     ("/v1/chat/completions", "top_logprobs", 2, 0),
     ("/v1/chat/completions", "n", 2, 1),
-    ("/v1/completions", "frequency_penalty", 1.0, 0.0),
     ("/v1/completions", "logprobs", 1, 0),
     ("/v1/completions", "echo", True, False),
     ("/v1/completions", "suffix", " and so on", None),

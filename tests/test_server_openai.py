@@ -40,3 +40,45 @@ def test_any_model_name_is_answered_and_aliases_are_listed(server):
     assert len(set(answers.values())) == 1  # the one model answers them all
     r = request(server.url, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2, "model": "/etc/passwd"})
     assert r.status_code == 200 and r.json()["model"] == "/etc/passwd"
+
+
+CHAT = {"messages": [{"role": "user", "content": "Count from 1 to 10."}], "max_tokens": 4}
+
+
+@pytest.mark.parametrize("field", ["frequency_penalty", "presence_penalty"])
+def test_the_penalties_take_openais_range(server, field):
+    for value in (-2, -0.5, 0, 1.5, 2):
+        r = request(server.url, "POST", "/v1/chat/completions", {**CHAT, field: value})
+        assert r.status_code == 200, r.text
+    for value in (2.5, -2.01):
+        r = request(server.url, "POST", "/v1/chat/completions", {**CHAT, field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
+def test_penalties_and_logit_bias_through_the_openai_client(server, weights):
+    client = server.client()
+    ask = [{"role": "user", "content": "Count from 1 to 10."}]
+    plain = client.chat.completions.create(model=FILE, messages=ask, temperature=0, max_tokens=24)
+    pen = client.chat.completions.create(model=FILE, messages=ask, temperature=0, max_tokens=24,
+                                         frequency_penalty=2.0, presence_penalty=2.0)
+    assert pen.choices[0].message.content != plain.choices[0].message.content
+    forced = client.completions.create(model=FILE, prompt="Hi", max_tokens=1, logit_bias={"100": 100},
+                                       extra_body={"dola_layers": "high"})
+    assert forced.choices[0].text == weights.detokenize([100])
+    first = weights.generate("Hi", max_tokens=1, layers="high", eos_boost=10.0, premature_norm=True,
+                             dry_multiplier=0.8).steps[0].token
+    banned = client.completions.create(model=FILE, prompt="Hi", max_tokens=1, logit_bias={str(first): -100},
+                                       extra_body={"dola_layers": "high"})
+    assert banned.choices[0].text != weights.detokenize([first])
+
+
+@pytest.mark.parametrize("bias, message", [
+    ({"1000000": 1}, "logit_bias: token id 1000000 is outside the vocabulary"),
+    ({"5": 150}, "logit_bias values must be numbers in [-100, 100]"),
+    ({"five": 1}, "logit_bias"),
+])
+def test_bad_logit_bias_is_a_400(server, bias, message):
+    r = request(server.url, "POST", "/v1/chat/completions", {**CHAT, "logit_bias": bias})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert message in err["message"] and err["param"].startswith("logit_bias"), err

@@ -39,6 +39,7 @@ Commands:
   /set eos_boost X             (nats; ends answers as the token limit nears; 0 = off)
   /set dry_multiplier X        (llama.cpp's DRY sampler against repeats; 0 = off; also
                                 dry_base, dry_allowed_length, dry_penalty_last_n)
+  /set frequency_penalty X | presence_penalty X  (OpenAI's, -2..2, over the answer so far)
   /set stop_loops on|off       (end an answer that repeats a cycle of tokens)
   /set show_risk on|off        (colour each token by its risk)
   /set abstain X|off           (say "not sure" instead of an answer riskier than X)
@@ -483,6 +484,7 @@ class Chat:
             ("eos_boost", f"{s.eos_boost:g}"),
             ("dry_multiplier", f"{s.dry_multiplier:g} (base {s.dry_base:g}, allowed length {s.dry_allowed_length}, "
                                f"last {'all' if s.dry_penalty_last_n < 0 else s.dry_penalty_last_n})"),
+            ("penalties", f"frequency {s.frequency_penalty:g}, presence {s.presence_penalty:g}"),
             ("stop_loops", "on" if self.stop_loops else "off"),
             ("show_risk", "on" if self.show_risk else "off"),
             ("abstain", "off" if self.abstain is None else f"{self.abstain:g}"),
