@@ -46,7 +46,7 @@ from .server_http import (  # noqa: F401  (server_config and the timeouts: where
 from .server_responses import ResponseShape, generation_error, sse_events
 from .server_schema import (  # noqa: F401  (the request schema, for clients of this module)
     APIError, ChatRequest, CommonRequest, CompletionRequest, Message, StreamOptions, TextPart, parse_request,
-    request_value, too_long,
+    DetokenizeRequest, TokenizeRequest, request_value, too_long,
 )
 from .settings import served
 
@@ -232,6 +232,16 @@ def create_app(model: Model, *, parallel: int = 1, max_queue: Optional[int] = No
         return await _serve(request, pool, body, ids, max_tokens, body.model or name, chat=True,
                             extra_stop=extra_stop)
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        raw = await read_body(request, limits.max_body)
+        return await _off_loop(pool, _tokenize, model, raw, limits)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        raw = await read_body(request, limits.max_body)
+        return await _off_loop(pool, _detokenize, model, raw, limits)
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         raw = await read_body(request, limits.max_body)
@@ -294,6 +304,40 @@ def _prepare_completion(model: Model, raw: bytes, limits: Limits) -> tuple[Compl
     except ValueError as e:
         raise APIError(400, str(e), param="prompt") from None
     return body, ids
+
+
+def _tokenize(model: Model, raw: bytes, limits: Limits) -> dict:
+    """llama-server's /tokenize: {"tokens": [ids]}, or with_pieces [{"id", "piece"}] (the piece as
+    text, or its bytes where they are not UTF-8 on their own)."""
+    body = parse_request(raw, TokenizeRequest, limits, "content")
+    if len(body.content) > limits.max_chars:
+        raise too_long("content", limits)
+    try:
+        ids = model.tokenize(body.content, add_special=body.add_special, parse_special=body.parse_special)
+    except ValueError as e:
+        raise APIError(400, str(e), param="content") from None
+    if not body.with_pieces:
+        return {"tokens": ids}
+    pieces = []
+    for t in ids:
+        piece = model.token_bytes(t)
+        try:
+            pieces.append({"id": t, "piece": piece.decode("utf-8")})
+        except UnicodeDecodeError:
+            pieces.append({"id": t, "piece": list(piece)})
+    return {"tokens": pieces}
+
+
+def _detokenize(model: Model, raw: bytes, limits: Limits) -> dict:
+    """llama-server's /detokenize: {"content": text}, special tokens as their text."""
+    body = parse_request(raw, DetokenizeRequest, limits, "tokens")
+    n = limits.n_ctx
+    for i in range(0, len(body.tokens), n):  # the core's message for an id outside the vocabulary
+        try:
+            model.check_prompt(body.tokens[i:i + n])
+        except ValueError as e:
+            raise APIError(400, str(e), param="tokens") from None
+    return {"content": model.detokenize(body.tokens, special=True)}
 
 
 def _model_card(name: str, created: int) -> dict:

@@ -16,15 +16,18 @@ IDLE_TIMEOUT = 5.0  # seconds an idle keep-alive connection stays open
 BODY_TIMEOUT = 60.0  # seconds a client has to send a request's body
 
 
+GUARDED = ("/tokenize", "/detokenize")  # outside /v1/, llama-server's paths, behind the key too
+
+
 class BearerAuth:
-    """``Authorization: Bearer KEY`` on /v1/, the header's bytes compared in constant time. Plain
-    ASGI: the app below keeps uvicorn's own receive, so a gone client is noticed."""
+    """``Authorization: Bearer KEY`` on /v1/ (and GUARDED), the header's bytes compared in constant
+    time. Plain ASGI: the app below keeps uvicorn's own receive, so a gone client is noticed."""
 
     def __init__(self, app: Any, key: bytes) -> None:
         self.app, self.key = app, key
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and (scope["path"].startswith("/v1/") or scope["path"] in GUARDED):
             given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
             scheme, _, token = given.partition(b" ")
             if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.key):

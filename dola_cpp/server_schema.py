@@ -127,6 +127,21 @@ class CompletionRequest(CommonRequest):
     suffix: Optional[str] = None
 
 
+class TokenizeRequest(_Strict):
+    """llama-server's /tokenize: its fields and defaults."""
+
+    content: str
+    add_special: bool = False
+    parse_special: bool = True
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(_Strict):
+    """llama-server's /detokenize."""
+
+    tokens: list[int]
+
+
 # ---------------------------------------------------------------------------- parsing
 
 
@@ -135,7 +150,7 @@ def too_long(what: str, limits: "Limits") -> APIError:
                     code="context_length_exceeded")
 
 
-def parse_request(raw: bytes, kind: type[CommonRequest], limits: "Limits", what: str) -> Any:
+def parse_request(raw: bytes, kind: type[_Strict], limits: "Limits", what: str) -> Any:
     """The JSON body as ``kind``, or an OpenAI-style 400. A body that could not fit in the context
     whatever it holds is refused before it is parsed: JSON parsing holds the GIL."""
     if len(raw) > limits.max_json_bytes or \

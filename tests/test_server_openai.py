@@ -82,3 +82,51 @@ def test_bad_logit_bias_is_a_400(server, bias, message):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert message in err["message"] and err["param"].startswith("logit_bias"), err
+
+
+# ---------------------------------------------------------------------------- llama-server's /tokenize
+
+
+def test_tokenize_and_detokenize_in_llama_servers_shapes(server, weights):
+    text = "Hello <|im_end|> world"
+    r = request(server.url, "POST", "/tokenize", {"content": text})
+    assert r.status_code == 200, r.text
+    ids = r.json()["tokens"]
+    assert ids == weights.tokenize(text, add_special=False, parse_special=True)
+    assert request(server.url, "POST", "/tokenize", {"content": text, "parse_special": False}).json()["tokens"] == \
+        weights.tokenize(text, add_special=False, parse_special=False)
+    assert request(server.url, "POST", "/tokenize", {"content": "Hi", "add_special": True}).json()["tokens"] == \
+        weights.tokenize("Hi", add_special=True)
+    pieces = request(server.url, "POST", "/tokenize", {"content": "Hi there", "with_pieces": True}).json()["tokens"]
+    assert "".join(p["piece"] for p in pieces) == "Hi there" and all(isinstance(p["id"], int) for p in pieces)
+    back = request(server.url, "POST", "/detokenize", {"tokens": ids})
+    assert back.status_code == 200 and back.json() == {"content": text}
+    assert request(server.url, "POST", "/detokenize", {"tokens": []}).json() == {"content": ""}
+
+
+@pytest.mark.parametrize("path, body, message", [
+    ("/detokenize", {"tokens": [1, 10**6]}, "token id 1000000 is outside the vocabulary"),
+    ("/detokenize", {"tokens": [-1]}, "outside the vocabulary"),
+    ("/detokenize", {"tokens": [10**30]}, "outside the vocabulary"),
+    ("/detokenize", {"tokens": "1 2"}, "tokens"),
+    ("/tokenize", {"content": 5}, "content"),
+    ("/tokenize", {"text": "hi"}, "content"),
+    ("/tokenize", {"content": "hi", "colour": 1}, "colour"),
+    ("/tokenize", b"{not json", "JSON"),
+])
+def test_tokenize_and_detokenize_refuse_bad_bodies(server, path, body, message):
+    r = request(server.url, "POST", path, body)
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+
+
+def test_tokenize_is_behind_the_key_and_the_body_limit(weights):
+    s = Server(create_app(weights.share(), api_key="s3cret", max_body=2048))
+    try:
+        for path, body in (("/tokenize", {"content": "hi"}), ("/detokenize", {"tokens": [1]})):
+            assert request(s.url, "POST", path, body).status_code == 401
+            ok = request(s.url, "POST", path, body, headers={"Authorization": "Bearer s3cret"})
+            assert ok.status_code == 200, ok.text
+        big = request(s.url, "POST", "/tokenize", {"content": "x" * 4096}, headers={"Authorization": "Bearer s3cret"})
+        assert big.status_code == 413
+    finally:
+        s.stop()

@@ -54,7 +54,7 @@ def serve(
 ) -> None:
     """Serve a model over the OpenAI HTTP API, with DoLa.
 
-    Serves MODEL's chat/completions, completions and models endpoints.
+    Serves MODEL's chat/completions, completions and models endpoints, and /tokenize, /detokenize.
     DoLa and the other decoders are extra body fields: dola_layers, premature_norm, repetition_penalty,
     decoder, alpha, info_layer, eos_boost, dry_multiplier, stop_loops, risk; unset, they decode as the
     chat does. Needs the server extra: pip install 'dola-cpp[server]'.
