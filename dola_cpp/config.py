@@ -120,7 +120,7 @@ class DecodeConfig:
     dry_sequence_breakers: tuple[str, ...] = default("dry_sequence_breakers")
     frequency_penalty: float = default("frequency_penalty")
     presence_penalty: float = default("presence_penalty")
-    logit_bias: Mapping[int, float] = field(default_factory=lambda: dict(default("logit_bias")))
+    logit_bias: Mapping[int, float] = field(default_factory=lambda: dict(default("logit_bias")), hash=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "logit_bias", _bias_map(self.logit_bias))

@@ -55,3 +55,12 @@ def test_logit_bias_is_checked(smollm2):
         smollm2.generate(PROMPT, max_tokens=2, logit_bias={"one": 1.0})
     with pytest.raises(ValueError, match=r"frequency_penalty must be in \[-2, 2\], got 2.5"):
         smollm2.generate(PROMPT, max_tokens=2, frequency_penalty=2.5)
+
+
+def test_a_config_with_a_logit_bias_stays_hashable_and_holds_int_keys():
+    from dola_cpp import DecodeConfig
+
+    c = DecodeConfig(logit_bias={"7": 1.5})
+    assert c.logit_bias == {7: 1.5} and c == DecodeConfig(logit_bias={7: 1.5})
+    assert hash(c) == hash(DecodeConfig())  # the bias is left out of the hash, not of equality
+    assert c != DecodeConfig()
