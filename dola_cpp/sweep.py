@@ -252,7 +252,6 @@ def run_sweep(task: Union[str, ev.Task], model: Model, items: Sequence, out_dir:
     distinguishable = bool(n_resamples > 0 and head.get("distinguishable", False)) and chosen is not plain
     result = {
         "model": model.path.name,
-        "model_path": str(model.path.resolve()),
         "sha256": model_sha256,
         "task": t.name,
         "metric": metric,
@@ -275,7 +274,7 @@ def run_sweep(task: Union[str, ev.Task], model: Model, items: Sequence, out_dir:
             "distinguishable": distinguishable,
         },
         "test_difference": diff,
-        "out": str(out.resolve()),
+        "out": str(out),  # as given: a committed sweep.json names no machine's folders
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "wall_seconds": round(time.perf_counter() - t0, 2),
     }
@@ -339,6 +338,7 @@ def cache_result(result: dict) -> Optional[Path]:
     except (OSError, ValueError):
         data = {}
     entry = {k: result[k] for k in ("model", "task", "metric", "data", "n_items", "recommendation", "out", "created")}
+    entry["out"] = str(Path(result["out"]).resolve())  # the cache is this machine's: where to look
     entry["verdict"] = verdict(result)
     data.setdefault("sweeps", {})[result["task"]] = entry
     data["sha256"] = result["sha256"]
