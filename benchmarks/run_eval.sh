@@ -14,8 +14,11 @@ MODELS=${*:-smollm2 gemma3-270m}
 # MODES picks rows (e.g. MODES="act act-high")
 TASKS=${TASKS:-tfqa-mc factor}
 MODES=${MODES:-plain low high high-norm act act-high}
-TFQA=../shared/data/truthfulqa/TruthfulQA_dev.csv  # the shared folder beside the checkout
-FACTOR=../shared/data/factor/expert_factor.csv
+# The data: TFQA_DEV, TruthfulQA.csv's dev half (its rows 0, 2, 4, ...: 409 questions; make it with
+# benchmarks/eval_results.md's one-liner), and FACTOR_EXPERT, expert_factor.csv (default: the
+# published file, `dola-cpp eval factor --subset expert` caches it)
+TFQA=${TFQA_DEV:?set TFQA_DEV to the dev half of TruthfulQA.csv (see benchmarks/eval_results.md)}
+FACTOR=${FACTOR_EXPERT:-$(python -c 'from dola_cpp import evaldata; print(evaldata.fetch("factor-expert"))')}
 OUT=benchmarks/eval_runs
 # EVAL_ENTRY: a script that runs the eval app (e.g. from a frozen copy of the package)
 if [ -n "${EVAL_ENTRY:-}" ]; then

@@ -10,8 +10,11 @@ cd "$(dirname "$0")/.."
 MODELS=${*:-smollm2 gemma3-270m}
 TASKS=${TASKS:-tfqa-mc factor}
 THREADS=${THREADS:-1}
-TFQA=../shared/data/truthfulqa/TruthfulQA_dev.csv  # the shared folder beside the checkout
-FACTOR=../shared/data/factor/expert_factor.csv
+# The data: TFQA_DEV, TruthfulQA.csv's dev half (its rows 0, 2, 4, ...: 409 questions; make it with
+# benchmarks/eval_results.md's one-liner), and FACTOR_EXPERT, expert_factor.csv (default: the
+# published file, `dola-cpp eval factor --subset expert` caches it)
+TFQA=${TFQA_DEV:?set TFQA_DEV to the dev half of TruthfulQA.csv (see benchmarks/eval_results.md)}
+FACTOR=${FACTOR_EXPERT:-$(python -c 'from dola_cpp import evaldata; print(evaldata.fetch("factor-expert"))')}
 OUT=benchmarks/sweeps
 mkdir -p $OUT
 for model in $MODELS; do
