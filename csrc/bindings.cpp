@@ -187,6 +187,11 @@ PYBIND11_MODULE(_core, m) {
         py::gil_scoped_release release;
         dola::rpc_serve(host, port, n_threads, cache_dir);
     }, py::arg("host"), py::arg("port"), py::arg("n_threads") = 1, py::arg("cache_dir") = "");
+    m.def("json_schema_to_grammar", [](const std::string & schema_json) {
+        py::gil_scoped_release release;
+        return dola::json_schema_grammar(schema_json);
+    }, py::arg("schema_json"), "The GBNF grammar (llama.cpp's converter) of the JSON texts a JSON schema describes; "
+       "ValueError names what it does not support");
     m.def("amx_build_note", [] { return std::string(DOLA_AMX_NOTE); });
     m.def("capture_mode", [] {
         return std::string(dola::layer_capture::capture_mode(dola::switches::from_environment().capture_callback));
@@ -272,6 +277,10 @@ PYBIND11_MODULE(_core, m) {
         })
         .def("is_eog", &dola::model::is_eog, py::arg("token"))
         .def_property_readonly("eog_tokens", &dola::model::eog_tokens)
+        .def("check_grammar", [](const dola::model & self, const std::string & grammar) {
+            py::gil_scoped_release release;
+            (void) dola::sampler::make_grammar(self.vocab(), grammar);
+        }, py::arg("grammar"), "DolaError when llama.cpp cannot parse or use the GBNF text (start rule 'root')")
         // released: a server tokenizes a large request on a worker thread while others stream
         .def("tokenize", &dola::model::tokenize, py::arg("text"), py::arg("add_special"), py::arg("parse_special"),
              py::call_guard<py::gil_scoped_release>())
@@ -303,7 +312,12 @@ PYBIND11_MODULE(_core, m) {
         .def_readonly("score", &dola::step_result::score)
         .def_readonly("entropy", &dola::step_result::entropy)
         .def_readonly("top_logprob", &dola::step_result::top_logprob)
-        .def_readonly("activation_entropy", &dola::step_result::activation_entropy);
+        .def_readonly("activation_entropy", &dola::step_result::activation_entropy)
+        .def_readonly("top_tokens", &dola::step_result::top_tokens)
+        .def_readonly("top_logprobs_mature", &dola::step_result::top_logprobs_mature)
+        .def_readonly("dola_logprob", &dola::step_result::dola_logprob)
+        .def_readonly("dola_top_tokens", &dola::step_result::dola_top_tokens)
+        .def_readonly("dola_top_logprobs", &dola::step_result::dola_top_logprobs);
 
     py::class_<dola::score_result>(m, "ScoreResult")
         .def_readonly("total", &dola::score_result::total)
@@ -312,7 +326,8 @@ PYBIND11_MODULE(_core, m) {
         .def_readonly("mature_logprobs", &dola::score_result::mature_logprobs)
         .def_readonly("top_logprobs", &dola::score_result::top_logprobs)
         .def_readonly("entropies", &dola::score_result::entropies)
-        .def_readonly("jsd", &dola::score_result::jsd);
+        .def_readonly("jsd", &dola::score_result::jsd)
+        .def_readonly("top_tokens", &dola::score_result::top_tokens);
 
     py::class_<dola::decode_params>(m, "DecodeParams")
         .def(py::init<>())
@@ -336,7 +351,9 @@ PYBIND11_MODULE(_core, m) {
         .def_readwrite("dry_sequence_breakers", &dola::decode_params::dry_sequence_breakers)
         .def_readwrite("frequency_penalty", &dola::decode_params::frequency_penalty)
         .def_readwrite("presence_penalty", &dola::decode_params::presence_penalty)
-        .def_readwrite("logit_bias", &dola::decode_params::logit_bias);
+        .def_readwrite("logit_bias", &dola::decode_params::logit_bias)
+        .def_readwrite("grammar", &dola::decode_params::grammar)
+        .def_readwrite("n_probs", &dola::decode_params::n_probs);
 
     py::class_<py_session>(m, "Session")
         .def(py::init([](std::shared_ptr<dola::model> mdl, uint32_t n_ctx, int32_t n_threads, uint32_t n_batch,

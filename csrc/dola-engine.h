@@ -7,4 +7,5 @@
 #include "dola-log.h"
 #include "dola-model.h"
 #include "dola-rpc.h"
+#include "dola-schema.h"
 #include "dola-session.h"

@@ -2,6 +2,7 @@
 
 #include "dola-contrast.h"
 #include "dola-error.h"
+#include "dola-log.h"
 
 #include <algorithm>
 #include <cmath>
@@ -29,12 +30,27 @@ void sampler::check(const decode_params & p) {
     for (const auto & kv : p.logit_bias) {
         if (!(kv.second >= -100.0f && kv.second <= 100.0f)) throw error("logit_bias values must be in [-100, 100]");
     }
+    if (p.n_probs < 0 || p.n_probs > 20) throw error("n_probs (top_logprobs) must be in 0..20");
+    if (p.grammar.find('\0') != std::string::npos) throw error("the grammar holds a NUL character");
     for (const std::string & b : p.dry_sequence_breakers) {
         // llama.cpp skips empty ones and truncates long ones; a NUL would cut the C string it reads
         if (b.empty() || b.size() > 40 || b.find('\0') != std::string::npos) {
             throw error("each DRY sequence breaker must be 1 to 40 bytes of text without NUL");
         }
     }
+}
+
+llama_sampler_ptr sampler::make_grammar(const llama_vocab * vocab, const std::string & grammar) {
+    if (grammar.find('\0') != std::string::npos) throw error("the grammar holds a NUL character");
+    // llama.cpp logs why it cannot use a grammar and returns null (its parser prints the parse
+    // error, with the position, on stderr)
+    clear_last_error();
+    llama_sampler_ptr g(llama_sampler_init_grammar(vocab, grammar.c_str(), "root"));
+    if (!g) {
+        throw error(with_detail("llama.cpp cannot use this grammar (GBNF text with a 'root' rule; its parser "
+                                "prints where the text fails on stderr)"));
+    }
+    return g;
 }
 
 void sampler::configure(const decode_params & p, uint32_t n_ctx) {
@@ -49,6 +65,11 @@ void sampler::configure(const decode_params & p, uint32_t n_ctx) {
         for (const std::string & b : p.dry_sequence_breakers) breakers.push_back(b.c_str());
         dry_.reset(llama_sampler_init_dry(vocab_, p.dry_multiplier, p.dry_base, p.dry_allowed_length,
                                           (int32_t) dry_last_n_, breakers.data(), breakers.size()));
+    }
+    grammar_.reset();
+    grammar_moved_ = false;
+    if (!p.grammar.empty()) {
+        grammar_ = make_grammar(vocab_, p.grammar);
     }
     chain_.reset();
     if (p.temperature > 0.0f) {
@@ -101,7 +122,66 @@ void sampler::apply_bias(float * scores, const float * lp, float top_logprob) co
     for (const auto & [t, b] : bias_) scores[t] = b <= -100.0f ? ninf : scores[t] + b;
 }
 
-llama_token sampler::choose(const float * scores) {
+bool sampler::grammar_allows(llama_token token) {
+    llama_token_data one = {token, 0.0f, 0.0f};
+    llama_token_data_array arr = {&one, 1, -1, false};
+    llama_sampler_apply(grammar_.get(), &arr);
+    return arr.data[0].logit != -std::numeric_limits<float>::infinity();
+}
+
+// The grammar runs on the tokens the scores still allow (the others are out either way); when it
+// rejects all of them, on the whole vocabulary at the mature log-probabilities.
+void sampler::apply_grammar(float * scores, const float * lp) {
+    const float ninf = -std::numeric_limits<float>::infinity();
+    cur_.clear();
+    for (int64_t i = 0; i < n_vocab_; ++i) {
+        if (scores[i] != ninf) cur_.push_back({(llama_token) i, scores[i], 0.0f});
+    }
+    llama_token_data_array arr = {cur_.data(), cur_.size(), -1, false};
+    llama_sampler_apply(grammar_.get(), &arr);
+    bool any = false;
+    for (size_t i = 0; i < arr.size; ++i) {
+        if (arr.data[i].logit == ninf) scores[arr.data[i].id] = ninf;
+        else any = true;
+    }
+    if (any) return;
+    cur_.resize(n_vocab_);
+    for (int64_t i = 0; i < n_vocab_; ++i) cur_[i] = {(llama_token) i, lp[i], 0.0f};
+    for (const auto & [t, b] : bias_) cur_[t].logit = b <= -100.0f ? ninf : lp[t] + b;
+    arr = {cur_.data(), cur_.size(), -1, false};
+    llama_sampler_apply(grammar_.get(), &arr);
+    for (size_t i = 0; i < arr.size; ++i) {
+        scores[arr.data[i].id] = arr.data[i].logit;
+        any = any || arr.data[i].logit != ninf;
+    }
+    if (!any) throw error("the grammar allows no token of the vocabulary here");
+}
+
+void sampler::accept(llama_token token) {
+    if (!grammar_) return;
+    if (!grammar_allows(token)) {
+        throw error("token " + std::to_string(token) + " is not allowed by the grammar here");
+    }
+    llama_sampler_accept(grammar_.get(), token);
+    grammar_moved_ = true;
+}
+
+void sampler::restart() {
+    if (grammar_ && grammar_moved_) llama_sampler_reset(grammar_.get());
+    grammar_moved_ = false;
+}
+
+llama_token sampler::choose(float * scores, const float * lp, bool full) {
+    if (grammar_) {
+        const float ninf = -std::numeric_limits<float>::infinity();
+        bool done = false;
+        if (!chain_ && !full) {
+            // greedy: the argmax, if the grammar allows it, is what the constrained argmax is
+            const llama_token best = (llama_token) (std::max_element(scores, scores + n_vocab_) - scores);
+            done = scores[best] != ninf && grammar_allows(best);
+        }
+        if (!done) apply_grammar(scores, lp);
+    }
     if (!chain_) {
         llama_token tok = 0;
         float best = -std::numeric_limits<float>::infinity();
@@ -146,6 +226,27 @@ void sampler::boost_eog(float * scores, const float * lp, float bonus, float top
         float & s = scores[e];
         if (s == ninf) s = best + (lp[e] - top_logprob);
         if (s != ninf) s += bonus;
+    }
+}
+
+void top_n(const float * v, int64_t size, int32_t n, std::vector<int32_t> & ids, std::vector<float> & vals) {
+    ids.clear();
+    vals.clear();
+    if (n <= 0) return;
+    const float ninf = -std::numeric_limits<float>::infinity();
+    // insertion into the best n so far: one comparison per entry once n are in
+    for (int64_t i = 0; i < size; ++i) {
+        const float x = v[i];
+        if (x == ninf || x != x) continue;
+        if ((int32_t) vals.size() == n && !(x > vals.back())) continue;
+        size_t at = vals.size();
+        while (at > 0 && vals[at - 1] < x) --at;
+        ids.insert(ids.begin() + (std::ptrdiff_t) at, (int32_t) i);
+        vals.insert(vals.begin() + (std::ptrdiff_t) at, x);
+        if ((int32_t) vals.size() > n) {
+            ids.pop_back();
+            vals.pop_back();
+        }
     }
 }
 

@@ -294,6 +294,7 @@ size_t session::keep_cached_prefix(const std::vector<llama_token> & toks, size_t
 void session::prefill(const std::vector<llama_token> & prompt) {
     check_prompt(prompt);
     n_prompt_ = prompt.size();
+    sampler_.restart();  // a new answer: the grammar from its start
     const auto t0 = std::chrono::steady_clock::now();
     const size_t common = keep_cached_prefix(prompt, prompt.size() - 1);  // always decode the last token
     for (size_t i = common; i < prompt.size(); i += n_batch_) {
@@ -313,6 +314,7 @@ void session::prefill(const std::vector<llama_token> & prompt) {
 void session::accept(llama_token token) {
     model_->check_token(token);
     if (tokens_.size() >= n_ctx_) throw error("the context is full (" + std::to_string(n_ctx_) + " tokens)");
+    sampler_.accept(token);  // the grammar's check first: a token it rejects is not decoded
     const auto t0 = std::chrono::steady_clock::now();
     decode_chunk(&token, 1, 0, 1);
     have_outputs_ = true;
@@ -390,10 +392,19 @@ step_result session::sample(float eos_bonus) {
     }
     res.top_logprob = *std::max_element(lp_.begin(), lp_.end());
     sampler_.process(scores_.data(), lp_.data(), res.top_logprob, tokens_, n_prompt_, eos_bonus);
-    const llama_token tok = sampler_.choose(scores_.data());
+    const int32_t n_probs = params_.n_probs;
+    // with log-probs asked for, the grammar constrains the whole distribution they are taken from
+    const llama_token tok = sampler_.choose(scores_.data(), lp_.data(), n_probs > 0);
     res.token = tok;
     res.mature_logprob = lp_[tok];
     res.score = scores_[tok];
+    if (n_probs > 0) {
+        top_n(lp_.data(), V, n_probs, res.top_tokens, res.top_logprobs_mature);
+        chosen_lp_.resize(V);
+        log_softmax(scores_.data(), chosen_lp_.data(), V);
+        res.dola_logprob = chosen_lp_[tok];
+        top_n(chosen_lp_.data(), V, n_probs, res.dola_top_tokens, res.dola_top_logprobs);
+    }
     if (context_layer() >= 0) context_.entropy_of(&tok, 1, &res.activation_entropy);
     timings_.contrast_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     return res;
@@ -464,7 +475,8 @@ score_result session::score(const std::vector<llama_token> & toks, size_t n_pref
 
     // Rows with outputs are projected K at a time per row; bound the scratch to ~128 MB.
     const size_t rows_per_chunk = std::max<size_t>(1, std::min<size_t>(n_batch_, (size_t) (32u << 20) / ((size_t) std::max(n_proj, 1) * V)));
-    std::vector<float> proj, lp(V), diff(V);
+    std::vector<float> proj, lp(V), diff(V), top_vals;
+    std::vector<int32_t> top_ids;
     const score_options opt{post_softmax, relative_top, mask_value};
     for (size_t i = common; i < n_in;) {
         // prefix chunks carry no outputs; answer chunks output every row
@@ -493,6 +505,11 @@ score_result session::score(const std::vector<llama_token> & toks, size_t n_pref
                 res.mature_logprobs.push_back(lp[y]);
                 res.top_logprobs.push_back(*std::max_element(lp.begin(), lp.end()));
                 res.entropies.push_back((float) entropy(lp.data(), V));
+                if (params_.n_probs > 0) {
+                    top_n(lp.data(), V, params_.n_probs, top_ids, top_vals);
+                    auto & row = res.top_tokens.emplace_back();
+                    for (size_t k = 0; k < top_ids.size(); ++k) row.emplace_back(top_ids[k], top_vals[k]);
+                }
                 res.total += s;
             }
         }

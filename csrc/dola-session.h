@@ -149,6 +149,7 @@ private:
     std::vector<float> device_jsd_;
     std::vector<float> mature_hidden_logits_;  // scratch
     std::vector<float> cand_logits_, lp_, scores_, hidden_;
+    std::vector<float> chosen_lp_;  // scratch: the log-softmax of the processed scores (n_probs > 0)
 
     std::atomic<bool> cancel_{false};
     std::function<bool()> interrupt_check_;

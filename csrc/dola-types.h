@@ -9,6 +9,7 @@
 #include <limits>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace dola {
@@ -58,6 +59,12 @@ struct decode_params {
     // end-of-answer bonus;
     // -100 bans the token
     std::map<int32_t, float> logit_bias;
+    // GBNF text (llama.cpp's grammar format, start rule "root"; empty = none): the choice is
+    // constrained to the tokens it allows, after everything above; once the grammar is complete
+    // only end-of-generation tokens are allowed
+    std::string grammar;
+    // the n most probable tokens (0..20) each step and each scored token report, with their log-probs
+    int32_t n_probs = 0;
 };
 
 struct step_result {
@@ -69,6 +76,15 @@ struct step_result {
     float entropy = 0.0f;          // entropy of the mature distribution (nats)
     float top_logprob = 0.0f;      // log of the mature distribution's largest probability
     float activation_entropy = std::numeric_limits<float>::quiet_NaN();  // H of the token (Activation Decoding)
+    // with n_probs > 0: the mature distribution's n best tokens and their log-probs (best first);
+    // the log-prob of the token in the distribution it was chosen from (the log-softmax of the
+    // processed scores: after the contrast, penalties, bias and grammar, before temperature) and
+    // that distribution's n best (only tokens it allows: fewer when fewer have a finite log-prob)
+    std::vector<int32_t> top_tokens;
+    std::vector<float> top_logprobs_mature;
+    float dola_logprob = std::numeric_limits<float>::quiet_NaN();
+    std::vector<int32_t> dola_top_tokens;
+    std::vector<float> dola_top_logprobs;
 };
 
 struct score_result {
@@ -78,6 +94,8 @@ struct score_result {
     // per continuation token, as a generation step would report it: log p_mature(token), the
     // mature distribution's largest log-probability and entropy, the JSD of the premature layer
     std::vector<float> mature_logprobs, top_logprobs, entropies, jsd;
+    // with n_probs > 0, per continuation token: the mature distribution's n best (id, log-prob)
+    std::vector<std::vector<std::pair<int32_t, float>>> top_tokens;
 };
 
 struct timings {

@@ -17,6 +17,7 @@ except ModuleNotFoundError as _e:  # the source folder imported without a build
 from .hub import DEFAULT_MODEL, DEMO_MODELS, demo_model_path, resolve_model
 from .layers import LayerPlan, resolve_layers
 from .config import RECOMMENDED_REPETITION_PENALTY, ActivationConfig, DecodeConfig, DolaConfig
+from .constrain import JSON_OBJECT_GRAMMAR, json_schema_grammar
 from .model import Model, PromptTooLongError
 from .stream import PenaltyWarning, Stream
 from .results import GenerationResult, ScoreResult, StepInfo
@@ -39,6 +40,7 @@ __all__ = [
     "ActivationConfig",
     "DolaConfig",
     "GenerationResult",
+    "JSON_OBJECT_GRAMMAR",
     "LayerPlan",
     "Model",
     "PenaltyWarning",
@@ -49,6 +51,7 @@ __all__ = [
     "Stream",
     "convert_model",
     "demo_model_path",
+    "json_schema_grammar",
     "resolve_layers",
     "resolve_model",
 ]

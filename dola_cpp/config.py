@@ -99,7 +99,14 @@ class DecodeConfig:
     each bias in [-100, 100] added to that token's score last (-100 bans it, 100 forces it; a
     token the relative-top filter removed re-enters for a positive bias as the end tokens do
     for ``eos_boost``); held as a new dict with int keys, the ids are checked against the model's vocabulary when
-    decoding starts. ``replace`` takes the
+    decoding starts. ``grammar``: GBNF text (llama.cpp's grammar format, start rule ``root``;
+    "" = none): each token is chosen among those the grammar allows, after the penalties, DRY,
+    the end bonus and the bias; once the text is complete only the end-of-generation tokens are
+    allowed, so the answer ends there (``dola_cpp.json_schema_grammar`` makes one from a JSON
+    schema). ``top_logprobs`` (0..20): each step reports the mature distribution's n most
+    probable tokens with their log-probs, the chosen token's log-prob in the distribution it was
+    chosen from (the processed scores' log-softmax, before temperature) and that distribution's n
+    best (``StepInfo``). ``replace`` takes the
     sub-configs' fields by name too: ``DecodeConfig().replace(layers="high", temperature=0.7)``.
     """
 
@@ -121,6 +128,8 @@ class DecodeConfig:
     frequency_penalty: float = default("frequency_penalty")
     presence_penalty: float = default("presence_penalty")
     logit_bias: Mapping[int, float] = field(default_factory=lambda: dict(default("logit_bias")), hash=False)
+    grammar: str = default("grammar")
+    top_logprobs: int = default("top_logprobs")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "logit_bias", _bias_map(self.logit_bias))
@@ -201,7 +210,7 @@ class DecodeConfig:
         for s in SETTINGS:  # the settings the core takes as they are (settings.Setting.derived)
             if not s.derived and s.core_members:
                 value = getattr(getattr(self, s.group) if s.group else self, s.name)
-                setattr(p, s.name, list(value) if s.type is tuple else value if s.type is bool else s.type(value))
+                setattr(p, s.core_members[0], list(value) if s.type is tuple else value if s.type is bool else s.type(value))
         p.candidates = list(plan.candidates)
         p.mature = plan.mature
         p.repetition_penalty = self.penalty(plan)
@@ -262,6 +271,9 @@ def _check_setting(s: Setting, value: Any) -> None:
             if isinstance(b, bool) or not isinstance(b, (int, float)) or not -LOGIT_BIAS_MAX <= b <= LOGIT_BIAS_MAX:
                 raise ValueError(f"logit_bias values must be numbers in [-{LOGIT_BIAS_MAX:g}, {LOGIT_BIAS_MAX:g}], "
                                  f"got {b!r} for token {t}")
+    elif s.name == "grammar":
+        if not isinstance(value, str) or "\0" in value:
+            raise TypeError(f"grammar must be GBNF text (a str without NUL; '' = none), got {value!r}")
     elif value is None and s.none:
         return
     elif s.choices:

@@ -10,6 +10,7 @@ import numpy as np
 
 from . import _core
 from .config import DecodeConfig
+from .constrain import JsonSchema, json_schema_grammar
 from .layers import LayerPlan, LayerSpec, resolve_layers
 from .prompts import Prompt, chat_ids, chat_messages, checked_utf8, render_chat
 from .results import GenerationResult, ScoreResult
@@ -284,6 +285,9 @@ class Model:
         frequency_penalty: float = _UNSET,
         presence_penalty: float = _UNSET,
         logit_bias: Mapping[int, float] = _UNSET,
+        grammar: str = _UNSET,
+        top_logprobs: int = _UNSET,
+        json_schema: Optional[JsonSchema] = None,
         stop: Union[str, Sequence[str], None] = None,
         stop_loops: bool = False,
         ignore_eos: bool = False,
@@ -299,7 +303,11 @@ class Model:
         ``alpha``, ``info_layer``, ``repetition_penalty``, ``eos_boost``, ``temperature``,
         ``top_k``, ``top_p``, ``min_p``, ``seed``, ``dry_multiplier``, ``dry_base``,
         ``dry_allowed_length``, ``dry_penalty_last_n``, ``dry_sequence_breakers``,
-        ``frequency_penalty``, ``presence_penalty``, ``logit_bias`` ({token id: bias}). ``stop``: strings that end the answer (not
+        ``frequency_penalty``, ``presence_penalty``, ``logit_bias`` ({token id: bias}),
+        ``grammar`` (GBNF text: the answer is text the grammar accepts, and ends where it is
+        complete), ``top_logprobs`` (n: each step's ``top_logprobs``, ``dola_logprob`` and
+        ``dola_top_logprobs``). ``json_schema`` (a dict or its JSON text) is a grammar made from a
+        JSON schema (:func:`dola_cpp.json_schema_grammar`); not with ``grammar``. ``stop``: strings that end the answer (not
         included, even when they span tokens); ``stop_loops``: end with ``finish_reason="loop"``
         once the answer repeats a cycle of 3 or more tokens 4 times in a row (``dola_cpp.stream``);
         ``ignore_eos``: go on past end-of-generation
@@ -320,7 +328,9 @@ class Model:
                       top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, dry_multiplier=dry_multiplier,
                       dry_base=dry_base, dry_allowed_length=dry_allowed_length, dry_penalty_last_n=dry_penalty_last_n,
                       dry_sequence_breakers=dry_sequence_breakers, frequency_penalty=frequency_penalty,
-                      presence_penalty=presence_penalty, logit_bias=logit_bias)
+                      presence_penalty=presence_penalty, logit_bias=logit_bias, grammar=grammar,
+                      top_logprobs=top_logprobs)
+        cfg = _with_schema(cfg, json_schema)
         run = Stream(self._sequence(), prompt, max_tokens, cfg, stop=stop, ignore_eos=ignore_eos,
                      add_special=add_special, parse_special=parse_special, abstain_above=abstain_above,
                      stop_loops=stop_loops)
@@ -355,6 +365,9 @@ class Model:
         frequency_penalty: float = _UNSET,
         presence_penalty: float = _UNSET,
         logit_bias: Mapping[int, float] = _UNSET,
+        grammar: str = _UNSET,
+        top_logprobs: int = _UNSET,
+        json_schema: Optional[JsonSchema] = None,
         stop: Union[str, Sequence[str], None] = None,
         stop_loops: bool = False,
         ignore_eos: bool = False,
@@ -374,7 +387,9 @@ class Model:
                       top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, dry_multiplier=dry_multiplier,
                       dry_base=dry_base, dry_allowed_length=dry_allowed_length, dry_penalty_last_n=dry_penalty_last_n,
                       dry_sequence_breakers=dry_sequence_breakers, frequency_penalty=frequency_penalty,
-                      presence_penalty=presence_penalty, logit_bias=logit_bias)
+                      presence_penalty=presence_penalty, logit_bias=logit_bias, grammar=grammar,
+                      top_logprobs=top_logprobs)
+        cfg = _with_schema(cfg, json_schema)
         return Stream(self._sequence(), prompt, max_tokens, cfg, stop=stop, ignore_eos=ignore_eos,
                       add_special=add_special, parse_special=parse_special, abstain_above=abstain_above,
                       stop_loops=stop_loops)
@@ -421,6 +436,7 @@ class Model:
         alpha: float = _UNSET,
         info_layer: Optional[int] = _UNSET,
         config: Optional[DecodeConfig] = None,
+        top_logprobs: int = 0,
     ) -> ScoreResult:
         """Teacher-forced score of ``continuation`` after ``prefix`` in one forward pass, as the DoLa
         repo's ``lm_score``: plain = sum of log-probs; DoLa = sum of
@@ -436,6 +452,11 @@ class Model:
         ``decoder="activation"`` adds Activation Decoding's ``-alpha * H[y]`` to each token's
         score, with H over every position of prefix and continuation (the reference's
         ``lm_score``; its relative-top mask is computed there but not applied, so none is here).
+
+        ``top_logprobs`` (0..20): each continuation token's ``top_tokens`` are the mature
+        distribution's n most probable tokens there, as (id, log-prob). To score every token of a
+        text but the first (which nothing predicts), give token ids: ``prefix=ids[:1]``,
+        ``continuation=ids[1:]``; ``mature_logprobs`` are then log p(ids[i] | ids[:i]).
         """
         if isinstance(prefix, str) != isinstance(continuation, str):
             raise TypeError("prefix and continuation must both be strings or both be token ids")
@@ -454,7 +475,7 @@ class Model:
         if n_prefix >= len(ids):
             raise ValueError("the continuation adds no tokens to the prefix")
         cfg = _config(config, layers=layers, premature_norm=premature_norm, decoder=decoder, alpha=alpha,
-                      info_layer=info_layer)
+                      info_layer=info_layer, top_logprobs=top_logprobs)
         plan = self.resolve_layers(cfg.dola.layers)
         params = cfg.to_core(plan, self.n_layers)
         with self._claim:
@@ -469,6 +490,7 @@ class Model:
             top_logprobs=np.asarray(r.top_logprobs, dtype=np.float32),
             entropies=np.asarray(r.entropies, dtype=np.float32),
             jsd=np.asarray(r.jsd, dtype=np.float32),
+            top_tokens=[[(int(t), float(lp)) for t, lp in row] for row in r.top_tokens],
         )
 
     # ------------------------------------------------------------------ internals
@@ -479,6 +501,15 @@ class Model:
 
     def timings(self) -> dict:
         return self._session.timings()
+
+
+def _with_schema(config: DecodeConfig, json_schema: Optional[JsonSchema]) -> DecodeConfig:
+    """``config`` decoding with the grammar of ``json_schema`` (None: as it is)."""
+    if json_schema is None:
+        return config
+    if config.grammar:
+        raise ValueError("give a grammar or a json_schema, not both")
+    return config.replace(grammar=json_schema_grammar(json_schema))
 
 
 def _config(config: Optional[DecodeConfig], **fields: Any) -> DecodeConfig:

@@ -30,6 +30,14 @@ class StepInfo:
     activation_entropy: Optional[float] = None
     top_logprob: float = 0.0  # log of the mature distribution's largest probability
     risk: float = float("nan")  # the token's risk in [0, 1] (dola_cpp.risk.token_risk)
+    # with top_logprobs=n (else empty / None): the mature distribution's n most probable tokens as
+    # (id, log-prob), best first; the token's log-prob in the distribution it was chosen from (the
+    # log-softmax of the processed scores: after the contrast, penalties, bias and grammar, before
+    # temperature; the mature one, penalties aside, for plain decoding) and that distribution's n
+    # best (only tokens it allows: fewer when it allows fewer)
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    dola_logprob: Optional[float] = None
+    dola_top_logprobs: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def confidence(self) -> float:
@@ -84,3 +92,6 @@ class ScoreResult:
     top_logprobs: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     entropies: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     jsd: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    # with top_logprobs=n (else empty): per continuation token, the mature distribution's n most
+    # probable tokens as (id, log-prob), best first
+    top_tokens: list[list[tuple[int, float]]] = field(default_factory=list)

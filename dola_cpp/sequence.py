@@ -46,6 +46,10 @@ class SequenceContext(Protocol):
     def cancelled(self) -> bool:
         """Whether the generation holding the claim was asked to stop."""
 
+    def check_grammar(self, grammar: str) -> None:
+        """ValueError when the model's vocabulary cannot be decoded with this GBNF grammar (it does
+        not parse, has no ``root`` rule, ...): what ``configure`` would raise, before it."""
+
     def configure(self, params: _core.DecodeParams) -> None:
         """The decoder, layers and sampling settings for what follows."""
 
@@ -136,6 +140,9 @@ class SessionSequence:
 
     def cancelled(self) -> bool:
         return self._claim.is_cancelled()
+
+    def check_grammar(self, grammar: str) -> None:
+        self._vocab.check_grammar(grammar)
 
     def configure(self, params: _core.DecodeParams) -> None:
         self._session.configure(params)

@@ -228,6 +228,14 @@ SETTINGS: tuple[Setting, ...] = (
     # OpenAI's {token id: bias in [-100, 100]} added to the scores last (DecodeConfig checks the
     # biases, the core the ids against the vocabulary): the Python API and the server only
     Setting("logit_bias", dict, {}, server="logit_bias", server_type=dict[int, float]),
+    # GBNF text (llama.cpp's grammar format, start rule "root"; "" = none): the choice is limited to
+    # the tokens it allows, after everything above (dola_cpp.constrain makes one from a JSON schema):
+    # the Python API only (the server makes it from a request's response_format)
+    Setting("grammar", str, ""),
+    # the n most probable tokens each step (and each scored token) reports with their log-probs,
+    # in the mature distribution and in the one the token was chosen from: the Python API only
+    # (the server maps OpenAI's logprobs / top_logprobs to it)
+    Setting("top_logprobs", int, 0, low=0, high=20, int32=True, rule="an integer in 0..20", core=("n_probs",)),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}

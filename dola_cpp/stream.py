@@ -91,6 +91,8 @@ class Stream:
         self.plan = sequence.resolve_layers(config.dola.layers)
         self.config = config
         self.params = config.to_core(self.plan, sequence.n_layers)
+        if config.grammar:
+            sequence.check_grammar(config.grammar)
         note = config.penalty_note(self.plan)
         if note and not _warned_penalty:
             _warned_penalty = True
@@ -99,7 +101,8 @@ class Stream:
         if isinstance(stop, str):
             stop = [stop]
         self.stop = [s for s in (stop or []) if s]
-        self.ignore_eos = ignore_eos
+        # a grammar, once complete, allows only the end tokens: the answer ends at one regardless
+        self.ignore_eos = ignore_eos and not config.grammar
         if abstain_above is not None:
             if isinstance(abstain_above, bool) or not isinstance(abstain_above, (int, float)) \
                     or not 0.0 < float(abstain_above) <= 1.0:
@@ -200,6 +203,7 @@ class Stream:
                     risk = token_risk(st.top_logprob)
                     self._risk_sum += risk
                     self.tokens.append(st.token)
+                    asked = self.params.n_probs > 0
                     self.steps.append(
                         StepInfo(
                             token=st.token,
@@ -211,6 +215,9 @@ class Stream:
                             activation_entropy=None if self.params.info_layer < 0 else st.activation_entropy,
                             top_logprob=st.top_logprob,
                             risk=risk,
+                            top_logprobs=list(zip(st.top_tokens, st.top_logprobs_mature)) if asked else [],
+                            dola_logprob=float(st.dola_logprob) if asked else None,
+                            dola_top_logprobs=list(zip(st.dola_top_tokens, st.dola_top_logprobs)) if asked else [],
                         )
                     )
                     self.text += decoder.decode(seq.piece(st.token))
