@@ -1,10 +1,12 @@
 """The server's HTTP side, below the API: the API key, the timeouts a slow client meets (its
-headers, its body, an idle keep-alive connection) and the body's size limit."""
+headers, its body, an idle keep-alive connection), the body's size limit, and the counters
+/metrics shows."""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+from collections import Counter
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
@@ -16,7 +18,7 @@ IDLE_TIMEOUT = 5.0  # seconds an idle keep-alive connection stays open
 BODY_TIMEOUT = 60.0  # seconds a client has to send a request's body
 
 
-GUARDED = ("/tokenize", "/detokenize")  # outside /v1/, llama-server's paths, behind the key too
+GUARDED = ("/tokenize", "/detokenize", "/tokenizer_info", "/metrics")  # outside /v1/, llama-server's paths, behind the key too
 
 
 class BearerAuth:
@@ -110,3 +112,78 @@ async def read_body(request: Request, max_body: int) -> bytes:
 def _too_large(max_body: int) -> APIError:
     return APIError(413, f"the request body is larger than this server's limit of {max_body} bytes",
                     code="request_too_large")
+
+
+# ---------------------------------------------------------------------------- /metrics
+
+
+class Metrics:
+    """The counters /metrics shows (Prometheus's text format)."""
+
+    ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize",
+                 "/detokenize", "/tokenizer_info")
+
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, int]] = Counter()  # (endpoint, status)
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+        self.generations: Counter[str] = Counter()  # by decoder
+        self.decoder_tokens: Counter[str] = Counter()  # generated tokens by decoder
+        self.scored_tokens = 0  # prompt tokens scored for echo's logprobs
+
+    def endpoint(self, path: str) -> str:
+        if path.startswith("/v1/models"):
+            return "/v1/models"
+        return path if path in self.ENDPOINTS else "other"
+
+    def generated(self, decoder: str, n_tokens: int) -> None:
+        self.generations[decoder] += 1
+        self.decoder_tokens[decoder] += n_tokens
+        self.generated_tokens += n_tokens
+
+    def text(self, gauges: dict[str, tuple[str, float]]) -> str:
+        """The exposition: the counters, then ``gauges`` ({name: (help, value)})."""
+        out: list[str] = []
+
+        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+            out.append(f"# HELP dola_cpp_{name} {help_}")
+            out.append(f"# TYPE dola_cpp_{name} {kind}")
+            for labels, value in samples:
+                out.append(f"dola_cpp_{name}{labels} {value:g}")
+
+        metric("requests_total", "counter", "HTTP requests answered, by endpoint and status.",
+               [(f'{{endpoint="{e}",status="{s}"}}', n) for (e, s), n in sorted(self.requests.items())])
+        metric("prompt_tokens_total", "counter", "Prompt tokens of the requests served.", [("", self.prompt_tokens)])
+        metric("generated_tokens_total", "counter", "Tokens generated.", [("", self.generated_tokens)])
+        metric("scored_tokens_total", "counter", "Prompt tokens scored (echo with logprobs).",
+               [("", self.scored_tokens)])
+        metric("generations_total", "counter", "Generations (choices) run, by decoder.",
+               [(f'{{decoder="{d}"}}', n) for d, n in sorted(self.generations.items())])
+        metric("decoder_tokens_total", "counter", "Tokens generated, by decoder.",
+               [(f'{{decoder="{d}"}}', n) for d, n in sorted(self.decoder_tokens.items())])
+        for name, (help_, value) in gauges.items():
+            metric(name, "gauge", help_, [("", value)])
+        return "\n".join(out) + "\n"
+
+
+class CountRequests:
+    """Counts each answered request by endpoint and status (plain ASGI, as BearerAuth)."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = [500]
+
+        async def counted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        finally:
+            self.metrics.requests[(self.metrics.endpoint(scope["path"]), status[0])] += 1

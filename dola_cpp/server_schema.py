@@ -12,7 +12,7 @@ message names the field.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Literal, Optional, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional, Union
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
@@ -51,10 +51,25 @@ class TextPart(_Strict):
     text: str
 
 
+class CalledFunction(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    """A call an earlier assistant message made (OpenAI's ``message.tool_calls[]``)."""
+
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None  # assistant messages: the calls it made
+    tool_call_id: Optional[str] = None  # tool messages: the call this answers
 
     def text(self) -> str:
         if self.content is None:
@@ -64,24 +79,80 @@ class Message(_Strict):
         return "".join(p.text for p in self.content)
 
 
+FUNCTION_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: Optional[str] = None
+    parameters: dict[str, Any]  # its arguments' JSON Schema (required here: the answer is constrained by it)
+    strict: Optional[bool] = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ChosenFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: ChosenFunction
+
+
+class JSONSchemaSpec(_Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class TextFormat(_Strict):
+    type: Literal["text"]
+
+
+class JSONObjectFormat(_Strict):
+    type: Literal["json_object"]
+
+
+class JSONSchemaFormat(_Strict):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaSpec
+
+
+ResponseFormat = Annotated[Union[TextFormat, JSONObjectFormat, JSONSchemaFormat], Field(discriminator="type")]
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+MAX_CHOICES = 16  # n: samples of one prompt
+MAX_LOGPROBS = 20  # OpenAI's bound on the alternatives reported per token
+MAX_TOOLS = 128  # OpenAI's
+
+
 class OpenAIFields(_Strict):
-    """The fields both endpoints take as OpenAI documents them."""
+    """OpenAI's fields as OpenAI documents them, each once (``max_tokens`` 0 only where the
+    endpoint allows it: a completion that echoes its prompt)."""
 
     model: Optional[str] = None
-    max_tokens: Optional[int] = Field(None, ge=1, le=INT32_MAX)
+    max_tokens: Optional[int] = Field(None, ge=0, le=INT32_MAX)
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0)  # None: the chat's greedy decoding
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: Optional[int] = Field(None, ge=0, le=2**64 - 1)
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    response_format: Optional[ResponseFormat] = None
     user: Optional[str] = None
 
 
@@ -117,23 +188,38 @@ class ChatRequest(CommonRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=0)  # alternatives are not reported
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: Optional[list[Tool]] = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool = True
 
 
 class CompletionRequest(CommonRequest):
-    prompt: Union[str, list[str], list[int]]
-    logprobs: Optional[int] = Field(None, ge=0, le=0)
-    echo: bool = Field(False)
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
     suffix: Optional[str] = None
 
 
 class TokenizeRequest(_Strict):
-    """llama-server's /tokenize: its fields and defaults."""
+    """llama-server's /tokenize (``content``; its fields and defaults), or vLLM's (``prompt``,
+    ``add_special_tokens``), as lm-evaluation-harness's remote tokenizer sends it."""
 
-    content: str
+    content: Optional[str] = None
+    prompt: Optional[str] = None
     add_special: bool = False
+    add_special_tokens: Optional[bool] = None
     parse_special: bool = True
     with_pieces: bool = False
+
+    def text(self) -> str:
+        if (self.content is None) == (self.prompt is None):
+            raise APIError(400, "give the text to tokenize as content (or prompt, not both)", param="content")
+        return self.content if self.content is not None else self.prompt  # type: ignore[return-value]
+
+    @property
+    def special(self) -> bool:
+        return self.add_special if self.add_special_tokens is None else self.add_special_tokens
 
 
 class DetokenizeRequest(_Strict):

@@ -100,8 +100,8 @@ def test_tokenize_and_detokenize_in_llama_servers_shapes(server, weights):
     pieces = request(server.url, "POST", "/tokenize", {"content": "Hi there", "with_pieces": True}).json()["tokens"]
     assert "".join(p["piece"] for p in pieces) == "Hi there" and all(isinstance(p["id"], int) for p in pieces)
     back = request(server.url, "POST", "/detokenize", {"tokens": ids})
-    assert back.status_code == 200 and back.json() == {"content": text}
-    assert request(server.url, "POST", "/detokenize", {"tokens": []}).json() == {"content": ""}
+    assert back.status_code == 200 and back.json() == {"content": text, "prompt": text}
+    assert request(server.url, "POST", "/detokenize", {"tokens": []}).json()["content"] == ""
 
 
 @pytest.mark.parametrize("path, body, message", [
@@ -110,7 +110,9 @@ def test_tokenize_and_detokenize_in_llama_servers_shapes(server, weights):
     ("/detokenize", {"tokens": [10**30]}, "outside the vocabulary"),
     ("/detokenize", {"tokens": "1 2"}, "tokens"),
     ("/tokenize", {"content": 5}, "content"),
-    ("/tokenize", {"text": "hi"}, "content"),
+    ("/tokenize", {"text": "hi"}, "text"),
+    ("/tokenize", {}, "content"),
+    ("/tokenize", {"content": "a", "prompt": "b"}, "content"),
     ("/tokenize", {"content": "hi", "colour": 1}, "colour"),
     ("/tokenize", b"{not json", "JSON"),
 ])

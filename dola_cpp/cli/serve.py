@@ -16,6 +16,7 @@ SERVE_EXAMPLES = examples(
     "dola-cpp serve",
     "dola-cpp serve smollm2 --port 8000 --parallel 4",
     "dola-cpp serve model.gguf --host 0.0.0.0 --api-key $KEY",
+    "dola-cpp serve smollm2 --dola-layers high    # DoLa unless a request says otherwise",
     "curl localhost:8000/v1/chat/completions -d '{\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}],"
     "\"dola_layers\":\"high\"}'",
 )
@@ -46,6 +47,10 @@ def serve(
                                                        "arrived by then.")] = HEADER_TIMEOUT,
     idle_timeout: Annotated[float, typer.Option("--idle-timeout", min=0.001, metavar="SECONDS",
                                                 help="Close an idle keep-alive connection after this.")] = IDLE_TIMEOUT,
+    dola_layers: Annotated[Optional[str], typer.Option("--dola-layers", show_default=False, metavar="LAYERS",
+                                                       help="The layers of requests that leave dola_layers out "
+                                                            "(high, low, 16,18,32): DoLa for clients that cannot "
+                                                            "send dola-cpp's fields (default: plain).")] = None,
     ctx: CtxOpt = 2048,
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = -1,
@@ -54,7 +59,7 @@ def serve(
 ) -> None:
     """Serve a model over the OpenAI HTTP API, with DoLa.
 
-    Serves MODEL's chat/completions, completions and models endpoints, and /tokenize, /detokenize.
+    Serves MODEL's chat/completions, completions and models endpoints, /metrics, and /tokenize, /detokenize.
     DoLa and the other decoders are extra body fields: dola_layers, premature_norm, repetition_penalty,
     decoder, alpha, info_layer, eos_boost, dry_multiplier, stop_loops, risk; unset, they decode as the
     chat does. Needs the server extra: pip install 'dola-cpp[server]'.
@@ -71,8 +76,11 @@ def serve(
         raise CLIError("--api-key is empty (or DOLA_CPP_API_KEY is set to nothing): give a key, or leave it out")
     aliases = [a.strip() for given in alias or () for a in given.split(",") if a.strip()]
     m = load_model(model, ctx, threads, gpu_layers, repack, rpc)
-    app = create_app(m, parallel=parallel, max_queue=queue, api_key=api_key, model_name=name, max_body=max_body,
-                     aliases=aliases)
+    try:
+        app = create_app(m, parallel=parallel, max_queue=queue, api_key=api_key, model_name=name, max_body=max_body,
+                         aliases=aliases, defaults={"dola_layers": dola_layers} if dola_layers else None)
+    except ValueError as e:
+        raise CLIError(f"--dola-layers: {e}") from None
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         typer.echo(f"note: listening on {host} without --api-key: anyone who can reach it can use it", err=True)
     typer.echo(f"serving {name or m.path.name} on http://{host}:{port}/v1 ({parallel} at once)", err=True)
