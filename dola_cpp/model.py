@@ -202,6 +202,14 @@ class Model:
         """ValueError (the core's message) for an id outside the vocabulary."""
         self._weights.check_token(int(token))
 
+    def check_grammar(self, grammar: str) -> None:
+        """ValueError (``DolaError``) when llama.cpp cannot decode this model with the GBNF text
+        ``grammar`` (it does not parse, has no ``root`` rule, is left-recursive): what
+        ``generate``/``stream`` raise for it. llama.cpp's parser prints its reason on stderr."""
+        if not isinstance(grammar, str):
+            raise TypeError(f"grammar must be GBNF text (a str), got {type(grammar).__name__}")
+        self._weights.check_grammar(grammar)
+
     def token_bytes(self, token: int) -> bytes:
         return self._weights.token_to_piece(int(token), False)
 

@@ -6,13 +6,21 @@ scored token report, against log-softmaxes computed here from the layers' logits
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from dola_cpp import JSON_OBJECT_GRAMMAR, DecodeConfig, DolaError, json_schema_grammar
-from dola_cpp import _core
+from dola_cpp import (
+    JSON_OBJECT_GRAMMAR,
+    DecodeConfig,
+    DolaError,
+    _core,
+    json_schema_grammar,
+)
 
 PROMPT = "Q: What colour is the sky on a clear day?\nA:"
 # an answer SmolLM2 does not give by itself (checked below), in a form a regex can check
@@ -293,3 +301,43 @@ def test_every_token_of_a_text_but_the_first_can_be_scored(smollm2):
     for i in (0, len(ids) - 2):
         lp = _log_softmax(smollm2.layer_logits(ids[:i + 1], [smollm2.n_layers])[0])
         assert r.mature_logprobs[i] == pytest.approx(lp[ids[i + 1]], abs=2e-4)
+
+
+# ---------------------------------------------------------------------------------- the command line
+
+
+def _generate(*args: str, cwd) -> subprocess.CompletedProcess:
+    # a real process: llama.cpp's parser writes to the process's stderr, not to Python's
+    return subprocess.run([sys.executable, "-m", "dola_cpp", "generate", *args, "--threads", "1"], check=False, cwd=cwd,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DOLA_CPP_DEBUG": "", "NO_COLOR": "1"})
+
+
+def test_generate_with_a_json_schema_file(smollm2_path, tmp_path):
+    (tmp_path / "person.json").write_text(json.dumps(PERSON))
+    r = _generate(str(smollm2_path), "Describe a student called Ann as JSON.", "--json-schema", "person.json",
+                  "-n", "64", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert schema_errors(json.loads(r.stdout), PERSON) == [], r.stdout
+
+
+@pytest.mark.parametrize("option,text,reason", [
+    ("--grammar", 'root ::= " Blue" | undefined-rule\n', r"--grammar bad\.txt: Undefined rule identifier 'undefined-rule'$"),
+    ("--json-schema", '{"type": "object", "properties": {"a": {"$ref": "https://example.com/a"}}}',
+     r"--json-schema bad\.txt: JSON schema conversion failed: JSON schema error at #/properties/a: unsupported \$ref"),
+    ("--json-schema", '{"type": ', r"--json-schema bad\.txt: the JSON schema is not valid JSON"),
+])
+def test_a_bad_grammar_or_schema_file_is_one_error_line(smollm2_path, tmp_path, option, text, reason):
+    (tmp_path / "bad.txt").write_text(text)
+    r = _generate(str(smollm2_path), "Hi", option, "bad.txt", "-n", "4", cwd=tmp_path)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert re.search(reason, lines[0].removeprefix("Error: ")), lines[0]
+
+
+def test_generate_refuses_a_grammar_and_a_schema_together_or_a_missing_file(smollm2_path, tmp_path):
+    (tmp_path / "g.gbnf").write_text('root ::= "x"')
+    r = _generate(str(smollm2_path), "Hi", "--grammar", "g.gbnf", "--json-schema", "g.gbnf", cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.strip() == "Error: give --grammar or --json-schema, not both"
+    r = _generate(str(smollm2_path), "Hi", "--grammar", "missing.gbnf", cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.strip() == "Error: --grammar missing.gbnf: cannot read it (No such file or directory)"

@@ -3,22 +3,24 @@ options, the penalty note, the chat-template choice, and model loading."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
 import sys
+import tempfile
 import traceback
 import warnings
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, TypeVar, Union
+from typing import Annotated, Any, Callable, Iterator, Optional, TypeVar, Union
 
 import typer
 from typer.core import TyperGroup
 
 from .. import (
     DEMO_MODELS, DecodeConfig, DolaError, LayerPlan, Model, PenaltyWarning,
-    PromptTooLongError, resolve_model,
+    PromptTooLongError, json_schema_grammar, resolve_model,
 )
 from ..layers import parse_layer_string
 from ..settings import SETTINGS, Setting, for_command
@@ -188,6 +190,12 @@ RpcOpt = Annotated[Optional[str], typer.Option(
 ShowRiskOpt = Annotated[bool, typer.Option("--show-risk", rich_help_panel=PANEL_OUTPUT,
                                            help="Colour each token by its risk (low, medium, high).")]
 JsonOpt = Annotated[bool, typer.Option("--json", rich_help_panel=PANEL_OUTPUT, help="Print JSON instead of text.")]
+GrammarFileOpt = Annotated[Optional[Path], typer.Option(
+    "--grammar", metavar="FILE", rich_help_panel=PANEL_OUTPUT, show_default=False,
+    help="Constrain the answer to a GBNF grammar (llama.cpp's format, start rule root) read from FILE.")]
+JsonSchemaFileOpt = Annotated[Optional[Path], typer.Option(
+    "--json-schema", metavar="FILE", rich_help_panel=PANEL_OUTPUT, show_default=False,
+    help="Constrain the answer to JSON that the JSON schema in FILE describes.")]
 
 
 # ---------------------------------------------------------------------------------------- decode options
@@ -265,6 +273,68 @@ def note_penalty(config: DecodeConfig, plan: LayerPlan) -> None:
     note = config.penalty_note(plan)
     if note:
         typer.echo(f"note: {note}", err=True)
+
+
+# ---------------------------------------------------------------------------------------- constraints
+
+
+def _read_text(path: Path, option: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CLIError(f"{option} {path}: cannot read it ({e.strerror if isinstance(e, OSError) else e})") from None
+
+
+def constraint_grammar(model: Model, grammar_file: Optional[Path], json_schema_file: Optional[Path]) -> str:
+    """The grammar ``--grammar FILE`` or ``--json-schema FILE`` gives ("" for neither), checked
+    against the model: a file that cannot be read, a schema the converter cannot use and a grammar
+    llama.cpp cannot parse are one line each, naming the option, the file and why."""
+    if grammar_file is not None and json_schema_file is not None:
+        raise CLIError("give --grammar or --json-schema, not both")
+    if json_schema_file is not None:
+        try:
+            grammar = json_schema_grammar(_read_text(json_schema_file, "--json-schema"))
+        except ValueError as e:
+            raise CLIError(f"--json-schema {json_schema_file}: {_one_line(str(e))}") from None
+        option, path = "--json-schema", json_schema_file
+    elif grammar_file is not None:
+        grammar, option, path = _read_text(grammar_file, "--grammar"), "--grammar", grammar_file
+    else:
+        return ""
+    with _stderr_to_file() as said:
+        try:
+            model.check_grammar(grammar)
+        except ValueError as e:
+            # llama.cpp's parser prints its reason (and the grammar) on stderr: its first line is the reason
+            reason = next((line.split("error parsing grammar:", 1)[1].strip() for line in said().splitlines()
+                           if "error parsing grammar:" in line), "")
+            raise CLIError(f"{option} {path}: {reason or _one_line(str(e))}") from None
+    return grammar
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+@contextlib.contextmanager
+def _stderr_to_file() -> Iterator[Callable[[], str]]:
+    """What the process writes to its stderr (file descriptor 2: C code's too) while in the block,
+    kept from the terminal; the callable gives it so far."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+
+        def said() -> str:
+            tmp.flush()
+            tmp.seek(0)
+            return tmp.read().decode("utf-8", "replace")
+
+        try:
+            yield said
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 # ---------------------------------------------------------------------------------------- loading

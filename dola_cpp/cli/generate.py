@@ -10,9 +10,10 @@ import typer
 from .. import DecodeConfig, GenerationResult, LayerPlan, Model
 from ..results import finite
 from ._cli_utils import (
-    DECODE_OPTIONS, PANEL_STOPPING, AbstainOpt, CtxOpt, DecodeOptions, GpuLayersOpt, JsonOpt, MaxTokensOpt,
-    ModelRequiredArg, PromptArg, RepackOpt, RpcOpt, StopLoopsOpt, SystemOpt, Template, TemplateOpt, ThreadsOpt,
-    decode_config, decode_options, examples, layer_plan, load_model, note_penalty, prompt_text,
+    DECODE_OPTIONS, PANEL_STOPPING, AbstainOpt, CtxOpt, DecodeOptions, GpuLayersOpt, GrammarFileOpt, JsonOpt,
+    JsonSchemaFileOpt, MaxTokensOpt, ModelRequiredArg, PromptArg, RepackOpt, RpcOpt, StopLoopsOpt, SystemOpt,
+    Template, TemplateOpt, ThreadsOpt, constraint_grammar, decode_config, decode_options, examples, layer_plan,
+    load_model, note_penalty, prompt_text,
 )
 
 GENERATE_EXAMPLES = examples(
@@ -20,6 +21,7 @@ GENERATE_EXAMPLES = examples(
     "dola-cpp generate model.gguf 'Who wrote Hamlet?' --layers low",
     "dola-cpp generate smollm2 'Who wrote Hamlet?' --decoder activation --layers none",
     "dola-cpp generate smollm2 'Name three planets.' --json | jq '.steps[].premature_layer'",
+    "dola-cpp generate smollm2 'Describe a cat as JSON.' --json-schema cat.schema.json",
 )
 
 StopOpt = Annotated[Optional[List[str]], typer.Option("--stop", metavar="TEXT", show_default=False,
@@ -44,16 +46,22 @@ def generate(
     repack: RepackOpt = True,
     rpc: RpcOpt = None,
     as_json: JsonOpt = False,
+    grammar_file: GrammarFileOpt = None,
+    json_schema_file: JsonSchemaFileOpt = None,
 ) -> None:
     """Generate one completion of PROMPT and print it to stdout.
 
     With --json, print the text, token ids and per-step diagnostics (premature layer chosen,
     JSD per candidate layer, mature log-probability, entropy, Activation Decoding's entropy, risk)
     as one JSON object. With --abstain, print the answer only if its risk stays at most that
-    (exit status 3 otherwise).
+    (exit status 3 otherwise). With --grammar or --json-schema, the answer is text the grammar
+    (or JSON the schema) allows, and it ends where that is complete.
     """
     m = load_model(model, ctx, threads, gpu_layers, repack, rpc)
     config = decode_config(m, **decode)
+    grammar = constraint_grammar(m, grammar_file, json_schema_file)
+    if grammar:
+        config = config.replace(grammar=grammar)
     plan = layer_plan(m, decode["layers"])
     note_penalty(config, plan)
     text, templated = prompt_text(m, prompt, template, system)
