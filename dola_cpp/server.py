@@ -25,6 +25,7 @@ Needs the ``server`` extra: ``pip install 'dola-cpp[server]'``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -118,6 +119,9 @@ class Run:
     max_tokens: int
     config: DecodeConfig
     echo: Optional[int] = None  # completions' echo with logprobs: the alternatives per prompt token
+    # report the one token even when it ends the answer (a completion of one token with logprobs:
+    # a harness's scoring request drops that last entry, so it must be there)
+    keep_end: bool = False
 
 
 @dataclass
@@ -147,7 +151,7 @@ class Job:
                     emit("done", r.index, None, [])
                     continue
                 stream = self.ctx.stream(r.ids, r.max_tokens, config=r.config, stop=self.stop,
-                                         stop_loops=self.stop_loops)
+                                         stop_loops=self.stop_loops, ignore_eos=r.keep_end)
                 seen = 0
                 for piece in stream:
                     emit("piece", r.index, piece, stream.steps[seen:])
@@ -155,7 +159,10 @@ class Job:
                     if self.cancelled.is_set():
                         break
                 stream.close()
-                emit("done", r.index, stream.result(), stream.steps[seen:])
+                result = stream.result()
+                if r.keep_end and result.tokens and result.tokens[-1] in self.ctx.eog_tokens:
+                    result = dataclasses.replace(result, finish_reason="stop")
+                emit("done", r.index, result, stream.steps[seen:])
             emit("end")
         except BaseException as e:  # reported to the request, never raised in the worker
             emit("error", e)
@@ -600,7 +607,8 @@ def _runs(prep: Prepared, config: DecodeConfig, n_ctx: int) -> list[Run]:
                            param="n", code="context_length_exceeded")
         for j in range(n):
             runs.append(Run(p * n + j, ids, max_tokens, config.replace(seed=_choice_seed(config.seed, j)),
-                            echo=prep.n_top if echo and prep.n_top is not None else None))
+                            echo=prep.n_top if echo and prep.n_top is not None else None,
+                            keep_end=not prep.chat and prep.n_top is not None and max_tokens == 1))
     return runs
 
 
