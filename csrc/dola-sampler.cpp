@@ -72,6 +72,7 @@ void sampler::configure(const decode_params & p, uint32_t n_ctx) {
         grammar_ = make_grammar(vocab_, p.grammar);
     }
     chain_.reset();
+    draw_only_ = p.top_k == 0 && p.top_p >= 1.0f && p.min_p <= 0.0f;
     if (p.temperature > 0.0f) {
         // transformers' order: temperature, then top-k, top-p, min-p on the tempered scores.
         chain_.reset(llama_sampler_chain_init(llama_sampler_chain_default_params()));
@@ -172,27 +173,29 @@ void sampler::restart() {
 }
 
 llama_token sampler::choose(float * scores, const float * lp, bool full) {
-    if (grammar_) {
+    if (grammar_ && !full) {
+        // Without the whole constrained distribution asked for, one grammar check of the token the
+        // unconstrained scores choose often settles it (the pass over the vocabulary costs ~9 ms a
+        // token for 49k tokens, ~120 ms for 262k). Greedy: an allowed argmax is the constrained
+        // argmax. Temperature alone: a draw that the grammar allows, kept, and otherwise a draw
+        // from the constrained scores, gives each allowed token p(t) + (1 - Z) p(t) / Z = p(t) / Z
+        // (Z: the allowed tokens' mass), the constrained distribution. Top-k, top-p and min-p cut
+        // after the grammar, so they need the pass.
         const float ninf = -std::numeric_limits<float>::infinity();
-        bool done = false;
-        if (!chain_ && !full) {
-            // greedy: the argmax, if the grammar allows it, is what the constrained argmax is
+        if (!chain_) {
             const llama_token best = (llama_token) (std::max_element(scores, scores + n_vocab_) - scores);
-            done = scores[best] != ninf && grammar_allows(best);
+            if (scores[best] != ninf && grammar_allows(best)) return best;
+        } else if (draw_only_) {
+            const llama_token t = draw(scores);
+            if (grammar_allows(t)) return t;
         }
-        if (!done) apply_grammar(scores, lp);
     }
-    if (!chain_) {
-        llama_token tok = 0;
-        float best = -std::numeric_limits<float>::infinity();
-        for (int64_t i = 0; i < n_vocab_; ++i) {
-            if (scores[i] > best) {
-                best = scores[i];
-                tok = (llama_token) i;
-            }
-        }
-        return tok;
-    }
+    if (grammar_) apply_grammar(scores, lp);
+    if (!chain_) return (llama_token) (std::max_element(scores, scores + n_vocab_) - scores);  // the first best
+    return draw(scores);
+}
+
+llama_token sampler::draw(const float * scores) {
     cur_.resize(n_vocab_);
     for (int64_t i = 0; i < n_vocab_; ++i) cur_[i] = {(llama_token) i, scores[i], 0.0f};
     llama_token_data_array arr = {cur_.data(), (size_t) n_vocab_, -1, false};

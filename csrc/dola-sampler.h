@@ -40,11 +40,13 @@ public:
     void process(float * scores, const float * lp, float top_logprob, const std::vector<llama_token> & history,
                  size_t n_prompt, float eos_bonus);
     // The token the scores choose: their argmax when greedy, else the chain's draw. With a
-    // grammar, the tokens it rejects are set to -inf in scores first: when sampling or `full`,
-    // over the whole vocabulary; when greedy, only if it rejects the argmax (checked alone),
-    // which chooses the same token. When the grammar rejects every token the scores allow (the
-    // relative-top filter kept none of its tokens), its tokens re-enter at their mature
-    // log-probability lp (plus their bias). Throws dola::error when it allows no token at all.
+    // grammar, the choice is among the tokens it allows: the ones it rejects are set to -inf in
+    // scores, over the whole vocabulary (always with `full`), unless one check of the
+    // unconstrained choice settles it (greedy: the argmax; temperature-only sampling: the draw,
+    // kept when allowed, which leaves the distribution the constrained one). When the grammar
+    // rejects every token the scores allow (the relative-top filter kept none of its tokens), its
+    // tokens re-enter at their mature log-probability lp (plus their bias). Throws dola::error
+    // when it allows no token at all.
     llama_token choose(float * scores, const float * lp, bool full = false);
     // Checks token against the grammar (dola::error if it rejects it) and advances the grammar
     // past it; nothing without a grammar. The session calls it for each token it appends.
@@ -58,6 +60,7 @@ private:
     void apply_penalties(float * scores, const std::vector<llama_token> & history, size_t n_prompt);
     void apply_bias(float * scores, const float * lp, float top_logprob) const;
     bool grammar_allows(llama_token token);
+    llama_token draw(const float * scores);  // the chain's draw
     void apply_grammar(float * scores, const float * lp);
 
     const llama_vocab * vocab_;
@@ -68,6 +71,7 @@ private:
     std::vector<std::pair<llama_token, float>> bias_;
     std::vector<int32_t> counts_;  // scratch: [n_vocab] occurrences in the answer, zero between steps
     llama_sampler_ptr chain_;  // null when greedy
+    bool draw_only_ = false;   // the chain is temperature and the draw alone (no top-k, top-p, min-p)
     llama_sampler_ptr dry_;    // null when DRY is off
     llama_sampler_ptr grammar_;  // null without a grammar
     bool grammar_moved_ = false;   // a token advanced the grammar since it was built or restarted

@@ -152,6 +152,36 @@ def test_a_token_the_grammar_rejects_is_refused_not_decoded(smollm2_path):
     assert weights.token_to_piece(step.token, False) in (b"yes", b"y", b"ye")
 
 
+def test_sampling_with_a_grammar_draws_from_the_constrained_distribution(smollm2_path):
+    """Temperature-only sampling keeps a draw the grammar allows and draws again from the
+    constrained scores otherwise: the frequencies are the constrained distribution's, which the
+    step reports (dola_top_logprobs, from the grammar run over the whole vocabulary)."""
+    weights = _core.Model(str(smollm2_path))
+    s = _core.Session(weights, n_ctx=256, n_threads=1)
+    ids = weights.tokenize("Q: Is the sky blue?\nA:", True, True)
+    p = _core.DecodeParams()
+    p.grammar = 'root ::= (" Yes" | " No" | " yes" | " no" | " Maybe") "."'
+    p.temperature, p.seed, p.n_probs = 1.0, 5, 20
+    s.configure(p)
+    s.prefill(ids)
+    step = s.sample()
+    want = dict(zip(step.dola_top_tokens, np.exp(step.dola_top_logprobs)))
+    assert sum(want.values()) == pytest.approx(1.0, abs=1e-4)  # the grammar allows fewer than 20 tokens here
+    # the unconstrained distribution puts most of its mass on tokens the grammar rejects
+    mature = dict(zip(step.top_tokens, np.exp(step.top_logprobs_mature)))
+    assert sum(mature.get(t, 0.0) for t in want) < 0.5
+    p.n_probs = 0  # the one-check path
+    s.configure(p)
+    s.prefill(ids)
+    n = 600
+    drawn = [s.sample().token for _ in range(n)]
+    assert set(drawn) <= set(want)
+    for t, q in want.items():
+        if q > 0.04:
+            f = drawn.count(t) / n
+            assert abs(f - q) <= 4.5 * np.sqrt(q * (1 - q) / n), (weights.token_to_piece(t, False), f, q)
+
+
 def test_decode_configs_with_a_grammar_stay_hashable_and_compare_by_it():
     a = DecodeConfig(grammar=COLOUR_GRAMMAR, top_logprobs=2)
     assert hash(a) == hash(DecodeConfig(grammar=COLOUR_GRAMMAR, top_logprobs=2))
@@ -170,6 +200,22 @@ def test_a_json_schema_answer_parses_and_follows_the_schema(smollm2, kw):
     assert schema_errors(json.loads(r.text), PERSON) == [], r.text
     # the schema's JSON text gives the same grammar
     assert json_schema_grammar(json.dumps(PERSON)) == json_schema_grammar(PERSON)
+
+
+def test_a_json_schema_answer_on_gemma(gemma_path):
+    """Gemma-3's 262k-token vocabulary: the greedy path checks the argmax alone and runs the grammar
+    over the vocabulary only when the grammar rejects it."""
+    from dola_cpp import Model
+
+    m = Model(gemma_path, n_ctx=512)
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "country": {"type": "string", "maxLength": 20}},
+              "required": ["city", "country"], "additionalProperties": False}
+    for kw in ({}, {"layers": "low", "premature_norm": True}):
+        r = m.generate("The capital of France, as JSON:\n", max_tokens=40, json_schema=schema, **kw)
+        assert r.finish_reason == "stop", r.text
+        value = json.loads(r.text)
+        assert set(value) == {"city", "country"} and all(isinstance(v, str) for v in value.values()), r.text
 
 
 def test_any_json_object(smollm2):
