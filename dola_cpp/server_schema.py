@@ -231,6 +231,17 @@ class DetokenizeRequest(_Strict):
 # ---------------------------------------------------------------------------- parsing
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _is_field(part: Any) -> bool:
+    """Whether a validation error's location part names a field or an index (not the member of a
+    union that pydantic tried: ``literal['a','b']``, ``list[int]``, ``NamedToolChoice``)."""
+    if isinstance(part, int):
+        return True
+    return isinstance(part, str) and part.isidentifier() and part[:1].islower() and part not in _UNION_TAGS
+
+
 def too_long(what: str, limits: "Limits") -> APIError:
     return APIError(400, f"the {what} cannot fit in the {limits.n_ctx}-token context", param=what,
                     code="context_length_exceeded")
@@ -254,7 +265,7 @@ def parse_request(raw: bytes, kind: type[_Strict], limits: "Limits", what: str) 
         return kind.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        param = ".".join(str(p) for p in first.get("loc", ())) or None
+        param = ".".join(str(p) for p in first.get("loc", ()) if _is_field(p)) or None
         kind_ = first.get("type", "")
         if kind_ == "extra_forbidden":
             message = f"unknown field {param!r}"

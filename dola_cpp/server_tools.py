@@ -146,12 +146,15 @@ class ParsedAnswer:
 
 
 def parse_answer(text: str, plan: ToolPlan) -> ParsedAnswer:
-    """The constrained answer as OpenAI's message: its tool calls, or its ``response`` as content
-    (an answer cut short by the token budget stays text)."""
+    """The constrained answer as OpenAI's message: its tool calls, or its ``response`` as content.
+    An answer cut short keeps the calls it wrote whole; one with none stays text."""
     try:
         data = json.loads(text)
     except ValueError:
-        return ParsedAnswer(text, None)
+        done = _complete_calls(text)
+        if not done:
+            return ParsedAnswer(text, None)
+        data = {"tool_calls": done}
     if isinstance(data, dict) and isinstance(data.get("tool_calls"), list):
         calls = [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
                   "function": {"name": str(c.get("name", "")),
@@ -161,6 +164,27 @@ def parse_answer(text: str, plan: ToolPlan) -> ParsedAnswer:
     if isinstance(data, dict) and isinstance(data.get("response"), str):
         return ParsedAnswer(data["response"], None)
     return ParsedAnswer(text, None)
+
+
+def _complete_calls(text: str) -> list[dict]:
+    """The calls written whole in an answer cut short (the token budget, or the loop stop while
+    it listed call after call): the grammar held each one to its tool's schema."""
+    head = text.lstrip()
+    start = head.find("[")
+    if not head.startswith("{") or start < 0 or not head[1:start].strip().startswith('"tool_calls"'):
+        return []
+    decoder = json.JSONDecoder()
+    calls, i = [], start + 1
+    while True:
+        while i < len(head) and head[i] in " \t\r\n,":
+            i += 1
+        try:
+            item, i = decoder.raw_decode(head, i)
+        except ValueError:
+            return calls
+        if not isinstance(item, dict) or "name" not in item:
+            return calls
+        calls.append(item)
 
 
 # ---------------------------------------------------------------------------- the conversation
