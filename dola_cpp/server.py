@@ -1,9 +1,12 @@
 """``dola-cpp serve``: an OpenAI-compatible HTTP server (FastAPI + uvicorn) with DoLa.
 
 ``POST /v1/chat/completions`` and ``/v1/completions`` (streamed as server-sent events or not),
-``GET /v1/models``, ``GET /health``. OpenAI's fields behave as OpenAI documents them; DoLa and the
+``GET /v1/models``, ``GET /health``, ``GET /metrics``, and the tokenizer endpoints of llama-server
+and vLLM. OpenAI's fields behave as OpenAI documents them (``n`` choices run one after another,
+``logprobs``, ``echo`` scoring, ``response_format`` and ``tools`` through a grammar); DoLa and the
 other decoders come as extra body fields (``dola_layers``, ``repetition_penalty``,
-``premature_norm``, ``decoder``, ``alpha``, ...; ``risk: true`` adds each token's risk).
+``premature_norm``, ``decoder``, ``alpha``, ...; ``risk: true`` adds each token's risk), or as
+server-wide defaults for requests that leave them out.
 
 ``parallel`` contexts share the loaded weights (``Model.share()``); requests beyond them wait in
 a bounded queue, and one that finds the queue full gets HTTP 503 with ``Retry-After``. A client
@@ -17,7 +20,8 @@ are closed (``server_config``).
 
 Here: the contexts, the jobs and the endpoints. The request schema (made from
 ``dola_cpp.settings``), its parsing and the errors are ``server_schema``; the API key, the
-timeouts and the body's limit ``server_http``; the response objects ``server_responses``.
+timeouts, the body's limit and /metrics' counters ``server_http``; the response objects
+``server_responses``; tools, structured output and tool turns ``server_tools``.
 
 Needs the ``server`` extra: ``pip install 'dola-cpp[server]'``.
 """
