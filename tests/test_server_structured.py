@@ -158,6 +158,10 @@ def test_json_object_answers_are_json_objects(server, decoding):
         response_format={"type": "json_object"}, extra_body=decoding)
     assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
     assert isinstance(json.loads(r.choices[0].message.content), dict)
+    c = server.client().completions.create(model=FILE, prompt="A JSON description of Paris:", max_tokens=300,
+                                           temperature=0, extra_body={"response_format": {"type": "json_object"},
+                                                                      **decoding})
+    assert c.choices[0].finish_reason == "stop" and isinstance(json.loads(c.choices[0].text), dict), c.choices[0].text
 
 
 @pytest.mark.parametrize("decoding", DECODINGS)
@@ -340,3 +344,24 @@ def test_a_call_answered_later_in_the_same_request_is_accepted(weights):
     assert _prepare_chat(weights, json.dumps({"messages": history}).encode(), limits, True).prompts[0]
     with pytest.raises(APIError, match="answers no earlier tool call"):
         _prepare_chat(weights, json.dumps({"messages": [history[0], history[2], history[1]]}).encode(), limits, True)
+
+
+@pytest.mark.slow
+def test_tool_calls_and_schemas_hold_on_gemmas_template_with_activation_decoding(gemma_path):
+    """Another template family (Gemma's turns, no system role of its own) and Activation Decoding on
+    DoLa: the grammar holds the answer whatever the template and the decoder."""
+    s = Server(create_app(dola_cpp.Model(gemma_path, n_ctx=1024, n_threads=1)))
+    try:
+        client = s.client()
+        decoding = {"decoder": "activation", "dola_layers": "high"}
+        r = client.chat.completions.create(model="gemma", messages=ASK_WEATHER, tools=WEATHER, tool_choice="required",
+                                           max_tokens=200, temperature=0, extra_body=decoding)
+        calls = calls_of(r.choices[0].message)
+        assert r.choices[0].finish_reason == "tool_calls" and calls
+        assert all(valid(args, WEATHER[0]["function"]["parameters"]) for _, args in calls)
+        fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+        p = client.chat.completions.create(model="gemma", messages=[{"role": "user", "content": "Invent a person."}],
+                                           max_tokens=200, temperature=0, response_format=fmt, extra_body=decoding)
+        assert valid(json.loads(p.choices[0].message.content), PERSON), p.choices[0].message.content
+    finally:
+        s.stop()
