@@ -45,6 +45,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import CHAT_MAX_TOKENS, DecodeConfig, DolaConfig
+from .constrain import JSON_OBJECT_GRAMMAR, json_schema_grammar
 from .model import Model
 from .prompts import TRANSCRIPT_STOP
 from .server_http import (  # noqa: F401  (server_config and the timeouts: where they have always been imported from)
@@ -379,8 +380,6 @@ def _grammar(body: CommonRequest, plan: Optional[ToolPlan]) -> Optional[str]:
         return _schema_grammar(plan.schema, "tools")
     if fmt is None or fmt.type == "text":
         return None
-    from .constrain import JSON_OBJECT_GRAMMAR
-
     if fmt.type == "json_object":
         return JSON_OBJECT_GRAMMAR
     schema = fmt.json_schema.schema_
@@ -391,8 +390,6 @@ def _grammar(body: CommonRequest, plan: Optional[ToolPlan]) -> Optional[str]:
 
 
 def _schema_grammar(schema: dict, param: str) -> str:
-    from .constrain import json_schema_grammar
-
     try:
         return json_schema_grammar(schema)
     except (ValueError, TypeError, RecursionError) as e:

@@ -174,7 +174,8 @@ def _complete_calls(text: str) -> list[dict]:
     if not head.startswith("{") or start < 0 or not head[1:start].strip().startswith('"tool_calls"'):
         return []
     decoder = json.JSONDecoder()
-    calls, i = [], start + 1
+    calls: list[dict] = []
+    i = start + 1
     while True:
         while i < len(head) and head[i] in " \t\r\n,":
             i += 1
