@@ -31,6 +31,15 @@ for _ in range(n):
         m.generate("the", max_tokens=2, layers=[99])
     except ValueError:
         pass
+    # grammars, JSON schemas and log-probs, and the ones llama.cpp cannot use
+    m.generate("the", max_tokens=4, grammar="root ::= [a-z ]+", top_logprobs=3)
+    m.generate("the", max_tokens=4, json_schema={"type": "object"}, temperature=0.8, layers="high")
+    m.score("the", " a b", top_logprobs=2)
+    for bad in ({"grammar": "root ::= undefined"}, {"json_schema": {"$ref": "https://example.com/x"}}):
+        try:
+            m.generate("the", max_tokens=2, **bad)
+        except ValueError:
+            pass
     del m, shared, stream
     gc.collect()
 
