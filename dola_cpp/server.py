@@ -369,7 +369,7 @@ class Prepared:
     texts: list[Optional[str]] = field(default_factory=list)  # a completion's text prompts, as sent
 
 
-def _grammar(body: CommonRequest, plan: Optional[ToolPlan]) -> Optional[str]:
+def _grammar(model: Model, body: CommonRequest, plan: Optional[ToolPlan]) -> Optional[str]:
     """The grammar of the answer: the tools' answer schema's, or response_format's (checked here,
     so that nothing the converter refuses reaches the core)."""
     fmt = body.response_format
@@ -377,7 +377,7 @@ def _grammar(body: CommonRequest, plan: Optional[ToolPlan]) -> Optional[str]:
         if fmt is not None and fmt.type != "text":
             raise APIError(400, "response_format cannot be combined with tools (a tool answer is JSON already); "
                                 "leave one out", param="response_format")
-        return _schema_grammar(plan.schema, "tools")
+        return _schema_grammar(model, plan.schema, "tools")
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":
@@ -386,15 +386,17 @@ def _grammar(body: CommonRequest, plan: Optional[ToolPlan]) -> Optional[str]:
     if schema is None:
         return JSON_OBJECT_GRAMMAR
     check_schema(schema, "response_format.json_schema.schema", "response_format")
-    return _schema_grammar(schema, "response_format")
+    return _schema_grammar(model, schema, "response_format")
 
 
-def _schema_grammar(schema: dict, param: str) -> str:
+def _schema_grammar(model: Model, schema: dict, param: str) -> str:
     try:
-        return json_schema_grammar(schema)
+        grammar = json_schema_grammar(schema)
+        model.check_grammar(grammar)  # what llama.cpp's grammar parser refuses (a repetition too large, ...)
     except (ValueError, TypeError, RecursionError) as e:
         raise APIError(400, f"{param}: the JSON schema cannot be used: {e}", param=param,
                        code="unsupported_schema") from None
+    return grammar
 
 
 def _prepare_chat(model: Model, raw: bytes, limits: Limits, templated: bool) -> Prepared:
@@ -409,7 +411,7 @@ def _prepare_chat(model: Model, raw: bytes, limits: Limits, templated: bool) -> 
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     plan = tool_plan(body)
-    grammar = _grammar(body, plan)
+    grammar = _grammar(model, body, plan)
     messages = conversation(body.messages, plan)
     if sum(len(m["content"]) for m in messages) > limits.max_chars:
         raise too_long("messages", limits)
@@ -464,7 +466,7 @@ def _prepare_completion(model: Model, raw: bytes, limits: Limits) -> Prepared:
         except ValueError as e:
             raise APIError(400, str(e), param="prompt") from None
         out.append(ids)
-    grammar = _grammar(body, None)
+    grammar = _grammar(model, body, None)
     return Prepared(body, out, False, body.max_tokens, grammar=grammar, n_top=body.logprobs,
                     texts=[p if isinstance(p, str) else None for p in prompts])
 
@@ -639,6 +641,7 @@ async def _serve(request: Request, pool: Pool, metrics: Metrics, prep: Prepared,
     rid = ("chatcmpl-" if prep.chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     shape = ResponseShape(ctx, rid, created, name, prep.chat, prep.n_top, body.risk, contrasted, tools=prep.tools,
+                          grammar_param=None if prep.grammar is None else "tools" if prep.tools else "response_format",
                           echo_text=_echo_texts(prep, ctx) if getattr(body, "echo", False) else {},
                           metrics=metrics)
 
@@ -694,7 +697,7 @@ async def _serve(request: Request, pool: Pool, metrics: Metrics, prep: Prepared,
             elif kind == "end":
                 break
             else:
-                raise generation_error(event[1])
+                raise generation_error(event[1], shape.grammar_param)
     finally:
         await finish()
     return shape.whole([(i, texts[i], steps[i], results.get(i), echoes.get(i)) for i in indexes], n_prompt)

@@ -23,11 +23,13 @@ FINISH = {"stop": "stop", "length": "length", "abstained": "stop", "loop": "stop
           "interrupted": "stop"}
 
 
-def generation_error(e: BaseException) -> APIError:
+def generation_error(e: BaseException, grammar_param: Optional[str] = None) -> APIError:
+    """The error a generation's exception is; ``grammar_param``: the field the answer's grammar came
+    from, named when the grammar is what failed (a schema nothing can satisfy)."""
     if isinstance(e, PromptTooLongError):
         return APIError(400, str(e), code="context_length_exceeded")
     if isinstance(e, (ValueError, TypeError)):
-        return APIError(400, str(e))
+        return APIError(400, str(e), param=grammar_param if "grammar" in str(e) else None)
     return APIError(500, f"generation failed: {e}", type="server_error")
 
 
@@ -42,7 +44,7 @@ async def sse_events(events: asyncio.Queue, shape: "ResponseShape", finish, n_pr
             event = await events.get()
             kind = event[0]
             if kind == "error":
-                err = generation_error(event[1])
+                err = generation_error(event[1], shape.grammar_param)
                 yield sse_event({"error": {"message": err.message, "type": err.type, "param": err.param,
                                            "code": err.code}})
                 break
@@ -90,11 +92,13 @@ class ResponseShape:
 
     def __init__(self, model: Model, rid: str, created: int, name: str, chat: bool, n_top: Optional[int],
                  risk: bool, contrasted: bool = False, tools: Optional[ToolPlan] = None,
-                 echo_text: Optional[dict[int, str]] = None, metrics: Optional["Metrics"] = None) -> None:
+                 grammar_param: Optional[str] = None, echo_text: Optional[dict[int, str]] = None,
+                 metrics: Optional["Metrics"] = None) -> None:
         self.model, self.rid, self.created, self.name = model, rid, created, name
         self.chat, self.n_top, self.risk, self.tools = chat, n_top, risk, tools
         self.contrasted = contrasted  # a decoder contrasts (DoLa, Activation): its distribution is reported too
         self.echo_text = echo_text or {}
+        self.grammar_param = grammar_param
         self.metrics = metrics
         self._offsets: dict[int, int] = {}  # completions' text_offset so far, per choice
 

@@ -188,6 +188,10 @@ def test_json_schema_answers_validate(server, decoding, strict):
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"anyOf": [5]}}}, "anyOf[0]"),
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"required": "name"}}}, "required"),
     ({"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}, "name"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "minLength": 10**5}}},
+     "cannot be used"),  # llama.cpp's grammar parser refuses the repetition
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 5, "maximum": 1}}},
+     "allows no token"),  # nothing satisfies it: found at the first token
     ({"type": "xml"}, "response_format"),
     ("json", "response_format"),
 ])
