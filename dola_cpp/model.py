@@ -484,6 +484,8 @@ class Model:
             raise ValueError("the continuation adds no tokens to the prefix")
         cfg = _config(config, layers=layers, premature_norm=premature_norm, decoder=decoder, alpha=alpha,
                       info_layer=info_layer, top_logprobs=top_logprobs)
+        if cfg.grammar:  # scoring follows the given tokens: nothing to constrain
+            cfg = cfg.replace(grammar="")
         plan = self.resolve_layers(cfg.dola.layers)
         params = cfg.to_core(plan, self.n_layers)
         with self._claim:
