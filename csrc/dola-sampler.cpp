@@ -6,7 +6,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <limits>
+#include <mutex>
 #include <string>
 #include <utility>
 
@@ -40,15 +43,79 @@ void sampler::check(const decode_params & p) {
     }
 }
 
+namespace {
+
+// llama.cpp's grammar parser prints why it fails on C's stderr (and returns no rules), the reason
+// on the line "parse: error parsing grammar: <reason>". Where stderr is a variable the program may
+// set (glibc's, Apple's libc), it points at a memory stream while the grammar is made, so that the
+// reason becomes the error's message instead of output; one grammar at a time.
+#if defined(__GLIBC__) || defined(__APPLE__)
+class stderr_capture {
+public:
+    stderr_capture() : lock_(mutex()) {
+        std::fflush(stderr);
+        mem_ = open_memstream(&buf_, &len_);
+        if (mem_) {
+            saved_ = stderr;
+            stderr = mem_;
+        }
+    }
+    ~stderr_capture() { text(); std::free(buf_); }
+    // what was written, once: stderr is back
+    std::string text() {
+        if (mem_) {
+            stderr = saved_;
+            std::fclose(mem_);
+            mem_ = nullptr;
+            said_.assign(buf_ ? buf_ : "", len_);
+        }
+        return said_;
+    }
+
+private:
+    static std::mutex & mutex() {
+        static std::mutex m;
+        return m;
+    }
+    std::lock_guard<std::mutex> lock_;
+    FILE * mem_ = nullptr;
+    FILE * saved_ = nullptr;
+    char * buf_ = nullptr;
+    size_t len_ = 0;
+    std::string said_;
+};
+#else
+class stderr_capture {
+public:
+    std::string text() { return ""; }
+};
+#endif
+
+std::string parse_reason(const std::string & said) {
+    const std::string mark = "error parsing grammar: ";
+    const size_t at = said.find(mark);
+    if (at == std::string::npos) return "";
+    const size_t from = at + mark.size();
+    return said.substr(from, said.find('\n', from) - from);
+}
+
+}  // namespace
+
 llama_sampler_ptr sampler::make_grammar(const llama_vocab * vocab, const std::string & grammar) {
     if (grammar.find('\0') != std::string::npos) throw error("the grammar holds a NUL character");
-    // llama.cpp logs why it cannot use a grammar and returns null (its parser prints the parse
-    // error, with the position, on stderr)
+    // llama.cpp logs why it cannot use a grammar (no root rule, left recursion) and returns null
     clear_last_error();
-    llama_sampler_ptr g(llama_sampler_init_grammar(vocab, grammar.c_str(), "root"));
+    llama_sampler_ptr g;
+    std::string reason;
+    {
+        stderr_capture capture;
+        g.reset(llama_sampler_init_grammar(vocab, grammar.c_str(), "root"));
+        if (!g) reason = parse_reason(capture.text());
+    }
     if (!g) {
-        throw error(with_detail("llama.cpp cannot use this grammar (GBNF text with a 'root' rule; its parser "
-                                "prints where the text fails on stderr)"));
+        if (!reason.empty()) throw error("llama.cpp cannot parse this grammar: " + reason);
+        const std::string why = last_error();
+        throw error("llama.cpp cannot use this grammar" + (why.empty() ? std::string(" (GBNF text with a 'root' rule)") : ": " + why));
     }
     return g;
 }

@@ -24,8 +24,8 @@ public:
     // Python DecodeConfig checks the same ranges first; these stay for what reaches the core after
     // its float32 narrowing (1e-50 is 0 there) and for C++ callers.
     static void check(const decode_params & p);
-    // llama.cpp's grammar sampler for GBNF text (start rule "root"); dola::error when llama.cpp
-    // cannot parse it or use it (an undefined rule, left recursion, no root)
+    // llama.cpp's grammar sampler for GBNF text (start rule "root"); dola::error with llama.cpp's
+    // reason when it cannot parse it or use it (an undefined rule, left recursion, no root)
     static llama_sampler_ptr make_grammar(const llama_vocab * vocab, const std::string & grammar);
     // Builds the DRY sampler, the grammar and the chain for p (check it first); n_ctx: what DRY's
     // -1 scans. Throws dola::error when llama.cpp cannot parse p.grammar.

@@ -203,9 +203,9 @@ class Model:
         self._weights.check_token(int(token))
 
     def check_grammar(self, grammar: str) -> None:
-        """ValueError (``DolaError``) when llama.cpp cannot decode this model with the GBNF text
-        ``grammar`` (it does not parse, has no ``root`` rule, is left-recursive): what
-        ``generate``/``stream`` raise for it. llama.cpp's parser prints its reason on stderr."""
+        """ValueError (``DolaError``, with llama.cpp's reason) when llama.cpp cannot decode this
+        model with the GBNF text ``grammar`` (it does not parse, has no ``root`` rule, is
+        left-recursive): what ``generate``/``stream`` raise for it."""
         if not isinstance(grammar, str):
             raise TypeError(f"grammar must be GBNF text (a str), got {type(grammar).__name__}")
         self._weights.check_grammar(grammar)

@@ -122,8 +122,12 @@ def test_a_greedy_grammar_answer_is_the_constrained_argmax(smollm2):
 
 
 def test_a_grammar_that_does_not_parse_is_a_value_error(smollm2):
-    with pytest.raises(DolaError, match="cannot use this grammar"):
+    with pytest.raises(DolaError, match="cannot parse this grammar: Undefined rule identifier 'undefined-rule'$"):
         smollm2.generate(PROMPT, max_tokens=4, grammar="root ::= undefined-rule")
+    with pytest.raises(DolaError, match=r"cannot parse this grammar: expecting ::= at = \"a\"$"):
+        smollm2.check_grammar('root = "a"')
+    with pytest.raises(DolaError, match="cannot use this grammar: unsupported grammar, left recursion"):
+        smollm2.check_grammar('root ::= root "a" | "b"')
     with pytest.raises(ValueError, match="does not contain a 'root' symbol"):
         smollm2.stream(PROMPT, max_tokens=4, grammar='answer ::= "yes"')  # checked at the call
     with pytest.raises(TypeError, match="grammar must be GBNF text"):
@@ -368,7 +372,7 @@ def test_generate_with_a_json_schema_file(smollm2_path, tmp_path):
 
 
 @pytest.mark.parametrize("option,text,reason", [
-    ("--grammar", 'root ::= " Blue" | undefined-rule\n', r"--grammar bad\.txt: Undefined rule identifier 'undefined-rule'$"),
+    ("--grammar", 'root ::= " Blue" | undefined-rule\n', r"--grammar bad\.txt: llama\.cpp cannot parse this grammar: Undefined rule identifier 'undefined-rule'$"),
     ("--json-schema", '{"type": "object", "properties": {"a": {"$ref": "https://example.com/a"}}}',
      r"--json-schema bad\.txt: JSON schema conversion failed: JSON schema error at #/properties/a: unsupported \$ref"),
     ("--json-schema", '{"type": ', r"--json-schema bad\.txt: the JSON schema is not valid JSON"),

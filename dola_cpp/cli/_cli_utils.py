@@ -3,17 +3,15 @@ options, the penalty note, the chat-template choice, and model loading."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import os
 import sys
-import tempfile
 import traceback
 import warnings
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Optional, TypeVar, Union
+from typing import Annotated, Any, Callable, Optional, TypeVar, Union
 
 import typer
 from typer.core import TyperGroup
@@ -301,40 +299,15 @@ def constraint_grammar(model: Model, grammar_file: Optional[Path], json_schema_f
         grammar, option, path = _read_text(grammar_file, "--grammar"), "--grammar", grammar_file
     else:
         return ""
-    with _stderr_to_file() as said:
-        try:
-            model.check_grammar(grammar)
-        except ValueError as e:
-            # llama.cpp's parser prints its reason (and the grammar) on stderr: its first line is the reason
-            reason = next((line.split("error parsing grammar:", 1)[1].strip() for line in said().splitlines()
-                           if "error parsing grammar:" in line), "")
-            raise CLIError(f"{option} {path}: {reason or _one_line(str(e))}") from None
+    try:
+        model.check_grammar(grammar)
+    except ValueError as e:
+        raise CLIError(f"{option} {path}: {_one_line(str(e))}") from None
     return grammar
 
 
 def _one_line(text: str) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
-
-
-@contextlib.contextmanager
-def _stderr_to_file() -> Iterator[Callable[[], str]]:
-    """What the process writes to its stderr (file descriptor 2: C code's too) while in the block,
-    kept from the terminal; the callable gives it so far."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-
-        def said() -> str:
-            tmp.flush()
-            tmp.seek(0)
-            return tmp.read().decode("utf-8", "replace")
-
-        try:
-            yield said
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 # ---------------------------------------------------------------------------------------- loading
