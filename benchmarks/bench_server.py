@@ -1,7 +1,12 @@
-"""`dola-cpp serve` under concurrent streaming clients: aggregate tokens/s and per-request latency
-(p50/p95, and time to the first token) for 1, 4 and 16 clients, plain and DoLa, with the official
-openai client over loopback. The same run measures plain llama.cpp decoding (one context without
-the capture callback) as the baseline.
+"""`dola-cpp serve` against llama.cpp's `llama-server`, under the same streamed chat load: aggregate
+tokens/s, request latency and time to the first token (p50/p95) at 1, 4 and 16 clients, with the
+official openai client over loopback. Both servers run as a user starts them (separate processes,
+the same model file, the same number of parallel sequences); dola-cpp is measured with plain
+decoding and with DoLa (`dola_layers: "high"`, normed premature layers).
+
+llama-server is built from the llama.cpp source dola-cpp builds against (third_party/llama.cpp,
+fetched by the first `pip install`) into build/llama-server, unless `--llama-server PATH` names
+one; `--no-llama-server` measures dola-cpp alone.
 
     python benchmarks/bench_server.py [--model smollm2] [--parallel 4] [--requests 32] [--max-tokens 32]
 """
@@ -10,33 +15,82 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import os
+import shutil
 import socket
 import statistics
-import threading
+import subprocess
+import sys
 import time
+import urllib.request
+from pathlib import Path
+from typing import Optional
 
 import openai
-import uvicorn
 
-from dola_cpp import Model
 from dola_cpp.hub import resolve_model
-from dola_cpp.server import create_app
 
+ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [
     "What is the capital of France?", "Who wrote Hamlet?", "Why is the sky blue?", "Name three planets.",
     "What is photosynthesis?", "Who painted the Mona Lisa?", "What is the largest ocean?", "How do vaccines work?",
+    "What is the boiling point of water?", "Who discovered penicillin?", "What is the speed of light?",
+    "How many continents are there?", "What is DNA?", "Who was Albert Einstein?", "What causes tides?",
+    "What is the tallest mountain?",
 ]
 
 
-def serve(app) -> tuple[uvicorn.Server, str]:
+def build_llama_server() -> Path:
+    """llama-server from the pinned llama.cpp source, built once into build/llama-server."""
+    src = ROOT / "third_party" / "llama.cpp"
+    if not (src / "CMakeLists.txt").exists():
+        sys.exit("third_party/llama.cpp is missing: `pip install .` fetches it (or pass --llama-server PATH)")
+    out = ROOT / "build" / "llama-server"
+    exe = out / "bin" / "llama-server"
+    if exe.exists():
+        return exe
+    print(f"building llama-server from {src} into {out} (a few minutes)...", flush=True)
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    subprocess.run(["cmake", "-S", str(src), "-B", str(out), *gen, "-DCMAKE_BUILD_TYPE=Release",
+                    "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_COMMON=ON",
+                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_OPENSSL=OFF",
+                    "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(out), "--target", "llama-server", "-j", str(os.cpu_count() or 1)],
+                   check=True, stdout=subprocess.DEVNULL)
+    return exe
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, f"http://127.0.0.1:{port}/v1"
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"{cmd[0]} exited: {proc.stderr.read().decode(errors='replace')[-2000:] if proc.stderr else ''}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            pass
+        time.sleep(0.25)
+    proc.kill()
+    sys.exit(f"{cmd[0]} did not become healthy")
+
+
+def rss_mib(proc: subprocess.Popen) -> Optional[float]:
+    try:
+        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def one(client: openai.OpenAI, question: str, max_tokens: int, extra: dict) -> tuple[float, float, int]:
@@ -59,51 +113,74 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
+def load(url: str, extra: dict, args: argparse.Namespace) -> list[tuple]:
+    client = openai.OpenAI(base_url=url, api_key="none", timeout=600, max_retries=0)
+    one(client, QUESTIONS[0], 4, extra)  # warm-up
+    rows = []
+    for n_clients in args.clients:
+        questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.requests)]
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(n_clients) as pool:
+            results = list(pool.map(lambda q: one(client, q, args.max_tokens, extra), questions))
+        wall = time.perf_counter() - t0
+        latency = [r[0] for r in results]
+        ttft = [r[1] for r in results]
+        tokens = sum(r[2] for r in results)
+        rows.append((n_clients, tokens / wall, statistics.median(latency), pct(latency, 0.95),
+                     statistics.median(ttft), pct(ttft, 0.95)))
+        print("   ", rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--parallel", type=int, default=4)
+    ap.add_argument("--parallel", type=int, default=4, help="parallel sequences (llama-server -np, serve --parallel)")
     ap.add_argument("--requests", type=int, default=32, help="requests per row")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--threads", type=int, default=None, help="threads per context")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads, both servers")
+    ap.add_argument("--ctx", type=int, default=8192, help="llama-server's -c (shared by its slots)")
+    ap.add_argument("--llama-server", type=Path, default=None, help="a llama-server binary (default: build it)")
+    ap.add_argument("--no-llama-server", action="store_true", help="measure dola-cpp serve alone")
     args = ap.parse_args()
 
     path = resolve_model(args.model)
-    base = Model(path, n_ctx=1024, n_threads=args.threads, capture=False)
-    prompt = base.apply_chat_template([{"role": "user", "content": QUESTIONS[0]}])
-    base.generate(prompt, max_tokens=8)
-    r = base.generate(prompt, max_tokens=args.max_tokens, ignore_eos=True)
-    baseline = r.tokens_per_second
-    del base
+    runs: list[tuple[str, str, list[tuple], Optional[float]]] = []
+    if not args.no_llama_server:
+        exe = args.llama_server or build_llama_server()
+        port = free_port()
+        proc = start([str(exe), "-m", str(path), "--port", str(port), "-np", str(args.parallel), "-c", str(args.ctx),
+                      "-t", str(args.threads), "--no-webui"], port)
+        try:
+            print("llama-server, plain", flush=True)
+            runs.append(("llama-server", "plain", load(f"http://127.0.0.1:{port}/v1", {}, args), rss_mib(proc)))
+        finally:
+            proc.terminate()
+            proc.wait()
+    port = free_port()
+    proc = start([sys.executable, "-m", "dola_cpp", "serve", str(path), "--port", str(port),
+                  "--parallel", str(args.parallel), "--threads", str(args.threads), "--queue", "1024"], port)
+    try:
+        for mode, extra in (("plain", {"dola_layers": "none"}), ("DoLa high", {"dola_layers": "high"})):
+            print(f"dola-cpp serve, {mode}", flush=True)
+            runs.append(("dola-cpp serve", mode, load(f"http://127.0.0.1:{port}/v1", extra, args), rss_mib(proc)))
+    finally:
+        proc.terminate()
+        proc.wait()
 
-    model = Model(path, n_ctx=1024, n_threads=args.threads)
-    server, url = serve(create_app(model, parallel=args.parallel, max_queue=1024, model_name="m"))
-    client = openai.OpenAI(base_url=url, api_key="none", timeout=600, max_retries=0)
-    rows = []
-    for mode, extra in (("plain", {}), ("DoLa high", {"dola_layers": "high", "premature_norm": True})):
-        one(client, QUESTIONS[0], 4, extra)  # warm-up
-        for n_clients in args.clients:
-            questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.requests)]
-            t0 = time.perf_counter()
-            with concurrent.futures.ThreadPoolExecutor(n_clients) as pool:
-                results = list(pool.map(lambda q: one(client, q, args.max_tokens, extra), questions))
-            wall = time.perf_counter() - t0
-            latency = [r[0] for r in results]
-            ttft = [r[1] for r in results]
-            tokens = sum(r[2] for r in results)
-            rows.append((mode, n_clients, tokens / wall, statistics.median(latency), pct(latency, 0.95),
-                         statistics.median(ttft), pct(ttft, 0.95)))
-            print(rows[-1], flush=True)
-    server.should_exit = True
-
-    print(f"\n{path.name}, --parallel {args.parallel}, {args.requests} streamed requests per row, "
-          f"{args.max_tokens} tokens at most, greedy")
-    print(f"plain llama.cpp decoding, one context, no capture: {baseline:.1f} tok/s\n")
-    print("| mode | clients | aggregate tok/s | latency p50 | p95 | first token p50 | p95 |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for mode, n, tps, l50, l95, f50, f95 in rows:
-        print(f"| {mode} | {n} | {tps:.1f} | {l50:.2f} s | {l95:.2f} s | {f50:.2f} s | {f95:.2f} s |")
+    base = {r[0]: r[1] for server, mode, rows, _ in runs if server == "llama-server" for r in rows}
+    print(f"\n{path.name}, {args.parallel} parallel sequences, {args.threads} threads, {args.requests} streamed "
+          f"chat requests per row, {args.max_tokens} tokens at most, greedy; {os.cpu_count()} cores")
+    print("\n| server | decoding | clients | aggregate tok/s | × llama-server | latency p50 | p95 "
+          "| first token p50 | p95 | RSS MiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for server, mode, rows, rss in runs:
+        for n, tps, l50, l95, f50, f95 in rows:
+            ratio = f"{tps / base[n]:.2f}" if n in base else ""
+            mem = f"{rss:.0f}" if rss is not None else ""
+            print(f"| {server} | {mode} | {n} | {tps:.1f} | {ratio} | {l50:.2f} s | {l95:.2f} s "
+                  f"| {f50:.2f} s | {f95:.2f} s | {mem} |")
 
 
 if __name__ == "__main__":
