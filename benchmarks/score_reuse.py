@@ -6,7 +6,7 @@ question are scored one after another after the same 6-shot prompt, which is dec
 """
 
 import argparse
-from pathlib import Path
+import os
 import time
 
 import numpy as np
@@ -30,8 +30,8 @@ def run(model, items, layers, scratch):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa"
-                                          / "TruthfulQA_dev.csv"))
+    ap.add_argument("--data", default=os.environ.get("TFQA_DEV"), required="TFQA_DEV" not in os.environ,
+                    help="a TruthfulQA CSV (default: $TFQA_DEV; benchmarks/eval_results.md makes the dev half)")
     ap.add_argument("--questions", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--kv-type", default="f16", help="f16 (the Model default) or f32 (exact mode)")
