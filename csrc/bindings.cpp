@@ -416,4 +416,66 @@ PYBIND11_MODULE(_core, m) {
             return d;
         })
         .def("reset_timings", [](py_session & self) { self.s.stats() = dola::timings{}; });
+
+    py::class_<dola::batch_engine, std::shared_ptr<dola::batch_engine>>(m, "BatchEngine")
+        .def(py::init([](std::shared_ptr<dola::model> mdl, uint32_t n_ctx, int32_t n_seq, int32_t n_threads, uint32_t n_batch,
+                         const std::string & kv_type, bool capture) {
+                 dola::context_params p;
+                 p.env = dola::switches::from_environment();
+                 p.kv_type = kv_type;
+                 p.capture = capture;
+                 p.n_ctx = n_ctx;
+                 p.n_threads = n_threads;
+                 p.n_batch = n_batch;
+                 py::gil_scoped_release release;
+                 return std::make_shared<dola::batch_engine>(std::move(mdl), p, n_seq);
+             }),
+             py::arg("model"), py::arg("n_ctx") = 2048, py::arg("n_seq") = 4, py::arg("n_threads") = 0,
+             py::arg("n_batch") = 512, py::arg("kv_type") = "f16", py::arg("capture") = true)
+        .def_property_readonly("n_ctx", &dola::batch_engine::n_ctx)
+        .def_property_readonly("n_seq", &dola::batch_engine::n_seq)
+        .def_property_readonly("n_threads", &dola::batch_engine::n_threads)
+        .def("check_prompt", [](const dola::batch_engine & self, py::handle ids) {
+            self.check_prompt(to_tokens(self.get_model(), ids));
+        }, py::arg("tokens"), "What submit checks first: empty, an id outside the vocabulary, longer than a "
+           "sequence holds (PromptTooLong)")
+        .def("submit", [](dola::batch_engine & self, py::handle ids, const dola::decode_params & params, int32_t max_tokens,
+                          bool ignore_eos, std::vector<float> eos_bonus) {
+            dola::batch_request r;
+            r.prompt = to_tokens(self.get_model(), ids);
+            r.params = params;
+            r.max_tokens = max_tokens;
+            r.ignore_eos = ignore_eos;
+            r.eos_bonus = std::move(eos_bonus);
+            py::gil_scoped_release release;  // a grammar is parsed here
+            return self.submit(std::move(r));
+        }, py::arg("tokens"), py::arg("params"), py::arg("max_tokens"), py::arg("ignore_eos") = false,
+           py::arg("eos_bonus") = std::vector<float>{})
+        .def("next", [](dola::batch_engine & self, int64_t id, int32_t timeout_ms) -> py::object {
+            dola::batch_event ev;
+            bool got;
+            {
+                py::gil_scoped_release release;  // waits for the engine's thread
+                got = self.next(id, ev, timeout_ms);
+            }
+            if (!got) return py::none();
+            if (ev.kind == dola::batch_event::step) return py::make_tuple("step", py::cast(std::move(ev.result)));
+            if (ev.kind == dola::batch_event::end) return py::make_tuple("end", py::none());
+            return py::make_tuple("failed", lenient_str(ev.error));
+        }, py::arg("id"), py::arg("timeout_ms") = 100,
+           "The request's next event: ('step', Step), ('end', None) or ('failed', reason); None after timeout_ms")
+        .def("release", &dola::batch_engine::release, py::arg("id"), py::call_guard<py::gil_scoped_release>())
+        .def("stats", [](dola::batch_engine & self) {
+            const dola::batch_stats s = self.stats();
+            py::dict d;
+            d["n_running"] = s.n_running;
+            d["n_queued"] = s.n_queued;
+            d["n_decodes"] = s.n_decodes;
+            d["n_decoded_tokens"] = s.n_decoded_tokens;
+            d["n_steps"] = s.n_steps;
+            d["n_projections"] = s.n_projections;
+            d["decode_ms"] = s.decode_ms;
+            d["step_ms"] = s.step_ms;
+            return d;
+        });
 }

@@ -1,6 +1,7 @@
-// The dola-cpp engine, for the bindings: GGUF checks, models and decoding sessions. Knows no Python.
+// The dola-cpp engine, for the bindings: GGUF checks, models, decoding sessions and the batch engine. Knows no Python.
 #pragma once
 
+#include "dola-batch.h"
 #include "dola-contrast.h"
 #include "dola-error.h"
 #include "dola-gguf.h"

@@ -3,8 +3,9 @@
 #include "dola-contrast.h"
 #include "dola-error.h"
 #include "dola-log.h"
+#include "dola-step.h"
 
-#include "llama-context.h"  // internal: the context's parameters and scheduler, to switch the callback
+#include "llama-context.h"  // internal: the scheduler, to read the kept layers
 
 #include <algorithm>
 #include <cmath>
@@ -115,31 +116,7 @@ projector & session::need_projector() {
 
 void session::configure(const decode_params & p) {
     const int32_t N = model_->n_layer();
-    const int32_t mature = p.mature < 0 ? N : p.mature;
-    if (mature < 1 || mature > N) {
-        throw error("mature layer " + std::to_string(mature) + " is out of range: valid layers are 1.." + std::to_string(N));
-    }
-    for (int32_t l : p.candidates) {
-        if (l < 0 || l >= N) {
-            throw error("premature layer " + std::to_string(l) + " is out of range: valid layers are 0.." + std::to_string(N - 1));
-        }
-        if (l == mature) throw error("premature layer " + std::to_string(l) + " is the mature layer");
-    }
-    if (!(p.relative_top >= 0.0 && p.relative_top < 1.0)) throw error("relative_top must be in [0, 1)");
-    sampler::check(p);
-    for (const auto & kv : p.logit_bias) {
-        try {
-            model_->check_token(kv.first);
-        } catch (const error & e) {
-            throw error(std::string("logit_bias: ") + e.what());
-        }
-    }
-    if (p.activation) {
-        if (p.info_layer < 0 || p.info_layer >= N) {
-            throw error("info_layer " + std::to_string(p.info_layer) + " is out of range: valid layers are 0.." + std::to_string(N - 1));
-        }
-        if (!(p.alpha >= 0.0f) || !std::isfinite(p.alpha)) throw error("alpha must be a finite number >= 0");
-    }
+    const int32_t mature = check_decode_params(*model_, p);
 
     std::unique_ptr<decoder> dec = make_decoder(p);
     // the decoder's layers, then the mature layer when it is an early exit
@@ -199,12 +176,7 @@ void session::update_threads() {
 
 void session::set_capture_callback(bool on) {
     if (on == callback_on_) return;
-    // llama.cpp installs cparams.cb_eval in its scheduler when it builds a graph, and keeps the
-    // scheduler's callback when it reuses one: set both.
-    auto & cp = const_cast<llama_cparams &>(ctx_->get_cparams());
-    cp.cb_eval = on ? layer_capture::callback : nullptr;
-    cp.cb_eval_user_data = on ? &capture_ : nullptr;
-    ggml_backend_sched_set_eval_callback(ctx_->get_sched(), cp.cb_eval, cp.cb_eval_user_data);
+    set_eval_callback(ctx_.get(), on ? &capture_ : nullptr);
     callback_on_ = on;
 }
 
@@ -212,9 +184,8 @@ void session::decode_chunk(const llama_token * toks, int32_t n, int32_t row_begi
     context = context && context_layer() >= 0;
     capture_.expect(n, row_begin, row_end, context);
     const bool outputs = capture_enabled_ && capture_.outputs_mode();
-    // new layers to keep as graph outputs: llama.cpp must reserve and rebuild its graphs (this
-    // setter, with a value that changes nothing else, is how it asks itself for that)
-    if (outputs && capture_.take_new_marks()) ctx_->set_embeddings_layer_inp(0, false);
+    // new layers to keep as graph outputs: llama.cpp must reserve and rebuild its graphs
+    if (outputs && capture_.take_new_marks()) rebuild_graphs(ctx_.get());
     set_capture_callback(capture_enabled_ && capture_.needs_callback());
     update_threads();
     int32_t rc;
@@ -390,22 +361,8 @@ step_result session::sample(float eos_bonus) {
     } else {
         decoder_->step(rows_for(cand_logits_.data(), -1), lp_.data(), scores_.data(), res);
     }
-    res.top_logprob = *std::max_element(lp_.begin(), lp_.end());
-    sampler_.process(scores_.data(), lp_.data(), res.top_logprob, tokens_, n_prompt_, eos_bonus);
-    const int32_t n_probs = params_.n_probs;
-    // with log-probs asked for, the grammar constrains the whole distribution they are taken from
-    const llama_token tok = sampler_.choose(scores_.data(), lp_.data(), n_probs > 0);
-    res.token = tok;
-    res.mature_logprob = lp_[tok];
-    res.score = scores_[tok];
-    if (n_probs > 0) {
-        top_n(lp_.data(), V, n_probs, res.top_tokens, res.top_logprobs_mature);
-        chosen_lp_.resize(V);
-        log_softmax(scores_.data(), chosen_lp_.data(), V);
-        res.dola_logprob = chosen_lp_[tok];
-        top_n(chosen_lp_.data(), V, n_probs, res.dola_top_tokens, res.dola_top_logprobs);
-    }
-    if (context_layer() >= 0) context_.entropy_of(&tok, 1, &res.activation_entropy);
+    finish_step(sampler_, scores_.data(), lp_.data(), V, tokens_, n_prompt_, eos_bonus, params_.n_probs,
+                context_layer() >= 0 ? &context_ : nullptr, chosen_lp_, res);
     timings_.contrast_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     return res;
 }

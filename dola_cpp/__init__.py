@@ -17,6 +17,7 @@ except ModuleNotFoundError as _e:  # the source folder imported without a build
 from .hub import DEFAULT_MODEL, DEMO_MODELS, demo_model_path, resolve_model
 from .layers import LayerPlan, resolve_layers
 from .config import RECOMMENDED_REPETITION_PENALTY, ActivationConfig, DecodeConfig, DolaConfig
+from .batch import Batch
 from .constrain import JSON_OBJECT_GRAMMAR, json_schema_grammar
 from .model import Model, PromptTooLongError
 from .stream import PenaltyWarning, Stream
@@ -32,6 +33,7 @@ del _cls, _name
 __version__ = "0.1.0"
 
 __all__ = [
+    "Batch",
     "Cancelled",
     "DolaError",
     "DEFAULT_MODEL",

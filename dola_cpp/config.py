@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from . import _core
+from .constrain import JsonSchema, json_schema_grammar
 from .layers import LayerPlan, LayerSpec, default_info_layer, parse_layer_string
 from .settings import (  # noqa: F401  (the constants, where they have always been imported from)
     BY_NAME, CHAT_DRY_MULTIPLIER, CHAT_EOS_BOOST, CHAT_MAX_TOKENS, CHAT_PREMATURE_NORM, DECODERS,
@@ -306,3 +307,17 @@ def _check_number(name: str, value: Any, low: float, high: Optional[float], low_
             raise ValueError(f"{name} must be {lower}, got {value!r}")
         bounds = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
         raise ValueError(f"{name} must be in {bounds}, got {value!r}")
+
+
+def config_with(config: Optional[DecodeConfig], json_schema: Optional[JsonSchema] = None, **fields: Any) -> DecodeConfig:
+    """``config`` (default: plain greedy) with ``fields`` replacing its fields and, given a
+    ``json_schema``, decoding with the grammar of the JSON texts it describes (ValueError when the
+    config has a grammar too)."""
+    if config is not None and not isinstance(config, DecodeConfig):
+        raise TypeError(f"config must be a DecodeConfig, got {type(config).__name__}")
+    out = (config or DecodeConfig()).replace(**fields) if fields or config is None else config
+    if json_schema is None:
+        return out
+    if out.grammar:
+        raise ValueError("give a grammar or a json_schema, not both")
+    return out.replace(grammar=json_schema_grammar(json_schema))

@@ -9,8 +9,9 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from . import _core
-from .config import DecodeConfig
-from .constrain import JsonSchema, json_schema_grammar
+from .batch import Batch
+from .config import DecodeConfig, config_with
+from .constrain import JsonSchema
 from .layers import LayerPlan, LayerSpec, resolve_layers
 from .prompts import Prompt, chat_ids, chat_messages, checked_utf8, render_chat
 from .results import GenerationResult, ScoreResult
@@ -338,7 +339,7 @@ class Model:
                       dry_sequence_breakers=dry_sequence_breakers, frequency_penalty=frequency_penalty,
                       presence_penalty=presence_penalty, logit_bias=logit_bias, grammar=grammar,
                       top_logprobs=top_logprobs)
-        cfg = _with_schema(cfg, json_schema)
+        cfg = config_with(cfg, json_schema)
         run = Stream(self._sequence(), prompt, max_tokens, cfg, stop=stop, ignore_eos=ignore_eos,
                      add_special=add_special, parse_special=parse_special, abstain_above=abstain_above,
                      stop_loops=stop_loops)
@@ -397,10 +398,37 @@ class Model:
                       dry_sequence_breakers=dry_sequence_breakers, frequency_penalty=frequency_penalty,
                       presence_penalty=presence_penalty, logit_bias=logit_bias, grammar=grammar,
                       top_logprobs=top_logprobs)
-        cfg = _with_schema(cfg, json_schema)
+        cfg = config_with(cfg, json_schema)
         return Stream(self._sequence(), prompt, max_tokens, cfg, stop=stop, ignore_eos=ignore_eos,
                       add_special=add_special, parse_special=parse_special, abstain_above=abstain_above,
                       stop_loops=stop_loops)
+
+    def batch(self, parallel: int = 4, *, n_threads: Optional[int] = None, n_batch: int = 512) -> Batch:
+        """A :class:`~dola_cpp.batch.Batch`: ``parallel`` generations at once on one new llama.cpp
+        context of these weights (continuous batching), each sequence ``n_ctx`` positions long;
+        ``n_threads``: default all cores. Its streams decode together on the batch's own thread."""
+        for name, value, low, high in (("parallel", parallel, 1, 256), ("n_batch", n_batch, 1, 2**31 - 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+        if n_threads is not None and not 1 <= n_threads <= 512:
+            raise ValueError(f"n_threads must be in 1..512, got {n_threads}")
+        engine = _core.BatchEngine(self._weights, n_ctx=self.n_ctx, n_seq=parallel, n_threads=int(n_threads or 0),
+                                   n_batch=n_batch, kv_type=self._kv_type, capture=self._capture)
+        return Batch(engine, self._weights, self._prompt_ids, self.resolve_layers)
+
+    def generate_batch(self, prompts: Sequence[Prompt], max_tokens: int = 256, *, parallel: Optional[int] = None,
+                       configs: Optional[Sequence[DecodeConfig]] = None, **kwargs: Any) -> list[GenerationResult]:
+        """Each prompt's :class:`GenerationResult` (as :meth:`generate` gives it), decoded together
+        on one context of ``parallel`` sequences (default: as many as prompts, at most 8; more
+        prompts wait their turn). ``configs``: one :class:`DecodeConfig` per prompt; otherwise
+        ``config`` and :meth:`generate`'s keywords apply to every prompt."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a sequence of prompts, not one string")
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        batch = self.batch(parallel or min(len(prompts), 8))
+        return batch.generate(prompts, max_tokens, configs=configs, **kwargs)
 
     def cancel(self) -> None:
         """Stop the running generation (callable from any thread)."""
@@ -513,18 +541,6 @@ class Model:
         return self._session.timings()
 
 
-def _with_schema(config: DecodeConfig, json_schema: Optional[JsonSchema]) -> DecodeConfig:
-    """``config`` decoding with the grammar of ``json_schema`` (None: as it is)."""
-    if json_schema is None:
-        return config
-    if config.grammar:
-        raise ValueError("give a grammar or a json_schema, not both")
-    return config.replace(grammar=json_schema_grammar(json_schema))
-
-
 def _config(config: Optional[DecodeConfig], **fields: Any) -> DecodeConfig:
     """``config`` (default: plain greedy) with the keywords the caller passed replacing its fields."""
-    if config is not None and not isinstance(config, DecodeConfig):
-        raise TypeError(f"config must be a DecodeConfig, got {type(config).__name__}")
-    changes = {k: v for k, v in fields.items() if v is not _UNSET}
-    return (config or DecodeConfig()).replace(**changes) if changes or config is None else config
+    return config_with(config, **{k: v for k, v in fields.items() if v is not _UNSET})

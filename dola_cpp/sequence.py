@@ -2,20 +2,35 @@
 
 A :class:`~dola_cpp.stream.Stream` runs a generation through :class:`SequenceContext` alone, never
 through the :class:`~dola_cpp.Model` that made it: the model hands it a :class:`SessionSequence`
-(its one llama.cpp context, used whole), and a context shared by several generations at once
-would hand each its own sequence instead.
+(its one llama.cpp context, used whole, decoding when the stream asks), and a
+:class:`~dola_cpp.batch.Batch` (one context shared by several generations at once) hands each its
+own :class:`~dola_cpp.batch.BatchSequence`, which its engine decodes ahead of the stream.
 """
 
 from __future__ import annotations
 
 import gc
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ContextManager, Protocol
 
 if TYPE_CHECKING:
     from . import _core
     from .layers import LayerPlan, LayerSpec
     from .prompts import Prompt
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What may follow a prefill: at most ``max_tokens`` tokens (and no more than the context
+    holds), ending at an end-of-generation token unless ``ignore_eos``, with ``eos_bonus[i]`` added
+    to the end tokens' scores when choosing token ``i`` (0 past its end). A sequence that decodes
+    ahead of its stream (a batch's) follows it; one that decodes when asked needs only ``sample``'s
+    argument."""
+
+    max_tokens: int
+    ignore_eos: bool
+    eos_bonus: tuple[float, ...] = ()
 
 
 class SequenceContext(Protocol):
@@ -53,8 +68,8 @@ class SequenceContext(Protocol):
     def configure(self, params: _core.DecodeParams) -> None:
         """The decoder, layers and sampling settings for what follows."""
 
-    def prefill(self, ids: list[int]) -> None:
-        """Run the prompt (reusing whatever prefix of it is already cached)."""
+    def prefill(self, ids: list[int], answer: Answer) -> None:
+        """Run the prompt (reusing whatever prefix of it is already cached) for ``answer``."""
 
     def sample(self, eos_bonus: float) -> _core.Step:
         """The next token and its diagnostics; ``eos_bonus`` is added to end-of-generation scores."""
@@ -147,7 +162,7 @@ class SessionSequence:
     def configure(self, params: _core.DecodeParams) -> None:
         self._session.configure(params)
 
-    def prefill(self, ids: list[int]) -> None:
+    def prefill(self, ids: list[int], answer: Answer) -> None:
         self._session.prefill(ids)
 
     def sample(self, eos_bonus: float) -> _core.Step:

@@ -2,15 +2,17 @@
 
 ``POST /v1/chat/completions`` and ``/v1/completions`` (streamed as server-sent events or not),
 ``GET /v1/models``, ``GET /health``, ``GET /metrics``, and the tokenizer endpoints of llama-server
-and vLLM. OpenAI's fields behave as OpenAI documents them (``n`` choices run one after another,
+and vLLM. OpenAI's fields behave as OpenAI documents them (``n`` choices decode together,
 ``logprobs``, ``echo`` scoring, ``response_format`` and ``tools`` through a grammar); DoLa and the
 other decoders come as extra body fields (``dola_layers``, ``repetition_penalty``,
 ``premature_norm``, ``decoder``, ``alpha``, ...; ``risk: true`` adds each token's risk), or as
 server-wide defaults for requests that leave them out.
 
-``parallel`` contexts share the loaded weights (``Model.share()``); requests beyond them wait in
-a bounded queue, and one that finds the queue full gets HTTP 503 with ``Retry-After``. A client
-that disconnects cancels its generation at once. Errors are OpenAI-style JSON bodies.
+Requests decode as ``parallel`` sequences of one context (``Model.batch``: continuous batching,
+one llama.cpp call for the next token of every running answer, new prompts chunked in beside
+them); requests beyond them wait in a bounded queue, and one that finds the queue full gets HTTP
+503 with ``Retry-After``. A client that disconnects cancels its generation at once. Errors are
+OpenAI-style JSON bodies.
 
 Requests are untrusted: message content is tokenized as text (only the chat template's markup is
 special); a body is bounded (``max_body``, 413) and so is the work it can cause: what the context
@@ -58,6 +60,7 @@ from .server_schema import (  # noqa: F401  (the request schema, for clients of 
 )
 from .server_tools import ToolPlan, check_schema, conversation, tool_plan
 from .settings import served
+from .stream import Stream
 
 OWNED_BY = "dola-cpp"
 DEFAULT_MAX_BODY = 8 * 2**20  # bytes of one request body; more is HTTP 413
@@ -78,10 +81,16 @@ class Busy(Exception):
 
 
 class Pool:
-    """``parallel`` contexts on one set of weights and a bounded queue of waiting requests."""
+    """The sequences requests decode on: ``parallel`` sequences of one context (continuous
+    batching: one llama.cpp call carries every running answer's next token), a bounded queue of
+    requests waiting for one, and the loaded model's own context, which scores prompts (``echo``)
+    one request at a time."""
 
     def __init__(self, model: Model, parallel: int, max_queue: int) -> None:
-        self.contexts = [model] + [model.share() for _ in range(parallel - 1)]
+        self.model = model
+        self.parallel = parallel
+        self.batch = model.batch(parallel, n_threads=model.n_threads)
+        self.scoring = threading.Lock()
         self.max_queue = max_queue
         self.waiting = 0
         self._free: Optional[asyncio.Queue] = None
@@ -92,15 +101,15 @@ class Pool:
     def _queue(self) -> asyncio.Queue:
         if self._free is None:  # made on the server's event loop
             self._free = asyncio.Queue()
-            for ctx in self.contexts:
-                self._free.put_nowait(ctx)
+            for lane in range(self.parallel):
+                self._free.put_nowait(lane)
         return self._free
 
     @property
     def busy(self) -> int:
-        return len(self.contexts) - self._queue().qsize()
+        return self.parallel - self._queue().qsize()
 
-    async def acquire(self) -> Model:
+    async def acquire(self) -> int:
         free = self._queue()
         if free.empty() and self.waiting >= self.max_queue:
             raise Busy()
@@ -110,8 +119,8 @@ class Pool:
         finally:
             self.waiting -= 1
 
-    def release(self, ctx: Model) -> None:
-        self._queue().put_nowait(ctx)
+    def release(self, lane: int) -> None:
+        self._queue().put_nowait(lane)
 
 
 @dataclass
@@ -131,50 +140,66 @@ class Run:
 
 @dataclass
 class Job:
-    """A request's choices, run one after another on one context on a worker thread; events reach
-    the event loop through ``events``: ("piece", index, text, steps), ("echo", index, scores),
-    ("done", index, result or None, steps), then ("end",), or ("error", exception)."""
+    """A request's choices as sequences of the pool's batch, decoding together (read in turns on a
+    worker thread); events reach the event loop through ``events``: ("piece", index, text, steps),
+    ("echo", index, scores), ("done", index, result or None, steps), then ("end",), or
+    ("error", exception)."""
 
-    ctx: Model
+    pool: Pool
     runs: list[Run]
     stop: list[str]
     stop_loops: bool = True
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    streams: list[Stream] = field(default_factory=list)
 
     def run(self, loop: asyncio.AbstractEventLoop) -> None:
         def emit(*event: Any) -> None:
             loop.call_soon_threadsafe(self.events.put_nowait, event)
 
+        running: list[tuple[Run, Stream]] = []
         try:
             for r in self.runs:
                 if self.cancelled.is_set():
                     break
                 if r.echo is not None:
-                    emit("echo", r.index, prompt_scores(self.ctx, r.ids, r.config, r.echo))
+                    with self.pool.scoring:
+                        emit("echo", r.index, prompt_scores(self.pool.model, r.ids, r.config, r.echo))
                 if r.max_tokens == 0:
                     emit("done", r.index, None, [])
                     continue
-                stream = self.ctx.stream(r.ids, r.max_tokens, config=r.config, stop=self.stop,
-                                         stop_loops=self.stop_loops, ignore_eos=r.keep_end)
-                seen = 0
-                for piece in stream:
-                    emit("piece", r.index, piece, stream.steps[seen:])
-                    seen = len(stream.steps)
-                    if self.cancelled.is_set():
-                        break
-                stream.close()
-                result = stream.result()
-                if r.keep_end and result.tokens and result.tokens[-1] in self.ctx.eog_tokens:
-                    result = dataclasses.replace(result, finish_reason="stop")
-                emit("done", r.index, result, stream.steps[seen:])
+                stream = self.pool.batch.stream(r.ids, r.max_tokens, config=r.config, stop=self.stop,
+                                                stop_loops=self.stop_loops, ignore_eos=r.keep_end)
+                self.streams.append(stream)
+                if self.cancelled.is_set():  # cancel() may have missed it
+                    stream.sequence.cancel()
+                stream.start()
+                running.append((r, stream))
+            seen = {r.index: 0 for r, _ in running}
+            while running:
+                for item in list(running):
+                    r, stream = item
+                    piece = next(stream, None)
+                    if piece is not None:
+                        emit("piece", r.index, piece, stream.steps[seen[r.index]:])
+                        seen[r.index] = len(stream.steps)
+                        continue
+                    running.remove(item)
+                    result = stream.result()
+                    if r.keep_end and result.tokens and result.tokens[-1] in self.pool.model.eog_tokens:
+                        result = dataclasses.replace(result, finish_reason="stop")
+                    emit("done", r.index, result, stream.steps[seen[r.index]:])
             emit("end")
         except BaseException as e:  # reported to the request, never raised in the worker
             emit("error", e)
+        finally:
+            for _, stream in running:
+                stream.close()
 
     def cancel(self) -> None:
         self.cancelled.set()
-        self.ctx.cancel()
+        for stream in list(self.streams):
+            stream.sequence.cancel()
 
 
 @dataclass(frozen=True)
@@ -276,15 +301,15 @@ def create_app(model: Model, *, parallel: int = 1, max_queue: Optional[int] = No
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": name, "parallel": len(pool.contexts), "busy": pool.busy,
-                "waiting": pool.waiting}
+        return {"status": "ok", "model": name, "parallel": pool.parallel, "busy": pool.busy,
+                "free": pool.parallel - pool.busy, "waiting": pool.waiting}
 
     @app.get("/metrics")
     async def metrics_text() -> PlainTextResponse:
-        gauges = {"contexts": ("Contexts (--parallel).", float(len(pool.contexts))),
-                  "contexts_busy": ("Contexts generating now.", float(pool.busy)),
-                  "requests_waiting": ("Requests waiting for a context.", float(pool.waiting)),
-                  "n_ctx": ("Tokens each context holds.", float(limits.n_ctx))}
+        gauges = {"contexts": ("Sequences decoded together (--parallel).", float(pool.parallel)),
+                  "contexts_busy": ("Sequences generating now.", float(pool.busy)),
+                  "requests_waiting": ("Requests waiting for a sequence.", float(pool.waiting)),
+                  "n_ctx": ("Tokens each sequence holds.", float(limits.n_ctx))}
         return PlainTextResponse(metrics.text(gauges), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -618,7 +643,7 @@ def _runs(prep: Prepared, config: DecodeConfig, n_ctx: int) -> list[Run]:
 async def _serve(request: Request, pool: Pool, metrics: Metrics, prep: Prepared, name: str,
                  defaults: Mapping[str, Any]):
     body = prep.body
-    model = pool.contexts[0]
+    model = pool.model
     config = _config(model, body, defaults)
     contrasted = not (model.resolve_layers(config.dola.layers).is_plain and not config.uses_activation)
     if prep.n_top:
@@ -628,7 +653,7 @@ async def _serve(request: Request, pool: Pool, metrics: Metrics, prep: Prepared,
     runs = _runs(prep, config, model.n_ctx)
     stop = _stops(body.stop) + list(prep.extra_stop)
     try:
-        ctx = await pool.acquire()
+        lane = await pool.acquire()
     except Busy:
         raise APIError(503, "the server is busy: every context is generating and the queue is full; retry shortly",
                        type="server_error", code="server_busy", headers={"Retry-After": "1"}) from None
@@ -636,13 +661,13 @@ async def _serve(request: Request, pool: Pool, metrics: Metrics, prep: Prepared,
     metrics.prompt_tokens += n_prompt
     metrics.scored_tokens += sum(len(r.ids) - 1 for r in runs if r.echo is not None)
     loop = asyncio.get_running_loop()
-    job = Job(ctx, runs, stop, stop_loops=body.stop_loops)
+    job = Job(pool, runs, stop, stop_loops=body.stop_loops)
     future = loop.run_in_executor(pool.executor, job.run, loop)
     rid = ("chatcmpl-" if prep.chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
-    shape = ResponseShape(ctx, rid, created, name, prep.chat, prep.n_top, body.risk, contrasted, tools=prep.tools,
+    shape = ResponseShape(model, rid, created, name, prep.chat, prep.n_top, body.risk, contrasted, tools=prep.tools,
                           grammar_param=None if prep.grammar is None else "tools" if prep.tools else "response_format",
-                          echo_text=_echo_texts(prep, ctx) if getattr(body, "echo", False) else {},
+                          echo_text=_echo_texts(prep, model) if getattr(body, "echo", False) else {},
                           metrics=metrics)
 
     async def release_when_done() -> None:
@@ -650,7 +675,7 @@ async def _serve(request: Request, pool: Pool, metrics: Metrics, prep: Prepared,
         try:
             await future
         finally:
-            pool.release(ctx)
+            pool.release(lane)
 
     released = asyncio.ensure_future(release_when_done())
 
@@ -703,12 +728,12 @@ async def _serve(request: Request, pool: Pool, metrics: Metrics, prep: Prepared,
     return shape.whole([(i, texts[i], steps[i], results.get(i), echoes.get(i)) for i in indexes], n_prompt)
 
 
-def _echo_texts(prep: Prepared, ctx: Model) -> dict[int, str]:
+def _echo_texts(prep: Prepared, model: Model) -> dict[int, str]:
     """Each choice's echoed prompt: the text as sent, or token ids' text."""
     n = prep.body.n
     out = {}
     for p, ids in enumerate(prep.prompts):
         given = prep.texts[p] if p < len(prep.texts) else None
-        text = given if given is not None else ctx.detokenize(ids)
+        text = given if given is not None else model.detokenize(ids)
         out.update({p * n + j: text for j in range(n)})
     return out

@@ -6,7 +6,7 @@ from __future__ import annotations
 import codecs
 import time
 import warnings
-from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -14,6 +14,7 @@ from . import _core
 from .config import DecodeConfig
 from .results import GenerationResult, StepInfo
 from .risk import token_risk
+from .sequence import Answer
 
 if TYPE_CHECKING:
     from .prompts import Prompt
@@ -56,6 +57,10 @@ def loop_cycle(tokens: Sequence[int], repeats: int = STOP_LOOP_REPEATS, runs: bo
                 continue  # a run of a shorter period, not a cycle of p
             return p
     return 0
+
+
+# what the generator yields once the prompt is in (start() waits for it; iteration skips it)
+_STARTED: Any = object()
 
 
 class PenaltyWarning(UserWarning):
@@ -118,13 +123,29 @@ class Stream:
         self.finish_reason = "length"
         self.prefill_seconds = 0.0
         self.decode_seconds = 0.0
+        self._begun = False
         self._iter = self._generate()
 
     def __iter__(self) -> "Stream":
         return self
 
     def __next__(self) -> str:
-        return next(self._iter)
+        while True:
+            piece = next(self._iter)
+            if piece is not _STARTED:
+                return piece
+
+    def start(self) -> None:
+        """Prefills the prompt now, without waiting for the first piece (a batch's sequence then
+        decodes while the caller starts others); iterating afterwards goes on from there. Nothing
+        once the stream has begun."""
+        if self._begun:
+            return
+        try:
+            piece = next(self._iter)
+        except StopIteration:  # it ended before the prompt (max_tokens 0)
+            return
+        assert piece is _STARTED
 
     def close(self) -> None:
         self._iter.close()
@@ -173,30 +194,33 @@ class Stream:
                     break
         return keep
 
-    def _generate(self) -> Iterator[str]:
+    def _generate(self) -> Iterator[Any]:
         seq = self.sequence
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         emitted = 0
         cut: Optional[int] = None  # where a stop string cut the text
         t0: Optional[float] = None  # start of decoding
+        self._begun = True
         with seq.claim():
             try:
                 if self.max_tokens == 0:
                     self.finish_reason = "length"
                     return
                 seq.configure(self.params)
+                budget = min(self.max_tokens, seq.n_ctx - len(self.ids) + 1)
+                bonus = [self.config.eos_bonus(i, budget) for i in range(budget)] if self.config.eos_boost > 0 else []
                 t_prefill = time.perf_counter()
                 try:
-                    seq.prefill(self.ids)
+                    seq.prefill(self.ids, Answer(self.max_tokens, self.ignore_eos, tuple(bonus)))
                 finally:  # also when Ctrl-C or cancel() stops the prefill
                     self.prefill_seconds = time.perf_counter() - t_prefill
+                yield _STARTED
                 t0 = time.perf_counter()
-                budget = min(self.max_tokens, seq.n_ctx - len(self.ids) + 1)
                 for i in range(self.max_tokens):
                     if seq.cancelled():
                         self.finish_reason = "cancelled"
                         break
-                    st = seq.sample(self.config.eos_bonus(i, budget))
+                    st = seq.sample(bonus[i] if i < len(bonus) else 0.0)
                     if not self.ignore_eos and seq.is_eog(st.token):
                         self.finish_reason = "abstained" if self._abstains(final=True) else "stop"
                         break

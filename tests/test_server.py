@@ -88,13 +88,13 @@ def server(weights):
 
 
 class Recorder:
-    """Installed as a context's ``stream``: every generation on it must run to its budget (EOS
-    ignored, no loop stop) unless it is cancelled, and is recorded; with ``gate``, a generation
-    waits for it before starting (the context stays taken meanwhile)."""
+    """Installed as the server's batch's ``stream``: every generation on it must run to its budget
+    (EOS ignored, no loop stop) unless it is cancelled, and is recorded; with ``gate``, a generation
+    waits for it before starting (its sequence stays taken meanwhile)."""
 
-    def __init__(self, ctx: dola_cpp.Model, gate: threading.Event | None = None) -> None:
-        self.real, self.gate, self.streams = ctx.stream, gate, []
-        ctx.stream = self
+    def __init__(self, batch: dola_cpp.batch.Batch, gate: threading.Event | None = None) -> None:
+        self.real, self.gate, self.streams = batch.stream, gate, []
+        batch.stream = self
 
     def __call__(self, *args, **kwargs):
         if self.gate is not None:
@@ -246,9 +246,9 @@ COUNT = {"messages": [{"role": "user", "content": "Count to one thousand."}], "t
 
 
 def test_a_full_queue_gets_503_with_retry_after(weights):
-    ctx = weights.share()
-    recorder = Recorder(ctx)
-    s = Server(create_app(ctx, parallel=1, max_queue=0))
+    app = create_app(weights.share(), parallel=1, max_queue=0)
+    recorder = Recorder(app.state.pool.batch)
+    s = Server(app)
     try:
         budget = 400
         busy = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
@@ -274,9 +274,9 @@ def test_a_full_queue_gets_503_with_retry_after(weights):
 
 def test_a_client_that_goes_away_cancels_its_whole_answer(weights):
     """The non-streaming path: the client closes its connection while the answer is generated."""
-    ctx = weights.share()
-    recorder = Recorder(ctx)
-    s = Server(create_app(ctx, parallel=1))
+    app = create_app(weights.share(), parallel=1)
+    recorder = Recorder(app.state.pool.batch)
+    s = Server(app)
     try:
         budget = 400
         conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
@@ -297,9 +297,9 @@ def test_the_queue_holds_four_per_context_by_default(weights):
     wait; the next gets 503. The one context is held (its generation waits for a gate) while the
     requests arrive."""
     gate = threading.Event()
-    ctx = weights.share()
-    Recorder(ctx, gate=gate)
-    s = Server(create_app(ctx, parallel=1))
+    app = create_app(weights.share(), parallel=1)
+    Recorder(app.state.pool.batch, gate=gate)
+    s = Server(app)
     body = {**COUNT, "max_tokens": 2}
     try:
         with concurrent.futures.ThreadPoolExecutor(5) as pool:

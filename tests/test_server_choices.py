@@ -254,3 +254,23 @@ def test_the_tokenizer_endpoints_in_vllms_shapes(server, weights):
     assert back["prompt"] == text
     info = request(server.url, "GET", "/tokenizer_info").json()
     assert info["eos_token"] == weights.detokenize(weights.eog_tokens[:1], special=True)
+
+
+def test_the_cli_takes_a_default_dola_layers_and_refuses_a_bad_one(monkeypatch, weights):
+    from typer.testing import CliRunner
+
+    from dola_cpp.cli import serve as serve_cli
+    from dola_cpp.cli._app import app as cli_app
+
+    made = {}
+
+    def create_app_spy(*args, **kwargs):
+        made.update(kwargs)
+        raise SystemExit(0)  # stop before serving
+
+    monkeypatch.setattr(serve_cli, "load_model", lambda *args: weights)
+    r = CliRunner().invoke(cli_app, ["serve", "--dola-layers", "99"])
+    assert r.exit_code != 0 and "--dola-layers" in r.output and "Traceback" not in r.output, r.output
+    monkeypatch.setattr("dola_cpp.server.create_app", create_app_spy)
+    r = CliRunner().invoke(cli_app, ["serve", "--dola-layers", "high"])
+    assert r.exit_code == 0 and made["defaults"] == {"dola_layers": "high"}, r.output

@@ -144,9 +144,12 @@ def test_bad_logprobs_fields_are_400s(server, body, param):
 # ---------------------------------------------------------------------------- response_format
 
 
+# bounded (string lengths, items): the grammar then ends every answer well within the tests' budgets,
+# whatever a small model writes
 PERSON = {"type": "object", "properties": {
-    "name": {"type": "string"}, "age": {"type": "integer", "minimum": 0},
-    "colour": {"enum": ["red", "green", "blue"]}, "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 2}},
+    "name": {"type": "string", "maxLength": 32}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
+    "colour": {"enum": ["red", "green", "blue"]},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 2}},
     "required": ["name", "age", "colour", "tags"], "additionalProperties": False}
 ALICE = {"name": "Alice", "age": 30, "colour": "red", "tags": []}
 

@@ -16,7 +16,7 @@ SERVE_EXAMPLES = examples(
     "dola-cpp serve",
     "dola-cpp serve smollm2 --port 8000 --parallel 4",
     "dola-cpp serve model.gguf --host 0.0.0.0 --api-key $KEY",
-    "dola-cpp serve smollm2 --dola-layers high    # DoLa unless a request says otherwise",
+    "dola-cpp serve smollm2 --dola-layers high",
     "curl localhost:8000/v1/chat/completions -d '{\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}],"
     "\"dola_layers\":\"high\"}'",
 )
@@ -28,9 +28,10 @@ def serve(
     = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port.")] = 8000,
     parallel: Annotated[int, typer.Option("--parallel", "-np", min=1, max=256,
-                                          help="Generations at once (contexts on the loaded weights).")] = 1,
+                                          help="Generations at once: sequences of one context, decoded together "
+                                               "(continuous batching).")] = 1,
     queue: Annotated[Optional[int], typer.Option("--queue", min=0, show_default=False,
-                                                 help="Requests that may wait for a context; beyond them "
+                                                 help="Requests that may wait for a sequence; beyond them "
                                                       "HTTP 503 (default: 4 x --parallel).")] = None,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="DOLA_CPP_API_KEY", show_default=False,
                                                    help="Require 'Authorization: Bearer KEY' on /v1/.")] = None,

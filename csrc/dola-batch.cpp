@@ -1,0 +1,525 @@
+#include "dola-batch.h"
+
+#include "dola-contrast.h"
+#include "dola-error.h"
+#include "dola-log.h"
+#include "dola-step.h"
+
+#include "llama-context.h"  // internal: the scheduler, to read the kept layers
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+namespace dola {
+
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+
+double ms_since(clock_type::time_point t0) {
+    return std::chrono::duration<double, std::milli>(clock_type::now() - t0).count();
+}
+
+// llama_batch_init's arrays, freed however the decode ends.
+class owned_batch {
+public:
+    explicit owned_batch(int32_t n) : b_(llama_batch_init(n, 0, 1)) {}
+    ~owned_batch() { llama_batch_free(b_); }
+    owned_batch(const owned_batch &) = delete;
+    owned_batch & operator=(const owned_batch &) = delete;
+    llama_batch & get() { return b_; }
+
+private:
+    llama_batch b_;
+};
+
+}  // namespace
+
+batch_engine::batch_engine(std::shared_ptr<model> mdl, const context_params & params, int32_t n_seq)
+    : model_(std::move(mdl)),
+      env_(params.env),
+      n_seq_(n_seq),
+      capture_enabled_(params.capture),
+      capture_(model_->n_layer(), model_->n_embd(), env_.capture_callback) {
+    if (n_seq < 1 || n_seq > 256) throw error("the number of sequences must be in 1..256, got " + std::to_string(n_seq));
+    if (model_->uses_rpc()) throw error("batched decoding does not run on RPC-backed models yet");
+    if (params.n_threads > GGML_MAX_N_THREADS) {
+        throw error("n_threads must be at most " + std::to_string(GGML_MAX_N_THREADS) + ", got " + std::to_string(params.n_threads));
+    }
+    n_threads_ = params.n_threads > 0 ? params.n_threads : (int32_t) std::max(1u, std::thread::hardware_concurrency());
+    n_ctx_seq_ = params.n_ctx > 0 ? params.n_ctx : (uint32_t) std::max(model_->n_ctx_train(), 512);
+    const uint64_t total = (uint64_t) n_ctx_seq_ * (uint64_t) n_seq;
+    if (total > (uint64_t) INT32_MAX) throw error("n_ctx times the number of sequences is too large");
+    n_batch_ = std::max<uint32_t>((uint32_t) n_seq, std::min<uint32_t>(params.n_batch, (uint32_t) total));
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = (uint32_t) total;
+    cp.n_batch = n_batch_;
+    cp.n_ubatch = n_batch_;  // one llama_decode = one ubatch: captured rows map to batch rows
+    cp.n_seq_max = (uint32_t) n_seq;
+    cp.kv_unified = false;   // a KV stream per sequence: its cells keep their order, as alone
+    cp.n_threads = n_threads_;
+    cp.n_threads_batch = n_threads_;
+    cp.abort_callback = abort_cb;
+    cp.abort_callback_data = this;
+    cp.no_perf = true;
+    if (params.kv_type == "f32") {
+        cp.type_k = cp.type_v = GGML_TYPE_F32;
+        cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    } else if (params.kv_type == "q8_0") {
+        cp.type_k = cp.type_v = GGML_TYPE_Q8_0;
+    } else if (params.kv_type != "f16") {
+        throw error("kv cache type must be f16, f32 or q8_0, got '" + params.kv_type + "'");
+    }
+    clear_last_error();
+    ctx_.reset(llama_init_from_model(model_->get(), cp));
+    if (!ctx_) throw error(with_detail("could not create a context of " + std::to_string(total) + " tokens"));
+    slots_.resize(n_seq);
+    thread_ = std::thread([this] { loop(); });
+}
+
+batch_engine::~batch_engine() {
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        stop_.store(true);
+    }
+    work_cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+}
+
+bool batch_engine::abort_cb(void * data) { return static_cast<batch_engine *>(data)->abort_requested(); }
+
+projector & batch_engine::need_projector() {
+    if (!projector_) {
+        projector_ = std::make_unique<projector>(model_->get(), env_);
+        projector_->set_n_threads(n_threads_);
+    }
+    return *projector_;
+}
+
+void batch_engine::check_prompt(const std::vector<llama_token> & prompt) const {
+    if (prompt.empty()) throw error("the prompt is empty");
+    for (llama_token t : prompt) model_->check_token(t);
+    if (prompt.size() > n_ctx_seq_) throw prompt_too_long(prompt.size(), n_ctx_seq_);
+}
+
+int64_t batch_engine::submit(batch_request req) {
+    check_prompt(req.prompt);
+    if (req.max_tokens < 1) throw error("max_tokens must be at least 1, got " + std::to_string(req.max_tokens));
+    auto j = std::make_unique<job>();
+    j->mature = check_decode_params(*model_, req.params);
+    j->dec = make_decoder(req.params);
+    j->layers = j->dec->layers();
+    if (j->mature != model_->n_layer() && std::find(j->layers.begin(), j->layers.end(), j->mature) == j->layers.end()) {
+        j->layers.push_back(j->mature);
+    }
+    j->ctx_layer = j->dec->context_layer();
+    const bool projects = !j->layers.empty() || j->ctx_layer >= 0;
+    if (projects && !capture_enabled_) {
+        throw error("this context was created without layer capture; DoLa, Activation Decoding and early exit need it");
+    }
+    j->smp = std::make_unique<sampler>(model_->vocab(), model_->n_vocab(), model_->eog_tokens());
+    j->smp->configure(req.params, n_ctx_seq_);
+    j->req = std::move(req);
+    std::lock_guard<std::mutex> lock(mu_);
+    if (projects) {
+        need_projector();
+        if (j->req.params.premature_norm && !projector_->norm_supported()) {
+            throw error("premature_norm is not supported for architecture '" + model_->architecture() + "'");
+        }
+    }
+    const int64_t id = next_id_++;
+    j->id = id;
+    queue_.push_back(j.get());
+    jobs_[id] = std::move(j);
+    work_cv_.notify_all();
+    return id;
+}
+
+bool batch_engine::next(int64_t id, batch_event & out, int32_t timeout_ms) {
+    std::unique_lock<std::mutex> lock(mu_);
+    auto it = jobs_.find(id);
+    if (it == jobs_.end() || it->second->released) throw error("no such request: " + std::to_string(id));
+    job & j = *it->second;
+    if (j.events.empty()) {
+        event_cv_.wait_for(lock, std::chrono::milliseconds(std::max(0, timeout_ms)), [&] { return !j.events.empty(); });
+        if (j.events.empty()) return false;
+    }
+    out = std::move(j.events.front());
+    j.events.pop_front();
+    return true;
+}
+
+void batch_engine::release(int64_t id) {
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        auto it = jobs_.find(id);
+        if (it == jobs_.end()) return;
+        job & j = *it->second;
+        j.released = true;
+        auto q = std::find(queue_.begin(), queue_.end(), &j);
+        if (q != queue_.end()) {  // never started: nothing of it is on the engine thread
+            queue_.erase(q);
+            jobs_.erase(it);
+            return;
+        }
+    }
+    work_cv_.notify_all();
+}
+
+batch_stats batch_engine::stats() {
+    std::lock_guard<std::mutex> lock(mu_);
+    batch_stats s = stats_;
+    s.n_queued = (int32_t) queue_.size();
+    s.n_running = (int32_t) std::count_if(slots_.begin(), slots_.end(), [](const slot & sl) { return sl.active != nullptr; });
+    return s;
+}
+
+void batch_engine::emit(job & j, batch_event ev) {
+    emitted_.emplace_back(&j, std::move(ev));
+}
+
+void batch_engine::fail(job & j, const std::string & why) {
+    if (j.finished) return;
+    batch_event ev;
+    ev.kind = batch_event::failed;
+    ev.error = why;
+    emit(j, std::move(ev));
+    j.finished = true;
+}
+
+void batch_engine::admit(job & j, int32_t s) {
+    slot & sl = slots_[s];
+    sl.active = &j;
+    j.slot = s;
+    const std::vector<llama_token> & prompt = j.req.prompt;
+    if (j.ctx_layer >= 0) {
+        if (!sl.context) {
+            sl.context = std::make_unique<context_entropy>(model_->n_embd(), model_->n_vocab());
+            sl.context->set_projector(projector_.get());
+            sl.context->set_n_threads(n_threads_);
+        }
+        sl.context->configure(j.ctx_layer, j.req.params.premature_norm);
+    }
+    // keep the longest cached prefix, but always decode the prompt's last token (its output)
+    size_t max_keep = prompt.size() - 1;
+    if (j.ctx_layer >= 0) max_keep = std::min(max_keep, sl.context->n_rows());  // rows to rebuild H from
+    size_t common = 0;
+    const size_t limit = std::min({sl.tokens.size(), prompt.size(), max_keep});
+    while (common < limit && sl.tokens[common] == prompt[common]) ++common;
+    if (common < sl.tokens.size()) {
+        llama_memory_t mem = llama_get_memory(ctx_.get());
+        if (!llama_memory_seq_rm(mem, s, (llama_pos) common, -1)) {
+            llama_memory_seq_rm(mem, s, -1, -1);
+            common = 0;
+        }
+        sl.tokens.resize(common);
+    }
+    if (sl.context) sl.context->keep_prefix(common);
+    j.n_prompt_done = common;
+}
+
+void batch_engine::loop() {
+    std::vector<job *> work;
+    while (true) {
+        {
+            std::unique_lock<std::mutex> lock(mu_);
+            for (auto it = jobs_.begin(); it != jobs_.end();) {
+                job & j = *it->second;
+                if (j.released) {
+                    if (j.slot >= 0 && slots_[j.slot].active == &j) slots_[j.slot].active = nullptr;
+                    it = jobs_.erase(it);
+                } else {
+                    ++it;
+                }
+            }
+            // queued requests take free sequences in order, each the one sharing the longest
+            // prefix with its prompt; Activation Decoding keeps one info layer's rows at a time
+            while (!queue_.empty()) {
+                job & j = *queue_.front();
+                int32_t info = -1;
+                for (const slot & sl : slots_) {
+                    if (sl.active && sl.active->ctx_layer >= 0) info = sl.active->ctx_layer;
+                }
+                if (j.ctx_layer >= 0 && info >= 0 && info != j.ctx_layer) break;
+                int32_t best = -1;
+                size_t best_common = 0;
+                for (int32_t s = 0; s < n_seq_; ++s) {
+                    if (slots_[s].active) continue;
+                    const auto & t = slots_[s].tokens;
+                    size_t c = 0;
+                    const size_t lim = std::min(t.size(), j.req.prompt.size());
+                    while (c < lim && t[c] == j.req.prompt[c]) ++c;
+                    if (best < 0 || c > best_common) {
+                        best = s;
+                        best_common = c;
+                    }
+                }
+                if (best < 0) break;
+                queue_.pop_front();
+                admit(j, best);
+            }
+            work.clear();
+            for (slot & sl : slots_) {
+                if (sl.active && !sl.active->finished && !sl.active->released) work.push_back(sl.active);
+            }
+            if (work.empty()) {
+                if (stop_.load()) return;
+                work_cv_.wait(lock);
+                continue;
+            }
+        }
+        if (stop_.load()) return;
+        iterate(work);
+    }
+}
+
+bool batch_engine::decode_call(const std::vector<call_token> & toks, int32_t row_begin, bool context) {
+    const int32_t n = (int32_t) toks.size();
+    owned_batch b(n);
+    llama_batch & bt = b.get();
+    for (int32_t i = 0; i < n; ++i) {
+        bt.token[i] = toks[i].token;
+        bt.pos[i] = toks[i].pos;
+        bt.n_seq_id[i] = 1;
+        bt.seq_id[i][0] = toks[i].seq;
+        bt.logits[i] = i >= row_begin;
+    }
+    bt.n_tokens = n;
+    capture_.expect(n, row_begin, n, context);
+    const bool outputs_mode = capture_enabled_ && capture_.outputs_mode();
+    if (outputs_mode && capture_.take_new_marks()) rebuild_graphs(ctx_.get());
+    set_eval_callback(ctx_.get(), capture_enabled_ && capture_.needs_callback() ? &capture_ : nullptr);
+    const auto t0 = clock_type::now();
+    clear_last_error();
+    int32_t rc;
+    if (outputs_mode) {
+        layer_capture::building marks(capture_);
+        rc = llama_decode(ctx_.get(), bt);
+        if (rc == 0) capture_.collect(ctx_->get_sched());
+    } else {
+        rc = llama_decode(ctx_.get(), bt);
+    }
+    decode_ms_ += ms_since(t0);
+    n_decodes_ += 1;
+    n_decoded_tokens_ += n;
+    if (rc != 0) {
+        last_error_ = rc == 2 ? "decoding was stopped" : with_detail("llama_decode failed with code " + std::to_string(rc));
+        return false;
+    }
+    return true;
+}
+
+// Keeps output row k of the last call for j: its layers' captured rows and the final logits.
+void batch_engine::take_output(job & j, int32_t k, int32_t batch_index) {
+    const int32_t E = model_->n_embd();
+    j.hidden.resize(j.layers.size() * (size_t) E);
+    if (!j.layers.empty() && !capture_.complete()) {
+        fail(j, capture_.type_error() ? std::string("a captured layer output is not an F32 [n_embd, n_tokens] tensor")
+                                      : "architecture '" + model_->architecture() + "' does not expose layer outputs for layers " +
+                                            capture_.missing_layers() + " in its llama.cpp graph; DoLa cannot run on it");
+        return;
+    }
+    for (size_t l = 0; l < j.layers.size(); ++l) {
+        const int32_t s = (int32_t) (std::find(capture_.layers().begin(), capture_.layers().end(), j.layers[l]) -
+                                     capture_.layers().begin());
+        std::memcpy(j.hidden.data() + l * E, capture_.rows(s) + (size_t) k * E, E * sizeof(float));
+    }
+    if (j.mature == model_->n_layer()) {
+        const float * logits = llama_get_logits_ith(ctx_.get(), batch_index);
+        if (!logits) {
+            fail(j, "llama.cpp returned no logits");
+            return;
+        }
+        j.logits.assign(logits, logits + model_->n_vocab());
+    }
+}
+
+bool batch_engine::iterate(std::vector<job *> & work) {
+    // capture the union of the running sequences' layers (stable while they run: no new graphs)
+    std::vector<int32_t> layers;
+    int32_t ctx_layer = -1;
+    for (job * j : work) {
+        layers.insert(layers.end(), j->layers.begin(), j->layers.end());
+        if (j->ctx_layer >= 0) ctx_layer = j->ctx_layer;
+    }
+    std::sort(layers.begin(), layers.end());
+    layers.erase(std::unique(layers.begin(), layers.end()), layers.end());
+    if (layers != capture_.layers()) capture_.set_layers(layers);
+    capture_.set_final(false);
+    capture_.set_context_layer(ctx_layer);
+    llama_memory_t mem = llama_get_memory(ctx_.get());
+    emitted_.clear();
+    std::vector<job *> outputs;
+    std::vector<call_token> toks;
+
+    // Every answering sequence's last chosen token. A sequence's KV cache is a stream of its own,
+    // so its positions keep their order whatever the others do (its results are those it gets
+    // alone); llama.cpp takes the sequences of one call in consecutive ids, so each run of
+    // consecutive ids is one call.
+    std::vector<job *> answering;
+    for (job * j : work) {
+        if (j->pending >= 0) answering.push_back(j);
+    }
+    std::sort(answering.begin(), answering.end(), [](const job * a, const job * b) { return a->slot < b->slot; });
+    for (size_t i = 0; i < answering.size();) {
+        size_t e = i + 1;
+        while (e < answering.size() && answering[e]->slot == answering[e - 1]->slot + 1) ++e;
+        toks.clear();
+        for (size_t k = i; k < e; ++k) {
+            job * j = answering[k];
+            toks.push_back({j->pending, (llama_pos) slots_[j->slot].tokens.size(), j->slot});
+        }
+        const bool ok = decode_call(toks, 0, false);
+        for (size_t k = i; k < e; ++k) {
+            job * j = answering[k];
+            if (!ok) {
+                llama_memory_seq_rm(mem, j->slot, (llama_pos) slots_[j->slot].tokens.size(), -1);
+                fail(*j, last_error_);
+                continue;
+            }
+            slots_[j->slot].tokens.push_back(j->pending);
+            j->pending = -1;
+            take_output(*j, (int32_t) (k - i), (int32_t) (k - i));
+            outputs.push_back(j);
+        }
+        i = e;
+    }
+
+    // then prompt chunks, one sequence per call, up to n_batch prompt tokens in all
+    uint32_t budget = n_batch_;
+    for (job * j : work) {
+        const auto & prompt = j->req.prompt;
+        if (j->finished || j->pending >= 0 || j->n_chosen > 0 || j->n_prompt_done >= prompt.size()) continue;
+        if (budget == 0) break;
+        slot & sl = slots_[j->slot];
+        const int32_t take = (int32_t) std::min<size_t>(budget, prompt.size() - j->n_prompt_done);
+        budget -= (uint32_t) take;
+        const bool last = j->n_prompt_done + take == prompt.size();
+        toks.clear();
+        for (int32_t t = 0; t < take; ++t) {
+            toks.push_back({prompt[j->n_prompt_done + t], (llama_pos) (sl.tokens.size() + t), j->slot});
+        }
+        const bool context = j->ctx_layer >= 0;
+        if (!decode_call(toks, last ? take - 1 : take, context)) {
+            llama_memory_seq_rm(mem, j->slot, (llama_pos) sl.tokens.size(), -1);
+            fail(*j, last_error_);
+            continue;
+        }
+        if (context && sl.context->n_rows() == sl.tokens.size()) {
+            if (!capture_.context_seen()) {
+                fail(*j, "architecture '" + model_->architecture() + "' does not expose the output of layer " +
+                             std::to_string(j->ctx_layer) + " at every position; Activation Decoding cannot use it");
+                continue;
+            }
+            sl.context->append_rows(capture_.context_rows(), take);
+        }
+        sl.tokens.insert(sl.tokens.end(), prompt.begin() + j->n_prompt_done, prompt.begin() + j->n_prompt_done + take);
+        j->n_prompt_done += take;
+        if (last) {
+            take_output(*j, 0, take - 1);
+            outputs.push_back(j);
+        }
+    }
+    step_outputs(outputs);
+
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.n_decodes += n_decodes_;
+    stats_.n_decoded_tokens += n_decoded_tokens_;
+    stats_.decode_ms += decode_ms_;
+    stats_.n_projections += n_projections_;
+    stats_.step_ms += step_ms_;
+    n_decodes_ = n_decoded_tokens_ = n_projections_ = 0;
+    decode_ms_ = step_ms_ = 0.0;
+    for (auto & [j, ev] : emitted_) {
+        if (ev.kind == batch_event::step) stats_.n_steps += 1;
+        j->events.push_back(std::move(ev));
+    }
+    emitted_.clear();
+    for (job * j : work) {
+        if (j->finished && slots_[j->slot].active == j) slots_[j->slot].active = nullptr;  // free for the next
+    }
+    event_cv_.notify_all();
+    return true;
+}
+
+void batch_engine::step_outputs(std::vector<job *> & outputs) {
+    const auto t0 = clock_type::now();
+    const int32_t N = model_->n_layer();
+    const int64_t V = model_->n_vocab();
+    // all rows of one norm through the output matrix together: the matrix streams once per norm
+    size_t total = 0;
+    for (job * j : outputs) total += j->finished ? 0 : j->layers.size();
+    if (total > 0) {
+        proj_.resize(total * V);
+        size_t row = 0;
+        for (bool norm : {false, true}) {
+            hidden_.clear();
+            const size_t first = row;
+            for (job * j : outputs) {
+                if (j->finished || j->layers.empty() || j->req.params.premature_norm != norm) continue;
+                j->proj_offset = row;
+                hidden_.insert(hidden_.end(), j->hidden.begin(), j->hidden.end());
+                row += j->layers.size();
+            }
+            if (row > first) {
+                projector_->project(hidden_.data(), (int32_t) (row - first), norm, proj_.data() + first * V);
+                n_projections_ += 1;
+            }
+        }
+    }
+    lp_.resize(V);
+    scores_.resize(V);
+    for (job * j : outputs) {
+        if (j->finished) continue;
+        slot & sl = slots_[j->slot];
+        try {
+            decoder_rows rows;
+            rows.n_vocab = V;
+            rows.n_threads = n_threads_;
+            rows.projected = j->layers.empty() ? nullptr : proj_.data() + j->proj_offset * V;
+            if (j->mature == N) {
+                rows.mature = j->logits.data();
+            } else {  // early exit: the mature layer's row, copied (the decoder may overwrite rows)
+                const size_t k = std::find(j->layers.begin(), j->layers.end(), j->mature) - j->layers.begin();
+                mature_copy_.assign(rows.projected + k * V, rows.projected + (k + 1) * V);
+                rows.mature = mature_copy_.data();
+            }
+            if (!all_finite(rows.mature, V)) {
+                throw error("the model produced non-finite logits (NaN or inf): its weights are corrupt or its activations overflow");
+            }
+            context_entropy * context = nullptr;
+            if (j->ctx_layer >= 0) {
+                if (j->n_chosen == 0) sl.context->begin(j->req.prompt.size() - 1, j->req.prompt.size());
+                context = sl.context->valid() ? sl.context.get() : nullptr;
+                rows.context = context;
+            }
+            step_result res;
+            j->dec->step(rows, lp_.data(), scores_.data(), res);
+            const int32_t i = j->n_chosen++;
+            const float bonus = i < (int32_t) j->req.eos_bonus.size() ? j->req.eos_bonus[i] : 0.0f;
+            finish_step(*j->smp, scores_.data(), lp_.data(), V, sl.tokens, j->req.prompt.size(), bonus,
+                        j->req.params.n_probs, context, chosen_lp_, res);
+            const llama_token tok = res.token;
+            const bool end = (!j->req.ignore_eos && model_->is_eog(tok)) || j->n_chosen >= j->req.max_tokens ||
+                             sl.tokens.size() >= n_ctx_seq_;
+            if (!end) j->smp->accept(tok);  // the grammar's check first: a token it rejects is not decoded
+            batch_event ev;
+            ev.result = std::move(res);
+            emit(*j, std::move(ev));
+            if (end) {
+                batch_event e;
+                e.kind = batch_event::end;
+                emit(*j, std::move(e));
+                j->finished = true;
+            } else {
+                j->pending = tok;
+            }
+        } catch (const std::exception & e) {
+            fail(*j, e.what());
+        }
+    }
+    step_ms_ += ms_since(t0);
+}
+
+}  // namespace dola

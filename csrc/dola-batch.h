@@ -1,0 +1,164 @@
+// Many generations in one llama.cpp context: continuous batching. Each request is a sequence of a
+// unified KV cache; one llama_decode carries every running sequence's next token, with chunks of
+// the prompts of sequences that joined beside them, and the captured rows of every sequence that
+// needs them go through the output matrix in one projection. Each sequence keeps its own decoder
+// (plain, DoLa with its own layers, Activation Decoding), premature-layer choice, penalty history,
+// sampler and seed: its tokens are those it would get alone. The decoding runs on the engine's own
+// thread; callers submit requests and take their steps as they come. Knows no Python.
+#pragma once
+
+#include "decoders/decoder.h"
+#include "dola-capture.h"
+#include "dola-context-entropy.h"
+#include "dola-model.h"
+#include "dola-project.h"
+#include "dola-sampler.h"
+#include "dola-types.h"
+
+#include "llama-cpp.h"
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace dola {
+
+struct batch_request {
+    std::vector<llama_token> prompt;
+    decode_params params;
+    int32_t max_tokens = 0;  // tokens to choose at most (>= 1)
+    bool ignore_eos = false;  // an end-of-generation token does not end the answer
+    std::vector<float> eos_bonus;  // added to the end tokens' scores when choosing token i (missing: 0)
+};
+
+// What a request's consumer takes, in order: its steps, then one end (or failed, with the reason).
+struct batch_event {
+    enum kind_t { step, end, failed };
+    kind_t kind = step;
+    step_result result;
+    std::string error;
+};
+
+struct batch_stats {
+    int32_t n_running = 0, n_queued = 0;
+    int64_t n_decodes = 0;          // llama_decode calls
+    int64_t n_decoded_tokens = 0;   // tokens they carried (prompt chunks and answers)
+    int64_t n_steps = 0;            // tokens chosen
+    int64_t n_projections = 0;      // calls of the output-matrix projection
+    double decode_ms = 0.0, step_ms = 0.0;
+};
+
+class batch_engine {
+public:
+    // params.n_ctx: positions per sequence (the cache holds n_seq times as many)
+    batch_engine(std::shared_ptr<model> mdl, const context_params & params, int32_t n_seq);
+    ~batch_engine();
+    batch_engine(const batch_engine &) = delete;
+    batch_engine & operator=(const batch_engine &) = delete;
+
+    int32_t n_seq() const { return n_seq_; }
+    uint32_t n_ctx() const { return n_ctx_seq_; }  // per sequence
+    int32_t n_threads() const { return n_threads_; }
+    const model & get_model() const { return *model_; }
+
+    // Throws dola::error when prompt is empty or holds an id outside the vocabulary, and
+    // prompt_too_long when it has more tokens than a sequence holds: what submit checks first.
+    void check_prompt(const std::vector<llama_token> & prompt) const;
+    // Checks the request (prompt, layers, sampling values, grammar) and queues it: it starts as
+    // soon as a sequence is free. Throws dola::error (prompt_too_long) before anything runs.
+    int64_t submit(batch_request req);
+    // The request's next event, waiting at most timeout_ms; false when none came in that time.
+    bool next(int64_t id, batch_event & out, int32_t timeout_ms);
+    // Stops the request (queued or running) and forgets it; its sequence serves the next request.
+    void release(int64_t id);
+    batch_stats stats();
+
+private:
+    struct job;
+    struct slot {
+        std::vector<llama_token> tokens;  // what the KV cache holds for this sequence
+        std::unique_ptr<context_entropy> context;  // Activation Decoding's rows of those tokens
+        job * active = nullptr;
+    };
+    struct job {
+        int64_t id = 0;
+        batch_request req;
+        std::unique_ptr<decoder> dec;
+        std::unique_ptr<sampler> smp;
+        std::vector<int32_t> layers;  // projected per output row: the decoder's, then an early-exit mature layer
+        int32_t mature = 0;
+        int32_t ctx_layer = -1;
+        int32_t slot = -1;
+        size_t n_prompt_done = 0;  // prompt tokens in the cache
+        int32_t n_chosen = 0;
+        llama_token pending = -1;  // chosen, to be decoded next
+        bool finished = false;     // no more steps (ended or failed); engine thread
+        bool released = false;     // under mu_, with events
+        std::deque<batch_event> events;
+        // this iteration's output: its layers' rows, the final logits, its rows in the projection
+        std::vector<float> hidden, logits;
+        size_t proj_offset = 0;
+    };
+
+    void loop();
+    bool abort_requested() const { return stop_.load(std::memory_order_relaxed); }
+    static bool abort_cb(void * data);
+    projector & need_projector();
+    // engine thread: puts a queued job on a free sequence (the one sharing the longest prefix)
+    void admit(job & j, int32_t s);
+    // engine thread: one step of every running job (llama_decode calls, one projection, their
+    // decoders and samplers)
+    bool iterate(std::vector<job *> & work);
+    struct call_token {
+        llama_token token;
+        llama_pos pos;
+        int32_t seq;
+    };
+    // One llama_decode of toks, outputs from row_begin on, with the capture; false (last_error_)
+    // when it fails.
+    bool decode_call(const std::vector<call_token> & toks, int32_t row_begin, bool context);
+    void take_output(job & j, int32_t k, int32_t batch_index);
+    // engine thread, without the lock: the outputs' projections, decoders and samplers
+    void step_outputs(std::vector<job *> & outputs);
+    // engine thread: j's next event (handed to its consumer at the end of the iteration)
+    void emit(job & j, batch_event ev);
+    void fail(job & j, const std::string & why);
+
+    std::shared_ptr<model> model_;
+    switches env_;
+    llama_context_ptr ctx_;
+    int32_t n_seq_;
+    uint32_t n_ctx_seq_ = 0, n_batch_ = 0;
+    int32_t n_threads_ = 1;
+    bool capture_enabled_ = true;
+    layer_capture capture_;
+    std::vector<int32_t> marked_layers_;  // the union of the running jobs' layers, captured for all
+    std::unique_ptr<projector> projector_;
+    std::vector<slot> slots_;
+
+    std::mutex mu_;
+    std::condition_variable work_cv_, event_cv_;
+    std::map<int64_t, std::unique_ptr<job>> jobs_;
+    std::deque<job *> queue_;
+    int64_t next_id_ = 1;
+    batch_stats stats_;
+    // engine thread's counts, added to stats_ under the lock
+    int64_t n_projections_ = 0, n_decodes_ = 0, n_decoded_tokens_ = 0;
+    double step_ms_ = 0.0, decode_ms_ = 0.0;
+    std::string last_error_;
+    std::atomic<bool> stop_{false};
+    std::thread thread_;
+
+    // engine-thread scratch
+    std::vector<std::pair<job *, batch_event>> emitted_;
+    std::vector<float> hidden_, proj_, lp_, scores_, chosen_lp_, mature_copy_;
+};
+
+}  // namespace dola

@@ -1,0 +1,177 @@
+"""Continuous batching (dola_cpp.batch): many generations on one context give what each gives
+alone, for every decoder and any mix of them, with generations joining, leaving and being
+cancelled mid-way, and the engine really carrying several sequences per llama.cpp call."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import dola_cpp
+from dola_cpp import DecodeConfig, Model
+from dola_cpp.model import PromptTooLongError
+
+PROMPTS = [
+    "Q: What is the capital of France?\nA:",
+    "Q: Who wrote Hamlet?\nA:",
+    "Q: Why is the sky blue?\nA:",
+    "Q: What is the largest ocean on Earth?\nA:",
+    "Q: How many legs does a spider have?\nA:",
+    "Q: What is photosynthesis?\nA:",
+]
+
+# one of each decoder set-up, with the settings that give each sequence its own state
+CONFIGS = {
+    "plain": DecodeConfig(),
+    "dola-high": DecodeConfig().replace(layers="high", repetition_penalty=1.2),
+    "dola-static": DecodeConfig().replace(layers=[8]),
+    "dola-low-normed": DecodeConfig().replace(layers="low", premature_norm=True),
+    "activation": DecodeConfig().replace(decoder="activation", layers=None),
+    "activation-dola": DecodeConfig().replace(decoder="activation", layers="high"),
+    "sampled": DecodeConfig().replace(layers="high", temperature=0.8, top_k=40, seed=7),
+    "penalties-logprobs": DecodeConfig().replace(frequency_penalty=0.5, presence_penalty=0.3, top_logprobs=3),
+}
+
+N_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def model(smollm2_path) -> Model:
+    return Model(smollm2_path, n_ctx=512)
+
+
+@pytest.fixture(scope="module")
+def alone(model):
+    """Each (prompt, config) generated alone on the model's own context."""
+    cache = {}
+
+    def get(prompt: str, name: str):
+        if (prompt, name) not in cache:
+            cache[prompt, name] = model.generate(prompt, N_TOKENS, config=CONFIGS[name])
+        return cache[prompt, name]
+
+    return get
+
+
+def assert_same(batched, alone, what):
+    assert batched.tokens == alone.tokens, what
+    assert batched.text == alone.text, what
+    assert batched.finish_reason == alone.finish_reason, what
+    assert batched.decoder == alone.decoder and batched.layers == alone.layers, what
+    for a, b in zip(batched.steps, alone.steps):
+        assert a.premature_layer == b.premature_layer, what
+        np.testing.assert_allclose(a.jsd, b.jsd, rtol=1e-5, atol=1e-5, err_msg=what)
+        np.testing.assert_allclose(a.score, b.score, rtol=1e-5, atol=1e-5, err_msg=what)
+        np.testing.assert_allclose(a.mature_logprob, b.mature_logprob, rtol=1e-5, atol=1e-5, err_msg=what)
+        assert [t for t, _ in a.top_logprobs] == [t for t, _ in b.top_logprobs], what
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_each_decoder_in_a_batch_gives_what_it_gives_alone(model, alone, name):
+    results = model.generate_batch(PROMPTS[:4], N_TOKENS, config=CONFIGS[name])
+    for prompt, r in zip(PROMPTS, results):
+        assert_same(r, alone(prompt, name), f"{name}: {prompt!r}")
+
+
+def test_a_mix_of_decoders_in_one_batch_gives_what_each_gives_alone(model, alone):
+    names = list(CONFIGS)
+    pairs = [(PROMPTS[i % len(PROMPTS)], names[i]) for i in range(len(names))]
+    batch = model.batch(parallel=len(pairs))
+    results = batch.generate([p for p, _ in pairs], N_TOKENS, configs=[CONFIGS[n] for _, n in pairs])
+    for (prompt, name), r in zip(pairs, results):
+        assert_same(r, alone(prompt, name), f"{name}: {prompt!r}")
+    stats = batch.stats()
+    # one llama.cpp call carried several sequences, and the DoLa rows of a step went through the
+    # output matrix together (once per norm: two projections at most per call)
+    assert stats["n_decoded_tokens"] >= 3 * stats["n_decodes"], stats
+    assert stats["n_projections"] <= 2 * stats["n_decodes"], stats
+    assert stats["n_steps"] >= sum(len(r.tokens) for r in results)
+
+
+def test_generations_join_and_leave_mid_way(model, alone):
+    batch = model.batch(parallel=3)
+    first = batch.stream(PROMPTS[0], N_TOKENS, config=CONFIGS["dola-high"])
+    pieces = [next(first), next(first)]
+    # a second joins while the first is answering, a third is cancelled after two pieces
+    second = batch.stream(PROMPTS[1], N_TOKENS, config=CONFIGS["activation"])
+    third = batch.stream(PROMPTS[2], N_TOKENS, config=CONFIGS["plain"])
+    next(third), next(third)
+    third.close()
+    assert third.finish_reason == "cancelled"
+    rest = dola_cpp.batch.drain([first, second])
+    assert "".join(pieces) + first.text[len("".join(pieces)):] == first.text
+    assert_same(rest[0], alone(PROMPTS[0], "dola-high"), "joined first")
+    assert_same(rest[1], alone(PROMPTS[1], "activation"), "joined second")
+    # the cancelled sequence's place serves the next generation, which is unchanged by it
+    assert_same(batch.generate([PROMPTS[2]], N_TOKENS, config=CONFIGS["plain"])[0], alone(PROMPTS[2], "plain"),
+                "after a cancelled one")
+
+
+def test_more_generations_than_sequences_wait_their_turn(model, alone):
+    batch = model.batch(parallel=2)
+    results = batch.generate(PROMPTS, N_TOKENS, config=CONFIGS["dola-high"])
+    for prompt, r in zip(PROMPTS, results):
+        assert_same(r, alone(prompt, "dola-high"), prompt)
+    assert batch.stats()["n_running"] == 0 and batch.stats()["n_queued"] == 0
+
+
+def test_streams_on_threads_and_a_cancel_from_another_thread(model, alone):
+    batch = model.batch(parallel=4)
+    out: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        s = batch.stream(PROMPTS[i], N_TOKENS, config=CONFIGS["dola-high"])
+        for _ in s:
+            pass
+        out[i] = s.result()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    victim = batch.stream(PROMPTS[3], 200, config=CONFIGS["plain"], ignore_eos=True)
+    next(victim)
+    victim.sequence.cancel()  # what a server does when its client goes away
+    assert list(victim) == [] or victim.finish_reason == "cancelled"
+    assert victim.finish_reason == "cancelled" and len(victim.tokens) < 200
+    for t in threads:
+        t.join(timeout=120)
+    for i in range(3):
+        assert_same(out[i], alone(PROMPTS[i], "dola-high"), PROMPTS[i])
+
+
+def test_stops_budgets_and_grammars_end_answers_as_alone(model):
+    cases = [
+        dict(stop=["."], max_tokens=40),
+        dict(stop_loops=True, max_tokens=40, config=DecodeConfig().replace(layers="high")),
+        dict(max_tokens=3),
+        dict(json_schema={"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+             max_tokens=24),
+        dict(max_tokens=24, config=DecodeConfig().replace(eos_boost=10.0)),
+    ]
+    batch = model.batch(parallel=len(cases))
+    streams = [batch.stream(PROMPTS[i], **kw) for i, kw in enumerate(cases)]
+    for i, (kw, r) in enumerate(zip(cases, dola_cpp.batch.drain(streams))):
+        kw = dict(kw)
+        expected = model.generate(PROMPTS[i], kw.pop("max_tokens"), **kw)
+        assert (r.tokens, r.text, r.finish_reason) == (expected.tokens, expected.text, expected.finish_reason), kw
+
+
+def test_bad_requests_are_refused_before_they_join(model):
+    batch = model.batch(parallel=2)
+    with pytest.raises(ValueError, match="premature layer"):
+        batch.stream(PROMPTS[0], 8, layers=[99])
+    with pytest.raises(PromptTooLongError):
+        batch.stream(list(range(1, 600)), 8)
+    with pytest.raises(ValueError, match="empty"):
+        batch.stream("", 8)
+    with pytest.raises(ValueError, match="configs has 1 entries for 2 prompts"):
+        batch.generate(PROMPTS[:2], 8, configs=[DecodeConfig()])
+    with pytest.raises(ValueError, match="parallel"):
+        model.batch(parallel=0)
+    with pytest.raises(TypeError, match="not one string"):
+        model.generate_batch("one prompt", 8)
+    # nothing of the refused ones is left running
+    assert batch.stats()["n_running"] == 0 and batch.stats()["n_queued"] == 0
+    assert batch.generate([PROMPTS[0]], 4)[0].tokens == model.generate(PROMPTS[0], 4).tokens
