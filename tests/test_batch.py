@@ -175,3 +175,31 @@ def test_bad_requests_are_refused_before_they_join(model):
     # nothing of the refused ones is left running
     assert batch.stats()["n_running"] == 0 and batch.stats()["n_queued"] == 0
     assert batch.generate([PROMPTS[0]], 4)[0].tokens == model.generate(PROMPTS[0], 4).tokens
+
+
+def test_a_sequence_that_fails_mid_way_ends_alone(tmp_path):
+    """A token whose embedding is NaN poisons only the sequence that holds it (each sequence attends
+    to its own cache): that one raises, the others give what they give alone."""
+    import gguf
+
+    from dola_cpp.synthetic import write_llama_gguf
+
+    path = write_llama_gguf(tmp_path / "m.gguf", n_layer=4)
+    m = Model(path, n_ctx=64)
+    poison = m.tokenize("the", add_special=False)[-1]
+    reader = gguf.GGUFReader(path, "r+")
+    next(t for t in reader.tensors if t.name == "token_embd.weight").data[poison] = np.nan
+    del reader
+    m = Model(path, n_ctx=64)
+    prompts = ["a b c", "b a", "c c a"]
+    alone = [m.generate(p, 6, layers=[2], ignore_eos=True) for p in prompts]
+    batch = m.batch(parallel=3)
+    streams = [batch.stream(p, 6, layers=[2], ignore_eos=True) for p in prompts]
+    bad = batch.stream("a the b", 6, layers=[2], ignore_eos=True)
+    for s in [*streams, bad]:
+        s.start()
+    with pytest.raises(dola_cpp.DolaError, match="non-finite logits"):
+        list(bad)
+    for a, b in zip(dola_cpp.batch.drain(streams), alone):
+        assert a.tokens == b.tokens
+    assert batch.stats()["n_running"] == 0

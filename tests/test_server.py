@@ -292,6 +292,35 @@ def test_a_client_that_goes_away_cancels_its_whole_answer(weights):
         s.stop()
 
 
+def test_streams_dropped_at_their_first_chunk_leave_every_sequence_free(weights):
+    """A client that opens and drops 100 streams (and 32 at once after them): no sequence is
+    leaked, /health says all are free, and the server keeps answering."""
+    app = create_app(weights.share(), parallel=4, max_queue=32)
+    s = Server(app)
+    try:
+        def drop() -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
+            conn.request("POST", "/v1/chat/completions", body=json.dumps({**COUNT, "max_tokens": 200, "stream": True}),
+                         headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            assert r.status == 200 and r.readline().startswith(b"data: ")
+            conn.sock.shutdown(socket.SHUT_RDWR)
+            r.close()
+            conn.close()
+
+        for _ in range(100):
+            drop()
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            list(pool.map(lambda _: drop(), range(32)))
+        wait_until(lambda: request(s.url).json()["free"] == 4, "every sequence is free")
+        assert request(s.url).json()["busy"] == 0
+        wait_until(lambda: app.state.pool.batch.stats()["n_running"] == 0, "the engine runs nothing")
+        ok = request(s.url, "POST", "/v1/chat/completions", {**COUNT, "max_tokens": 4})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+    finally:
+        s.stop()
+
+
 def test_the_queue_holds_four_per_context_by_default(weights):
     """create_app's default queue (and dola-cpp serve's without --queue): 4 x parallel requests may
     wait; the next gets 503. The one context is held (its generation waits for a gate) while the
