@@ -83,6 +83,16 @@ def start(cmd: list[str], port: int) -> subprocess.Popen:
     sys.exit(f"{cmd[0]} did not become healthy")
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it has not exited in 10 s (llama-server can wait on idle HTTP threads)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def rss_mib(proc: subprocess.Popen) -> Optional[float]:
     try:
         for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
@@ -156,8 +166,7 @@ def main() -> None:
             print("llama-server, plain", flush=True)
             runs.append(("llama-server", "plain", load(f"http://127.0.0.1:{port}/v1", {}, args), rss_mib(proc)))
         finally:
-            proc.terminate()
-            proc.wait()
+            stop(proc)
     port = free_port()
     proc = start([sys.executable, "-m", "dola_cpp", "serve", str(path), "--port", str(port),
                   "--parallel", str(args.parallel), "--threads", str(args.threads), "--queue", "1024"], port)
@@ -166,8 +175,7 @@ def main() -> None:
             print(f"dola-cpp serve, {mode}", flush=True)
             runs.append(("dola-cpp serve", mode, load(f"http://127.0.0.1:{port}/v1", extra, args), rss_mib(proc)))
     finally:
-        proc.terminate()
-        proc.wait()
+        stop(proc)
 
     base = {r[0]: r[1] for server, mode, rows, _ in runs if server == "llama-server" for r in rows}
     print(f"\n{path.name}, {args.parallel} parallel sequences, {args.threads} threads, {args.requests} streamed "
