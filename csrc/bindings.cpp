@@ -419,11 +419,12 @@ PYBIND11_MODULE(_core, m) {
 
     py::class_<dola::batch_engine, std::shared_ptr<dola::batch_engine>>(m, "BatchEngine")
         .def(py::init([](std::shared_ptr<dola::model> mdl, uint32_t n_ctx, int32_t n_seq, int32_t n_threads, uint32_t n_batch,
-                         const std::string & kv_type, bool capture) {
+                         const std::string & kv_type, bool capture, bool adaptive_threads) {
                  dola::context_params p;
                  p.env = dola::switches::from_environment();
                  p.kv_type = kv_type;
                  p.capture = capture;
+                 p.adaptive_threads = adaptive_threads;
                  p.n_ctx = n_ctx;
                  p.n_threads = n_threads;
                  p.n_batch = n_batch;
@@ -431,8 +432,10 @@ PYBIND11_MODULE(_core, m) {
                  return std::make_shared<dola::batch_engine>(std::move(mdl), p, n_seq);
              }),
              py::arg("model"), py::arg("n_ctx") = 2048, py::arg("n_seq") = 4, py::arg("n_threads") = 0,
-             py::arg("n_batch") = 512, py::arg("kv_type") = "f16", py::arg("capture") = true)
+             py::arg("n_batch") = 512, py::arg("kv_type") = "f16", py::arg("capture") = true,
+             py::arg("adaptive_threads") = true)
         .def_property_readonly("n_ctx", &dola::batch_engine::n_ctx)
+        .def_property_readonly("adaptive_threads", &dola::batch_engine::adaptive_threads)
         .def_property_readonly("n_seq", &dola::batch_engine::n_seq)
         .def_property_readonly("n_threads", &dola::batch_engine::n_threads)
         .def("check_prompt", [](const dola::batch_engine & self, py::handle ids) {

@@ -40,6 +40,9 @@ batch_engine::batch_engine(std::shared_ptr<model> mdl, const context_params & pa
     : model_(std::move(mdl)),
       env_(params.env),
       n_seq_(n_seq),
+      n_threads_(params.n_threads > 0 ? params.n_threads : (int32_t) std::max(1u, std::thread::hardware_concurrency())),
+      governor_(n_threads_, params.adaptive_threads),
+      threads_now_(n_threads_),
       capture_enabled_(params.capture),
       capture_(model_->n_layer(), model_->n_embd(), env_.capture_callback) {
     if (n_seq < 1 || n_seq > 256) throw error("the number of sequences must be in 1..256, got " + std::to_string(n_seq));
@@ -47,7 +50,6 @@ batch_engine::batch_engine(std::shared_ptr<model> mdl, const context_params & pa
     if (params.n_threads > GGML_MAX_N_THREADS) {
         throw error("n_threads must be at most " + std::to_string(GGML_MAX_N_THREADS) + ", got " + std::to_string(params.n_threads));
     }
-    n_threads_ = params.n_threads > 0 ? params.n_threads : (int32_t) std::max(1u, std::thread::hardware_concurrency());
     n_ctx_seq_ = params.n_ctx > 0 ? params.n_ctx : (uint32_t) std::max(model_->n_ctx_train(), 512);
     const uint64_t total = (uint64_t) n_ctx_seq_ * (uint64_t) n_seq;
     if (total > (uint64_t) INT32_MAX) throw error("n_ctx times the number of sequences is too large");
@@ -87,12 +89,21 @@ batch_engine::~batch_engine() {
     if (thread_.joinable()) thread_.join();
 }
 
+void batch_engine::update_threads() {
+    const int32_t n = governor_.threads();
+    if (n == threads_now_) return;
+    threads_now_ = n;
+    llama_set_n_threads(ctx_.get(), n, n);
+    for (slot & sl : slots_) {
+        if (sl.context) sl.context->set_n_threads(n);
+    }
+}
+
 bool batch_engine::abort_cb(void * data) { return static_cast<batch_engine *>(data)->abort_requested(); }
 
 projector & batch_engine::need_projector() {
     if (!projector_) {
         projector_ = std::make_unique<projector>(model_->get(), env_);
-        projector_->set_n_threads(n_threads_);
     }
     return *projector_;
 }
@@ -197,7 +208,7 @@ void batch_engine::admit(job & j, int32_t s) {
         if (!sl.context) {
             sl.context = std::make_unique<context_entropy>(model_->n_embd(), model_->n_vocab());
             sl.context->set_projector(projector_.get());
-            sl.context->set_n_threads(n_threads_);
+            sl.context->set_n_threads(threads_now_);
         }
         sl.context->configure(j.ctx_layer, j.req.params.premature_norm);
     }
@@ -336,6 +347,11 @@ void batch_engine::take_output(job & j, int32_t k, int32_t batch_index) {
 }
 
 bool batch_engine::iterate(std::vector<job *> & work) {
+    update_threads();
+    if (projector_ && projector_threads_ != threads_now_) {  // made by a submit, or the count changed
+        projector_->set_n_threads(threads_now_);
+        projector_threads_ = threads_now_;
+    }
     // capture the union of the running sequences' layers (stable while they run: no new graphs)
     std::vector<int32_t> layers;
     int32_t ctx_layer = -1;
@@ -355,24 +371,49 @@ bool batch_engine::iterate(std::vector<job *> & work) {
 
     // Every answering sequence's last chosen token. A sequence's KV cache is a stream of its own,
     // so its positions keep their order whatever the others do (its results are those it gets
-    // alone); llama.cpp takes the sequences of one call in consecutive ids, so each run of
-    // consecutive ids is one call.
-    std::vector<job *> answering;
+    // alone). llama.cpp takes the sequences of one call in consecutive ids: an idle sequence
+    // between two answering ones gets a throwaway token (its cell is removed after the call), one
+    // row of work instead of a second call; a prefilling one splits the call.
+    std::vector<job *> by_slot(n_seq_, nullptr);
     for (job * j : work) {
-        if (j->pending >= 0) answering.push_back(j);
+        if (j->pending >= 0) by_slot[j->slot] = j;
     }
-    std::sort(answering.begin(), answering.end(), [](const job * a, const job * b) { return a->slot < b->slot; });
-    for (size_t i = 0; i < answering.size();) {
-        size_t e = i + 1;
-        while (e < answering.size() && answering[e]->slot == answering[e - 1]->slot + 1) ++e;
+    auto fillable = [&](int32_t g) { return !slots_[g].active && slots_[g].tokens.size() < n_ctx_seq_; };
+    std::vector<job *> run;
+    std::vector<int32_t> fillers;
+    for (int32_t s = 0; s < n_seq_;) {
+        if (!by_slot[s]) {
+            ++s;
+            continue;
+        }
         toks.clear();
-        for (size_t k = i; k < e; ++k) {
-            job * j = answering[k];
-            toks.push_back({j->pending, (llama_pos) slots_[j->slot].tokens.size(), j->slot});
+        run.clear();
+        fillers.clear();
+        int32_t e = s;
+        while (e < n_seq_) {
+            if (by_slot[e]) {
+                job * j = by_slot[e];
+                toks.push_back({j->pending, (llama_pos) slots_[e].tokens.size(), e});
+                run.push_back(j);
+                ++e;
+                continue;
+            }
+            int32_t f = e;
+            while (f < n_seq_ && !by_slot[f] && fillable(f)) ++f;
+            if (f == n_seq_ || !by_slot[f]) break;
+            for (int32_t g = e; g < f; ++g) {
+                const auto & t = slots_[g].tokens;
+                toks.push_back({t.empty() ? by_slot[f]->pending : t.back(), (llama_pos) t.size(), g});
+                run.push_back(nullptr);
+                fillers.push_back(g);
+            }
+            e = f;
         }
         const bool ok = decode_call(toks, 0, false);
-        for (size_t k = i; k < e; ++k) {
-            job * j = answering[k];
+        for (int32_t g : fillers) llama_memory_seq_rm(mem, g, (llama_pos) slots_[g].tokens.size(), -1);
+        for (size_t k = 0; k < run.size(); ++k) {
+            job * j = run[k];
+            if (!j) continue;
             if (!ok) {
                 llama_memory_seq_rm(mem, j->slot, (llama_pos) slots_[j->slot].tokens.size(), -1);
                 fail(*j, last_error_);
@@ -380,10 +421,10 @@ bool batch_engine::iterate(std::vector<job *> & work) {
             }
             slots_[j->slot].tokens.push_back(j->pending);
             j->pending = -1;
-            take_output(*j, (int32_t) (k - i), (int32_t) (k - i));
+            take_output(*j, (int32_t) k, (int32_t) k);
             outputs.push_back(j);
         }
-        i = e;
+        s = e;
     }
 
     // then prompt chunks, one sequence per call, up to n_batch prompt tokens in all
@@ -476,7 +517,7 @@ void batch_engine::step_outputs(std::vector<job *> & outputs) {
         try {
             decoder_rows rows;
             rows.n_vocab = V;
-            rows.n_threads = n_threads_;
+            rows.n_threads = threads_now_;
             rows.projected = j->layers.empty() ? nullptr : proj_.data() + j->proj_offset * V;
             if (j->mature == N) {
                 rows.mature = j->logits.data();

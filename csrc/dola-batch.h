@@ -13,6 +13,7 @@
 #include "dola-model.h"
 #include "dola-project.h"
 #include "dola-sampler.h"
+#include "dola-threads.h"
 #include "dola-types.h"
 
 #include "llama-cpp.h"
@@ -66,6 +67,7 @@ public:
     int32_t n_seq() const { return n_seq_; }
     uint32_t n_ctx() const { return n_ctx_seq_; }  // per sequence
     int32_t n_threads() const { return n_threads_; }
+    bool adaptive_threads() const { return governor_.adaptive(); }
     const model & get_model() const { return *model_; }
 
     // Throws dola::error when prompt is empty or holds an id outside the vocabulary, and
@@ -137,6 +139,10 @@ private:
     int32_t n_seq_;
     uint32_t n_ctx_seq_ = 0, n_batch_ = 0;
     int32_t n_threads_ = 1;
+    thread_governor governor_;
+    int32_t threads_now_ = 1;  // fewer than n_threads_ while other processes keep cores busy
+    int32_t projector_threads_ = 0;
+    void update_threads();
     bool capture_enabled_ = true;
     layer_capture capture_;
     std::vector<int32_t> marked_layers_;  // the union of the running jobs' layers, captured for all

@@ -406,14 +406,16 @@ class Model:
     def batch(self, parallel: int = 4, *, n_threads: Optional[int] = None, n_batch: int = 512) -> Batch:
         """A :class:`~dola_cpp.batch.Batch`: ``parallel`` generations at once on one new llama.cpp
         context of these weights (continuous batching), each sequence ``n_ctx`` positions long;
-        ``n_threads``: default all cores. Its streams decode together on the batch's own thread."""
+        ``n_threads``: default all cores (fewer while other processes keep cores busy, as this
+        model's ``adaptive_threads``). Its streams decode together on the batch's own thread."""
         for name, value, low, high in (("parallel", parallel, 1, 256), ("n_batch", n_batch, 1, 2**31 - 1)):
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise ValueError(f"{name} must be an integer in {low}..{high}, got {value!r}")
         if n_threads is not None and not 1 <= n_threads <= 512:
             raise ValueError(f"n_threads must be in 1..512, got {n_threads}")
         engine = _core.BatchEngine(self._weights, n_ctx=self.n_ctx, n_seq=parallel, n_threads=int(n_threads or 0),
-                                   n_batch=n_batch, kv_type=self._kv_type, capture=self._capture)
+                                   n_batch=n_batch, kv_type=self._kv_type, capture=self._capture,
+                                   adaptive_threads=self._session.adaptive_threads)
         return Batch(engine, self._weights, self._prompt_ids, self.resolve_layers)
 
     def generate_batch(self, prompts: Sequence[Prompt], max_tokens: int = 256, *, parallel: Optional[int] = None,
