@@ -40,7 +40,19 @@ for _ in range(n):
             m.generate("the", max_tokens=2, **bad)
         except ValueError:
             pass
-    del m, shared, stream
+    # the batch engine: a mix of decoders, one stream left mid-way, a refused request
+    batch = m.batch(parallel=2)
+    batch.generate(["the a", "a the", "the"], 3, configs=[dola_cpp.DecodeConfig().replace(layers="high"),
+                                                          dola_cpp.DecodeConfig().replace(decoder="activation"),
+                                                          dola_cpp.DecodeConfig().replace(grammar="root ::= [a-z ]+")])
+    left = batch.stream("the a", max_tokens=10)
+    next(left)
+    left.close()
+    try:
+        batch.stream("the", max_tokens=2, grammar="root ::= undefined")
+    except ValueError:
+        pass
+    del m, shared, stream, batch, left
     gc.collect()
 
 # the positive control: blocks nothing points to, which LeakSanitizer must report at exit. malloc's
