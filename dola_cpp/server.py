@@ -310,7 +310,12 @@ def create_app(model: Model, *, parallel: int = 1, max_queue: Optional[int] = No
                   "contexts_busy": ("Sequences generating now.", float(pool.busy)),
                   "requests_waiting": ("Requests waiting for a sequence.", float(pool.waiting)),
                   "n_ctx": ("Tokens each sequence holds.", float(limits.n_ctx))}
-        return PlainTextResponse(metrics.text(gauges), media_type="text/plain; version=0.0.4")
+        st = pool.batch.stats()
+        counters = {"llama_calls_total": ("llama.cpp decode calls of the batch.", float(st["n_decodes"])),
+                    "llama_call_tokens_total": ("Tokens those calls carried (answers' and prompts').",
+                                                float(st["n_decoded_tokens"])),
+                    "llama_call_seconds_total": ("Seconds spent in those calls.", st["decode_ms"] / 1000)}
+        return PlainTextResponse(metrics.text(gauges, counters), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models() -> dict:

@@ -141,8 +141,9 @@ class Metrics:
         self.decoder_tokens[decoder] += n_tokens
         self.generated_tokens += n_tokens
 
-    def text(self, gauges: dict[str, tuple[str, float]]) -> str:
-        """The exposition: the counters, then ``gauges`` ({name: (help, value)})."""
+    def text(self, gauges: dict[str, tuple[str, float]], counters: Optional[dict[str, tuple[str, float]]] = None) -> str:
+        """The exposition: the counters (these and ``counters``), then ``gauges`` ({name: (help,
+        value)})."""
         out: list[str] = []
 
         def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
@@ -161,6 +162,8 @@ class Metrics:
                [(f'{{decoder="{d}"}}', n) for d, n in sorted(self.generations.items())])
         metric("decoder_tokens_total", "counter", "Tokens generated, by decoder.",
                [(f'{{decoder="{d}"}}', n) for d, n in sorted(self.decoder_tokens.items())])
+        for name, (help_, value) in (counters or {}).items():
+            metric(name, "counter", help_, [("", value)])
         for name, (help_, value) in gauges.items():
             metric(name, "gauge", help_, [("", value)])
         return "\n".join(out) + "\n"

@@ -232,7 +232,11 @@ def test_metrics_count_requests_tokens_and_decoders(weights):
         assert values["dola_cpp_prompt_tokens_total"] >= used["prompt_tokens"] + 1
         assert values["dola_cpp_contexts"] == 1 and values["dola_cpp_contexts_busy"] == 0
         assert values["dola_cpp_requests_waiting"] == 0
-        assert "# TYPE dola_cpp_requests_total counter" in text
+        # the batch's llama.cpp calls: at least one per generated token of the longest choice, each
+        # carrying at least one token, and time spent in them
+        calls = values["dola_cpp_llama_calls_total"]
+        assert 5 <= calls <= values["dola_cpp_llama_call_tokens_total"] and values["dola_cpp_llama_call_seconds_total"] > 0
+        assert "# TYPE dola_cpp_requests_total counter" in text and "# TYPE dola_cpp_llama_calls_total counter" in text
     finally:
         s.stop()
 

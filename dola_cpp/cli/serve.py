@@ -29,7 +29,8 @@ def serve(
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port.")] = 8000,
     parallel: Annotated[int, typer.Option("--parallel", "-np", min=1, max=256,
                                           help="Generations at once: sequences of one context, decoded together "
-                                               "(continuous batching).")] = 1,
+                                               "(continuous batching; the KV cache holds this many times "
+                                               "--ctx).")] = 4,
     queue: Annotated[Optional[int], typer.Option("--queue", min=0, show_default=False,
                                                  help="Requests that may wait for a sequence; beyond them "
                                                       "HTTP 503 (default: 4 x --parallel).")] = None,
