@@ -21,58 +21,26 @@ double ms_since(clock_type::time_point t0) {
     return std::chrono::duration<double, std::milli>(clock_type::now() - t0).count();
 }
 
-// llama_batch_init's arrays, freed however the decode ends.
-class owned_batch {
-public:
-    explicit owned_batch(int32_t n) : b_(llama_batch_init(n, 0, 1)) {}
-    ~owned_batch() { llama_batch_free(b_); }
-    owned_batch(const owned_batch &) = delete;
-    owned_batch & operator=(const owned_batch &) = delete;
-    llama_batch & get() { return b_; }
-
-private:
-    llama_batch b_;
-};
-
 }  // namespace
 
 batch_engine::batch_engine(std::shared_ptr<model> mdl, const context_params & params, int32_t n_seq)
     : model_(std::move(mdl)),
       env_(params.env),
       n_seq_(n_seq),
-      n_threads_(params.n_threads > 0 ? params.n_threads : (int32_t) std::max(1u, std::thread::hardware_concurrency())),
+      n_threads_(checked_threads(params.n_threads)),
       governor_(n_threads_, params.adaptive_threads),
       threads_now_(n_threads_),
       capture_enabled_(params.capture),
       capture_(model_->n_layer(), model_->n_embd(), env_.capture_callback) {
     if (n_seq < 1 || n_seq > 256) throw error("the number of sequences must be in 1..256, got " + std::to_string(n_seq));
     if (model_->uses_rpc()) throw error("batched decoding does not run on RPC-backed models yet");
-    if (params.n_threads > GGML_MAX_N_THREADS) {
-        throw error("n_threads must be at most " + std::to_string(GGML_MAX_N_THREADS) + ", got " + std::to_string(params.n_threads));
-    }
     n_ctx_seq_ = params.n_ctx > 0 ? params.n_ctx : (uint32_t) std::max(model_->n_ctx_train(), 512);
     const uint64_t total = (uint64_t) n_ctx_seq_ * (uint64_t) n_seq;
     if (total > (uint64_t) INT32_MAX) throw error("n_ctx times the number of sequences is too large");
     n_batch_ = std::max<uint32_t>((uint32_t) n_seq, std::min<uint32_t>(params.n_batch, (uint32_t) total));
-    llama_context_params cp = llama_context_default_params();
-    cp.n_ctx = (uint32_t) total;
-    cp.n_batch = n_batch_;
-    cp.n_ubatch = n_batch_;  // one llama_decode = one ubatch: captured rows map to batch rows
+    llama_context_params cp = context_params_for((uint32_t) total, n_batch_, n_threads_, params.kv_type, abort_cb, this);
     cp.n_seq_max = (uint32_t) n_seq;
-    cp.kv_unified = false;   // a KV stream per sequence: its cells keep their order, as alone
-    cp.n_threads = n_threads_;
-    cp.n_threads_batch = n_threads_;
-    cp.abort_callback = abort_cb;
-    cp.abort_callback_data = this;
-    cp.no_perf = true;
-    if (params.kv_type == "f32") {
-        cp.type_k = cp.type_v = GGML_TYPE_F32;
-        cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
-    } else if (params.kv_type == "q8_0") {
-        cp.type_k = cp.type_v = GGML_TYPE_Q8_0;
-    } else if (params.kv_type != "f16") {
-        throw error("kv cache type must be f16, f32 or q8_0, got '" + params.kv_type + "'");
-    }
+    cp.kv_unified = false;  // a KV stream per sequence: its cells keep their order, as alone
     clear_last_error();
     ctx_.reset(llama_init_from_model(model_->get(), cp));
     if (!ctx_) throw error(with_detail("could not create a context of " + std::to_string(total) + " tokens"));
@@ -526,9 +494,7 @@ void batch_engine::step_outputs(std::vector<job *> & outputs) {
                 mature_copy_.assign(rows.projected + k * V, rows.projected + (k + 1) * V);
                 rows.mature = mature_copy_.data();
             }
-            if (!all_finite(rows.mature, V)) {
-                throw error("the model produced non-finite logits (NaN or inf): its weights are corrupt or its activations overflow");
-            }
+            check_finite(rows.mature, V);
             context_entropy * context = nullptr;
             if (j->ctx_layer >= 0) {
                 if (j->n_chosen == 0) sl.context->begin(j->req.prompt.size() - 1, j->req.prompt.size());

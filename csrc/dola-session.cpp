@@ -14,36 +14,6 @@
 
 namespace dola {
 
-namespace {
-
-void check_finite(const float * logits, int64_t n) {
-    if (!all_finite(logits, n)) {
-        throw error("the model produced non-finite logits (NaN or inf): its weights are corrupt or its activations overflow");
-    }
-}
-
-int32_t checked_threads(int32_t n) {
-    if (n > GGML_MAX_N_THREADS) {  // ggml's thread pool crashes beyond this
-        throw error("n_threads must be at most " + std::to_string(GGML_MAX_N_THREADS) + ", got " + std::to_string(n));
-    }
-    return n > 0 ? n : (int32_t) std::max(1u, std::thread::hardware_concurrency());
-}
-
-// llama_batch_init's arrays, freed however the decode ends (llama.cpp ships no deleter for it).
-class batch {
-public:
-    explicit batch(int32_t n) : b_(llama_batch_init(n, 0, 1)) {}
-    ~batch() { llama_batch_free(b_); }
-    batch(const batch &) = delete;
-    batch & operator=(const batch &) = delete;
-    llama_batch & get() { return b_; }
-
-private:
-    llama_batch b_;
-};
-
-}  // namespace
-
 session::session(std::shared_ptr<model> mdl, const context_params & params)
     : model_(std::move(mdl)),
       env_(params.env),
@@ -56,27 +26,9 @@ session::session(std::shared_ptr<model> mdl, const context_params & params)
     const int32_t n_ctx_train = model_->n_ctx_train();
     n_ctx_ = params.n_ctx > 0 ? params.n_ctx : (uint32_t) std::max(n_ctx_train, 512);
     n_batch_ = std::max<uint32_t>(1, std::min(params.n_batch, n_ctx_));
-    llama_context_params cp = llama_context_default_params();
-    cp.n_ctx = n_ctx_;
-    cp.n_batch = n_batch_;
-    cp.n_ubatch = n_batch_;  // one llama_decode call = one ubatch: capture rows map to batch rows
+    llama_context_params cp = context_params_for(n_ctx_, n_batch_, n_threads_, params.kv_type, abort_cb, this);
     cp.n_seq_max = 1;
-    cp.n_threads = n_threads_;
-    cp.n_threads_batch = n_threads_;
     capture_enabled_ = params.capture;  // the callback is installed per ubatch, when it has rows to capture
-    cp.abort_callback = abort_cb;
-    cp.abort_callback_data = this;
-    cp.no_perf = true;
-    if (params.kv_type == "f32") {
-        // exact mode (reference parity): F32 cache and no flash attention, whose CPU kernel
-        // rounds Q to F16
-        cp.type_k = cp.type_v = GGML_TYPE_F32;
-        cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
-    } else if (params.kv_type == "q8_0") {
-        cp.type_k = cp.type_v = GGML_TYPE_Q8_0;
-    } else if (params.kv_type != "f16") {
-        throw error("kv cache type must be f16, f32 or q8_0, got '" + params.kv_type + "'");
-    }
     clear_last_error();
     ctx_.reset(llama_init_from_model(model_->get(), cp));
     if (!ctx_) throw error(with_detail("could not create a context of " + std::to_string(n_ctx_) + " tokens"));
@@ -190,7 +142,7 @@ void session::decode_chunk(const llama_token * toks, int32_t n, int32_t row_begi
     update_threads();
     int32_t rc;
     {
-        batch b(n);
+        owned_batch b(n);
         llama_batch & bt = b.get();
         const llama_pos pos0 = (llama_pos) tokens_.size();
         for (int32_t i = 0; i < n; ++i) {

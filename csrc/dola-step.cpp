@@ -8,8 +8,15 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <thread>
 
 namespace dola {
+
+void check_finite(const float * logits, int64_t n) {
+    if (!all_finite(logits, n)) {
+        throw error("the model produced non-finite logits (NaN or inf): its weights are corrupt or its activations overflow");
+    }
+}
 
 int32_t check_decode_params(const model & m, const decode_params & p) {
     const int32_t N = m.n_layer();
@@ -59,6 +66,37 @@ void finish_step(sampler & smp, float * scores, float * lp, int64_t n_vocab, con
         top_n(chosen_lp.data(), n_vocab, n_probs, res.dola_top_tokens, res.dola_top_logprobs);
     }
     if (context) context->entropy_of(&tok, 1, &res.activation_entropy);
+}
+
+int32_t checked_threads(int32_t n) {
+    if (n > GGML_MAX_N_THREADS) {  // ggml's thread pool crashes beyond this
+        throw error("n_threads must be at most " + std::to_string(GGML_MAX_N_THREADS) + ", got " + std::to_string(n));
+    }
+    return n > 0 ? n : (int32_t) std::max(1u, std::thread::hardware_concurrency());
+}
+
+llama_context_params context_params_for(uint32_t n_ctx, uint32_t n_batch, int32_t n_threads, const std::string & kv_type,
+                                        ggml_abort_callback abort, void * abort_data) {
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = n_ctx;
+    cp.n_batch = n_batch;
+    cp.n_ubatch = n_batch;  // one llama_decode call = one ubatch: captured rows map to the call's rows
+    cp.n_threads = n_threads;
+    cp.n_threads_batch = n_threads;
+    cp.abort_callback = abort;
+    cp.abort_callback_data = abort_data;
+    cp.no_perf = true;
+    if (kv_type == "f32") {
+        // exact mode (reference parity): F32 cache and no flash attention, whose CPU kernel
+        // rounds Q to F16
+        cp.type_k = cp.type_v = GGML_TYPE_F32;
+        cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    } else if (kv_type == "q8_0") {
+        cp.type_k = cp.type_v = GGML_TYPE_Q8_0;
+    } else if (kv_type != "f16") {
+        throw error("kv cache type must be f16, f32 or q8_0, got '" + kv_type + "'");
+    }
+    return cp;
 }
 
 void set_eval_callback(llama_context * ctx, layer_capture * capture) {

@@ -9,9 +9,13 @@
 #include "dola-types.h"
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace dola {
+
+// dola::error when logits[0..n) holds NaN or inf.
+void check_finite(const float * logits, int64_t n);
 
 // Throws dola::error on layers out of range for the model, sampling values or logit-bias ids it
 // cannot use, and Activation Decoding's values; returns the mature layer (-1 resolved to n_layer).
@@ -25,8 +29,31 @@ void finish_step(sampler & smp, float * scores, float * lp, int64_t n_vocab, con
                  size_t n_prompt, float eos_bonus, int32_t n_probs, context_entropy_source * context,
                  std::vector<float> & chosen_lp, step_result & res);
 
-// llama.cpp context plumbing the session and the batch engine share (they reach into llama.cpp's
-// internal context: its scheduler and parameters).
+// llama.cpp context plumbing the session and the batch engine share (some of it reaches into
+// llama.cpp's internal context: its scheduler and parameters).
+
+// The threads a context computes with: n, or every core for 0; dola::error beyond ggml's limit.
+int32_t checked_threads(int32_t n);
+// llama.cpp's parameters for a context of n_ctx cells that decodes at most n_batch tokens a call,
+// in one ubatch (captured rows map to the call's rows), with n_threads, the KV cache type
+// (f16, q8_0, or f32: the exact mode, without flash attention) and an abort callback. Throws
+// dola::error on another KV type.
+llama_context_params context_params_for(uint32_t n_ctx, uint32_t n_batch, int32_t n_threads, const std::string & kv_type,
+                                        ggml_abort_callback abort, void * abort_data);
+
+// llama_batch_init's arrays, freed however the decode ends (llama.cpp ships no deleter for it).
+class owned_batch {
+public:
+    explicit owned_batch(int32_t n) : b_(llama_batch_init(n, 0, 1)) {}
+    ~owned_batch() { llama_batch_free(b_); }
+    owned_batch(const owned_batch &) = delete;
+    owned_batch & operator=(const owned_batch &) = delete;
+    llama_batch & get() { return b_; }
+
+private:
+    llama_batch b_;
+};
+
 // Installs (capture) or removes (null) the capture's eval callback in the context's scheduler.
 void set_eval_callback(llama_context * ctx, layer_capture * capture);
 // Has llama.cpp reserve and rebuild its graphs before the next decode (new layers to keep as
