@@ -203,3 +203,19 @@ def test_a_sequence_that_fails_mid_way_ends_alone(tmp_path):
     for a, b in zip(dola_cpp.batch.drain(streams), alone):
         assert a.tokens == b.tokens
     assert batch.stats()["n_running"] == 0
+
+
+def test_gemma_in_a_batch_of_four_is_exact_in_the_plain_layout(gemma_path):
+    """Another architecture (sliding-window layers, a 262144 vocabulary): four DoLa sequences of
+    a batch give bitwise what each gives alone, with the weights in ggml's plain layout (llama.cpp's
+    repacked layouts compute four rows together, rounding otherwise)."""
+    m = Model(gemma_path, n_ctx=256, repack=False)
+    prompts = PROMPTS[:4]
+    alone = []
+    for p in prompts:
+        m.clear_cache()  # each from a fresh cache, as a sequence of the batch starts
+        alone.append(m.generate(p, 8, layers="high"))
+    for a, b in zip(m.generate_batch(prompts, 8, layers="high"), alone):
+        assert a.tokens == b.tokens
+        assert [s.mature_logprob for s in a.steps] == [s.mature_logprob for s in b.steps]
+        assert [s.premature_layer for s in a.steps] == [s.premature_layer for s in b.steps]
