@@ -1,7 +1,7 @@
-// Many generations in one llama.cpp context: continuous batching. Each request is a sequence of a
-// unified KV cache; one llama_decode carries every running sequence's next token, with chunks of
-// the prompts of sequences that joined beside them, and the captured rows of every sequence that
-// needs them go through the output matrix in one projection. Each sequence keeps its own decoder
+// Many generations in one llama.cpp context: continuous batching. Each request is a sequence with
+// a KV stream of its own; each step, one llama_decode carries every running sequence's next token,
+// the prompts of sequences that joined are decoded in chunks in the same step, and the captured
+// rows of every sequence that needs them go through the output matrix in one projection. Each sequence keeps its own decoder
 // (plain, DoLa with its own layers, Activation Decoding), premature-layer choice, penalty history,
 // sampler and seed: its tokens are those it would get alone. The decoding runs on the engine's own
 // thread; callers submit requests and take their steps as they come. Knows no Python.

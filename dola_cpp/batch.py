@@ -1,9 +1,10 @@
 """Many generations on one llama.cpp context: continuous batching.
 
-A :class:`Batch` holds ``parallel`` sequences of one context (a unified KV cache) on a model's
-weights. Its engine decodes on a thread of its own, with no Python in the loop: each llama.cpp
-call carries the next token of every running generation and chunks of the prompts of those that
-joined, and the captured layers of all of them go through the output matrix in one projection. A
+A :class:`Batch` holds ``parallel`` sequences of one context (each with a KV cache of its own) on
+a model's weights. Its engine decodes on a thread of its own, with no Python in the loop: each
+step, one llama.cpp call carries the next token of every running generation, the prompts of those
+that joined are decoded in chunks in the same step, and the captured layers of all of them go
+through the output matrix in one projection. A
 generation joins at the engine's next step and leaves when it ends; more than ``parallel`` wait
 their turn. Each keeps its own decoder settings (plain, DoLa with its own layers, Activation
 Decoding), premature-layer choices, penalty history, sampler and seed, so its tokens are the ones

@@ -9,8 +9,8 @@ other decoders come as extra body fields (``dola_layers``, ``repetition_penalty`
 server-wide defaults for requests that leave them out.
 
 Requests decode as ``parallel`` sequences of one context (``Model.batch``: continuous batching,
-one llama.cpp call for the next token of every running answer, new prompts chunked in beside
-them); requests beyond them wait in a bounded queue, and one that finds the queue full gets HTTP
+one llama.cpp call for the next token of every running answer each step, new prompts decoded in
+chunks in the same step); requests beyond them wait in a bounded queue, and one that finds the queue full gets HTTP
 503 with ``Retry-After``. A client that disconnects cancels its generation at once. Errors are
 OpenAI-style JSON bodies.
 
