@@ -83,31 +83,43 @@ class Busy(Exception):
 class Pool:
     """The sequences requests decode on: ``parallel`` sequences of one context (continuous
     batching: one llama.cpp call carries every running answer's next token), a bounded queue of
-    requests waiting for one, and the loaded model's own context, which scores prompts (``echo``)
-    one request at a time."""
+    ``max_queue`` requests waiting for one, and the loaded model's own context, which scores
+    prompts (``echo``) one request at a time.
+
+    Up to ``parallel`` of the waiting requests are prepared and handed to the batch ahead of time
+    (lanes beyond ``parallel``): its engine starts the next one in the step a sequence frees, with
+    no Python between one answer's end and the next one's start."""
 
     def __init__(self, model: Model, parallel: int, max_queue: int) -> None:
         self.model = model
         self.parallel = parallel
         self.batch = model.batch(parallel, n_threads=model.n_threads)
         self.scoring = threading.Lock()
-        self.max_queue = max_queue
+        self.ahead = min(parallel, max_queue)  # waiting requests handed to the batch's own queue
+        self.lanes = parallel + self.ahead
+        self.max_queue = max_queue - self.ahead  # waiting here, for a lane
         self.waiting = 0
         self._free: Optional[asyncio.Queue] = None
-        self.executor = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="dola-gen")
+        self.executor = ThreadPoolExecutor(max_workers=self.lanes, thread_name_prefix="dola-gen")
         # parsing, templates and tokenization: off the event loop, beside the generations
         self.prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dola-prep")
 
     def _queue(self) -> asyncio.Queue:
         if self._free is None:  # made on the server's event loop
             self._free = asyncio.Queue()
-            for lane in range(self.parallel):
+            for lane in range(self.lanes):
                 self._free.put_nowait(lane)
         return self._free
 
     @property
     def busy(self) -> int:
-        return self.parallel - self._queue().qsize()
+        """Requests generating (at most ``parallel``)."""
+        return min(self.parallel, self.lanes - self._queue().qsize())
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting: for a lane, and handed to the batch ahead of a free sequence."""
+        return self.waiting + max(0, self.lanes - self._queue().qsize() - self.parallel)
 
     async def acquire(self) -> int:
         free = self._queue()
@@ -302,13 +314,13 @@ def create_app(model: Model, *, parallel: int = 1, max_queue: Optional[int] = No
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "model": name, "parallel": pool.parallel, "busy": pool.busy,
-                "free": pool.parallel - pool.busy, "waiting": pool.waiting}
+                "free": pool.parallel - pool.busy, "waiting": pool.queued}
 
     @app.get("/metrics")
     async def metrics_text() -> PlainTextResponse:
         gauges = {"contexts": ("Sequences decoded together (--parallel).", float(pool.parallel)),
                   "contexts_busy": ("Sequences generating now.", float(pool.busy)),
-                  "requests_waiting": ("Requests waiting for a sequence.", float(pool.waiting)),
+                  "requests_waiting": ("Requests waiting for a sequence.", float(pool.queued)),
                   "n_ctx": ("Tokens each sequence holds.", float(limits.n_ctx))}
         st = pool.batch.stats()
         counters = {"llama_calls_total": ("llama.cpp decode calls of the batch.", float(st["n_decodes"])),
