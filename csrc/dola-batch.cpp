@@ -183,17 +183,7 @@ void batch_engine::admit(job & j, int32_t s) {
     // keep the longest cached prefix, but always decode the prompt's last token (its output)
     size_t max_keep = prompt.size() - 1;
     if (j.ctx_layer >= 0) max_keep = std::min(max_keep, sl.context->n_rows());  // rows to rebuild H from
-    size_t common = 0;
-    const size_t limit = std::min({sl.tokens.size(), prompt.size(), max_keep});
-    while (common < limit && sl.tokens[common] == prompt[common]) ++common;
-    if (common < sl.tokens.size()) {
-        llama_memory_t mem = llama_get_memory(ctx_.get());
-        if (!llama_memory_seq_rm(mem, s, (llama_pos) common, -1)) {
-            llama_memory_seq_rm(mem, s, -1, -1);
-            common = 0;
-        }
-        sl.tokens.resize(common);
-    }
+    const size_t common = keep_common_prefix(ctx_.get(), s, sl.tokens, prompt, max_keep);
     if (sl.context) sl.context->keep_prefix(common);
     j.n_prompt_done = common;
 }
@@ -294,9 +284,7 @@ void batch_engine::take_output(job & j, int32_t k, int32_t batch_index) {
     const int32_t E = model_->n_embd();
     j.hidden.resize(j.layers.size() * (size_t) E);
     if (!j.layers.empty() && !capture_.complete()) {
-        fail(j, capture_.type_error() ? std::string("a captured layer output is not an F32 [n_embd, n_tokens] tensor")
-                                      : "architecture '" + model_->architecture() + "' does not expose layer outputs for layers " +
-                                            capture_.missing_layers() + " in its llama.cpp graph; DoLa cannot run on it");
+        fail(j, capture_failure(capture_, model_->architecture()));
         return;
     }
     for (size_t l = 0; l < j.layers.size(); ++l) {
@@ -314,7 +302,7 @@ void batch_engine::take_output(job & j, int32_t k, int32_t batch_index) {
     }
 }
 
-bool batch_engine::iterate(std::vector<job *> & work) {
+void batch_engine::iterate(std::vector<job *> & work) {
     update_threads();
     if (projector_ && projector_threads_ != threads_now_) {  // made by a submit, or the count changed
         projector_->set_n_threads(threads_now_);
@@ -417,8 +405,7 @@ bool batch_engine::iterate(std::vector<job *> & work) {
         }
         if (context && sl.context->n_rows() == sl.tokens.size()) {
             if (!capture_.context_seen()) {
-                fail(*j, "architecture '" + model_->architecture() + "' does not expose the output of layer " +
-                             std::to_string(j->ctx_layer) + " at every position; Activation Decoding cannot use it");
+                fail(*j, context_capture_failure(j->ctx_layer, model_->architecture()));
                 continue;
             }
             sl.context->append_rows(capture_.context_rows(), take);
@@ -449,7 +436,6 @@ bool batch_engine::iterate(std::vector<job *> & work) {
         if (j->finished && slots_[j->slot].active == j) slots_[j->slot].active = nullptr;  // free for the next
     }
     event_cv_.notify_all();
-    return true;
 }
 
 void batch_engine::step_outputs(std::vector<job *> & outputs) {

@@ -117,7 +117,7 @@ private:
     void admit(job & j, int32_t s);
     // engine thread: one step of every running job (llama_decode calls, one projection, their
     // decoders and samplers)
-    bool iterate(std::vector<job *> & work);
+    void iterate(std::vector<job *> & work);
     struct call_token {
         llama_token token;
         llama_pos pos;

@@ -176,17 +176,14 @@ void session::decode_chunk(const llama_token * toks, int32_t n, int32_t row_begi
     if (context) {
         if (!capture_.context_seen()) {
             have_outputs_ = false;
-            throw error("architecture '" + model_->architecture() + "' does not expose the output of layer " +
-                        std::to_string(context_layer()) + " at every position; Activation Decoding cannot use it");
+            throw error(context_capture_failure(context_layer(), model_->architecture()));
         }
         if (context_.n_rows() == tokens_.size()) context_.append_rows(capture_.context_rows(), n);
     }
     tokens_.insert(tokens_.end(), toks, toks + n);
     if (row_end > row_begin && !capture_.layers().empty() && !capture_.complete()) {
         have_outputs_ = false;
-        if (capture_.type_error()) throw error("a captured layer output is not an F32 [n_embd, n_tokens] tensor");
-        throw error("architecture '" + model_->architecture() + "' does not expose layer outputs for layers " +
-                    capture_.missing_layers() + " in its llama.cpp graph; DoLa cannot run on it");
+        throw error(capture_failure(capture_, model_->architecture()));
     }
 }
 
@@ -199,16 +196,7 @@ void session::clear() {
 
 size_t session::keep_cached_prefix(const std::vector<llama_token> & toks, size_t max_keep) {
     if (context_layer() >= 0) max_keep = std::min(max_keep, context_.n_rows());  // rows to rebuild H from
-    size_t common = 0;
-    const size_t limit = std::min({tokens_.size(), toks.size(), max_keep});
-    while (common < limit && tokens_[common] == toks[common]) ++common;
-    if (common < tokens_.size()) {
-        if (!llama_memory_seq_rm(llama_get_memory(ctx_.get()), 0, (llama_pos) common, -1)) {
-            clear();  // memories that cannot drop a suffix (recurrent) start over
-            common = 0;
-        }
-        tokens_.resize(common);
-    }
+    const size_t common = keep_common_prefix(ctx_.get(), 0, tokens_, toks, max_keep);
     context_.keep_prefix(common);
     have_outputs_ = false;
     return common;

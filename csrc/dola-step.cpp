@@ -68,6 +68,33 @@ void finish_step(sampler & smp, float * scores, float * lp, int64_t n_vocab, con
     if (context) context->entropy_of(&tok, 1, &res.activation_entropy);
 }
 
+size_t keep_common_prefix(llama_context * ctx, llama_seq_id seq, std::vector<llama_token> & cached,
+                          const std::vector<llama_token> & toks, size_t max_keep) {
+    size_t common = 0;
+    const size_t limit = std::min({cached.size(), toks.size(), max_keep});
+    while (common < limit && cached[common] == toks[common]) ++common;
+    if (common < cached.size()) {
+        llama_memory_t mem = llama_get_memory(ctx);
+        if (!llama_memory_seq_rm(mem, seq, (llama_pos) common, -1)) {  // recurrent memories start over
+            llama_memory_seq_rm(mem, seq, -1, -1);
+            common = 0;
+        }
+        cached.resize(common);
+    }
+    return common;
+}
+
+std::string capture_failure(const layer_capture & capture, const std::string & architecture) {
+    if (capture.type_error()) return "a captured layer output is not an F32 [n_embd, n_tokens] tensor";
+    return "architecture '" + architecture + "' does not expose layer outputs for layers " + capture.missing_layers() +
+           " in its llama.cpp graph; DoLa cannot run on it";
+}
+
+std::string context_capture_failure(int32_t layer, const std::string & architecture) {
+    return "architecture '" + architecture + "' does not expose the output of layer " + std::to_string(layer) +
+           " at every position; Activation Decoding cannot use it";
+}
+
 int32_t checked_threads(int32_t n) {
     if (n > GGML_MAX_N_THREADS) {  // ggml's thread pool crashes beyond this
         throw error("n_threads must be at most " + std::to_string(GGML_MAX_N_THREADS) + ", got " + std::to_string(n));

@@ -29,6 +29,17 @@ void finish_step(sampler & smp, float * scores, float * lp, int64_t n_vocab, con
                  size_t n_prompt, float eos_bonus, int32_t n_probs, context_entropy_source * context,
                  std::vector<float> & chosen_lp, step_result & res);
 
+// Keeps the longest prefix that `cached` (what the cache holds for sequence seq) shares with toks,
+// at most max_keep tokens: drops the rest of the sequence from the context's memory (all of it
+// where that memory cannot drop a suffix) and from `cached`. Returns the length kept.
+size_t keep_common_prefix(llama_context * ctx, llama_seq_id seq, std::vector<llama_token> & cached,
+                          const std::vector<llama_token> & toks, size_t max_keep);
+// The error for a capture of the last ubatch that is not complete (a layer not F32 rows, or layers
+// the architecture's graph does not expose), and for a context layer it does not expose at every
+// position.
+std::string capture_failure(const layer_capture & capture, const std::string & architecture);
+std::string context_capture_failure(int32_t layer, const std::string & architecture);
+
 // llama.cpp context plumbing the session and the batch engine share (some of it reaches into
 // llama.cpp's internal context: its scheduler and parameters).
 
