@@ -44,6 +44,10 @@ from dola_cpp.synthetic import write_llama_gguf
 SYNTHETIC = {
     "llama-7b-shape": dict(n_layer=32, n_embd=4096, n_head=32, n_ff=11008, n_vocab=32000, n_ctx=4096,
                            weight_type="Q4_0", output_type="Q6_K"),
+    "llama3-8b-shape": dict(n_layer=32, n_embd=4096, n_head=32, n_head_kv=8, n_ff=14336, n_vocab=128256, n_ctx=4096,
+                            weight_type="Q4_0", output_type="Q6_K"),
+    "qwen2.5-7b-shape": dict(n_layer=28, n_embd=3584, n_head=28, n_head_kv=4, n_ff=18944, n_vocab=152064, n_ctx=4096,
+                             weight_type="Q4_0", output_type="Q6_K"),
 }
 
 PROMPT = "The history of the Roman Empire spans more than a thousand years. It began"
@@ -113,6 +117,45 @@ def floor_ms(m: Model, layers, repeats: int = 30) -> tuple[float, float]:
     return total, contrast
 
 
+def kernel_floor(path: Path, row_counts: list[int], threads: int) -> dict[int, tuple[float, float]] | str:
+    """Per row count R: (dola-cpp's kernel rate in multiply-adds per second with the weights in
+    cache, i.e. its compute rate; ms of one row through the whole output matrix, i.e. one LM head's
+    memory traffic), timed on the model's own output matrix. A string says why there is none."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    tensors = {t.name: t for t in reader.tensors}
+    t = tensors.get("output.weight") or tensors.get("token_embd.weight")
+    if t is None:
+        return "no output matrix in the file"
+    qtype = t.tensor_type.name
+    n_in, n_out = int(t.shape[0]), int(t.shape[1])
+    w = np.asarray(t.data).view(np.uint8).reshape(n_out, -1)
+    try:
+        x1 = np.random.default_rng(0).standard_normal((1, n_in)).astype(np.float32)
+        _core.kernels.rowmat(qtype, w[:1], n_in, x1, threads)
+    except (ValueError, AttributeError) as e:  # no kernel for this type, or a build without them
+        return str(e)
+
+    def best(rows: np.ndarray, x: np.ndarray, repeats: int) -> float:
+        _core.kernels.rowmat(qtype, rows, n_in, x, threads)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            _core.kernels.rowmat(qtype, rows, n_in, x, threads)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    # whole 64-row chunks per thread, ~256 KB each: they stay in L2 between calls
+    hot = np.ascontiguousarray(w[: 64 * threads * max(1, (256 * 1024) // (64 * w.shape[1]))])
+    one_row_ms = best(w, x1, 5) * 1e3
+    out = {}
+    for r in row_counts:
+        x = np.random.default_rng(r).standard_normal((r, n_in)).astype(np.float32)
+        out[r] = (r * hot.shape[0] * n_in / best(hot, x, 50), one_row_ms)
+    return out
+
+
 def transformers_rates(gguf: Path, n_tokens: int, threads: int | None) -> dict[str, float] | str | None:
     """tok/s of transformers and of dola-cpp on the same F32 copy, plain and DoLa-high."""
     try:
@@ -160,24 +203,45 @@ def bench(name: str, path: Path, args) -> list[str]:
     for label, layers in ((f"DoLa static {static}", static), ("DoLa high", "high"), ("DoLa low", "low")):
         k = len(m.resolve_layers(layers).candidates)
         rows.append((f"{label} (K={k})", decode_rate(m, layers, args.tokens, args.repeats), layers))
-    pp_plain = prefill_rate(base, None, args.repeats)
-    pp_dola = prefill_rate(m, "high", args.repeats)
-    lines = [f"### {name}  (N={N}, vocab={m.n_vocab}, {args.tokens} new tokens, threads={m.n_threads})", "",
-             f"DoLa's projection ran on: {m.projection_backend}; layer capture: {_core.capture_mode()}", "",
-             "| decoding | tok/s | × plain | ms/token | projection+contrast ms | contrast ms |",
-             "|---|---:|---:|---:|---:|---:|"]
+    # rows per token through the output matrix: the candidates and the mature row, fused
+    n_proj = {tuple(layers) if isinstance(layers, list) else layers: len(m.resolve_layers(layers).candidates) + 1
+              for _, _, layers in rows if layers is not None}
+    floor = kernel_floor(path, sorted(set(n_proj.values())), m.n_threads)
+    V, E = m.n_vocab, m.n_embd
+    lines = [f"### {name}  (N={N}, vocab={V}, {args.tokens} new tokens, threads={m.n_threads})", "",
+             f"DoLa's projection ran on: {m.projection_backend}; layer capture: {_core.capture_mode()}", ""]
+    if isinstance(floor, str):
+        lines += [f"no floor: {floor}", ""]
+    else:
+        lines += ["floor: plain's ms/token plus the extra rows' multiply-adds ((R - 1) × vocab × width) at the "
+                  "kernel's rate with the weights in cache, measured here: "
+                  + ", ".join(f"{r} rows {rate / 1e9:.0f} GMAC/s" for r, (rate, _) in sorted(floor.items()))
+                  + f"; one row through the whole matrix (the LM head's memory traffic): "
+                  f"{next(iter(floor.values()))[1]:.2f} ms", ""]
+    lines += ["| decoding | tok/s | × plain | ms/token | floor ms/token | × floor | projection+contrast ms | "
+              "its floor ms | contrast ms |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, rate, layers in rows:
-        extra = ("", "")
+        extra = ("", "", "", "", "")
         if layers is not None:
             total, contrast = floor_ms(m, layers, repeats=10 * args.repeats)
             k = len(m.resolve_layers(layers).candidates)
             # dynamic DoLa's contrast runs in the projection graph on such a backend, not in the host kernel timed here
             on_device = k > 1 and m.projection_backend.endswith("(DoLa's contrast there too)")
-            extra = (f"{total:.2f}", "in the projection" if on_device else f"{contrast:.2f}")
-        lines.append(f"| {label} | {rate:.1f} | {rate / plain:.2f} | {1e3 / rate:.2f} | {extra[0]} | {extra[1]} |")
-    lines += ["", "| prompt processing | tok/s | × plain |", "|---|---:|---:|",
-              f"| plain llama.cpp | {pp_plain:.0f} | 1.00 |",
-              f"| with DoLa-high capture | {pp_dola:.0f} | {pp_dola / pp_plain:.2f} |"]
+            extra = ("", "", f"{total:.2f}", "", "in the projection" if on_device else f"{contrast:.2f}")
+            if not isinstance(floor, str):
+                r = n_proj[tuple(layers) if isinstance(layers, list) else layers]
+                kernel_rate, one_row_ms = floor[r]
+                extra_ms = (r - 1) * V * E / kernel_rate * 1e3
+                row_floor = 1e3 / plain + extra_ms
+                extra = (f"{row_floor:.2f}", f"{1e3 / rate / row_floor:.2f}", extra[2], f"{one_row_ms + extra_ms:.2f}",
+                         extra[4])
+        lines.append(f"| {label} | {rate:.1f} | {rate / plain:.2f} | {1e3 / rate:.2f} | " + " | ".join(extra) + " |")
+    if not args.no_prefill:
+        pp_plain = prefill_rate(base, None, args.repeats)
+        pp_dola = prefill_rate(m, "high", args.repeats)
+        lines += ["", "| prompt processing | tok/s | × plain |", "|---|---:|---:|",
+                  f"| plain llama.cpp | {pp_plain:.0f} | 1.00 |",
+                  f"| with DoLa-high capture | {pp_dola:.0f} | {pp_dola / pp_plain:.2f} |"]
     if not args.no_transformers and name not in SYNTHETIC:
         hf = transformers_rates(path, min(args.tokens, 48), args.threads)
         if isinstance(hf, str):
@@ -287,6 +351,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="median of this many runs per measurement")
     ap.add_argument("--models", default="smollm2,gemma3-270m", help="demo models and/or " + ", ".join(SYNTHETIC))
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--no-prefill", action="store_true", help="skip the prompt-processing table (slow on 7B shapes)")
     ap.add_argument("--load", action="store_true", help="decode idle and with one competing busy process")
     ap.add_argument("--activation", action="store_true", help="Activation Decoding against plain decoding")
     ap.add_argument("--rss", type=int, default=0, help="with --activation: peak memory of one prompt this long")

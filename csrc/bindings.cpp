@@ -1,5 +1,6 @@
 // The one Python binding file: wraps the C++ core (dola-engine.h) for dola_cpp/_core.
 #include "dola-engine.h"
+#include "dola-rowmat.h"
 
 #include "ggml-backend.h"
 
@@ -7,6 +8,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cctype>
 #include <memory>
 #include <optional>
 #include <type_traits>
@@ -246,6 +248,39 @@ PYBIND11_MODULE(_core, m) {
         return to_array(std::move(out), {(py::ssize_t) V});
     }, py::arg("z"), py::arg("chunk") = 64, py::arg("n_threads") = 1,
        "Activation Decoding's entropy over positions (axis 0) per vocabulary entry, streamed in chunks.");
+
+    k.def("rowmat_isa", [] { return std::string(dola::rowmat_isa()); },
+          "The instruction set of the projection kernels ('' where the build has none).");
+    k.def("rowmat", [](const std::string & type_name, py::array_t<uint8_t, py::array::c_style> w, int64_t n_in, farr x,
+                       int32_t n_threads) {
+        auto upper = [](std::string s) {
+            for (char & c : s) c = (char) std::toupper((unsigned char) c);
+            return s;
+        };
+        int type = 0;  // ggml's names are lower case (q8_0, bf16)
+        while (type < GGML_TYPE_COUNT && (ggml_get_type_traits((ggml_type) type)->blck_size == 0 ||
+                                          upper(type_name) != upper(ggml_type_name((ggml_type) type)))) {
+            ++type;
+        }
+        if (type == GGML_TYPE_COUNT) throw py::value_error("unknown ggml type " + type_name);
+        if (!dola::rowmat_available((ggml_type) type, n_in)) {
+            throw py::value_error("no projection kernel for " + type_name + " rows of " + std::to_string(n_in) + " in this build");
+        }
+        const size_t row_bytes = ggml_row_size((ggml_type) type, n_in);
+        if (w.ndim() != 2 || (size_t) w.shape(1) != row_bytes) {
+            throw py::value_error("w must be [n_out, " + std::to_string(row_bytes) + "] bytes");
+        }
+        if (x.ndim() != 2 || x.shape(1) != n_in) throw py::value_error("x must be [n_rows, n_in]");
+        const int64_t n_out = w.shape(0);
+        const int32_t n_rows = (int32_t) x.shape(0);
+        std::vector<float> y((size_t) n_rows * n_out);
+        {
+            py::gil_scoped_release release;
+            dola::rowmat((ggml_type) type, w.data(), n_out, n_in, row_bytes, x.data(), n_rows, y.data(), n_threads);
+        }
+        return to_array(std::move(y), {n_rows, (py::ssize_t) n_out});
+    }, py::arg("type"), py::arg("w"), py::arg("n_in"), py::arg("x"), py::arg("n_threads") = 1,
+       "x @ W.T for a weight matrix W in one of ggml's block types (raw bytes, a row of blocks per output).");
 
     py::class_<dola::model, std::shared_ptr<dola::model>>(m, "Model")
         .def(py::init([](const std::string & path, int32_t n_gpu_layers, bool use_mmap, bool repack,

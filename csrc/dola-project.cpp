@@ -1,7 +1,7 @@
 #include "dola-project.h"
 
 #include "dola-error.h"
-#include "dola-q8.h"
+#include "dola-rowmat.h"
 
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
@@ -103,16 +103,17 @@ projector::projector(const llama_model * model, const switches & env) {
     // the allocators and graphs are members: if a check below throws, they and the backend are freed
     galloc_.reset(ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_.get())));
 
-    // Q8_0 weights in plain host memory can use our kernel. switches::q8_kernel: auto (default:
-    // whichever measures faster), on (always ours), off (never).
-    const switch_mode q8_mode = env.q8_kernel_mode();
-    q8_always_ = q8_mode == switch_mode::on;
-    use_q8_ = plain_host_ && q8_0_kernel_available() && q8_mode != switch_mode::off &&
-              output_->type == GGML_TYPE_Q8_0 && ggml_is_contiguous(output_) && n_embd_ % 32 == 0 &&
-              (!output_norm_ || (output_norm_->type == GGML_TYPE_F32 && ggml_backend_buffer_is_host(output_norm_->buffer)));
-    if (use_q8_) {
-        backend_name_ = q8_always_ ? "CPU (dola-cpp's Q8_0 kernel)"
-                                   : "CPU (dola-cpp's Q8_0 kernel or ggml's, whichever measures faster)";
+    // Weights of a type our kernels know (Q8_0, Q6_K, Q4_K, F16, BF16) in plain host memory can
+    // use them. switches::kernel: auto (default: whichever of ours and ggml's measures faster),
+    // on (always ours), off (never).
+    const switch_mode kernel_mode = env.kernel_mode();
+    rowmat_always_ = kernel_mode == switch_mode::on;
+    use_rowmat_ = plain_host_ && rowmat_available(output_->type, n_embd_) && kernel_mode != switch_mode::off &&
+                  ggml_is_contiguous(output_) &&
+                  (!output_norm_ || (output_norm_->type == GGML_TYPE_F32 && ggml_backend_buffer_is_host(output_norm_->buffer)));
+    if (use_rowmat_) {
+        backend_name_ = std::string("CPU (dola-cpp's ") + ggml_type_name(output_->type) + " kernel, " + rowmat_isa() +
+                        (rowmat_always_ ? ")" : ", or ggml's, whichever measures faster)");
     }
     backend_name_ += std::string(" [weights: ") + ggml_type_name(output_->type) + " in " + buft_name + "]";
 
@@ -163,23 +164,23 @@ void projector::build(int32_t n_rows, bool norm) {
 void projector::project(const float * hidden, int32_t n_rows, bool norm, float * out) {
     if (n_rows <= 0) return;
     if (norm && !norm_supported_) throw error("premature_norm is not supported for this architecture");
-    if (use_q8_ && q8_faster(hidden, n_rows, norm)) {
-        project_q8(hidden, n_rows, norm, out);
+    if (use_rowmat_ && rowmat_faster(hidden, n_rows, norm)) {
+        project_rowmat(hidden, n_rows, norm, out);
     } else {
         project_ggml(hidden, n_rows, norm, out);
     }
 }
 
-// Which of our Q8_0 kernel and ggml's is faster on this CPU for this many rows is measured, not
+// Which of our kernel and ggml's is faster on this CPU for this many rows is measured, not
 // assumed: ours shares each weight block across rows, ggml's may have better kernels for the ISA
 // (each won on one machine and lost on another). Timed once per row count (up to 16 rows; more
 // rows reuse the 16-row verdict) on the first rows of the first real call.
-bool projector::q8_faster(const float * hidden, int32_t n_rows, bool norm) {
-    if (q8_always_) return true;
+bool projector::rowmat_faster(const float * hidden, int32_t n_rows, bool norm) {
+    if (rowmat_always_) return true;
     const int32_t rows = std::min(n_rows, 16);
     const int32_t key = rows * 2 + (norm ? 1 : 0);
-    const auto known = q8_faster_.find(key);
-    if (known != q8_faster_.end()) return known->second;
+    const auto known = rowmat_faster_.find(key);
+    if (known != rowmat_faster_.end()) return known->second;
     std::vector<float> scratch((size_t) rows * n_vocab_);
     auto seconds = [&](auto && run) {
         run();  // warm: graph allocation, caches, thread start-up
@@ -187,9 +188,9 @@ bool projector::q8_faster(const float * hidden, int32_t n_rows, bool norm) {
         run();
         return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     };
-    const double ours = seconds([&] { project_q8(hidden, rows, norm, scratch.data()); });
+    const double ours = seconds([&] { project_rowmat(hidden, rows, norm, scratch.data()); });
     const double ggml = seconds([&] { project_ggml(hidden, rows, norm, scratch.data()); });
-    return q8_faster_[key] = ours <= ggml;
+    return rowmat_faster_[key] = ours <= ggml;
 }
 
 void projector::normalize(const float * hidden, int32_t n_rows, float * out) {
@@ -225,14 +226,14 @@ bool projector::output_rows(const int32_t * ids, int32_t n, float * out) const {
     return true;
 }
 
-void projector::project_q8(const float * hidden, int32_t n_rows, bool norm, float * out) {
+void projector::project_rowmat(const float * hidden, int32_t n_rows, bool norm, float * out) {
     const float * x = hidden;
     if (norm) {
         normed_.resize((size_t) n_rows * n_embd_);
         normalize(hidden, n_rows, normed_.data());
         x = normed_.data();
     }
-    q8_0_matmul(output_->data, n_vocab_, n_embd_, output_->nb[1], x, n_rows, out, n_threads_);
+    rowmat(output_->type, output_->data, n_vocab_, n_embd_, output_->nb[1], x, n_rows, out, n_threads_);
 }
 
 void projector::project_ggml(const float * hidden, int32_t n_rows, bool norm, float * out) {

@@ -22,7 +22,7 @@ bool is_cpu_extra_buffer_type(ggml_backend_buffer_type_t buft);
 
 class projector {
 public:
-    // env: its q8_kernel and device_contrast settings (checked here: an unknown value throws)
+    // env: its kernel and device_contrast settings (checked here: an unknown value throws)
     projector(const llama_model * model, const switches & env);
     projector(const projector &) = delete;
     projector & operator=(const projector &) = delete;
@@ -59,8 +59,8 @@ public:
 
 private:
     void build(int32_t n_rows, bool norm);
-    bool q8_faster(const float * hidden, int32_t n_rows, bool norm);
-    void project_q8(const float * hidden, int32_t n_rows, bool norm, float * out);
+    bool rowmat_faster(const float * hidden, int32_t n_rows, bool norm);
+    void project_rowmat(const float * hidden, int32_t n_rows, bool norm, float * out);
     void project_ggml(const float * hidden, int32_t n_rows, bool norm, float * out);
     bool build_dola(int32_t n_rows);
 
@@ -74,8 +74,8 @@ private:
     ggml_backend_ptr backend_;
     bool is_cpu_ = false;
     bool plain_host_ = false;  // ggml's plain layout in host memory: our kernels may read it
-    bool use_q8_ = false;
-    bool q8_always_ = false;
+    bool use_rowmat_ = false;     // our kernels can read the matrix (dola-rowmat)
+    bool rowmat_always_ = false;
     bool can_fuse_final_ = false;
     int32_t n_threads_ = 1;
     std::vector<float> normed_;
@@ -89,7 +89,7 @@ private:
     int32_t built_rows_ = -1;
     bool built_norm_ = false;
     std::vector<float> pad_;
-    std::map<int32_t, bool> q8_faster_;  // (rows, norm) -> our kernel measured faster
+    std::map<int32_t, bool> rowmat_faster_;  // (rows, norm) -> our kernel measured faster
     // the DoLa contrast graph (project_dola)
     bool device_contrast_ = false;
     ggml_gallocr_ptr galloc_d_;

@@ -25,12 +25,12 @@ switches switches::from_environment() {
     s.no_fuse = std::getenv("DOLA_CPP_NO_FUSE") != nullptr;
     const char * c = std::getenv("DOLA_CPP_CAPTURE");
     s.capture_callback = c && std::strcmp(c, "callback") == 0;
-    if (const char * q = std::getenv("DOLA_CPP_Q8_KERNEL")) s.q8_kernel = q;
+    if (const char * q = std::getenv("DOLA_CPP_KERNEL")) s.kernel = q;
     if (const char * d = std::getenv("DOLA_CPP_DEVICE_CONTRAST")) s.device_contrast = d;
     return s;
 }
 
-switch_mode switches::q8_kernel_mode() const { return parse_mode("DOLA_CPP_Q8_KERNEL", q8_kernel); }
+switch_mode switches::kernel_mode() const { return parse_mode("DOLA_CPP_KERNEL", kernel); }
 switch_mode switches::device_contrast_mode() const { return parse_mode("DOLA_CPP_DEVICE_CONTRAST", device_contrast); }
 
 }  // namespace dola

@@ -18,16 +18,16 @@ struct switches {
     // DOLA_CPP_CAPTURE=callback: capture layers with llama.cpp's eval callback even where the
     // build has the graph-allocation hook.
     bool capture_callback = false;
-    // DOLA_CPP_Q8_KERNEL and DOLA_CPP_DEVICE_CONTRAST: auto, on or off, kept as given; a value
-    // that is none of these is an error only when the projection is first needed (q8_kernel_mode,
+    // DOLA_CPP_KERNEL and DOLA_CPP_DEVICE_CONTRAST: auto, on or off, kept as given; a value that
+    // is none of these is an error only when the projection is first needed (kernel_mode,
     // device_contrast_mode), as an unknown setting then names the switch the user got wrong.
-    std::string q8_kernel = "auto";
+    std::string kernel = "auto";
     std::string device_contrast = "auto";
 
     static switches from_environment();
 
     // Throw dola::error naming the variable when its value is not auto, on or off.
-    switch_mode q8_kernel_mode() const;
+    switch_mode kernel_mode() const;
     switch_mode device_contrast_mode() const;
 };
 

@@ -21,8 +21,9 @@ __all__ = ["write_llama_gguf", "BYTE_VOCAB_WORDS"]
 # whole-word tokens after the control and byte tokens (SentencePiece marks a leading space with ▁)
 BYTE_VOCAB_WORDS: tuple[str, ...] = ("▁the", "▁a", "▁of", "▁Paris", "▁is", "▁capital", "▁France", ".")
 
-# GGUF quantized block layouts this module can fill with random data: (elements, bytes, scale offset)
-_BLOCKS = {"Q4_0": (32, 18, 0), "Q8_0": (32, 34, 0), "Q6_K": (256, 210, 208)}
+# GGUF block layouts this module can fill with random data: (elements, bytes, scale offset)
+_BLOCKS = {"Q4_0": (32, 18, 0), "Q8_0": (32, 34, 0), "Q6_K": (256, 210, 208), "Q4_K": (256, 144, 0),
+           "F16": (1, 2, None), "BF16": (1, 2, None)}
 
 
 def _vocab(extra_words: Sequence[str]) -> tuple[list[str], list[float], list[int]]:
@@ -36,11 +37,19 @@ def _vocab(extra_words: Sequence[str]) -> tuple[list[str], list[float], list[int
 def _random_blocks(rng: np.random.Generator, n_rows: int, n_cols: int, qtype: str, std: float) -> np.ndarray:
     """Quantized blocks with uniformly random quants and one scale chosen so the weights have ~std."""
     qk, nbytes, d_off = _BLOCKS[qtype]
+    if d_off is None:  # F16 / BF16: Gaussian values
+        w = (rng.standard_normal((n_rows, n_cols)) * std).astype(np.float32)
+        half = w.astype(np.float16).view(np.uint16) if qtype == "F16" else (w.view(np.uint32) >> 16).astype(np.uint16)
+        return half.view(np.uint8).reshape(n_rows, n_cols * 2)
     n_blocks = n_rows * n_cols // qk
     raw = np.frombuffer(rng.bytes(n_blocks * nbytes), dtype=np.uint8).reshape(n_blocks, nbytes).copy()
     if qtype == "Q6_K":
         # value = d * scale_j * (q - 32); random int8 scales (std ~74) and 6-bit quants (std ~18.5)
         d = std / (74.0 * 18.5)
+    elif qtype == "Q4_K":
+        # value = d * scale_j * q - dmin * min_j: random 6-bit scales and mins, 4-bit quants
+        d = std / (36.0 * 4.6)
+        raw[:, 2:4] = np.frombuffer(np.float16(d).tobytes(), dtype=np.uint8)  # dmin
     elif qtype == "Q4_0":
         d = std / 4.6  # value = d * (q - 8), q uniform in 0..15
     else:
@@ -70,8 +79,8 @@ def write_llama_gguf(
 ) -> Path:
     """Write a random-weight llama GGUF and return its path.
 
-    ``weight_type`` is F32 (Gaussian weights) or Q4_0 / Q8_0 / Q6_K (random quantized blocks, for
-    big benchmark models); ``output_type`` defaults to ``weight_type``. ``n_vocab`` pads the byte
+    ``weight_type`` is F32 (Gaussian weights), F16 / BF16 or Q4_0 / Q8_0 / Q6_K / Q4_K (random
+    quantized blocks, for big benchmark models); ``output_type`` defaults to ``weight_type``. ``n_vocab`` pads the byte
     vocabulary with filler words up to that size. ``metadata`` overrides or adds key/values (value
     None removes the key), ``drop_tensors`` omits tensors and ``tensor_shapes`` writes tensors with
     other (numpy-order) shapes: both only for malformed-file tests.

@@ -1,7 +1,7 @@
 """The suite's fixtures and its environment.
 
 The suite runs in an environment of its own: none of the caller's ``DOLA_CPP_*`` settings (they
-change what the session-wide models compute: ``DOLA_CPP_CAPTURE``, ``DOLA_CPP_Q8_KERNEL``,
+change what the session-wide models compute: ``DOLA_CPP_CAPTURE``, ``DOLA_CPP_KERNEL``,
 ``DOLA_CPP_DEVICE_CONTRAST``, ...; ``DOLA_CPP_NO_SKIP``, the suite's own switch, stays), and a
 session cache (``DOLA_CPP_CACHE``) in a temporary folder whose ``models/`` links to the demo models:
 they are located (and downloaded once, when missing) in the caller's cache before the suite starts,

@@ -63,10 +63,10 @@ def expected_hardware() -> dict[str, str]:
     if platform.machine().lower() in ("x86_64", "amd64"):
         out["x86"] = "this is an x86-64 machine"
         if "avx2" in flags:
-            # ggml's CPU backend repacks Q4_0 for AVX2 (CPU_REPACK) and dola-cpp's own Q8_0 kernel
-            # needs AVX2: a build without them on this CPU has lost them
+            # ggml's CPU backend repacks Q4_0 for AVX2 (CPU_REPACK) and dola-cpp's own projection
+            # kernels need AVX2: a build without them on this CPU has lost them
             out["CPU_REPACK"] = "x86 with AVX2: ggml's CPU_REPACK buffer type takes Q4_0 there"
-            out["Q8_KERNEL"] = "x86 with AVX2: dola-cpp's Q8_0 kernel runs there"
+            out["KERNELS"] = "x86 with AVX2: dola-cpp's projection kernels run there"
         if "amx_int8" in flags and _core.amx_build_note().startswith("enabled"):
             out["AMX"] = f"the CPU has amx_int8 and the build enabled AMX ({_core.amx_build_note()})"
     if gpu_backends():

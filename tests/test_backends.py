@@ -112,23 +112,23 @@ def test_score_matches_the_plain_layout(model_pair):
 
 
 @pytest.fixture()
-def q8_kernel(monkeypatch):
-    def model(mode: str, path) -> Model:
-        monkeypatch.setenv("DOLA_CPP_Q8_KERNEL", mode)
-        return Model(path, n_ctx=256, n_threads=2)
+def kernel_switch(monkeypatch):
+    def model(mode: str, path, **kw) -> Model:
+        monkeypatch.setenv("DOLA_CPP_KERNEL", mode)
+        return Model(path, n_ctx=256, n_threads=2, **kw)
     return model
 
 
-@pytest.mark.hardware("Q8_KERNEL")
-def test_our_q8_kernel_matches_ggml(q8_kernel, smollm2_path):
-    """SmolLM2's tied output matrix is Q8_0 in plain host memory: our kernel (AVX2 or VNNI) and
-    ggml's must agree, for the row counts DoLa uses."""
+@pytest.mark.hardware("KERNELS")
+def test_our_q8_0_kernel_matches_ggml(kernel_switch, smollm2_path):
+    """SmolLM2's tied output matrix is Q8_0 in plain host memory: our kernel and ggml's must agree,
+    for the row counts DoLa uses."""
     layers = [2, 15, 17, 19, 21, 23, 25, 27, 29]
-    ours = q8_kernel("on", smollm2_path)  # the setting is read when the projection is first needed
+    ours = kernel_switch("on", smollm2_path)  # the setting is read when the projection is first needed
     a = ours.layer_logits(PROMPT, layers=layers)
-    if "dola-cpp's Q8_0 kernel" not in ours.projection_backend:
-        pytest.skip(f"this build has no Q8_0 kernel (needs AVX2 or VNNI): {ours.projection_backend}")
-    ggml = q8_kernel("off", smollm2_path)
+    if "dola-cpp's q8_0 kernel" not in ours.projection_backend:
+        pytest.skip(f"this build has no projection kernels (needs AVX2): {ours.projection_backend}")
+    ggml = kernel_switch("off", smollm2_path)
     b = ggml.layer_logits(PROMPT, layers=layers)
     assert "dola-cpp" not in ggml.projection_backend
     # the same Q8_0 activations and int8 block products as ggml's; the float32 sums' order may
@@ -138,9 +138,36 @@ def test_our_q8_kernel_matches_ggml(q8_kernel, smollm2_path):
         ggml.generate(PROMPT, max_tokens=8, layers="high").tokens
 
 
-def test_q8_kernel_setting_is_checked(q8_kernel, smollm2_path):
-    m = q8_kernel("sometimes", smollm2_path)
-    with pytest.raises(dola_cpp.DolaError, match="DOLA_CPP_Q8_KERNEL must be auto, on or off"):
+@pytest.mark.hardware("KERNELS")
+@pytest.mark.parametrize("qtype", ["Q6_K", "Q4_K", "F16", "BF16"])
+def test_our_kernels_match_ggml_per_output_type(kernel_switch, tmp_path, qtype):
+    """The output matrix types of common GGUFs (Q6_K in most Q4_K_M / Q5_K_M files, Q4_K, F16,
+    BF16), on a small model with that output type: our kernel's layer logits, DoLa's fused final
+    row and the greedy tokens equal ggml's. Q4_K is read in ggml's plain layout (repack=False:
+    repacked, ggml's own kernels for that layout do the projection)."""
+    path = write_llama_gguf(tmp_path / f"out-{qtype}.gguf", n_layer=4, n_embd=256, n_head=4, n_ff=512, n_vocab=1200,
+                            output_type=qtype, seed=3)
+    ours = kernel_switch("on", path, repack=False)
+    a = ours.layer_logits(PROMPT, layers=[1, 2, 3])
+    if "dola-cpp's" not in ours.projection_backend:
+        pytest.skip(f"this build has no projection kernels (needs AVX2): {ours.projection_backend}")
+    assert f"dola-cpp's {qtype.lower()} kernel" in ours.projection_backend.lower()
+    ggml = kernel_switch("off", path, repack=False)
+    b = ggml.layer_logits(PROMPT, layers=[1, 2, 3])
+    assert "dola-cpp" not in ggml.projection_backend
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * np.abs(b).max())
+    # DoLa's mature row is computed by the kernel with the candidates (the graph stops before
+    # llama.cpp's own LM head): its log-probabilities and tokens are those of ggml's
+    ra = ours.generate(PROMPT, max_tokens=12, layers=[0, 2], ignore_eos=True)
+    rb = ggml.generate(PROMPT, max_tokens=12, layers=[0, 2], ignore_eos=True)
+    assert ra.tokens == rb.tokens
+    np.testing.assert_allclose([s.mature_logprob for s in ra.steps], [s.mature_logprob for s in rb.steps], rtol=0, atol=1e-4)
+    np.testing.assert_allclose([s.jsd for s in ra.steps], [s.jsd for s in rb.steps], rtol=0, atol=1e-5)
+
+
+def test_kernel_setting_is_checked(kernel_switch, smollm2_path):
+    m = kernel_switch("sometimes", smollm2_path)
+    with pytest.raises(dola_cpp.DolaError, match="DOLA_CPP_KERNEL must be auto, on or off"):
         m.generate(PROMPT, max_tokens=1, layers="high")
 
 

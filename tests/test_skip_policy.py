@@ -98,9 +98,9 @@ def buffer_type(request):
 def test_layout(buffer_type):
     pass
 
-@pytest.mark.hardware("Q8_KERNEL")
+@pytest.mark.hardware("KERNELS")
 def test_kernel():
-    pytest.skip("this build has no Q8_0 kernel")
+    pytest.skip("this build has no projection kernels")
 
 @pytest.mark.hardware
 def test_unnamed():
@@ -109,15 +109,15 @@ def test_unnamed():
 
 
 def test_a_hardware_skip_fails_where_the_feature_is_expected(inner):
-    # an x86 machine with AVX2: CPU_REPACK and the Q8 kernel expected, AMX not
-    expected = {"CPU_REPACK": "x86 with AVX2", "Q8_KERNEL": "x86 with AVX2"}
+    # an x86 machine with AVX2: CPU_REPACK and the projection kernels expected, AMX not
+    expected = {"CPU_REPACK": "x86 with AVX2", "KERNELS": "x86 with AVX2"}
     ci = inner(HARDWARE, ci=True, expected=expected)
     assert outcomes(ci) == {"failed": 3, "skipped": 1, "passed": 1}
     ci.stdout.fnmatch_lines([
         "*setup of test_layout?CPU_REPACK?*",
         "skipped in CI although this machine is expected to have CPU_REPACK (x86 with AVX2): this build offers no*",
         "*test_kernel*",
-        "skipped in CI although this machine is expected to have Q8_KERNEL (x86 with AVX2): this build has no Q8_0*",
+        "skipped in CI although this machine is expected to have KERNELS (x86 with AVX2): this build has no projection kernels*",
         "*test_unnamed*",
         "a hardware marker must name the feature*",
     ])
@@ -138,11 +138,11 @@ def test_only_exempt_skips_pass_the_session(inner):
 
 
 def test_this_machine_is_expected_to_have_what_it_has():
-    """The policy's table for this machine: on x86 with AVX2, CPU_REPACK and the Q8 kernel."""
+    """The policy's table for this machine: on x86 with AVX2, CPU_REPACK and the projection kernels."""
     expected = skip_policy.expected_hardware()
     flags = skip_policy._cpu_flags()
     import platform
 
     if platform.machine() == "x86_64":
         assert "x86" in expected
-        assert ("avx2" in flags) == ("CPU_REPACK" in expected) == ("Q8_KERNEL" in expected)
+        assert ("avx2" in flags) == ("CPU_REPACK" in expected) == ("KERNELS" in expected)

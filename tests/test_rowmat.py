@@ -1,0 +1,104 @@
+"""dola-cpp's projection kernels (csrc/dola-rowmat.cpp) against numpy, per weight type.
+
+The kernels multiply a few hidden rows by every row of the output matrix in ggml's block formats.
+The reference dequantizes the same blocks with gguf-py, rounds the activations as ggml does for
+that type (Q8_0 blocks, Q8_K blocks, F16, BF16) and multiplies in float64: only the kernels'
+float32 sums may differ. On a real model the same kernels are compared with ggml's matmul
+(tests/test_backends.py).
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+from gguf import quants
+
+from dola_cpp import _core
+
+pytestmark = pytest.mark.hardware("KERNELS")
+
+# (type, byte offsets of the fp16 scales in a block)
+TYPES = {"Q8_0": (0,), "Q6_K": (208,), "Q4_K": (0, 2), "F16": (), "BF16": ()}
+
+
+def random_matrix(qtype: str, n_out: int, n_in: int, rng: np.random.Generator) -> np.ndarray:
+    """Random blocks (every bit pattern of the quants and sub-block scales) with sane fp16 scales."""
+    t = gguf.GGMLQuantizationType[qtype]
+    if qtype in ("F16", "BF16"):
+        w = rng.standard_normal((n_out, n_in)).astype(np.float32)
+        if qtype == "F16":
+            return w.astype(np.float16).view(np.uint8).reshape(n_out, -1)
+        return (w.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8).reshape(n_out, -1)
+    qk, nbytes = gguf.GGML_QUANT_SIZES[t]
+    raw = np.frombuffer(rng.bytes(n_out * n_in // qk * nbytes), dtype=np.uint8).reshape(-1, nbytes).copy()
+    for off in TYPES[qtype]:
+        d = rng.uniform(0.001, 0.02, size=len(raw)).astype(np.float16)
+        raw[:, off:off + 2] = d.view(np.uint8).reshape(-1, 2)
+    return raw.reshape(n_out, -1)
+
+
+def ggml_rounded(x: np.ndarray, qtype: str) -> np.ndarray:
+    """The activations as ggml's matmul for this weight type sees them, as float64."""
+    x = x.astype(np.float32)
+    if qtype == "Q8_0":  # per 32 values: d = amax / 127 (stored as fp16), q = round-half-even(x / d)
+        xb = x.reshape(-1, 32)
+        d = np.abs(xb).max(axis=1) / np.float32(127)
+        q = np.rint(xb * (np.float32(1) / d)[:, None])
+        return (q * d.astype(np.float16).astype(np.float64)[:, None]).reshape(x.shape)
+    if qtype in ("Q6_K", "Q4_K"):  # Q8_K: per 256 values, iscale = -127 / (the value of largest magnitude)
+        xb = x.reshape(-1, 256)
+        mx = xb[np.arange(len(xb)), np.abs(xb).argmax(axis=1)]
+        iscale = np.float32(-127) / mx
+        q = np.minimum(127, np.rint(xb * iscale[:, None]))
+        return (q * (np.float32(1) / iscale).astype(np.float64)[:, None]).reshape(x.shape)
+    if qtype == "F16":
+        return x.astype(np.float16).astype(np.float64)
+    u = x.view(np.uint32).astype(np.uint64)  # BF16: round half to even on the upper 16 bits
+    return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+@pytest.mark.parametrize("qtype", list(TYPES))
+@pytest.mark.parametrize("n_rows", [1, 2, 5, 9, 12, 13, 27])
+def test_kernel_matches_numpy(qtype, n_rows):
+    """Row counts of one group, a group and one, and several groups (the engine's batched steps)."""
+    if not _core.kernels.rowmat_isa():
+        pytest.skip("this build has no projection kernels (x86 without AVX2)")
+    rng = np.random.default_rng(n_rows)
+    n_out, n_in = 67, 512  # an odd vocabulary: the threads' last chunk is short
+    w = random_matrix(qtype, n_out, n_in, rng)
+    x = rng.standard_normal((n_rows, n_in)).astype(np.float32) * rng.uniform(0.1, 10, size=(n_rows, 1)).astype(np.float32)
+    ref = ggml_rounded(x, qtype) @ quants.dequantize(w, gguf.GGMLQuantizationType[qtype]).astype(np.float64).T
+    for threads in (1, 2):
+        y = _core.kernels.rowmat(qtype, w, n_in, x, threads)
+        assert y.shape == (n_rows, n_out)
+        np.testing.assert_allclose(y, ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max())
+
+
+def test_q8_0_odd_block_count():
+    """An odd number of Q8_0 blocks per row: the 512-bit kernel takes blocks in pairs."""
+    if not _core.kernels.rowmat_isa():
+        pytest.skip("this build has no projection kernels (x86 without AVX2)")
+    rng = np.random.default_rng(1)
+    w = random_matrix("Q8_0", 300, 160, rng)
+    x = rng.standard_normal((6, 160)).astype(np.float32)
+    ref = ggml_rounded(x, "Q8_0") @ quants.dequantize(w, gguf.GGMLQuantizationType.Q8_0).astype(np.float64).T
+    np.testing.assert_allclose(_core.kernels.rowmat("Q8_0", w, 160, x, 2), ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max())
+
+
+def test_kernel_refuses_what_it_cannot_read():
+    rng = np.random.default_rng(2)
+    if not _core.kernels.rowmat_isa():
+        with pytest.raises(ValueError, match="no projection kernel"):
+            _core.kernels.rowmat("Q8_0", random_matrix("Q8_0", 4, 64, rng), 64, np.zeros((1, 64), np.float32))
+        return
+    with pytest.raises(ValueError, match="no projection kernel for Q4_0"):
+        _core.kernels.rowmat("Q4_0", np.zeros((4, 36), np.uint8), 64, np.zeros((1, 64), np.float32))
+    with pytest.raises(ValueError, match="no projection kernel for Q6_K rows of 320"):
+        _core.kernels.rowmat("Q6_K", np.zeros((4, 263), np.uint8), 320, np.zeros((1, 320), np.float32))
+    with pytest.raises(ValueError, match="unknown ggml type"):
+        _core.kernels.rowmat("Q9_9", np.zeros((4, 34), np.uint8), 32, np.zeros((1, 32), np.float32))
+    with pytest.raises(ValueError, match=r"w must be \[n_out, 210\] bytes"):
+        _core.kernels.rowmat("Q6_K", np.zeros((4, 200), np.uint8), 256, np.zeros((1, 256), np.float32))
+    with pytest.raises(ValueError, match=r"x must be \[n_rows, n_in\]"):
+        _core.kernels.rowmat("Q6_K", random_matrix("Q6_K", 4, 256, rng), 256, np.zeros((1, 255), np.float32))
