@@ -9,14 +9,18 @@ float32 sums may differ. On a real model the same kernels are compared with ggml
 
 from __future__ import annotations
 
+import ctypes
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
 from gguf import quants
 
 from dola_cpp import _core
-
-pytestmark = pytest.mark.hardware("KERNELS")
 
 # (type, byte offsets of the fp16 scales in a block)
 TYPES = {"Q8_0": (0,), "Q6_K": (208,), "Q4_K": (0, 2), "F16": (), "BF16": ()}
@@ -58,6 +62,7 @@ def ggml_rounded(x: np.ndarray, qtype: str) -> np.ndarray:
     return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32).astype(np.float64)
 
 
+@pytest.mark.hardware("KERNELS")
 @pytest.mark.parametrize("qtype", list(TYPES))
 @pytest.mark.parametrize("n_rows", [1, 2, 5, 9, 12, 13, 27])
 def test_kernel_matches_numpy(qtype, n_rows):
@@ -75,8 +80,9 @@ def test_kernel_matches_numpy(qtype, n_rows):
         np.testing.assert_allclose(y, ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max())
 
 
+@pytest.mark.hardware("KERNELS")
 def test_q8_0_odd_block_count():
-    """An odd number of Q8_0 blocks per row: the 512-bit kernel takes blocks in pairs."""
+    """An odd number of Q8_0 blocks per row, and a vocabulary not a multiple of the threads' chunks."""
     if not _core.kernels.rowmat_isa():
         pytest.skip("this build has no projection kernels (x86 without AVX2)")
     rng = np.random.default_rng(1)
@@ -102,3 +108,69 @@ def test_kernel_refuses_what_it_cannot_read():
         _core.kernels.rowmat("Q6_K", np.zeros((4, 200), np.uint8), 256, np.zeros((1, 256), np.float32))
     with pytest.raises(ValueError, match=r"x must be \[n_rows, n_in\]"):
         _core.kernels.rowmat("Q6_K", random_matrix("Q6_K", 4, 256, rng), 256, np.zeros((1, 255), np.float32))
+
+
+# The kernels' other builds: the wheel and the native build compile only the widest ISA the build
+# machine has, so the 256-bit paths (AVX2's multiply-add pairs, and 256-bit VNNI as on CPUs with
+# AVX-VNNI) are compiled here on their own and run where this CPU can.
+WRAPPER = """
+#include "dola-rowmat.h"
+extern "C" const char * isa() { return dola::rowmat_isa(); }
+extern "C" int available(int type, long n_in) { return dola::rowmat_available((ggml_type) type, n_in); }
+extern "C" void rowmat(int type, const void * w, long n_out, long n_in, long stride, const float * x, int n_rows,
+                       float * y, int n_threads) {
+    dola::rowmat((ggml_type) type, w, n_out, n_in, stride, x, n_rows, y, n_threads);
+}
+"""
+ROOT = Path(__file__).resolve().parents[1]
+ISA_BUILDS = {  # flags, the /proc/cpuinfo flags the CPU needs, the ISA the build reports
+    "avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}, "AVX2"),
+    "vnni256": (["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512vl", "-mavx512vnni"],
+                {"avx2", "fma", "f16c", "avx512f", "avx512vl", "avx512_vnni"}, "AVX2 + VNNI"),
+}
+
+
+# AVX2 is what the projection kernels need (KERNELS); the 256-bit VNNI build runs on AVX-512 VNNI CPUs
+@pytest.mark.parametrize("build", [pytest.param("avx2", marks=pytest.mark.hardware("KERNELS")),
+                                   pytest.param("vnni256", marks=pytest.mark.hardware("AVX512_VNNI"))])
+def test_other_isa_builds_match_numpy(build, tmp_path):
+    flags, needs, isa = ISA_BUILDS[build]
+    if platform.machine() not in ("x86_64", "AMD64") or not needs <= _cpu_flags():
+        pytest.skip(f"this CPU cannot run the {build} build ({', '.join(sorted(needs - _cpu_flags()))} missing)")
+    cxx = shutil.which("c++") or shutil.which("g++")
+    assert cxx, "a C++ compiler is needed"
+    include = ROOT / "third_party" / "llama.cpp" / "ggml" / "include"
+    assert (include / "ggml.h").exists(), "ggml's headers come with the build (third_party/)"
+    (tmp_path / "wrap.cpp").write_text(WRAPPER)
+    lib = tmp_path / f"rowmat-{build}.so"
+    r = subprocess.run([cxx, "-O2", "-shared", "-fPIC", "-std=c++17", *flags, f"-I{ROOT / 'csrc'}", f"-I{include}",
+                        str(ROOT / "csrc" / "dola-rowmat.cpp"), str(tmp_path / "wrap.cpp"), "-o", str(lib)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    k = ctypes.CDLL(str(lib))
+    k.isa.restype = ctypes.c_char_p
+    k.available.argtypes = [ctypes.c_int, ctypes.c_long]
+    k.rowmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
+                         ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    assert k.isa().decode() == isa
+    for qtype in TYPES:
+        t = gguf.GGMLQuantizationType[qtype]
+        for n_rows, n_in in ((1, 512), (9, 512), (13, 256 if qtype != "Q8_0" else 160)):
+            rng = np.random.default_rng(n_rows)
+            w = random_matrix(qtype, 37, n_in, rng)
+            x = rng.standard_normal((n_rows, n_in)).astype(np.float32)
+            assert k.available(t.value, n_in)
+            y = np.zeros((n_rows, 37), np.float32)
+            k.rowmat(t.value, w.ctypes.data, 37, n_in, w.shape[1], x.ctypes.data, n_rows, y.ctypes.data, 1)
+            ref = ggml_rounded(x, qtype) @ quants.dequantize(w, t).astype(np.float64).T
+            np.testing.assert_allclose(y, ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max(), err_msg=f"{build} {qtype} {n_rows}")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
