@@ -12,9 +12,9 @@
 #include <cstring>
 #include <vector>
 
-// Two builds of the same kernels: 512-bit with AVX-512 VNNI (int16 and int8 dot products that
+// Three builds of the same kernels: 512-bit with AVX-512 VNNI (int16 and int8 dot products that
 // accumulate in one instruction), else 256-bit AVX2 (with AVX-VNNI's 256-bit forms where the
-// build targets them, else AVX2's multiply-add pairs).
+// build targets them, else AVX2's multiply-add pairs), and ARM NEON with the dotprod extension.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
     defined(__AVX512VNNI__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -25,6 +25,10 @@
 #if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
 #define DOLA_ROWMAT_VNNI256 1
 #endif
+#elif defined(__aarch64__) && defined(__ARM_NEON) && defined(__ARM_FEATURE_DOTPROD)
+// ARMv8.2 dot products (sdot): Apple M1 and later, Graviton 2 and later, Cortex-A76 and later
+#include <arm_neon.h>
+#define DOLA_ROWMAT_NEON 1
 #endif
 
 #if defined(_MSC_VER)
@@ -35,7 +39,7 @@
 
 namespace dola {
 
-#if defined(DOLA_ROWMAT)
+#if defined(DOLA_ROWMAT) || defined(DOLA_ROWMAT_NEON)
 
 namespace {
 
@@ -59,7 +63,134 @@ struct block_q4_K {
 };
 static_assert(sizeof(block_q8_0) == 34 && sizeof(block_q6_K) == 210 && sizeof(block_q4_K) == 144, "ggml block layouts");
 
+#if defined(DOLA_ROWMAT)
 inline float fp16_to_fp32(uint16_t h) { return _cvtsh_ss(h); }
+inline float fp16_round(float f) { return _cvtsh_ss(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT)); }
+#else
+inline float fp16_to_fp32(uint16_t h) {
+    __fp16 v;
+    std::memcpy(&v, &h, sizeof v);
+    return (float) v;
+}
+inline float fp16_round(float f) { return (float) (__fp16) f; }
+#endif
+
+// ---- the driver ------------------------------------------------------------------------------
+//
+// The weight rows are split over the threads in chunks; each chunk is read from memory once and
+// multiplied with every activation row, max_rows at a time (a further group reads it again from
+// L2), each kernel keeping its sums in registers. Walking a chunk of weight rows one slice of the row width at a time, to keep the
+// activations of a 4096-wide model in L1, measured slower here: the short strided runs defeat the
+// hardware prefetcher that streams the matrix.
+// One function per row count (not inlined into each other: the compiler then keeps each loop's
+// pointers in registers).
+template <class Kernel, int R = Kernel::max_rows>
+DOLA_NOINLINE void rows(const Kernel & k, int32_t n, int64_t o0, int64_t o1, int32_t r0, float * y, int64_t n_out) {
+    if constexpr (R > 1) {
+        if (n < R) return rows<Kernel, R - 1>(k, n, o0, o1, r0, y, n_out);
+    }
+    for (int64_t o = o0; o < o1; ++o) {
+        float out[R];
+        k.template row<R>(o, r0, out);
+        for (int r = 0; r < R; ++r) y[(size_t) (r0 + r) * n_out + o] = out[r];
+    }
+}
+
+template <class Kernel>
+void run(const Kernel & k, int64_t n_out, int32_t n_rows, float * y, int32_t n_threads) {
+    constexpr int G = Kernel::max_rows;
+    const int64_t chunk = 64;  // weight rows: a chunk of 4096-wide Q6_K rows stays in L2 for the next group
+    const int64_t n_chunks = (n_out + chunk - 1) / chunk;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(std::max(1, n_threads))
+#endif
+    for (int64_t c = 0; c < n_chunks; ++c) {
+        const int64_t o0 = c * chunk, o1 = std::min(n_out, o0 + chunk);
+        for (int32_t r0 = 0; r0 < n_rows; r0 += G) rows(k, std::min<int32_t>(G, n_rows - r0), o0, o1, r0, y, n_out);
+    }
+}
+
+// Activations as ggml quantizes them for Q8_0: per 32 values, d = amax / 127 (stored as fp16),
+// q = round-half-even(x / d), plus offset (for u8 x s8 dot products).
+void quantize_q8_0(const float * x, int64_t n_blocks, int offset, uint8_t * q, float * d) {
+    for (int64_t i = 0; i < n_blocks; ++i) {
+        const float * xb = x + i * QK8_0;
+        float amax = 0.0f;
+        for (int j = 0; j < QK8_0; ++j) amax = std::max(amax, std::fabs(xb[j]));
+        const float di = amax / 127.0f;
+        const float id = di != 0.0f ? 1.0f / di : 0.0f;
+        d[i] = fp16_round(di);
+        for (int j = 0; j < QK8_0; ++j) q[i * QK8_0 + j] = (uint8_t) ((int) std::nearbyint(xb[j] * id) + offset);
+    }
+}
+
+// ---- Q8_K activations (Q6_K, Q4_K): per 256 values, scale -max/127 of the largest magnitude ------
+
+// T: int16_t for x86's int16 dot products, int8_t for NEON's int8 ones
+template <class T>
+struct q8_k_rows {
+    int64_t nb = 0;
+    std::vector<T> q;           // [rows][nb][256]
+    std::vector<float> d;       // [rows][nb]
+    std::vector<int16_t> bs32;  // [rows][nb][8]: sums of each 32 values (Q4_K's mins)
+
+    q8_k_rows(const float * x, int32_t n_rows, int64_t n_in) : nb(n_in / QK_K) {
+        q.resize((size_t) n_rows * nb * QK_K);
+        d.resize((size_t) n_rows * nb);
+        bs32.resize((size_t) n_rows * nb * 8);
+        for (int64_t i = 0; i < n_rows * nb; ++i) {  // quantize_row_q8_K_ref
+            const float * xb = x + i * QK_K;
+            float max = 0.0f, amax = 0.0f;
+            for (int j = 0; j < QK_K; ++j) {
+                const float ax = std::fabs(xb[j]);
+                if (ax > amax) {
+                    amax = ax;
+                    max = xb[j];
+                }
+            }
+            T * qb = q.data() + i * QK_K;
+            if (amax == 0.0f) {
+                d[i] = 0.0f;
+                std::fill_n(qb, QK_K, (T) 0);
+            } else {
+                const float iscale = -127.0f / max;
+                for (int j = 0; j < QK_K; ++j) qb[j] = (T) std::min(127, (int) std::nearbyint(iscale * xb[j]));
+                d[i] = 1.0f / iscale;
+            }
+            for (int s = 0; s < 8; ++s) {
+                int sum = 0;
+                for (int j = 0; j < 32; ++j) sum += qb[32 * s + j];
+                bs32[i * 8 + s] = (int16_t) sum;
+            }
+        }
+    }
+};
+
+// ggml's get_scale_min_k4: the 6-bit scale and min of sub-block j
+inline void scale_min_k4(int j, const uint8_t * q, int16_t & d, int16_t & m) {
+    if (j < 4) {
+        d = q[j] & 63;
+        m = q[j + 4] & 63;
+    } else {
+        d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        m = (q[j + 4] >> 4) | ((q[j - 0] >> 6) << 4);
+    }
+}
+
+inline float round_to_bf16(float f) {  // ggml_compute_fp32_to_bf16, back to float
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffff) > 0x7f800000) {
+        u = (u | 0x00400000) & 0xffff0000u;  // NaN stays NaN
+    } else {
+        u = (u + (0x7fff + ((u >> 16) & 1))) & 0xffff0000u;
+    }
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+
+#if defined(DOLA_ROWMAT)
 
 // ---- the vector width's primitives -------------------------------------------------------------
 
@@ -124,41 +255,6 @@ inline vf bf16_to_f(const uint16_t * p) {
 constexpr int kI16 = kLanes * 2;    // int16 values per vector
 constexpr int kW16 = QK_K / kI16;   // vectors per 256-value block of int16
 
-// ---- the driver ------------------------------------------------------------------------------
-//
-// The weight rows are split over the threads in chunks; each chunk is read from memory once and
-// multiplied with every activation row, max_rows at a time (a further group reads it again from
-// L2), each kernel keeping its sums in registers. Walking a chunk of weight rows one slice of the row width at a time, to keep the
-// activations of a 4096-wide model in L1, measured slower here: the short strided runs defeat the
-// hardware prefetcher that streams the matrix.
-// One function per row count (not inlined into each other: the compiler then keeps each loop's
-// pointers in registers).
-template <class Kernel, int R = Kernel::max_rows>
-DOLA_NOINLINE void rows(const Kernel & k, int32_t n, int64_t o0, int64_t o1, int32_t r0, float * y, int64_t n_out) {
-    if constexpr (R > 1) {
-        if (n < R) return rows<Kernel, R - 1>(k, n, o0, o1, r0, y, n_out);
-    }
-    for (int64_t o = o0; o < o1; ++o) {
-        float out[R];
-        k.template row<R>(o, r0, out);
-        for (int r = 0; r < R; ++r) y[(size_t) (r0 + r) * n_out + o] = out[r];
-    }
-}
-
-template <class Kernel>
-void run(const Kernel & k, int64_t n_out, int32_t n_rows, float * y, int32_t n_threads) {
-    constexpr int G = Kernel::max_rows;
-    const int64_t chunk = 64;  // weight rows: a chunk of 4096-wide Q6_K rows stays in L2 for the next group
-    const int64_t n_chunks = (n_out + chunk - 1) / chunk;
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(std::max(1, n_threads))
-#endif
-    for (int64_t c = 0; c < n_chunks; ++c) {
-        const int64_t o0 = c * chunk, o1 = std::min(n_out, o0 + chunk);
-        for (int32_t r0 = 0; r0 < n_rows; r0 += G) rows(k, std::min<int32_t>(G, n_rows - r0), o0, o1, r0, y, n_out);
-    }
-}
-
 // ---- Q8_0: activations as ggml quantizes them for Q8_0 (per 32 values, scale amax/127 in fp16) --
 //
 // 256-bit in every build: a Q8_0 block is 32 bytes, and pairing blocks in 512-bit vectors (with
@@ -189,16 +285,7 @@ struct q8_0_kernel {
         : w(static_cast<const uint8_t *>(w_)), stride(stride_), nb(n_in / QK8_0) {
         q.resize((size_t) n_rows * nb * QK8_0);
         d.resize((size_t) n_rows * nb);
-        for (int64_t i = 0; i < n_rows * nb; ++i) {
-            const float * xb = x + i * QK8_0;
-            float amax = 0.0f;
-            for (int j = 0; j < QK8_0; ++j) amax = std::max(amax, std::fabs(xb[j]));
-            const float di = amax / 127.0f;
-            const float id = di != 0.0f ? 1.0f / di : 0.0f;
-            d[i] = _cvtsh_ss(_cvtss_sh(di, _MM_FROUND_TO_NEAREST_INT));
-            uint8_t * qb = q.data() + i * QK8_0;
-            for (int j = 0; j < QK8_0; ++j) qb[j] = (uint8_t) ((int) std::nearbyint(xb[j] * id) + kQ8Offset);
-        }
+        quantize_q8_0(x, n_rows * nb, kQ8Offset, q.data(), d.data());
     }
 
     template <int R>
@@ -228,46 +315,6 @@ struct q8_0_kernel {
             }
         }
         for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
-    }
-};
-
-// ---- Q8_K activations (Q6_K, Q4_K): per 256 values, scale -max/127 of the largest magnitude ------
-
-struct q8_k_rows {
-    int64_t nb = 0;
-    std::vector<int16_t> q;     // [rows][nb][256], widened to int16 for the int16 dot products
-    std::vector<float> d;       // [rows][nb]
-    std::vector<int16_t> bs32;  // [rows][nb][8]: sums of each 32 values (Q4_K's mins)
-
-    q8_k_rows(const float * x, int32_t n_rows, int64_t n_in) : nb(n_in / QK_K) {
-        q.resize((size_t) n_rows * nb * QK_K);
-        d.resize((size_t) n_rows * nb);
-        bs32.resize((size_t) n_rows * nb * 8);
-        for (int64_t i = 0; i < n_rows * nb; ++i) {  // quantize_row_q8_K_ref
-            const float * xb = x + i * QK_K;
-            float max = 0.0f, amax = 0.0f;
-            for (int j = 0; j < QK_K; ++j) {
-                const float ax = std::fabs(xb[j]);
-                if (ax > amax) {
-                    amax = ax;
-                    max = xb[j];
-                }
-            }
-            int16_t * qb = q.data() + i * QK_K;
-            if (amax == 0.0f) {
-                d[i] = 0.0f;
-                std::fill_n(qb, QK_K, (int16_t) 0);
-            } else {
-                const float iscale = -127.0f / max;
-                for (int j = 0; j < QK_K; ++j) qb[j] = (int16_t) std::min(127, (int) std::nearbyint(iscale * xb[j]));
-                d[i] = 1.0f / iscale;
-            }
-            for (int s = 0; s < 8; ++s) {
-                int sum = 0;
-                for (int j = 0; j < 32; ++j) sum += qb[32 * s + j];
-                bs32[i * 8 + s] = (int16_t) sum;
-            }
-        }
     }
 };
 
@@ -321,7 +368,7 @@ struct q6_K_kernel {
     static constexpr int max_rows = 12;
     const uint8_t * w;
     size_t stride;
-    q8_k_rows a;
+    q8_k_rows<int16_t> a;
 
     template <int R>
     void row(int64_t o, int32_t r0, float * out) const {
@@ -348,22 +395,11 @@ struct q6_K_kernel {
     }
 };
 
-// ggml's get_scale_min_k4: the 6-bit scale and min of sub-block j
-inline void scale_min_k4(int j, const uint8_t * q, int16_t & d, int16_t & m) {
-    if (j < 4) {
-        d = q[j] & 63;
-        m = q[j + 4] & 63;
-    } else {
-        d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
-        m = (q[j + 4] >> 4) | ((q[j - 0] >> 6) << 4);
-    }
-}
-
 struct q4_K_kernel {
     static constexpr int max_rows = 8;  // an accumulator for the mins too
     const uint8_t * w;
     size_t stride;
-    q8_k_rows a;
+    q8_k_rows<int16_t> a;
 
     template <int R>
     void row(int64_t o, int32_t r0, float * out) const {
@@ -409,18 +445,6 @@ struct q4_K_kernel {
 
 // ---- F16 / BF16: activations rounded to the weight's type, as ggml's vec_dot_type, then f32 FMAs --
 
-inline float round_to_bf16(float f) {  // ggml_compute_fp32_to_bf16, back to float
-    uint32_t u;
-    std::memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffff) > 0x7f800000) {
-        u = (u | 0x00400000) & 0xffff0000u;  // NaN stays NaN
-    } else {
-        u = (u + (0x7fff + ((u >> 16) & 1))) & 0xffff0000u;
-    }
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-}
-
 template <bool BF16>
 struct half_kernel {
     static constexpr int max_rows = 12;
@@ -431,7 +455,7 @@ struct half_kernel {
 
     half_kernel(const void * w_, size_t stride_, int64_t n_in_, const float * x, int32_t n_rows)
         : w(static_cast<const uint8_t *>(w_)), stride(stride_), n_in(n_in_), a(x, x + (size_t) n_rows * n_in_) {
-        for (float & v : a) v = BF16 ? round_to_bf16(v) : _cvtsh_ss(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT));
+        for (float & v : a) v = BF16 ? round_to_bf16(v) : fp16_round(v);
     }
 
     template <int R>
@@ -447,6 +471,171 @@ struct half_kernel {
     }
 };
 
+#else  // DOLA_ROWMAT_NEON
+
+// 128-bit: sdot (four int8 products summed into each int32 lane) on int8 weights and activations.
+// Each 16 values of a K-quant block share one sub-block scale, so a block's integer sum is the
+// sub-blocks' dot products times their scales, exact in int32.
+
+struct q8_0_kernel {
+    static constexpr int max_rows = 12;
+    const uint8_t * w;
+    size_t stride;
+    int64_t nb;
+    std::vector<uint8_t> q;  // [rows][nb][32], int8
+    std::vector<float> d;    // [rows][nb]
+
+    q8_0_kernel(const void * w_, size_t stride_, int64_t n_in, const float * x, int32_t n_rows)
+        : w(static_cast<const uint8_t *>(w_)), stride(stride_), nb(n_in / QK8_0) {
+        q.resize((size_t) n_rows * nb * QK8_0);
+        d.resize((size_t) n_rows * nb);
+        quantize_q8_0(x, n_rows * nb, 0, q.data(), d.data());
+    }
+
+    template <int R>
+    void row(int64_t o, int32_t r0, float * out) const {
+        const block_q8_0 * wb = reinterpret_cast<const block_q8_0 *>(w + o * stride);
+        float32x4_t acc[R];
+        for (int r = 0; r < R; ++r) acc[r] = vdupq_n_f32(0.0f);
+        for (int64_t b = 0; b < nb; ++b) {
+            const int8x16_t w0 = vld1q_s8(wb[b].qs), w1 = vld1q_s8(wb[b].qs + 16);
+            const float dw = fp16_to_fp32(wb[b].d);
+            for (int r = 0; r < R; ++r) {
+                const size_t i = (size_t) (r0 + r) * nb + b;
+                const int8_t * a = reinterpret_cast<const int8_t *>(q.data() + i * QK8_0);
+                const int32x4_t s = vdotq_s32(vdotq_s32(vdupq_n_s32(0), w0, vld1q_s8(a)), w1, vld1q_s8(a + 16));
+                acc[r] = vfmaq_n_f32(acc[r], vcvtq_f32_s32(s), dw * d[i]);
+            }
+        }
+        for (int r = 0; r < R; ++r) out[r] = vaddvq_f32(acc[r]);
+    }
+};
+
+// The Q6_K block's 256 values q - 32 as int8, 16 per vector: vector g holds values 16g .. 16g + 15,
+// whose scale is scales[g].
+inline void unpack_q6_K(const block_q6_K & blk, int8x16_t * w) {
+    const uint8x16_t m4 = vdupq_n_u8(0x0F), m3 = vdupq_n_u8(3);
+    const int8x16_t off = vdupq_n_s8(32);
+    for (int h = 0; h < 2; ++h) {      // 128 values: ql 64 bytes, qh 32 bytes
+        for (int c = 0; c < 2; ++c) {  // 16 of each 32
+            const uint8x16_t l0 = vld1q_u8(blk.ql + 64 * h + 16 * c), l1 = vld1q_u8(blk.ql + 64 * h + 32 + 16 * c);
+            const uint8x16_t hb = vld1q_u8(blk.qh + 32 * h + 16 * c);
+            const uint8x16_t v[4] = {
+                vorrq_u8(vandq_u8(l0, m4), vshlq_n_u8(vandq_u8(hb, m3), 4)),
+                vorrq_u8(vandq_u8(l1, m4), vshlq_n_u8(vandq_u8(vshrq_n_u8(hb, 2), m3), 4)),
+                vorrq_u8(vshrq_n_u8(l0, 4), vshlq_n_u8(vandq_u8(vshrq_n_u8(hb, 4), m3), 4)),
+                vorrq_u8(vshrq_n_u8(l1, 4), vshlq_n_u8(vshrq_n_u8(hb, 6), 4)),
+            };
+            for (int k = 0; k < 4; ++k) w[8 * h + 2 * k + c] = vsubq_s8(vreinterpretq_s8_u8(v[k]), off);
+        }
+    }
+}
+
+struct q6_K_kernel {
+    static constexpr int max_rows = 8;  // 16 weight registers
+    const uint8_t * w;
+    size_t stride;
+    q8_k_rows<int8_t> a;
+
+    template <int R>
+    void row(int64_t o, int32_t r0, float * out) const {
+        const block_q6_K * wb = reinterpret_cast<const block_q6_K *>(w + o * stride);
+        const int64_t nb = a.nb;
+        float32x4_t acc[R];
+        for (int r = 0; r < R; ++r) acc[r] = vdupq_n_f32(0.0f);
+        for (int64_t b = 0; b < nb; ++b) {
+            int8x16_t wv[16];
+            unpack_q6_K(wb[b], wv);
+            const float dw = fp16_to_fp32(wb[b].d);
+            for (int r = 0; r < R; ++r) {
+                const size_t i = (size_t) (r0 + r) * nb + b;
+                const int8_t * ar = a.q.data() + i * QK_K;
+                int32x4_t s = vdupq_n_s32(0);
+                for (int g = 0; g < 16; ++g) {
+                    s = vmlaq_n_s32(s, vdotq_s32(vdupq_n_s32(0), wv[g], vld1q_s8(ar + 16 * g)), wb[b].scales[g]);
+                }
+                acc[r] = vfmaq_n_f32(acc[r], vcvtq_f32_s32(s), dw * a.d[i]);
+            }
+        }
+        for (int r = 0; r < R; ++r) out[r] = vaddvq_f32(acc[r]);
+    }
+};
+
+struct q4_K_kernel {
+    static constexpr int max_rows = 8;
+    const uint8_t * w;
+    size_t stride;
+    q8_k_rows<int8_t> a;
+
+    template <int R>
+    void row(int64_t o, int32_t r0, float * out) const {
+        const block_q4_K * wb = reinterpret_cast<const block_q4_K *>(w + o * stride);
+        const int64_t nb = a.nb;
+        const uint8x16_t m4 = vdupq_n_u8(0x0F);
+        float32x4_t acc[R];
+        float accm[R];
+        for (int r = 0; r < R; ++r) acc[r] = vdupq_n_f32(0.0f), accm[r] = 0.0f;
+        for (int64_t b = 0; b < nb; ++b) {
+            const block_q4_K & blk = wb[b];
+            int16_t sc[8], mn[8];
+            for (int j = 0; j < 8; ++j) scale_min_k4(j, blk.scales, sc[j], mn[j]);
+            int8x16_t wv[16];  // vectors 2s, 2s + 1: sub-block s (32 values, q in 0..15)
+            for (int j = 0; j < 4; ++j) {
+                const uint8x16_t q0 = vld1q_u8(blk.qs + 32 * j), q1 = vld1q_u8(blk.qs + 32 * j + 16);
+                wv[4 * j + 0] = vreinterpretq_s8_u8(vandq_u8(q0, m4));
+                wv[4 * j + 1] = vreinterpretq_s8_u8(vandq_u8(q1, m4));
+                wv[4 * j + 2] = vreinterpretq_s8_u8(vshrq_n_u8(q0, 4));
+                wv[4 * j + 3] = vreinterpretq_s8_u8(vshrq_n_u8(q1, 4));
+            }
+            const int16x8_t mins = vld1q_s16(mn);
+            const float dw = fp16_to_fp32(blk.d), dmin = fp16_to_fp32(blk.dmin);
+            for (int r = 0; r < R; ++r) {
+                const size_t i = (size_t) (r0 + r) * nb + b;
+                const int8_t * ar = a.q.data() + i * QK_K;
+                int32x4_t s = vdupq_n_s32(0);
+                for (int sb = 0; sb < 8; ++sb) {
+                    const int32x4_t dot = vdotq_s32(vdotq_s32(vdupq_n_s32(0), wv[2 * sb], vld1q_s8(ar + 32 * sb)), wv[2 * sb + 1],
+                                                    vld1q_s8(ar + 32 * sb + 16));
+                    s = vmlaq_n_s32(s, dot, sc[sb]);
+                }
+                acc[r] = vfmaq_n_f32(acc[r], vcvtq_f32_s32(s), dw * a.d[i]);
+                const int16x8_t bs = vld1q_s16(a.bs32.data() + i * 8);
+                const int32_t m = vaddvq_s32(vmlal_high_s16(vmull_s16(vget_low_s16(mins), vget_low_s16(bs)), mins, bs));
+                accm[r] += (float) m * (dmin * a.d[i]);
+            }
+        }
+        for (int r = 0; r < R; ++r) out[r] = vaddvq_f32(acc[r]) - accm[r];
+    }
+};
+
+template <bool BF16>
+struct half_kernel {
+    static constexpr int max_rows = 12;
+    const uint8_t * w;
+    size_t stride;
+    int64_t n_in;
+    std::vector<float> a;  // [rows][n_in]
+
+    half_kernel(const void * w_, size_t stride_, int64_t n_in_, const float * x, int32_t n_rows)
+        : w(static_cast<const uint8_t *>(w_)), stride(stride_), n_in(n_in_), a(x, x + (size_t) n_rows * n_in_) {
+        for (float & v : a) v = BF16 ? round_to_bf16(v) : fp16_round(v);
+    }
+
+    template <int R>
+    void row(int64_t o, int32_t r0, float * out) const {
+        const uint16_t * wr = reinterpret_cast<const uint16_t *>(w + o * stride);
+        float32x4_t acc[R];
+        for (int r = 0; r < R; ++r) acc[r] = vdupq_n_f32(0.0f);
+        for (int64_t i = 0; i < n_in; i += 4) {
+            const uint16x4_t h = vld1_u16(wr + i);
+            const float32x4_t wv = BF16 ? vreinterpretq_f32_u32(vshll_n_u16(h, 16)) : vcvt_f32_f16(vreinterpret_f16_u16(h));
+            for (int r = 0; r < R; ++r) acc[r] = vfmaq_f32(acc[r], wv, vld1q_f32(a.data() + (size_t) (r0 + r) * n_in + i));
+        }
+        for (int r = 0; r < R; ++r) out[r] = vaddvq_f32(acc[r]);
+    }
+};
+#endif
+
 }  // namespace
 
 bool rowmat_available(ggml_type type, int64_t n_in) {
@@ -458,14 +647,16 @@ bool rowmat_available(ggml_type type, int64_t n_in) {
             return n_in % QK_K == 0;
         case GGML_TYPE_F16:
         case GGML_TYPE_BF16:
-            return n_in % kLanes == 0;
+            return n_in % 16 == 0;  // whole vectors of the widest build
         default:
             return false;
     }
 }
 
 const char * rowmat_isa() {
-#if DOLA_ROWMAT == 512
+#if defined(DOLA_ROWMAT_NEON)
+    return "NEON dotprod";
+#elif DOLA_ROWMAT == 512
     return "AVX-512 VNNI";
 #elif defined(DOLA_ROWMAT_VNNI256)
     return "AVX2 + VNNI";
@@ -483,10 +674,10 @@ void rowmat(ggml_type type, const void * w, int64_t n_out, int64_t n_in, size_t 
             run(q8_0_kernel(w, row_stride, n_in, x, n_rows), n_out, n_rows, y, n_threads);
             break;
         case GGML_TYPE_Q6_K:
-            run(q6_K_kernel{wb, row_stride, q8_k_rows(x, n_rows, n_in)}, n_out, n_rows, y, n_threads);
+            run(q6_K_kernel{wb, row_stride, {x, n_rows, n_in}}, n_out, n_rows, y, n_threads);
             break;
         case GGML_TYPE_Q4_K:
-            run(q4_K_kernel{wb, row_stride, q8_k_rows(x, n_rows, n_in)}, n_out, n_rows, y, n_threads);
+            run(q4_K_kernel{wb, row_stride, {x, n_rows, n_in}}, n_out, n_rows, y, n_threads);
             break;
         case GGML_TYPE_F16:
             run(half_kernel<false>(w, row_stride, n_in, x, n_rows), n_out, n_rows, y, n_threads);
@@ -499,7 +690,7 @@ void rowmat(ggml_type type, const void * w, int64_t n_out, int64_t n_in, size_t 
     }
 }
 
-#else  // no x86 vector ISA in this build: ggml's kernels do the projection
+#else  // no AVX2, AVX-512 or NEON dotprod in this build: ggml's kernels do the projection
 
 bool rowmat_available(ggml_type, int64_t) { return false; }
 const char * rowmat_isa() { return ""; }

@@ -112,7 +112,9 @@ def test_kernel_refuses_what_it_cannot_read():
 
 # The kernels' other builds: the wheel and the native build compile only the widest ISA the build
 # machine has, so the 256-bit paths (AVX2's multiply-add pairs, and 256-bit VNNI as on CPUs with
-# AVX-VNNI) are compiled here on their own and run where this CPU can.
+# AVX-VNNI) are compiled here on their own and run where this CPU can, and the ARM NEON build is
+# cross-compiled and run under qemu where an aarch64 toolchain and qemu-user are installed
+# (Debian: apt install g++-aarch64-linux-gnu qemu-user).
 WRAPPER = """
 #include "dola-rowmat.h"
 extern "C" const char * isa() { return dola::rowmat_isa(); }
@@ -122,30 +124,57 @@ extern "C" void rowmat(int type, const void * w, long n_out, long n_in, long str
     dola::rowmat((ggml_type) type, w, n_out, n_in, stride, x, n_rows, y, n_threads);
 }
 """
+HARNESS = """
+#include "dola-rowmat.h"
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+static std::vector<char> slurp(const char * path) {
+    std::vector<char> v;
+    FILE * f = std::fopen(path, "rb");
+    char buf[65536];
+    for (size_t n; f && (n = std::fread(buf, 1, sizeof buf, f)) > 0;) v.insert(v.end(), buf, buf + n);
+    if (f) std::fclose(f);
+    return v;
+}
+int main(int argc, char ** argv) {  // isa | type n_out n_in stride n_rows w x y
+    if (argc == 2 && std::string(argv[1]) == "isa") return std::printf("%s", dola::rowmat_isa()), 0;
+    const int type = std::atoi(argv[1]), n_rows = std::atoi(argv[5]);
+    const long n_out = std::atol(argv[2]), n_in = std::atol(argv[3]), stride = std::atol(argv[4]);
+    if (!dola::rowmat_available((ggml_type) type, n_in)) return 3;
+    std::vector<char> w = slurp(argv[6]), x = slurp(argv[7]);
+    std::vector<float> y((size_t) n_rows * n_out);
+    dola::rowmat((ggml_type) type, w.data(), n_out, n_in, stride, (const float *) x.data(), n_rows, y.data(), 2);
+    FILE * f = std::fopen(argv[8], "wb");
+    std::fwrite(y.data(), sizeof(float), y.size(), f);
+    return std::fclose(f), 0;
+}
+"""
 ROOT = Path(__file__).resolve().parents[1]
-ISA_BUILDS = {  # flags, the /proc/cpuinfo flags the CPU needs, the ISA the build reports
+X86_BUILDS = {  # flags, the /proc/cpuinfo flags the CPU needs, the ISA the build reports
     "avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}, "AVX2"),
     "vnni256": (["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512vl", "-mavx512vnni"],
                 {"avx2", "fma", "f16c", "avx512f", "avx512vl", "avx512_vnni"}, "AVX2 + VNNI"),
 }
 
 
-# AVX2 is what the projection kernels need (KERNELS); the 256-bit VNNI build runs on AVX-512 VNNI CPUs
-@pytest.mark.parametrize("build", [pytest.param("avx2", marks=pytest.mark.hardware("KERNELS")),
-                                   pytest.param("vnni256", marks=pytest.mark.hardware("AVX512_VNNI"))])
-def test_other_isa_builds_match_numpy(build, tmp_path):
-    flags, needs, isa = ISA_BUILDS[build]
+def _sources(tmp_path: Path, extra: str, name: str) -> list[str]:
+    include = ROOT / "third_party" / "llama.cpp" / "ggml" / "include"
+    assert (include / "ggml.h").exists(), "ggml's headers come with the build (third_party/)"
+    (tmp_path / name).write_text(extra)
+    return [f"-I{ROOT / 'csrc'}", f"-I{include}", str(ROOT / "csrc" / "dola-rowmat.cpp"), str(tmp_path / name)]
+
+
+def _x86_build(build: str, tmp_path: Path):
+    flags, needs, isa = X86_BUILDS[build]
     if platform.machine() not in ("x86_64", "AMD64") or not needs <= _cpu_flags():
         pytest.skip(f"this CPU cannot run the {build} build ({', '.join(sorted(needs - _cpu_flags()))} missing)")
     cxx = shutil.which("c++") or shutil.which("g++")
     assert cxx, "a C++ compiler is needed"
-    include = ROOT / "third_party" / "llama.cpp" / "ggml" / "include"
-    assert (include / "ggml.h").exists(), "ggml's headers come with the build (third_party/)"
-    (tmp_path / "wrap.cpp").write_text(WRAPPER)
     lib = tmp_path / f"rowmat-{build}.so"
-    r = subprocess.run([cxx, "-O2", "-shared", "-fPIC", "-std=c++17", *flags, f"-I{ROOT / 'csrc'}", f"-I{include}",
-                        str(ROOT / "csrc" / "dola-rowmat.cpp"), str(tmp_path / "wrap.cpp"), "-o", str(lib)],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run([cxx, "-O2", "-shared", "-fPIC", "-std=c++17", *flags, *_sources(tmp_path, WRAPPER, "wrap.cpp"),
+                        "-o", str(lib)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     k = ctypes.CDLL(str(lib))
     k.isa.restype = ctypes.c_char_p
@@ -153,17 +182,53 @@ def test_other_isa_builds_match_numpy(build, tmp_path):
     k.rowmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
                          ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     assert k.isa().decode() == isa
+
+    def mm(t: int, w: np.ndarray, n_in: int, x: np.ndarray) -> np.ndarray:
+        assert k.available(t, n_in)
+        y = np.zeros((x.shape[0], w.shape[0]), np.float32)
+        k.rowmat(t, w.ctypes.data, w.shape[0], n_in, w.shape[1], x.ctypes.data, x.shape[0], y.ctypes.data, 2)
+        return y
+    return mm
+
+
+def _neon_build(tmp_path: Path):
+    cxx, qemu = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
+    if not cxx or not qemu:
+        pytest.skip("no aarch64 cross compiler and qemu-user here (apt install g++-aarch64-linux-gnu qemu-user)")
+    exe = tmp_path / "rowmat-neon"
+    r = subprocess.run([cxx, "-O2", "-static", "-std=c++17", "-march=armv8.2-a+dotprod",
+                        *_sources(tmp_path, HARNESS, "harness.cpp"), "-o", str(exe)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = [qemu, "-cpu", "max", str(exe)]
+    assert subprocess.run(run + ["isa"], capture_output=True, text=True).stdout == "NEON dotprod"
+
+    def mm(t: int, w: np.ndarray, n_in: int, x: np.ndarray) -> np.ndarray:
+        (tmp_path / "w").write_bytes(w.tobytes())
+        (tmp_path / "x").write_bytes(x.tobytes())
+        r = subprocess.run(run + [str(v) for v in (t, w.shape[0], n_in, w.shape[1], x.shape[0])] +
+                           [str(tmp_path / f) for f in ("w", "x", "y")], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return np.frombuffer((tmp_path / "y").read_bytes(), np.float32).reshape(x.shape[0], w.shape[0])
+    return mm
+
+
+# AVX2 is what the projection kernels need (KERNELS); the 256-bit VNNI build runs on AVX-512 VNNI
+# CPUs; the NEON one where the cross tools are
+@pytest.mark.parametrize("build", [pytest.param("avx2", marks=pytest.mark.hardware("KERNELS")),
+                                   pytest.param("vnni256", marks=pytest.mark.hardware("AVX512_VNNI")),
+                                   pytest.param("neon", marks=pytest.mark.hardware("AARCH64_CROSS_TOOLS"))])
+def test_other_builds_match_numpy(build, tmp_path):
+    mm = _neon_build(tmp_path) if build == "neon" else _x86_build(build, tmp_path)
     for qtype in TYPES:
         t = gguf.GGMLQuantizationType[qtype]
         for n_rows, n_in in ((1, 512), (9, 512), (13, 256 if qtype != "Q8_0" else 160)):
             rng = np.random.default_rng(n_rows)
             w = random_matrix(qtype, 37, n_in, rng)
             x = rng.standard_normal((n_rows, n_in)).astype(np.float32)
-            assert k.available(t.value, n_in)
-            y = np.zeros((n_rows, 37), np.float32)
-            k.rowmat(t.value, w.ctypes.data, 37, n_in, w.shape[1], x.ctypes.data, n_rows, y.ctypes.data, 1)
             ref = ggml_rounded(x, qtype) @ quants.dequantize(w, t).astype(np.float64).T
-            np.testing.assert_allclose(y, ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max(), err_msg=f"{build} {qtype} {n_rows}")
+            np.testing.assert_allclose(mm(t.value, w, n_in, x), ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max(),
+                                       err_msg=f"{build} {qtype} {n_rows} x {n_in}")
 
 
 def _cpu_flags() -> set[str]:
