@@ -1,7 +1,7 @@
 """Decode and prompt-processing speed: plain llama.cpp vs DoLa, measured side by side in one run.
 
     python benchmarks/bench_decode.py [--tokens 128] [--threads N] [--no-transformers]
-    python benchmarks/bench_decode.py --models llama-7b-shape --tokens 16 --repeats 1
+    python benchmarks/bench_decode.py --models llama3-8b-shape,qwen2.5-7b-shape --tokens 16 --no-prefill
     python benchmarks/bench_decode.py --load [--models smollm2]
     python benchmarks/bench_decode.py --activation [--rss 4096] [--models gemma3-270m]
 
@@ -10,10 +10,18 @@ tokens/s, the ratio to plain llama.cpp (a context without the capture callback),
 floor: the time per token of the K-row early-exit projection and of the JSD/contrast pass. With
 transformers installed it also times transformers' DoLa on the same F32 weights.
 
-``llama-7b-shape`` is a random-weight GGUF with Llama-2-7B's shape (32 layers, 4096 wide, FFN
-11008, vocab 32000; Q4_0 with a Q6_K output matrix, as llama.cpp's Q4_0 files have), written once
-into ~/.cache/dola-cpp/synthetic (3.8 GB): decode cost does not depend on the weights' values, so
-it shows DoLa's overhead where the LM head is a small part of the model.
+``llama-7b-shape``, ``llama3-8b-shape`` and ``qwen2.5-7b-shape`` are random-weight GGUFs with
+those models' shapes (Llama-2-7B: 32 layers, 4096 wide, FFN 11008, vocab 32000; Llama-3-8B: FFN
+14336, 8 KV heads, vocab 128256; Qwen2.5-7B: 28 layers, 3584 wide, FFN 18944, 4 KV heads, vocab
+152064, in the Llama architecture), Q4_0 with a Q6_K output matrix as most Q4 files have, written
+once into ~/.cache/dola-cpp/synthetic (3.8-4.6 GB each): decode cost does not depend on the
+weights' values, so they show DoLa's cost at the vocabularies people use.
+
+Each DoLa row has a floor: plain's ms/token plus the extra rows' multiply-adds ((R - 1) x vocab x
+width for R rows through the output matrix, the candidates and the mature row) at dola-cpp's
+kernel rate with the weights in the last-level cache, measured in the same run on the model's own matrix; the
+projection's own floor is one row through the whole matrix (the LM head's memory traffic) plus
+the same extra multiply-adds.
 
 ``--activation`` measures Activation Decoding (alone and on DoLa-high) against plain decoding:
 decode and prompt processing; ``--rss N`` adds, per decoder, the peak memory and the prompt time
@@ -118,9 +126,10 @@ def floor_ms(m: Model, layers, repeats: int = 30) -> tuple[float, float]:
 
 
 def kernel_floor(path: Path, row_counts: list[int], threads: int) -> dict[int, tuple[float, float]] | str:
-    """Per row count R: (dola-cpp's kernel rate in multiply-adds per second with the weights in
-    cache, i.e. its compute rate; ms of one row through the whole output matrix, i.e. one LM head's
-    memory traffic), timed on the model's own output matrix. A string says why there is none."""
+    """Per row count R: (dola-cpp's kernel rate in multiply-adds per second with the weights in the
+    last-level cache, i.e. its compute rate; ms of one row through the whole output matrix, i.e.
+    one LM head's memory traffic), timed on the model's own output matrix. A string says why there
+    is none."""
     import gguf
 
     reader = gguf.GGUFReader(str(path))
@@ -146,13 +155,14 @@ def kernel_floor(path: Path, row_counts: list[int], threads: int) -> dict[int, t
             times.append(time.perf_counter() - t0)
         return min(times)
 
-    # whole 64-row chunks per thread, ~256 KB each: they stay in L2 between calls
-    hot = np.ascontiguousarray(w[: 64 * threads * max(1, (256 * 1024) // (64 * w.shape[1]))])
+    # ~8 MB of whole 64-row chunks: in the last-level cache between calls, and enough work per call
+    # that the call's own cost (threads, activation rounding) does not count
+    hot = np.ascontiguousarray(w[: 64 * max(threads, (8 << 20) // (64 * w.shape[1]))])
     one_row_ms = best(w, x1, 5) * 1e3
     out = {}
     for r in row_counts:
         x = np.random.default_rng(r).standard_normal((r, n_in)).astype(np.float32)
-        out[r] = (r * hot.shape[0] * n_in / best(hot, x, 50), one_row_ms)
+        out[r] = (r * hot.shape[0] * n_in / best(hot, x, 20), one_row_ms)
     return out
 
 
@@ -214,7 +224,7 @@ def bench(name: str, path: Path, args) -> list[str]:
         lines += [f"no floor: {floor}", ""]
     else:
         lines += ["floor: plain's ms/token plus the extra rows' multiply-adds ((R - 1) × vocab × width) at the "
-                  "kernel's rate with the weights in cache, measured here: "
+                  "kernel's rate with the weights in the last-level cache, measured here: "
                   + ", ".join(f"{r} rows {rate / 1e9:.0f} GMAC/s" for r, (rate, _) in sorted(floor.items()))
                   + f"; one row through the whole matrix (the LM head's memory traffic): "
                   f"{next(iter(floor.values()))[1]:.2f} ms", ""]
