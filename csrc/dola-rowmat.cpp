@@ -110,19 +110,29 @@ void run(const Kernel & k, int64_t n_out, int32_t n_rows, float * y, int32_t n_t
     }
 }
 
-// Activations as ggml quantizes them for Q8_0: per 32 values, d = amax / 127 (stored as fp16),
-// q = round-half-even(x / d), plus offset (for u8 x s8 dot products).
-void quantize_q8_0(const float * x, int64_t n_blocks, int offset, uint8_t * q, float * d) {
-    for (int64_t i = 0; i < n_blocks; ++i) {
-        const float * xb = x + i * QK8_0;
-        float amax = 0.0f;
-        for (int j = 0; j < QK8_0; ++j) amax = std::max(amax, std::fabs(xb[j]));
-        const float di = amax / 127.0f;
-        const float id = di != 0.0f ? 1.0f / di : 0.0f;
-        d[i] = fp16_round(di);
-        for (int j = 0; j < QK8_0; ++j) q[i * QK8_0 + j] = (uint8_t) ((int) std::nearbyint(xb[j] * id) + offset);
+// A Q8_0 matrix and the activation rows as ggml quantizes them for it: per 32 values, d = amax /
+// 127 (stored as fp16), q = round-half-even(x / d), plus offset (for u8 x s8 dot products).
+struct q8_0_rows {
+    const uint8_t * w;
+    size_t stride;
+    int64_t nb;
+    std::vector<uint8_t> q;  // [rows][nb][32]
+    std::vector<float> d;    // [rows][nb]
+
+    q8_0_rows(const void * w_, size_t stride_, int64_t n_in, const float * x, int32_t n_rows, int offset)
+        : w(static_cast<const uint8_t *>(w_)), stride(stride_), nb(n_in / QK8_0), q((size_t) n_rows * nb * QK8_0),
+          d((size_t) n_rows * nb) {
+        for (int64_t i = 0; i < n_rows * nb; ++i) {
+            const float * xb = x + i * QK8_0;
+            float amax = 0.0f;
+            for (int j = 0; j < QK8_0; ++j) amax = std::max(amax, std::fabs(xb[j]));
+            const float di = amax / 127.0f;
+            const float id = di != 0.0f ? 1.0f / di : 0.0f;
+            d[i] = fp16_round(di);
+            for (int j = 0; j < QK8_0; ++j) q[i * QK8_0 + j] = (uint8_t) ((int) std::nearbyint(xb[j] * id) + offset);
+        }
     }
-}
+};
 
 // ---- Q8_K activations (Q6_K, Q4_K): per 256 values, scale -max/127 of the largest magnitude ------
 
@@ -273,20 +283,11 @@ constexpr int kQ8Offset = 128;
 constexpr int kQ8Offset = 0;
 #endif
 
-struct q8_0_kernel {
+struct q8_0_kernel : q8_0_rows {
     static constexpr int max_rows = 12;
-    const uint8_t * w;
-    size_t stride;
-    int64_t nb;
-    std::vector<uint8_t> q;  // [rows][nb][32]
-    std::vector<float> d;    // [rows][nb]
 
     q8_0_kernel(const void * w_, size_t stride_, int64_t n_in, const float * x, int32_t n_rows)
-        : w(static_cast<const uint8_t *>(w_)), stride(stride_), nb(n_in / QK8_0) {
-        q.resize((size_t) n_rows * nb * QK8_0);
-        d.resize((size_t) n_rows * nb);
-        quantize_q8_0(x, n_rows * nb, kQ8Offset, q.data(), d.data());
-    }
+        : q8_0_rows(w_, stride_, n_in, x, n_rows, kQ8Offset) {}
 
     template <int R>
     void row(int64_t o, int32_t r0, float * out) const {
@@ -443,54 +444,26 @@ struct q4_K_kernel {
     }
 };
 
-// ---- F16 / BF16: activations rounded to the weight's type, as ggml's vec_dot_type, then f32 FMAs --
-
-template <bool BF16>
-struct half_kernel {
-    static constexpr int max_rows = 12;
-    const uint8_t * w;
-    size_t stride;
-    int64_t n_in;
-    std::vector<float> a;  // [rows][n_in]
-
-    half_kernel(const void * w_, size_t stride_, int64_t n_in_, const float * x, int32_t n_rows)
-        : w(static_cast<const uint8_t *>(w_)), stride(stride_), n_in(n_in_), a(x, x + (size_t) n_rows * n_in_) {
-        for (float & v : a) v = BF16 ? round_to_bf16(v) : fp16_round(v);
-    }
-
-    template <int R>
-    void row(int64_t o, int32_t r0, float * out) const {
-        const uint16_t * wr = reinterpret_cast<const uint16_t *>(w + o * stride);
-        vf acc[R];
-        for (int r = 0; r < R; ++r) acc[r] = zero_f();
-        for (int64_t i = 0; i < n_in; i += kLanes) {
-            const vf wv = BF16 ? bf16_to_f(wr + i) : f16_to_f(wr + i);
-            for (int r = 0; r < R; ++r) acc[r] = fmadd(wv, load_f(a.data() + (size_t) (r0 + r) * n_in + i), acc[r]);
-        }
-        for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
-    }
-};
-
 #else  // DOLA_ROWMAT_NEON
+
+using vf = float32x4_t;
+constexpr int kLanes = 4;
+inline vf load_f(const float * p) { return vld1q_f32(p); }
+inline vf zero_f() { return vdupq_n_f32(0.0f); }
+inline vf fmadd(vf a, vf b, vf c) { return vfmaq_f32(c, a, b); }
+inline float hsum(vf v) { return vaddvq_f32(v); }
+inline vf f16_to_f(const uint16_t * p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+inline vf bf16_to_f(const uint16_t * p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
 
 // 128-bit: sdot (four int8 products summed into each int32 lane) on int8 weights and activations.
 // Each 16 values of a K-quant block share one sub-block scale, so a block's integer sum is the
 // sub-blocks' dot products times their scales, exact in int32.
 
-struct q8_0_kernel {
+struct q8_0_kernel : q8_0_rows {
     static constexpr int max_rows = 12;
-    const uint8_t * w;
-    size_t stride;
-    int64_t nb;
-    std::vector<uint8_t> q;  // [rows][nb][32], int8
-    std::vector<float> d;    // [rows][nb]
 
     q8_0_kernel(const void * w_, size_t stride_, int64_t n_in, const float * x, int32_t n_rows)
-        : w(static_cast<const uint8_t *>(w_)), stride(stride_), nb(n_in / QK8_0) {
-        q.resize((size_t) n_rows * nb * QK8_0);
-        d.resize((size_t) n_rows * nb);
-        quantize_q8_0(x, n_rows * nb, 0, q.data(), d.data());
-    }
+        : q8_0_rows(w_, stride_, n_in, x, n_rows, 0) {}
 
     template <int R>
     void row(int64_t o, int32_t r0, float * out) const {
@@ -608,6 +581,10 @@ struct q4_K_kernel {
     }
 };
 
+#endif
+
+// ---- F16 / BF16: activations rounded to the weight's type, as ggml's vec_dot_type, then f32 FMAs --
+
 template <bool BF16>
 struct half_kernel {
     static constexpr int max_rows = 12;
@@ -624,17 +601,15 @@ struct half_kernel {
     template <int R>
     void row(int64_t o, int32_t r0, float * out) const {
         const uint16_t * wr = reinterpret_cast<const uint16_t *>(w + o * stride);
-        float32x4_t acc[R];
-        for (int r = 0; r < R; ++r) acc[r] = vdupq_n_f32(0.0f);
-        for (int64_t i = 0; i < n_in; i += 4) {
-            const uint16x4_t h = vld1_u16(wr + i);
-            const float32x4_t wv = BF16 ? vreinterpretq_f32_u32(vshll_n_u16(h, 16)) : vcvt_f32_f16(vreinterpret_f16_u16(h));
-            for (int r = 0; r < R; ++r) acc[r] = vfmaq_f32(acc[r], wv, vld1q_f32(a.data() + (size_t) (r0 + r) * n_in + i));
+        vf acc[R];
+        for (int r = 0; r < R; ++r) acc[r] = zero_f();
+        for (int64_t i = 0; i < n_in; i += kLanes) {
+            const vf wv = BF16 ? bf16_to_f(wr + i) : f16_to_f(wr + i);
+            for (int r = 0; r < R; ++r) acc[r] = fmadd(wv, load_f(a.data() + (size_t) (r0 + r) * n_in + i), acc[r]);
         }
-        for (int r = 0; r < R; ++r) out[r] = vaddvq_f32(acc[r]);
+        for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
     }
 };
-#endif
 
 }  // namespace
 
