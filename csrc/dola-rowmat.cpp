@@ -365,11 +365,90 @@ inline void unpack_q6_K(const block_q6_K & blk, vi * w16) {
     }
 }
 
+#if DOLA_ROWMAT == 512
+// index vectors that spread scales 4j .. 4j + 3 over 8 int16 lanes each (a lane of maddubs' output
+// is two values of one 16-value sub-block)
+const struct q6_K_pair_index {
+    __m512i v[4];
+    q6_K_pair_index() {
+        alignas(64) int16_t t[32];
+        for (int j = 0; j < 4; ++j) {
+            for (int l = 0; l < 32; ++l) t[l] = (int16_t) (4 * j + l / 8);
+            v[j] = _mm512_load_si512(t);
+        }
+    }
+} q6_K_pair_idx;
+
+// 512-bit: the weights stay unsigned (q in 0..63, 64 per vector) against int8 activations:
+// maddubs gives the products of value pairs as int16, vpdpwssd multiplies them by their sub-block's
+// scale and accumulates, and -32 * scale * (the sub-block's activation sum) takes the offset out.
+// Half the activation bytes of the int16 form, and no widening of the weights.
+struct q6_K_kernel {
+    static constexpr int max_rows = 12;
+    const uint8_t * w;
+    size_t stride;
+    q8_k_rows<int8_t> a;
+    std::vector<int16_t> bs16;  // [rows][nb][16]: sums of each 16 activations
+
+    q6_K_kernel(const uint8_t * w_, size_t stride_, const float * x, int32_t n_rows, int64_t n_in)
+        : w(w_), stride(stride_), a(x, n_rows, n_in), bs16(a.q.size() / 16) {
+        for (size_t g = 0; g < bs16.size(); ++g) {
+            int sum = 0;
+            for (int j = 0; j < 16; ++j) sum += a.q[16 * g + j];
+            bs16[g] = (int16_t) sum;
+        }
+    }
+
+    template <int R>
+    void row(int64_t o, int32_t r0, float * out) const {
+        const block_q6_K * wb = reinterpret_cast<const block_q6_K *>(w + o * stride);
+        const int64_t nb = a.nb;
+        const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3);
+        vf acc[R];
+        for (int r = 0; r < R; ++r) acc[r] = zero_f();
+        for (int64_t b = 0; b < nb; ++b) {
+            const block_q6_K & blk = wb[b];
+            const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(blk.scales)));
+            const __m512i sc = _mm512_castsi256_si512(sc16);
+            const __m512i off = _mm512_zextsi256_si512(_mm256_mullo_epi16(sc16, _mm256_set1_epi16(-32)));
+            __m512i wq[4], sv[4];  // values 64j .. 64j + 63, and the scales of their pairs
+            for (int h = 0; h < 2; ++h) {
+                const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk.ql + 64 * h));
+                const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk.ql + 64 * h + 32));
+                const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk.qh + 32 * h));
+                const __m256i v0 = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(hb, m3), 4));
+                const __m256i v1 = _mm256_or_si256(_mm256_and_si256(l1, m4),
+                                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), m3), 4));
+                const __m256i v2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), m3), 4));
+                const __m256i v3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), m3), 4));
+                wq[2 * h] = _mm512_inserti64x4(_mm512_castsi256_si512(v0), v1, 1);
+                wq[2 * h + 1] = _mm512_inserti64x4(_mm512_castsi256_si512(v2), v3, 1);
+            }
+            for (int j = 0; j < 4; ++j) sv[j] = _mm512_permutexvar_epi16(q6_K_pair_idx.v[j], sc);
+            const float dw = fp16_to_fp32(blk.d);
+            for (int r = 0; r < R; ++r) {
+                const size_t i = (size_t) (r0 + r) * nb + b;
+                const int8_t * ar = a.q.data() + i * QK_K;
+                __m512i s = _mm512_dpwssd_epi32(zero_i(), off, _mm512_zextsi256_si512(_mm256_loadu_si256(
+                                                                    reinterpret_cast<const __m256i *>(bs16.data() + i * 16))));
+                for (int j = 0; j < 4; ++j) s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(wq[j], load_i(ar + 64 * j)), sv[j]);
+                acc[r] = fmadd(to_f(s), set1_f(dw * a.d[i]), acc[r]);
+            }
+        }
+        for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+    }
+};
+#else
 struct q6_K_kernel {
     static constexpr int max_rows = 12;
     const uint8_t * w;
     size_t stride;
     q8_k_rows<int16_t> a;
+
+    q6_K_kernel(const uint8_t * w_, size_t stride_, const float * x, int32_t n_rows, int64_t n_in)
+        : w(w_), stride(stride_), a(x, n_rows, n_in) {}
 
     template <int R>
     void row(int64_t o, int32_t r0, float * out) const {
@@ -395,6 +474,7 @@ struct q6_K_kernel {
         for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
     }
 };
+#endif
 
 struct q4_K_kernel {
     static constexpr int max_rows = 8;  // an accumulator for the mins too
@@ -509,6 +589,9 @@ struct q6_K_kernel {
     const uint8_t * w;
     size_t stride;
     q8_k_rows<int8_t> a;
+
+    q6_K_kernel(const uint8_t * w_, size_t stride_, const float * x, int32_t n_rows, int64_t n_in)
+        : w(w_), stride(stride_), a(x, n_rows, n_in) {}
 
     template <int R>
     void row(int64_t o, int32_t r0, float * out) const {
@@ -649,7 +732,7 @@ void rowmat(ggml_type type, const void * w, int64_t n_out, int64_t n_in, size_t 
             run(q8_0_kernel(w, row_stride, n_in, x, n_rows), n_out, n_rows, y, n_threads);
             break;
         case GGML_TYPE_Q6_K:
-            run(q6_K_kernel{wb, row_stride, {x, n_rows, n_in}}, n_out, n_rows, y, n_threads);
+            run(q6_K_kernel(wb, row_stride, x, n_rows, n_in), n_out, n_rows, y, n_threads);
             break;
         case GGML_TYPE_Q4_K:
             run(q4_K_kernel{wb, row_stride, {x, n_rows, n_in}}, n_out, n_rows, y, n_threads);
