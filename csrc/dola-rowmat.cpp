@@ -142,11 +142,13 @@ struct q8_k_rows {
     int64_t nb = 0;
     std::vector<T> q;           // [rows][nb][256]
     std::vector<float> d;       // [rows][nb]
+    std::vector<int16_t> bs16;  // [rows][nb][16]: sums of each 16 values (Q6_K's offset; ggml's bsums)
     std::vector<int16_t> bs32;  // [rows][nb][8]: sums of each 32 values (Q4_K's mins)
 
     q8_k_rows(const float * x, int32_t n_rows, int64_t n_in) : nb(n_in / QK_K) {
         q.resize((size_t) n_rows * nb * QK_K);
         d.resize((size_t) n_rows * nb);
+        bs16.resize((size_t) n_rows * nb * 16);
         bs32.resize((size_t) n_rows * nb * 8);
         for (int64_t i = 0; i < n_rows * nb; ++i) {  // quantize_row_q8_K_ref
             const float * xb = x + i * QK_K;
@@ -167,13 +169,25 @@ struct q8_k_rows {
                 for (int j = 0; j < QK_K; ++j) qb[j] = (T) std::min(127, (int) std::nearbyint(iscale * xb[j]));
                 d[i] = 1.0f / iscale;
             }
-            for (int s = 0; s < 8; ++s) {
+            for (int g = 0; g < 16; ++g) {
                 int sum = 0;
-                for (int j = 0; j < 32; ++j) sum += qb[32 * s + j];
-                bs32[i * 8 + s] = (int16_t) sum;
+                for (int j = 0; j < 16; ++j) sum += qb[16 * g + j];
+                bs16[i * 16 + g] = (int16_t) sum;
             }
+            for (int s = 0; s < 8; ++s) bs32[i * 8 + s] = (int16_t) (bs16[i * 16 + 2 * s] + bs16[i * 16 + 2 * s + 1]);
         }
     }
+};
+
+// A K-quant matrix and its activation rows as Q8_K (T: the activations' storage type)
+template <class T>
+struct k_quant_rows {
+    const uint8_t * w;
+    size_t stride;
+    q8_k_rows<T> a;
+
+    k_quant_rows(const uint8_t * w_, size_t stride_, const float * x, int32_t n_rows, int64_t n_in)
+        : w(w_), stride(stride_), a(x, n_rows, n_in) {}
 };
 
 // ggml's get_scale_min_k4: the 6-bit scale and min of sub-block j
@@ -319,50 +333,18 @@ struct q8_0_kernel : q8_0_rows {
     }
 };
 
-#if DOLA_ROWMAT == 512
-// index vectors that spread scales 2s and 2s + 1 over 16 int16 lanes each
-const struct q6_K_scale_index {
-    __m512i v[8];
-    q6_K_scale_index() {
-        alignas(64) int16_t t[32];
-        for (int s = 0; s < 8; ++s) {
-            for (int l = 0; l < 32; ++l) t[l] = (int16_t) (2 * s + l / 16);
-            v[s] = _mm512_load_si512(t);
-        }
-    }
-} q6_K_idx;
-#endif
-
-// The Q6_K block's 256 values (q - 32) times their 16-value sub-block's scale, as int16: within
-// [-4096, 4096], so a pair of products with an int8 activation fits the int32 accumulator easily.
-inline void unpack_q6_K(const block_q6_K & blk, vi * w16) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32);
-#if DOLA_ROWMAT == 512
-    const __m512i sc = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(blk.scales))));
-#endif
-    for (int h = 0; h < 2; ++h) {  // 128 values each: ql 64 bytes, qh 32 bytes, 8 scales
-        const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk.ql + 64 * h));
-        const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk.ql + 64 * h + 32));
-        const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk.qh + 32 * h));
-        __m256i v[4];  // values 32k .. 32k + 31 of this half, in 0..63
-        v[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(hb, m3), 4));
-        v[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), m3), 4));
-        v[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
-                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), m3), 4));
-        v[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), m3), 4));
-        for (int k = 0; k < 4; ++k) {
-            const __m256i s8 = _mm256_sub_epi8(v[k], off);
-            const int s = 8 * h + 2 * k;  // the scales of values 16 s .. 16 s + 31 of the block
-#if DOLA_ROWMAT == 512
-            w16[4 * h + k] = _mm512_mullo_epi16(_mm512_cvtepi8_epi16(s8), _mm512_permutexvar_epi16(q6_K_idx.v[s / 2], sc));
-#else
-            w16[8 * h + 2 * k] = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(s8)), _mm256_set1_epi16(blk.scales[s]));
-            w16[8 * h + 2 * k + 1] = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(s8, 1)),
-                                                        _mm256_set1_epi16(blk.scales[s + 1]));
-#endif
-        }
-    }
+// The six-bit values (0..63) of half h of a Q6_K block: v[k] holds values 128 h + 32 k .. + 31.
+inline void q6_K_values(const block_q6_K & blk, int h, __m256i * v) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3);
+    const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk.ql + 64 * h));
+    const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk.ql + 64 * h + 32));
+    const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk.qh + 32 * h));
+    v[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(hb, m3), 4));
+    v[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), m3), 4));
+    v[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), m3), 4));
+    v[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), m3), 4));
 }
 
 #if DOLA_ROWMAT == 512
@@ -383,27 +365,14 @@ const struct q6_K_pair_index {
 // maddubs gives the products of value pairs as int16, vpdpwssd multiplies them by their sub-block's
 // scale and accumulates, and -32 * scale * (the sub-block's activation sum) takes the offset out.
 // Half the activation bytes of the int16 form, and no widening of the weights.
-struct q6_K_kernel {
+struct q6_K_kernel : k_quant_rows<int8_t> {
     static constexpr int max_rows = 12;
-    const uint8_t * w;
-    size_t stride;
-    q8_k_rows<int8_t> a;
-    std::vector<int16_t> bs16;  // [rows][nb][16]: sums of each 16 activations
-
-    q6_K_kernel(const uint8_t * w_, size_t stride_, const float * x, int32_t n_rows, int64_t n_in)
-        : w(w_), stride(stride_), a(x, n_rows, n_in), bs16(a.q.size() / 16) {
-        for (size_t g = 0; g < bs16.size(); ++g) {
-            int sum = 0;
-            for (int j = 0; j < 16; ++j) sum += a.q[16 * g + j];
-            bs16[g] = (int16_t) sum;
-        }
-    }
+    using k_quant_rows::k_quant_rows;
 
     template <int R>
     void row(int64_t o, int32_t r0, float * out) const {
         const block_q6_K * wb = reinterpret_cast<const block_q6_K *>(w + o * stride);
         const int64_t nb = a.nb;
-        const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3);
         vf acc[R];
         for (int r = 0; r < R; ++r) acc[r] = zero_f();
         for (int64_t b = 0; b < nb; ++b) {
@@ -413,18 +382,10 @@ struct q6_K_kernel {
             const __m512i off = _mm512_zextsi256_si512(_mm256_mullo_epi16(sc16, _mm256_set1_epi16(-32)));
             __m512i wq[4], sv[4];  // values 64j .. 64j + 63, and the scales of their pairs
             for (int h = 0; h < 2; ++h) {
-                const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk.ql + 64 * h));
-                const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk.ql + 64 * h + 32));
-                const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk.qh + 32 * h));
-                const __m256i v0 = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(hb, m3), 4));
-                const __m256i v1 = _mm256_or_si256(_mm256_and_si256(l1, m4),
-                                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), m3), 4));
-                const __m256i v2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
-                                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), m3), 4));
-                const __m256i v3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), m3), 4));
-                wq[2 * h] = _mm512_inserti64x4(_mm512_castsi256_si512(v0), v1, 1);
-                wq[2 * h + 1] = _mm512_inserti64x4(_mm512_castsi256_si512(v2), v3, 1);
+                __m256i v[4];
+                q6_K_values(blk, h, v);
+                wq[2 * h] = _mm512_inserti64x4(_mm512_castsi256_si512(v[0]), v[1], 1);
+                wq[2 * h + 1] = _mm512_inserti64x4(_mm512_castsi256_si512(v[2]), v[3], 1);
             }
             for (int j = 0; j < 4; ++j) sv[j] = _mm512_permutexvar_epi16(q6_K_pair_idx.v[j], sc);
             const float dw = fp16_to_fp32(blk.d);
@@ -432,7 +393,7 @@ struct q6_K_kernel {
                 const size_t i = (size_t) (r0 + r) * nb + b;
                 const int8_t * ar = a.q.data() + i * QK_K;
                 __m512i s = _mm512_dpwssd_epi32(zero_i(), off, _mm512_zextsi256_si512(_mm256_loadu_si256(
-                                                                    reinterpret_cast<const __m256i *>(bs16.data() + i * 16))));
+                                                                    reinterpret_cast<const __m256i *>(a.bs16.data() + i * 16))));
                 for (int j = 0; j < 4; ++j) s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(wq[j], load_i(ar + 64 * j)), sv[j]);
                 acc[r] = fmadd(to_f(s), set1_f(dw * a.d[i]), acc[r]);
             }
@@ -441,14 +402,26 @@ struct q6_K_kernel {
     }
 };
 #else
-struct q6_K_kernel {
-    static constexpr int max_rows = 12;
-    const uint8_t * w;
-    size_t stride;
-    q8_k_rows<int16_t> a;
+// The Q6_K block's 256 values (q - 32) times their 16-value sub-block's scale, as int16: within
+// [-4096, 4096], so a pair of products with an int8 activation fits the int32 accumulator easily.
+inline void unpack_q6_K(const block_q6_K & blk, vi * w16) {
+    const __m256i off = _mm256_set1_epi8(32);
+    for (int h = 0; h < 2; ++h) {
+        __m256i v[4];
+        q6_K_values(blk, h, v);
+        for (int k = 0; k < 4; ++k) {
+            const __m256i s8 = _mm256_sub_epi8(v[k], off);
+            const int s = 8 * h + 2 * k;  // the scales of values 16 s .. 16 s + 31 of the block
+            w16[8 * h + 2 * k] = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(s8)), _mm256_set1_epi16(blk.scales[s]));
+            w16[8 * h + 2 * k + 1] = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(s8, 1)),
+                                                        _mm256_set1_epi16(blk.scales[s + 1]));
+        }
+    }
+}
 
-    q6_K_kernel(const uint8_t * w_, size_t stride_, const float * x, int32_t n_rows, int64_t n_in)
-        : w(w_), stride(stride_), a(x, n_rows, n_in) {}
+struct q6_K_kernel : k_quant_rows<int16_t> {
+    static constexpr int max_rows = 12;
+    using k_quant_rows::k_quant_rows;
 
     template <int R>
     void row(int64_t o, int32_t r0, float * out) const {
@@ -476,11 +449,9 @@ struct q6_K_kernel {
 };
 #endif
 
-struct q4_K_kernel {
+struct q4_K_kernel : k_quant_rows<int16_t> {
     static constexpr int max_rows = 8;  // an accumulator for the mins too
-    const uint8_t * w;
-    size_t stride;
-    q8_k_rows<int16_t> a;
+    using k_quant_rows::k_quant_rows;
 
     template <int R>
     void row(int64_t o, int32_t r0, float * out) const {
@@ -584,14 +555,9 @@ inline void unpack_q6_K(const block_q6_K & blk, int8x16_t * w) {
     }
 }
 
-struct q6_K_kernel {
+struct q6_K_kernel : k_quant_rows<int8_t> {
     static constexpr int max_rows = 8;  // 16 weight registers
-    const uint8_t * w;
-    size_t stride;
-    q8_k_rows<int8_t> a;
-
-    q6_K_kernel(const uint8_t * w_, size_t stride_, const float * x, int32_t n_rows, int64_t n_in)
-        : w(w_), stride(stride_), a(x, n_rows, n_in) {}
+    using k_quant_rows::k_quant_rows;
 
     template <int R>
     void row(int64_t o, int32_t r0, float * out) const {
@@ -617,11 +583,9 @@ struct q6_K_kernel {
     }
 };
 
-struct q4_K_kernel {
+struct q4_K_kernel : k_quant_rows<int8_t> {
     static constexpr int max_rows = 8;
-    const uint8_t * w;
-    size_t stride;
-    q8_k_rows<int8_t> a;
+    using k_quant_rows::k_quant_rows;
 
     template <int R>
     void row(int64_t o, int32_t r0, float * out) const {
@@ -735,7 +699,7 @@ void rowmat(ggml_type type, const void * w, int64_t n_out, int64_t n_in, size_t 
             run(q6_K_kernel(wb, row_stride, x, n_rows, n_in), n_out, n_rows, y, n_threads);
             break;
         case GGML_TYPE_Q4_K:
-            run(q4_K_kernel{wb, row_stride, {x, n_rows, n_in}}, n_out, n_rows, y, n_threads);
+            run(q4_K_kernel(wb, row_stride, x, n_rows, n_in), n_out, n_rows, y, n_threads);
             break;
         case GGML_TYPE_F16:
             run(half_kernel<false>(w, row_stride, n_in, x, n_rows), n_out, n_rows, y, n_threads);

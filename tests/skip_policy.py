@@ -29,7 +29,7 @@ def no_skip() -> bool:
     return os.environ.get("DOLA_CPP_NO_SKIP") == "1"
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -59,7 +59,7 @@ def expected_hardware() -> dict[str, str]:
     from dola_cpp import _core
 
     out: dict[str, str] = {}
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if platform.machine().lower() in ("x86_64", "amd64"):
         out["x86"] = "this is an x86-64 machine"
         if "avx2" in flags:

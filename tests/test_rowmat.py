@@ -21,6 +21,7 @@ import pytest
 from gguf import quants
 
 from dola_cpp import _core
+from skip_policy import cpu_flags
 
 # (type, byte offsets of the fp16 scales in a block)
 TYPES = {"Q8_0": (0,), "Q6_K": (208,), "Q4_K": (0, 2), "F16": (), "BF16": ()}
@@ -168,8 +169,8 @@ def _sources(tmp_path: Path, extra: str, name: str) -> list[str]:
 
 def _x86_build(build: str, tmp_path: Path):
     flags, needs, isa = X86_BUILDS[build]
-    if platform.machine() not in ("x86_64", "AMD64") or not needs <= _cpu_flags():
-        pytest.skip(f"this CPU cannot run the {build} build ({', '.join(sorted(needs - _cpu_flags()))} missing)")
+    if platform.machine() not in ("x86_64", "AMD64") or not needs <= cpu_flags():
+        pytest.skip(f"this CPU cannot run the {build} build ({', '.join(sorted(needs - cpu_flags()))} missing)")
     cxx = shutil.which("c++") or shutil.which("g++")
     assert cxx, "a C++ compiler is needed"
     lib = tmp_path / f"rowmat-{build}.so"
@@ -230,12 +231,3 @@ def test_other_builds_match_numpy(build, tmp_path):
             np.testing.assert_allclose(mm(t.value, w, n_in, x), ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max(),
                                        err_msg=f"{build} {qtype} {n_rows} x {n_in}")
 
-
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()

@@ -140,7 +140,7 @@ def test_only_exempt_skips_pass_the_session(inner):
 def test_this_machine_is_expected_to_have_what_it_has():
     """The policy's table for this machine: on x86 with AVX2, CPU_REPACK and the projection kernels."""
     expected = skip_policy.expected_hardware()
-    flags = skip_policy._cpu_flags()
+    flags = skip_policy.cpu_flags()
     import platform
 
     if platform.machine() == "x86_64":
