@@ -214,9 +214,8 @@ def bench(name: str, path: Path, args) -> list[str]:
         k = len(m.resolve_layers(layers).candidates)
         rows.append((f"{label} (K={k})", decode_rate(m, layers, args.tokens, args.repeats), layers))
     # rows per token through the output matrix: the candidates and the mature row, fused
-    n_proj = {tuple(layers) if isinstance(layers, list) else layers: len(m.resolve_layers(layers).candidates) + 1
-              for _, _, layers in rows if layers is not None}
-    floor = kernel_floor(path, sorted(set(n_proj.values())), m.n_threads)
+    floor = kernel_floor(path, sorted({len(m.resolve_layers(layers).candidates) + 1 for _, _, layers in rows
+                                       if layers is not None}), m.n_threads)
     V, E = m.n_vocab, m.n_embd
     lines = [f"### {name}  (N={N}, vocab={V}, {args.tokens} new tokens, threads={m.n_threads})", "",
              f"DoLa's projection ran on: {m.projection_backend}; layer capture: {_core.capture_mode()}", ""]
@@ -239,7 +238,7 @@ def bench(name: str, path: Path, args) -> list[str]:
             on_device = k > 1 and m.projection_backend.endswith("(DoLa's contrast there too)")
             extra = ("", "", f"{total:.2f}", "", "in the projection" if on_device else f"{contrast:.2f}")
             if not isinstance(floor, str):
-                r = n_proj[tuple(layers) if isinstance(layers, list) else layers]
+                r = k + 1
                 kernel_rate, one_row_ms = floor[r]
                 extra_ms = (r - 1) * V * E / kernel_rate * 1e3
                 row_floor = 1e3 / plain + extra_ms
