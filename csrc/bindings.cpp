@@ -438,6 +438,17 @@ PYBIND11_MODULE(_core, m) {
             return self.run([&] { return self.s.score(toks, n_prefix, post_softmax, relative_top, mask_value); });
         }, py::arg("tokens"), py::arg("n_prefix"), py::arg("post_softmax") = false, py::arg("relative_top") = 0.0,
            py::arg("mask_value") = -1000.0f)
+        .def("score_batch", [](py_session & self, py::sequence texts, py::sequence n_prefix, bool post_softmax,
+                               double relative_top, float mask_value) {
+            if (py::len(texts) != py::len(n_prefix)) throw dola::error("texts and n_prefix differ in length");
+            std::vector<dola::scored_text> v(py::len(texts));
+            for (size_t i = 0; i < v.size(); ++i) {
+                v[i].tokens = to_tokens(self.s.get_model(), texts[i]);
+                v[i].n_prefix = n_prefix[i].cast<size_t>();
+            }
+            return self.run([&] { return self.s.score_batch(v, post_softmax, relative_top, mask_value); });
+        }, py::arg("texts"), py::arg("n_prefix"), py::arg("post_softmax") = false, py::arg("relative_top") = 0.0,
+           py::arg("mask_value") = -1000.0f)
         .def("timings", [](py_session & self) {
             const dola::timings & t = self.s.stats();
             py::dict d;

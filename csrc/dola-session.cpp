@@ -27,7 +27,11 @@ session::session(std::shared_ptr<model> mdl, const context_params & params)
     n_ctx_ = params.n_ctx > 0 ? params.n_ctx : (uint32_t) std::max(n_ctx_train, 512);
     n_batch_ = std::max<uint32_t>(1, std::min(params.n_batch, n_ctx_));
     llama_context_params cp = context_params_for(n_ctx_, n_batch_, n_threads_, params.kv_type, abort_cb, this);
-    cp.n_seq_max = 1;
+    // sequence 0 is the session's; score_batch decodes texts side by side as sequences 1.. on
+    // sequence 0's cells, in one unified cache (shared cells; one stream of n_ctx cells)
+    cp.n_seq_max = 1 + max_score_texts;
+    cp.kv_unified = true;
+    cp.n_outputs_max = std::max<uint32_t>(n_batch_, cp.n_seq_max);  // llama.cpp reserves a row per sequence
     capture_enabled_ = params.capture;  // the callback is installed per ubatch, when it has rows to capture
     clear_last_error();
     ctx_.reset(llama_init_from_model(model_->get(), cp));
@@ -134,33 +138,41 @@ void session::set_capture_callback(bool on) {
 
 void session::decode_chunk(const llama_token * toks, int32_t n, int32_t row_begin, int32_t row_end, bool context) {
     context = context && context_layer() >= 0;
-    capture_.expect(n, row_begin, row_end, context);
+    owned_batch b(n);
+    llama_batch & bt = b.get();
+    const llama_pos pos0 = (llama_pos) tokens_.size();
+    for (int32_t i = 0; i < n; ++i) {
+        bt.token[i] = toks[i];
+        bt.pos[i] = pos0 + i;
+        bt.n_seq_id[i] = 1;
+        bt.seq_id[i][0] = 0;
+        bt.logits[i] = i >= row_begin && i < row_end;
+    }
+    bt.n_tokens = n;
+    decode_batch(bt, row_begin, row_end, context);
+    if (context) {
+        check_context_captured();
+        if (context_.n_rows() == tokens_.size()) context_.append_rows(capture_.context_rows(), n);
+    }
+    tokens_.insert(tokens_.end(), toks, toks + n);
+    if (row_end > row_begin) check_layers_captured();
+}
+
+void session::decode_batch(llama_batch & bt, int32_t row_begin, int32_t row_end, bool context) {
+    capture_.expect(bt.n_tokens, row_begin, row_end, context);
     const bool outputs = capture_enabled_ && capture_.outputs_mode();
     // new layers to keep as graph outputs: llama.cpp must reserve and rebuild its graphs
     if (outputs && capture_.take_new_marks()) rebuild_graphs(ctx_.get());
     set_capture_callback(capture_enabled_ && capture_.needs_callback());
     update_threads();
     int32_t rc;
-    {
-        owned_batch b(n);
-        llama_batch & bt = b.get();
-        const llama_pos pos0 = (llama_pos) tokens_.size();
-        for (int32_t i = 0; i < n; ++i) {
-            bt.token[i] = toks[i];
-            bt.pos[i] = pos0 + i;
-            bt.n_seq_id[i] = 1;
-            bt.seq_id[i][0] = 0;
-            bt.logits[i] = i >= row_begin && i < row_end;
-        }
-        bt.n_tokens = n;
-        clear_last_error();
-        if (outputs) {
-            layer_capture::building marks(capture_);
-            rc = llama_decode(ctx_.get(), bt);
-            if (rc == 0) capture_.collect(ctx_->get_sched());
-        } else {
-            rc = llama_decode(ctx_.get(), bt);
-        }
+    clear_last_error();
+    if (outputs) {
+        layer_capture::building marks(capture_);
+        rc = llama_decode(ctx_.get(), bt);
+        if (rc == 0) capture_.collect(ctx_->get_sched());
+    } else {
+        rc = llama_decode(ctx_.get(), bt);
     }
     timings_.n_captured_ubatches += capture_.called() ? 1 : 0;
     timings_.n_capture_splits += capture_.n_splits();
@@ -173,18 +185,18 @@ void session::decode_chunk(const llama_token * toks, int32_t n, int32_t row_begi
         if (rc == 1) throw error("the context is full (" + std::to_string(n_ctx_) + " tokens); use a larger n_ctx");
         throw error(with_detail("llama_decode failed with code " + std::to_string(rc)));
     }
-    if (context) {
-        if (!capture_.context_seen()) {
-            have_outputs_ = false;
-            throw error(context_capture_failure(context_layer(), model_->architecture()));
-        }
-        if (context_.n_rows() == tokens_.size()) context_.append_rows(capture_.context_rows(), n);
-    }
-    tokens_.insert(tokens_.end(), toks, toks + n);
-    if (row_end > row_begin && !capture_.layers().empty() && !capture_.complete()) {
-        have_outputs_ = false;
-        throw error(capture_failure(capture_, model_->architecture()));
-    }
+}
+
+void session::check_context_captured() {
+    if (capture_.context_seen()) return;
+    have_outputs_ = false;
+    throw error(context_capture_failure(context_layer(), model_->architecture()));
+}
+
+void session::check_layers_captured() {
+    if (capture_.layers().empty() || capture_.complete()) return;
+    have_outputs_ = false;
+    throw error(capture_failure(capture_, model_->architecture()));
 }
 
 void session::clear() {
@@ -353,79 +365,185 @@ std::vector<float> session::layer_logits(const std::vector<llama_token> & prompt
 
 score_result session::score(const std::vector<llama_token> & toks, size_t n_prefix, bool post_softmax,
                             double relative_top, float mask_value) {
-    check_prompt(toks);
-    if (n_prefix < 1 || n_prefix >= toks.size()) throw error("the continuation is empty (or the prefix is)");
+    return std::move(score_batch({scored_text{toks, n_prefix}}, post_softmax, relative_top, mask_value)[0]);
+}
+
+std::vector<score_result> session::score_batch(const std::vector<scored_text> & texts, bool post_softmax,
+                                               double relative_top, float mask_value) {
+    if (texts.empty()) return {};
+    for (const scored_text & t : texts) {
+        check_prompt(t.tokens);
+        if (t.n_prefix < 1 || t.n_prefix >= t.tokens.size()) throw error("the continuation is empty (or the prefix is)");
+    }
     const int64_t V = model_->n_vocab();
     const int32_t E = model_->n_embd();
     const int32_t n_proj = (int32_t) capture_layers_.size();
-    const size_t first_row = n_prefix - 1;   // position whose output predicts toks[n_prefix]
     // The last token is only predicted, but Activation Decoding's H covers its position too.
     const bool context = context_layer() >= 0;
-    const size_t n_in = context ? toks.size() : toks.size() - 1;
-    const size_t n_out_end = toks.size() - 1;  // rows [first_row, n_out_end) give outputs
-    score_result res;
-
-    // Reuse the cached prefix, but never past first_row (its row must be recomputed).
-    const size_t common = keep_cached_prefix(toks, first_row);
+    // The prefix all texts share is decoded once, into sequence 0. When it is every text's whole
+    // prefix, its last row (which predicts each text's first token) is computed once for all of
+    // them; else (one text, or prefixes that differ) each text recomputes its own first row, as a
+    // single score does.
+    const std::vector<llama_token> & first = texts[0].tokens;
+    size_t shared = first.size();
+    bool same_prefix = texts.size() > 1;
+    for (const scored_text & t : texts) {
+        size_t k = 0;
+        const size_t limit = std::min(shared, t.n_prefix);
+        while (k < limit && t.tokens[k] == first[k]) ++k;
+        shared = k;
+        same_prefix = same_prefix && t.n_prefix == texts[0].n_prefix;
+    }
+    same_prefix = same_prefix && shared == texts[0].n_prefix;
+    if (!same_prefix) {
+        for (const scored_text & t : texts) shared = std::min(shared, t.n_prefix - 1);
+    }
     capture_.set_final(false);  // several rows: the mature logits come from llama.cpp
     capture_override restore{*this};
+    // a shared first row is recomputed even when cached: its outputs are needed
+    const size_t common = keep_cached_prefix(first, same_prefix ? shared - 1 : shared);
 
-    // Rows with outputs are projected K at a time per row; bound the scratch to ~128 MB.
-    const size_t rows_per_chunk = std::max<size_t>(1, std::min<size_t>(n_batch_, (size_t) (32u << 20) / ((size_t) std::max(n_proj, 1) * V)));
+    std::vector<score_result> results(texts.size());
     std::vector<float> proj, lp(V), diff(V), top_vals;
     std::vector<int32_t> top_ids;
     const score_options opt{post_softmax, relative_top, mask_value};
-    for (size_t i = common; i < n_in;) {
-        // prefix chunks carry no outputs; answer chunks output every row
-        const size_t n = i < first_row ? std::min<size_t>(n_batch_, first_row - i)
-                                       : std::min<size_t>(std::min<size_t>(n_batch_, rows_per_chunk), n_in - i);
-        const int32_t n_rows = i < first_row ? 0 : (int32_t) (std::min(i + n, n_out_end) - i);
-        decode_chunk(toks.data() + i, (int32_t) n, 0, n_rows, true);
-        if (n_rows > 0) {
-            if (n_proj > 0) {
-                // hidden rows ordered [row][slot] so each row's candidates are contiguous
-                hidden_.resize((size_t) n_rows * n_proj * E);
-                for (int32_t r = 0; r < n_rows; ++r)
-                    for (int32_t s = 0; s < n_proj; ++s)
-                        std::memcpy(hidden_.data() + ((size_t) r * n_proj + s) * E, capture_.rows(s) + (size_t) r * E, E * sizeof(float));
-                proj.resize((size_t) n_rows * n_proj * V);
-                projector_->project(hidden_.data(), n_rows * n_proj, params_.premature_norm, proj.data());
+    // the decoder's score of token y of text j from a row's outputs
+    auto score_row = [&](const decoder_rows & rows, size_t j, llama_token y) {
+        score_result & res = results[j];
+        score_detail d;
+        const float s = decoder_->score(rows, y, opt, lp.data(), diff.data(), d);
+        res.token_scores.push_back(s);
+        res.premature_layers.push_back(d.layer);
+        res.jsd.push_back(d.jsd);
+        res.mature_logprobs.push_back(lp[y]);
+        res.top_logprobs.push_back(*std::max_element(lp.begin(), lp.end()));
+        res.entropies.push_back((float) entropy(lp.data(), V));
+        if (params_.n_probs > 0) {
+            top_n(lp.data(), V, params_.n_probs, top_ids, top_vals);
+            auto & row = res.top_tokens.emplace_back();
+            for (size_t k = 0; k < top_ids.size(); ++k) row.emplace_back(top_ids[k], top_vals[k]);
+        }
+        res.total += s;
+    };
+    // projects rows [slot][row][E] of the capture into proj, [row][slot][V]
+    auto project_rows = [&](const int32_t * rows, int32_t n_rows) {
+        if (n_proj == 0) return;
+        hidden_.resize((size_t) n_rows * n_proj * E);
+        for (int32_t r = 0; r < n_rows; ++r)
+            for (int32_t s = 0; s < n_proj; ++s)
+                std::memcpy(hidden_.data() + ((size_t) r * n_proj + s) * E, capture_.rows(s) + (size_t) rows[r] * E,
+                            E * sizeof(float));
+        proj.resize((size_t) n_rows * n_proj * V);
+        projector_->project(hidden_.data(), n_rows * n_proj, params_.premature_norm, proj.data());
+    };
+
+    for (size_t i = common; i < shared; i += n_batch_) {
+        const int32_t n = (int32_t) std::min<size_t>(n_batch_, shared - i);
+        const bool last = same_prefix && i + n == shared;
+        decode_chunk(first.data() + i, n, last ? n - 1 : 0, last ? n : 0, true);
+    }
+    if (same_prefix) {
+        const int32_t row = 0;
+        project_rows(&row, 1);
+        const std::vector<float> shared_proj = proj;  // the decoder may overwrite its rows
+        for (size_t j = 0; j < texts.size(); ++j) {
+            std::copy(shared_proj.begin(), shared_proj.end(), proj.begin());
+            score_row(rows_for(proj.data(), -1), j, texts[j].tokens[shared]);
+        }
+    }
+
+    // A call's rows: llama.cpp's logits for them within ~128 MB. The rows' projections (K a row)
+    // are made and read a few rows at a time, within ~16 MB, so they are read back from cache.
+    const size_t rows_per_call = std::max<size_t>(1, std::min<size_t>(n_batch_, (size_t) (32u << 20) / (size_t) V));
+    const size_t rows_per_projection = std::max<size_t>(1, (size_t) (4u << 20) / ((size_t) std::max(n_proj, 1) * V));
+    llama_memory_t mem = llama_get_memory(ctx_.get());
+    // The texts' own sequences (1..): whatever happens, their cells are freed on return.
+    struct text_seqs {
+        llama_memory_t mem;
+        int32_t n = 0;
+        void release() {
+            for (int32_t s = 1; s <= n; ++s) llama_memory_seq_rm(mem, s, -1, -1);
+            n = 0;
+        }
+        ~text_seqs() { release(); }
+    } seqs{mem};
+
+    for (size_t g0 = 0; g0 < texts.size();) {
+        // a group: texts side by side as sequences 1..n, their tokens beside the prefix's cells
+        size_t g1 = g0, cells = shared;
+        while (g1 < texts.size() && (int32_t) (g1 - g0) < max_score_texts) {
+            const size_t n_in = context ? texts[g1].tokens.size() : texts[g1].tokens.size() - 1;
+            if (g1 > g0 && cells + n_in - shared > n_ctx_) break;
+            cells += n_in - shared;
+            ++g1;
+        }
+        seqs.n = (int32_t) (g1 - g0);
+        for (int32_t s = 1; s <= seqs.n; ++s) llama_memory_seq_cp(mem, 0, s, -1, -1);
+        // every token of the group, text by text: (text, position)
+        std::vector<std::pair<size_t, size_t>> flat;
+        for (size_t j = g0; j < g1; ++j) {
+            const size_t n_in = context ? texts[j].tokens.size() : texts[j].tokens.size() - 1;
+            for (size_t p = shared; p < n_in; ++p) flat.emplace_back(j, p);
+        }
+        std::vector<std::vector<float>> context_rows(context ? g1 - g0 : 0);
+        for (size_t c0 = 0; c0 < flat.size(); c0 += rows_per_call) {
+            const int32_t n = (int32_t) std::min(rows_per_call, flat.size() - c0);
+            owned_batch b(n);
+            llama_batch & bt = b.get();
+            std::vector<int32_t> scored;  // rows of this call that predict a continuation token
+            for (int32_t i = 0; i < n; ++i) {
+                const auto [j, p] = flat[c0 + i];
+                bt.token[i] = texts[j].tokens[p];
+                bt.pos[i] = (llama_pos) p;
+                bt.n_seq_id[i] = 1;
+                bt.seq_id[i][0] = (llama_seq_id) (1 + j - g0);
+                bt.logits[i] = 1;  // every row: the rows to keep must be one range of the call
+                if (p + 1 >= texts[j].n_prefix && p + 1 < texts[j].tokens.size()) scored.push_back(i);
             }
-            for (int32_t r = 0; r < n_rows; ++r) {
-                const llama_token y = toks[i + r + 1];
-                score_detail d;
-                const float s = decoder_->score(rows_for(proj.data() + (size_t) r * n_proj * V, r), y, opt, lp.data(),
-                                                diff.data(), d);
-                res.token_scores.push_back(s);
-                res.premature_layers.push_back(d.layer);
-                res.jsd.push_back(d.jsd);
-                res.mature_logprobs.push_back(lp[y]);
-                res.top_logprobs.push_back(*std::max_element(lp.begin(), lp.end()));
-                res.entropies.push_back((float) entropy(lp.data(), V));
-                if (params_.n_probs > 0) {
-                    top_n(lp.data(), V, params_.n_probs, top_ids, top_vals);
-                    auto & row = res.top_tokens.emplace_back();
-                    for (size_t k = 0; k < top_ids.size(); ++k) row.emplace_back(top_ids[k], top_vals[k]);
+            bt.n_tokens = n;
+            decode_batch(bt, 0, n, context);
+            if (context) {
+                check_context_captured();
+                for (int32_t i = 0; i < n; ++i) {
+                    auto & rows = context_rows[flat[c0 + i].first - g0];
+                    const float * src = capture_.context_rows() + (size_t) i * E;
+                    rows.insert(rows.end(), src, src + E);
                 }
-                res.total += s;
+            }
+            if (!scored.empty()) check_layers_captured();
+            for (size_t r0 = 0; r0 < scored.size(); r0 += rows_per_projection) {
+                const int32_t n_rows = (int32_t) std::min(rows_per_projection, scored.size() - r0);
+                const int32_t * rows = scored.data() + r0;
+                project_rows(rows, n_rows);
+                for (int32_t r = 0; r < n_rows; ++r) {
+                    const auto [j, p] = flat[c0 + rows[r]];
+                    score_row(rows_for(proj.data() + (size_t) r * n_proj * V, rows[r]), j, texts[j].tokens[p + 1]);
+                }
             }
         }
-        i += n;
-    }
-    if (context) {
-        // H over every position of prefix and continuation (the reference's lm_score), then each
-        // continuation token's share
-        context_.begin(first_row, toks.size());
-        std::vector<float> h(toks.size() - n_prefix);
-        context_.entropy_of(toks.data() + n_prefix, (int32_t) h.size(), h.data());  // one batch
-        res.total = 0.0;
-        for (size_t t = 0; t < res.token_scores.size(); ++t) {
-            res.token_scores[t] += decoder_->context_score(toks[n_prefix + t], context_);
-            res.total += res.token_scores[t];
+        seqs.release();
+        if (context) {
+            // H over every position of prefix and continuation (the reference's lm_score), then
+            // each continuation token's share
+            for (size_t j = g0; j < g1; ++j) {
+                const std::vector<llama_token> & toks = texts[j].tokens;
+                const size_t n_prefix = texts[j].n_prefix;
+                context_.append_rows(context_rows[j - g0].data(), (int32_t) (toks.size() - shared));
+                context_.begin(n_prefix - 1, toks.size());
+                std::vector<float> h(toks.size() - n_prefix);
+                context_.entropy_of(toks.data() + n_prefix, (int32_t) h.size(), h.data());  // one batch
+                score_result & res = results[j];
+                res.total = 0.0;
+                for (size_t t = 0; t < res.token_scores.size(); ++t) {
+                    res.token_scores[t] += decoder_->context_score(toks[n_prefix + t], context_);
+                    res.total += res.token_scores[t];
+                }
+                context_.truncate(shared);  // the prefix's rows again; not the H of a prompt to sample from
+            }
         }
-        context_.invalidate();  // not the H of a prompt to sample from
+        g0 = g1;
     }
-    return res;
+    return results;
 }
 
 }  // namespace dola

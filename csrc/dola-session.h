@@ -65,6 +65,14 @@ public:
     // with the current candidates / mature layer. mode: plain when no candidates.
     score_result score(const std::vector<llama_token> & tokens, size_t n_prefix, bool post_softmax,
                        double relative_top, float mask_value);
+    // score() of several texts (the answers of one question) in the same llama_decode calls: the
+    // prefix they share is decoded once, as sequence 0 (and stays cached, as score() leaves its
+    // prefix), and each text's own tokens decode as a sequence of their own on that prefix's
+    // cells (shared, not recomputed). Up to max_score_texts texts per call; more, or more tokens
+    // than the context holds beside the prefix, go in several calls.
+    std::vector<score_result> score_batch(const std::vector<scored_text> & texts, bool post_softmax,
+                                          double relative_top, float mask_value);
+    static constexpr int32_t max_score_texts = 15;
 
     // Throws dola::error when prompt is empty or holds an id outside the vocabulary, and
     // prompt_too_long when it has more tokens than the context: what prefill and score check
@@ -83,8 +91,15 @@ public:
 
 private:
     static bool abort_cb(void * data);
-    // context: keep the context layer's rows of these tokens (Activation Decoding)
+    // Decodes toks as the next tokens of sequence 0 (the cache tokens_ describes). context: keep
+    // the context layer's rows of these tokens (Activation Decoding)
     void decode_chunk(const llama_token * toks, int32_t n, int32_t row_begin, int32_t row_end, bool context = false);
+    // One llama_decode of bt, capturing the layers' rows [row_begin, row_end) of it (and every row
+    // of the context layer with context); throws on failure, with the cache of sequence 0 synced.
+    void decode_batch(llama_batch & bt, int32_t row_begin, int32_t row_end, bool context);
+    // Throw when the last decode did not capture the context layer / every layer.
+    void check_context_captured();
+    void check_layers_captured();
     void sync_cache_after_failure();
     // Keeps the longest cached prefix shared with toks (at most max_keep tokens), drops the
     // rest of the KV cache, and returns its length.

@@ -98,6 +98,12 @@ struct score_result {
     std::vector<std::vector<std::pair<int32_t, float>>> top_tokens;
 };
 
+// A text to score: tokens[n_prefix:] given tokens[:n_prefix]
+struct scored_text {
+    std::vector<int32_t> tokens;
+    size_t n_prefix = 0;
+};
+
 struct timings {
     double prefill_ms = 0.0, decode_ms = 0.0, contrast_ms = 0.0;
     int64_t n_prefill = 0, n_decode = 0;

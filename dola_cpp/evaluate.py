@@ -97,10 +97,12 @@ def early_exit_layers(spec: str) -> LayerSpec:
     return None if len(parsed) == 1 else ",".join(str(v) for v in parsed)
 
 
-def _score(model: Model, prefix: str, continuation: str, opts: ScoreOptions, hist: Counter) -> float:
-    r = model.score(
+def _scores(model: Model, prefix: str, continuations: list[str], opts: ScoreOptions, hist: Counter) -> list[float]:
+    """The scores of ``continuations`` after ``prefix``, side by side in one batch (the prefix's
+    cache shared), each as the repo's ``lm_score`` computes it."""
+    rs = model.score_batch(
         prefix,
-        continuation,
+        continuations,
         layers=opts.layers,
         relative_top=opts.relative_top,
         post_softmax=opts.post_softmax,
@@ -110,17 +112,18 @@ def _score(model: Model, prefix: str, continuation: str, opts: ScoreOptions, his
         alpha=opts.alpha,
         info_layer=opts.info_layer,
     )
-    hist.update(layer for layer in r.premature_layers if layer is not None)
-    return r.score
+    for r in rs:
+        hist.update(layer for layer in r.premature_layers if layer is not None)
+    return [r.score for r in rs]
 
 
 def score_truthfulqa(model: Model, item: TruthfulQAItem, opts: ScoreOptions) -> dict:
-    """Score one question's answers (true ones first, then false ones, all after the same prompt,
-    so the prompt's KV cache is reused) and compute its MC metrics."""
+    """Score one question's answers (true ones first, then false ones, side by side after the same
+    prompt, which is decoded once) and compute its MC metrics."""
     prompt = tfqa_prompt(item.question)
     hist: Counter = Counter()
-    scores_true = [_score(model, prompt, " " + a, opts, hist) for a in item.true]
-    scores_false = [_score(model, prompt, " " + a, opts, hist) for a in item.false]
+    scores = _scores(model, prompt, [" " + a for a in item.true + item.false], opts, hist)
+    scores_true, scores_false = scores[: len(item.true)], scores[len(item.true):]
     metrics = mc_calcs(scores_true, scores_false, item.true, item.best)
     return {
         "index": item.index,
@@ -133,8 +136,9 @@ def score_truthfulqa(model: Model, item: TruthfulQAItem, opts: ScoreOptions) -> 
 
 def score_factor(model: Model, item: FactorItem, opts: ScoreOptions) -> dict:
     hist: Counter = Counter()
-    score_true = _score(model, item.prefix, " " + item.completion, opts, hist)
-    scores_false = [_score(model, item.prefix, " " + c, opts, hist) for c in item.contradictions]
+    score_true, *scores_false = _scores(
+        model, item.prefix, [" " + c for c in (item.completion, *item.contradictions)], opts, hist
+    )
     return {
         "index": item.index,
         "correct": factor_correct(score_true, scores_false),

@@ -496,6 +496,66 @@ class Model:
         text but the first (which nothing predicts), give token ids: ``prefix=ids[:1]``,
         ``continuation=ids[1:]``; ``mature_logprobs`` are then log p(ids[i] | ids[:i]).
         """
+        return self.score_batch(
+            prefix, [continuation], layers, relative_top, post_softmax, premature_norm, relative_top_value,
+            decoder=decoder, alpha=alpha, info_layer=info_layer, config=config, top_logprobs=top_logprobs,
+        )[0]
+
+    def score_batch(
+        self,
+        prefix: Prompt,
+        continuations: Sequence[Prompt],
+        layers: LayerSpec = _UNSET,
+        relative_top: float = 0.0,
+        post_softmax: bool = False,
+        premature_norm: bool = _UNSET,
+        relative_top_value: float = -1000.0,
+        *,
+        decoder: str = _UNSET,
+        alpha: float = _UNSET,
+        info_layer: Optional[int] = _UNSET,
+        config: Optional[DecodeConfig] = None,
+        top_logprobs: int = 0,
+    ) -> list[ScoreResult]:
+        """:meth:`score` of each of ``continuations`` after the same ``prefix`` (the answers of one
+        question), with the same options, in one list. The prefix is decoded once; the
+        continuations are decoded side by side in the same llama.cpp calls, as sequences of their
+        own on the prefix's cached cells (shared, not recomputed). Each result equals its
+        :meth:`score` up to float rounding (llama.cpp's attention sums over cache cells in another
+        order when other sequences' cells lie between them)."""
+        if isinstance(continuations, (str, bytes)):
+            raise TypeError("continuations must be a list of strings or of token-id lists, not one string")
+        texts = [self._score_ids(prefix, c) for c in continuations]
+        if not texts:
+            return []
+        cfg = _config(config, layers=layers, premature_norm=premature_norm, decoder=decoder, alpha=alpha,
+                      info_layer=info_layer, top_logprobs=top_logprobs)
+        if cfg.grammar:  # scoring follows the given tokens: nothing to constrain
+            cfg = cfg.replace(grammar="")
+        plan = self.resolve_layers(cfg.dola.layers)
+        params = cfg.to_core(plan, self.n_layers)
+        with self._claim:
+            self._session.configure(params)
+            rs = self._session.score_batch([ids for ids, _ in texts], [n for _, n in texts], post_softmax,
+                                           float(relative_top), float(relative_top_value))
+        return [
+            ScoreResult(
+                score=float(r.total),
+                token_scores=np.asarray(r.token_scores, dtype=np.float32),
+                premature_layers=[None if layer < 0 else layer for layer in r.premature_layers],
+                continuation_tokens=ids[n_prefix:],
+                mature_logprobs=np.asarray(r.mature_logprobs, dtype=np.float32),
+                top_logprobs=np.asarray(r.top_logprobs, dtype=np.float32),
+                entropies=np.asarray(r.entropies, dtype=np.float32),
+                jsd=np.asarray(r.jsd, dtype=np.float32),
+                top_tokens=[[(int(t), float(lp)) for t, lp in row] for row in r.top_tokens],
+            )
+            for r, (ids, n_prefix) in zip(rs, texts)
+        ]
+
+    def _score_ids(self, prefix: Prompt, continuation: Prompt) -> tuple[list[int], int]:
+        """The tokens of ``prefix + continuation`` and where the continuation begins, as the DoLa
+        repo splits them (see :meth:`score`)."""
         if isinstance(prefix, str) != isinstance(continuation, str):
             raise TypeError("prefix and continuation must both be strings or both be token ids")
         if isinstance(prefix, str):
@@ -512,26 +572,7 @@ class Model:
         n_prefix = len(prefix_ids)
         if n_prefix >= len(ids):
             raise ValueError("the continuation adds no tokens to the prefix")
-        cfg = _config(config, layers=layers, premature_norm=premature_norm, decoder=decoder, alpha=alpha,
-                      info_layer=info_layer, top_logprobs=top_logprobs)
-        if cfg.grammar:  # scoring follows the given tokens: nothing to constrain
-            cfg = cfg.replace(grammar="")
-        plan = self.resolve_layers(cfg.dola.layers)
-        params = cfg.to_core(plan, self.n_layers)
-        with self._claim:
-            self._session.configure(params)
-            r = self._session.score(ids, n_prefix, post_softmax, float(relative_top), float(relative_top_value))
-        return ScoreResult(
-            score=float(r.total),
-            token_scores=np.asarray(r.token_scores, dtype=np.float32),
-            premature_layers=[None if layer < 0 else layer for layer in r.premature_layers],
-            continuation_tokens=ids[n_prefix:],
-            mature_logprobs=np.asarray(r.mature_logprobs, dtype=np.float32),
-            top_logprobs=np.asarray(r.top_logprobs, dtype=np.float32),
-            entropies=np.asarray(r.entropies, dtype=np.float32),
-            jsd=np.asarray(r.jsd, dtype=np.float32),
-            top_tokens=[[(int(t), float(lp)) for t, lp in row] for row in r.top_tokens],
-        )
+        return ids, n_prefix
 
     # ------------------------------------------------------------------ internals
 

@@ -33,12 +33,11 @@ def score_selective(model: Model, item: TruthfulQAItem, opts: ScoreOptions) -> d
     """MC1 of one question plus the risk signals of the answer the model chooses."""
     prompt = ev.tfqa_prompt(item.question)
     choices = [item.best] + list(item.false)
-    results = [
-        model.score(prompt, " " + a, layers=opts.layers, relative_top=opts.relative_top,
-                    post_softmax=opts.post_softmax, premature_norm=opts.premature_norm,
-                    decoder=opts.decoder, alpha=opts.alpha, info_layer=opts.info_layer)
-        for a in choices
-    ]
+    results = model.score_batch(
+        prompt, [" " + a for a in choices], layers=opts.layers, relative_top=opts.relative_top,
+        post_softmax=opts.post_softmax, premature_norm=opts.premature_norm,
+        decoder=opts.decoder, alpha=opts.alpha, info_layer=opts.info_layer,
+    )
     scores = [r.score for r in results]
     correct = scores[0] > max(scores[1:])  # MC1, strictly, as MC_calcs
     chosen = 0 if correct else 1 + int(np.argmax(scores[1:]))

@@ -184,6 +184,9 @@ class FakeModel:
         chosen = [None] * 2 if layers is None else [2, 0]
         return ScoreResult(score=-float(n % 7) - 0.1 * n, token_scores=np.zeros(2), premature_layers=chosen)
 
+    def score_batch(self, prefix, continuations, layers=None, **kw):
+        return [self.score(prefix, c, layers, **kw) for c in continuations]
+
 
 def tfqa_items(n):
     return [
@@ -507,19 +510,29 @@ def ref_cases():
 @pytest.mark.slow
 @pytest.mark.parametrize("layers", [None, "15,30", "high"], ids=["vanilla", "static", "dynamic"])
 def test_scores_match_transformers(f32_scorer, hf_model, hf_forward, layers):
+    """Each answer scored alone (``Model.score``) and a prompt's answers side by side
+    (``Model.score_batch``, what the evaluations run) give the reference's scores."""
+    import torch_reference
+
     m = f32_scorer
     plan = m.resolve_layers(layers)
-    for prefix, cont, rt, post in ref_cases():
+    cases = ref_cases()
+    batched = {}
+    for prefix, rt, post in dict.fromkeys((p, rt, post) for p, _, rt, post in cases):
+        conts = [c for p, c, *_ in cases if p == prefix]
+        batched.update(zip(((prefix, c) for c in conts),
+                           m.score_batch(prefix, conts, layers=layers, relative_top=rt, post_softmax=post)))
+    assert len(batched) == len(cases)
+    for prefix, cont, rt, post in cases:
         ids = m.tokenize(prefix + cont)
         n_prefix = len(m.tokenize(prefix))
-        r = m.score(prefix, cont, layers=layers, relative_top=rt, post_softmax=post)
-        import torch_reference
-
         want, chosen = torch_reference.lm_score(hf_model, hf_forward(ids), ids, n_prefix, list(plan.candidates),
                                                 plan.mature, rt, post)
-        assert r.continuation_tokens == ids[n_prefix:]
-        assert r.score == pytest.approx(want, abs=1e-3 + 1e-5 * abs(want)), (prefix[-40:], cont, rt)
-        assert r.premature_layers == (chosen or [None] * len(r.continuation_tokens))
+        for how, r in (("alone", m.score(prefix, cont, layers=layers, relative_top=rt, post_softmax=post)),
+                       ("batch", batched[prefix, cont])):
+            assert r.continuation_tokens == ids[n_prefix:], how
+            assert r.score == pytest.approx(want, abs=1e-3 + 1e-5 * abs(want)), (how, prefix[-40:], cont, rt)
+            assert r.premature_layers == (chosen or [None] * len(r.continuation_tokens)), how
 
 
 def test_cli_selective_writes_curves_and_plot(tmp_path):
