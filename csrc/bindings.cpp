@@ -337,6 +337,14 @@ PYBIND11_MODULE(_core, m) {
         }, py::arg("messages"), py::arg("add_assistant") = true, py::arg("template") = "");
 
     py::class_<dola::step_result>(m, "Step")
+        .def(py::init([](int32_t token, float top_logprob) {
+                 dola::step_result s;
+                 s.token = token;
+                 s.top_logprob = top_logprob;
+                 return s;
+             }),
+             py::arg("token"), py::arg("top_logprob") = 0.0f,
+             "A step that chose token (for AnswerText.add outside a generation: tests, replays)")
         .def_readonly("token", &dola::step_result::token)
         .def_readonly("premature_layer", &dola::step_result::premature_layer)
         .def_property_readonly("jsd", [](const dola::step_result & s) {
@@ -352,7 +360,36 @@ PYBIND11_MODULE(_core, m) {
         .def_readonly("top_logprobs_mature", &dola::step_result::top_logprobs_mature)
         .def_readonly("dola_logprob", &dola::step_result::dola_logprob)
         .def_readonly("dola_top_tokens", &dola::step_result::dola_top_tokens)
-        .def_readonly("dola_top_logprobs", &dola::step_result::dola_top_logprobs);
+        .def_readonly("dola_top_logprobs", &dola::step_result::dola_top_logprobs)
+        .def_readonly("risk", &dola::step_result::risk)
+        .def_property_readonly("piece", [](const dola::step_result & s) { return lenient_str(s.piece); })
+        .def_readonly("finish", &dola::step_result::finish)
+        .def_property_readonly("held", [](const dola::step_result & s) { return lenient_str(s.held); })
+        .def_readonly("counted", &dola::step_result::counted)
+        .def_readonly("loop", &dola::step_result::loop);
+
+    py::class_<dola::answer_text>(m, "AnswerText")
+        .def(py::init([](std::shared_ptr<dola::model> mdl, int32_t max_tokens, size_t n_prompt, size_t n_ctx,
+                         bool ignore_eos, std::vector<std::string> stop, double abstain_above, bool stop_loops) {
+                 dola::answer_rules r{max_tokens, ignore_eos, std::move(stop), abstain_above, stop_loops};
+                 return std::make_unique<dola::answer_text>(*mdl, std::move(r), n_prompt, n_ctx);
+             }),
+             py::keep_alive<1, 2>(), py::arg("model"), py::arg("max_tokens"), py::arg("n_prompt"), py::arg("n_ctx"),
+             py::arg("ignore_eos") = false, py::arg("stop") = std::vector<std::string>{}, py::arg("abstain_above") = 0.0,
+             py::arg("stop_loops") = false)
+        .def("add", &dola::answer_text::add, py::arg("step"),
+             "Sets the step's risk, piece, finish, held, counted and loop for the next token of the answer")
+        .def_property_readonly("finish_reason", &dola::answer_text::finish_reason);
+    m.def("loop_cycle", [](const std::vector<int32_t> & tokens, int32_t repeats, bool runs) {
+        return dola::loop_cycle(tokens, repeats, runs);
+    }, py::arg("tokens"), py::arg("repeats") = dola::stop_loop_repeats, py::arg("runs") = true);
+    m.def("token_risk", &dola::token_risk, py::arg("top_logprob"));
+    m.attr("LOOP_MIN_CYCLE") = dola::loop_min_cycle;
+    m.attr("LOOP_MAX_CYCLE") = dola::loop_max_cycle;
+    m.attr("STOP_LOOP_REPEATS") = dola::stop_loop_repeats;
+    m.attr("LOOP_RUN_SPAN") = dola::loop_run_span;
+    m.attr("LOOP_RISK") = dola::loop_risk;
+    m.attr("ABSTAIN_MIN_TOKENS") = dola::abstain_min_tokens;
 
     py::class_<dola::score_result>(m, "ScoreResult")
         .def_readonly("total", &dola::score_result::total)
@@ -489,17 +526,18 @@ PYBIND11_MODULE(_core, m) {
         }, py::arg("tokens"), "What submit checks first: empty, an id outside the vocabulary, longer than a "
            "sequence holds (PromptTooLong)")
         .def("submit", [](dola::batch_engine & self, py::handle ids, const dola::decode_params & params, int32_t max_tokens,
-                          bool ignore_eos, std::vector<float> eos_bonus) {
+                          bool ignore_eos, std::vector<float> eos_bonus, std::vector<std::string> stop,
+                          double abstain_above, bool stop_loops) {
             dola::batch_request r;
             r.prompt = to_tokens(self.get_model(), ids);
             r.params = params;
-            r.max_tokens = max_tokens;
-            r.ignore_eos = ignore_eos;
+            r.answer = dola::answer_rules{max_tokens, ignore_eos, std::move(stop), abstain_above, stop_loops};
             r.eos_bonus = std::move(eos_bonus);
             py::gil_scoped_release release;  // a grammar is parsed here
             return self.submit(std::move(r));
         }, py::arg("tokens"), py::arg("params"), py::arg("max_tokens"), py::arg("ignore_eos") = false,
-           py::arg("eos_bonus") = std::vector<float>{})
+           py::arg("eos_bonus") = std::vector<float>{}, py::arg("stop") = std::vector<std::string>{},
+           py::arg("abstain_above") = 0.0, py::arg("stop_loops") = false)
         .def("next", [](dola::batch_engine & self, int64_t id, int32_t timeout_ms) -> py::object {
             dola::batch_event ev;
             bool got;

@@ -84,8 +84,8 @@ void batch_engine::check_prompt(const std::vector<llama_token> & prompt) const {
 
 int64_t batch_engine::submit(batch_request req) {
     check_prompt(req.prompt);
-    if (req.max_tokens < 1) throw error("max_tokens must be at least 1, got " + std::to_string(req.max_tokens));
     auto j = std::make_unique<job>();
+    j->answer = std::make_unique<answer_text>(*model_, req.answer, req.prompt.size(), n_ctx_seq_);
     j->mature = check_decode_params(*model_, req.params);
     j->dec = make_decoder(req.params);
     j->layers = j->dec->layers();
@@ -494,8 +494,8 @@ void batch_engine::step_outputs(std::vector<job *> & outputs) {
             finish_step(*j->smp, scores_.data(), lp_.data(), V, sl.tokens, j->req.prompt.size(), bonus,
                         j->req.params.n_probs, context, chosen_lp_, res);
             const llama_token tok = res.token;
-            const bool end = (!j->req.ignore_eos && model_->is_eog(tok)) || j->n_chosen >= j->req.max_tokens ||
-                             sl.tokens.size() >= n_ctx_seq_;
+            j->answer->add(res);
+            const bool end = j->answer->ended();
             if (!end) j->smp->accept(tok);  // the grammar's check first: a token it rejects is not decoded
             batch_event ev;
             ev.result = std::move(res);

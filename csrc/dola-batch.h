@@ -8,6 +8,7 @@
 #pragma once
 
 #include "decoders/decoder.h"
+#include "dola-answer.h"
 #include "dola-capture.h"
 #include "dola-context-entropy.h"
 #include "dola-model.h"
@@ -34,12 +35,12 @@ namespace dola {
 struct batch_request {
     std::vector<llama_token> prompt;
     decode_params params;
-    int32_t max_tokens = 0;  // tokens to choose at most (>= 1)
-    bool ignore_eos = false;  // an end-of-generation token does not end the answer
+    answer_rules answer;  // when the answer ends (tokens, stop strings, risk, loops)
     std::vector<float> eos_bonus;  // added to the end tokens' scores when choosing token i (missing: 0)
 };
 
-// What a request's consumer takes, in order: its steps, then one end (or failed, with the reason).
+// What a request's consumer takes, in order: its steps (each with the text it lets through; the
+// last with the reason the answer ended), then one end (or failed, with the reason).
 struct batch_event {
     enum kind_t { step, end, failed };
     kind_t kind = step;
@@ -94,6 +95,7 @@ private:
         batch_request req;
         std::unique_ptr<decoder> dec;
         std::unique_ptr<sampler> smp;
+        std::unique_ptr<answer_text> answer;
         std::vector<int32_t> layers;  // projected per output row: the decoder's, then an early-exit mature layer
         int32_t mature = 0;
         int32_t ctx_layer = -1;

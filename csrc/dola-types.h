@@ -85,6 +85,14 @@ struct step_result {
     float dola_logprob = std::numeric_limits<float>::quiet_NaN();
     std::vector<int32_t> dola_top_tokens;
     std::vector<float> dola_top_logprobs;
+    // what the answer makes of the token (dola-answer): its risk, the text it lets through, and
+    // the reason the answer ends here ("" while it goes on; counted is false when the token is an
+    // end-of-generation token and so not part of the answer); held: the text an end now would
+    // still show (a tail that may start a stop string, an unfinished character as U+FFFD)
+    double risk = std::numeric_limits<double>::quiet_NaN();
+    std::string piece, finish, held;
+    bool counted = true;
+    int32_t loop = 0;  // with finish "loop": the cycle's length in tokens
 };
 
 struct score_result {

@@ -186,7 +186,9 @@ class BatchSequence:
     def prefill(self, ids: list[int], answer: Answer) -> None:
         if self._params is None:
             raise RuntimeError("configure the sequence before its prefill")
-        self._id = self._engine.submit(ids, self._params, answer.max_tokens, answer.ignore_eos, list(answer.eos_bonus))
+        rules = answer.core_rules()
+        self._id = self._engine.submit(ids, self._params, rules.pop("max_tokens"), rules.pop("ignore_eos"),
+                                       list(answer.eos_bonus), **rules)
         self._n_cached = len(ids)
 
     def sample(self, eos_bonus: float) -> _core.Step:
@@ -208,9 +210,3 @@ class BatchSequence:
     def accept(self, token: int) -> None:
         # the engine already decodes the token it chose
         self._n_cached += 1
-
-    def is_eog(self, token: int) -> bool:
-        return self._vocab.is_eog(token)
-
-    def piece(self, token: int) -> bytes:
-        return self._vocab.token_to_piece(token, False)

@@ -16,6 +16,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from . import _core
+
 # the signals selective QA compares, each a per-token risk in [0, 1] averaged over the answer:
 # risk (1 - p_top), surprise (1 - p(token)), entropy (H / ln V), jsd (the premature layer's JSD / ln 2)
 SIGNALS = ("risk", "surprise", "entropy", "jsd")
@@ -28,8 +30,8 @@ RISK_FORMULA = "1 - p_top"  # p_top: the mature (final) layer's largest probabil
 
 def token_risk(top_logprob: float) -> float:
     """The risk of one emitted token in [0, 1]: RISK_FORMULA, from the step's ``top_logprob``
-    (which token the decoder then emits does not enter)."""
-    return float(min(1.0, max(0.0, 1.0 - math.exp(top_logprob))))
+    (which token the decoder then emits does not enter); the core's, which abstaining uses."""
+    return _core.token_risk(float(top_logprob))
 
 
 def answer_risk(token_risks: Iterable[float]) -> Optional[float]:

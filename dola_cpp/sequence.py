@@ -12,25 +12,35 @@ from __future__ import annotations
 import gc
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ContextManager, Protocol
+from typing import TYPE_CHECKING, Callable, ContextManager, Optional, Protocol
+
+from . import _core
 
 if TYPE_CHECKING:
-    from . import _core
     from .layers import LayerPlan, LayerSpec
     from .prompts import Prompt
 
 
 @dataclass(frozen=True)
 class Answer:
-    """What may follow a prefill: at most ``max_tokens`` tokens (and no more than the context
-    holds), ending at an end-of-generation token unless ``ignore_eos``, with ``eos_bonus[i]`` added
-    to the end tokens' scores when choosing token ``i`` (0 past its end). A sequence that decodes
-    ahead of its stream (a batch's) follows it; one that decodes when asked needs only ``sample``'s
-    argument."""
+    """What may follow a prefill, and when it ends: at most ``max_tokens`` tokens (and no more than
+    the context holds), at an end-of-generation token unless ``ignore_eos``, before a ``stop``
+    string, when the running risk exceeds ``abstain_above`` (None: never), at a loop with
+    ``stop_loops``; ``eos_bonus[i]`` is added to the end tokens' scores when choosing token ``i``
+    (0 past its end). The core's answer tracker applies it (``_core.AnswerText``): the sequence
+    reports each step's text and end with the step."""
 
     max_tokens: int
     ignore_eos: bool
     eos_bonus: tuple[float, ...] = ()
+    stop: tuple[str, ...] = ()
+    abstain_above: Optional[float] = None
+    stop_loops: bool = False
+
+    def core_rules(self) -> dict:
+        """The tracker's keyword arguments."""
+        return dict(max_tokens=self.max_tokens, ignore_eos=self.ignore_eos, stop=list(self.stop),
+                    abstain_above=self.abstain_above or 0.0, stop_loops=self.stop_loops)
 
 
 class SequenceContext(Protocol):
@@ -72,16 +82,13 @@ class SequenceContext(Protocol):
         """Run the prompt (reusing whatever prefix of it is already cached) for ``answer``."""
 
     def sample(self, eos_bonus: float) -> _core.Step:
-        """The next token and its diagnostics; ``eos_bonus`` is added to end-of-generation scores."""
+        """The next token and its diagnostics, with what the answer makes of it (``piece``,
+        ``finish``, ``held``, ``counted``, ``risk``, ``loop``); ``eos_bonus`` is added to
+        end-of-generation scores."""
 
     def accept(self, token: int) -> None:
         """Append ``token`` to the sequence, computing the next position."""
 
-    def is_eog(self, token: int) -> bool:
-        """Whether ``token`` ends a generation (EOS, EOT, ...)."""
-
-    def piece(self, token: int) -> bytes:
-        """The token's text bytes (special tokens render empty)."""
 
 
 class Claim:
@@ -131,6 +138,7 @@ class SessionSequence:
         self._claim = claim
         self._prompt_ids = prompt_ids
         self._resolve_layers = resolve_layers
+        self._answer: Optional[_core.AnswerText] = None
 
     @property
     def n_layers(self) -> int:
@@ -163,16 +171,14 @@ class SessionSequence:
         self._session.configure(params)
 
     def prefill(self, ids: list[int], answer: Answer) -> None:
+        self._answer = _core.AnswerText(self._vocab, n_prompt=len(ids), n_ctx=self._session.n_ctx,
+                                        **answer.core_rules())
         self._session.prefill(ids)
 
     def sample(self, eos_bonus: float) -> _core.Step:
-        return self._session.sample(eos_bonus)
+        step = self._session.sample(eos_bonus)
+        self._answer.add(step)
+        return step
 
     def accept(self, token: int) -> None:
         self._session.accept(token)
-
-    def is_eog(self, token: int) -> bool:
-        return self._vocab.is_eog(token)
-
-    def piece(self, token: int) -> bytes:
-        return self._vocab.token_to_piece(token, False)

@@ -3,7 +3,6 @@ diagnostics and how it ended."""
 
 from __future__ import annotations
 
-import codecs
 import time
 import warnings
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
@@ -13,7 +12,6 @@ import numpy as np
 from . import _core
 from .config import DecodeConfig
 from .results import GenerationResult, StepInfo
-from .risk import token_risk
 from .sequence import Answer
 
 if TYPE_CHECKING:
@@ -22,41 +20,17 @@ if TYPE_CHECKING:
 
 _warned_penalty = False
 
-# abstain_above judges the running risk once the answer has this many tokens (or when it ends)
-ABSTAIN_MIN_TOKENS = 4
-
-# A loop: the answer's last repeats * p tokens are one cycle of p >= LOOP_MIN_CYCLE tokens
-# repeated, p its shortest period (cycles up to LOOP_MAX_CYCLE tokens are looked for). stop_loops
-# ends an answer at a cycle's third time in a row, before it becomes a loop of four. Shorter
-# periods (a token or two again and again: "!!!", "|---|---") are common in good text; they count
-# only once they run for RUN_SPAN tokens.
-LOOP_MIN_CYCLE, LOOP_MAX_CYCLE, STOP_LOOP_REPEATS, RUN_SPAN = 3, 64, 3, 32
-# An answer stopped for looping is unreliable however confident each token was: its risk is this.
-LOOP_RISK = 1.0
-
-
-def _periodic(tokens: Sequence[int], p: int, span: int) -> bool:
-    """Whether the last ``span`` tokens repeat with period ``p``."""
-    n = len(tokens)
-    return span <= n and all(tokens[n - 1 - i] == tokens[n - 1 - i - p] for i in range(span - p))
-
-
-def loop_cycle(tokens: Sequence[int], repeats: int = STOP_LOOP_REPEATS, runs: bool = True) -> int:
-    """The period of the loop ``tokens`` ends with (0 = none): a cycle of at least LOOP_MIN_CYCLE
-    tokens repeated ``repeats`` times in a row, or (``runs``) a period of 1 or 2 tokens over the
-    last RUN_SPAN tokens."""
-    n = len(tokens)
-    if runs:
-        for p in range(1, LOOP_MIN_CYCLE):
-            if _periodic(tokens, p, RUN_SPAN):
-                return p
-    for p in range(LOOP_MIN_CYCLE, min(LOOP_MAX_CYCLE, n // repeats) + 1):
-        span = p * repeats
-        if tokens[n - 1] == tokens[n - 1 - p] and _periodic(tokens, p, span):
-            if any(_periodic(tokens, q, span) for q in range(1, LOOP_MIN_CYCLE)):
-                continue  # a run of a shorter period, not a cycle of p
-            return p
-    return 0
+# when an answer ends (the end-of-generation tokens, the budget, stop strings, abstaining, loops)
+# and its text are the core's answer tracker's (dola-answer); its loop rule, for analyses and tests:
+# loop_cycle(tokens, repeats=STOP_LOOP_REPEATS, runs=True) is the period of the loop ``tokens``
+# ends with (0 = none): a cycle of LOOP_MIN_CYCLE..LOOP_MAX_CYCLE tokens repeated ``repeats``
+# times in a row, or (``runs``) a period of 1 or 2 tokens over the last LOOP_RUN_SPAN tokens; an
+# answer stopped for looping has the risk LOOP_RISK; abstain_above judges the running risk once
+# ABSTAIN_MIN_TOKENS are in (or when the answer ends).
+loop_cycle = _core.loop_cycle
+LOOP_MIN_CYCLE, LOOP_MAX_CYCLE, STOP_LOOP_REPEATS, RUN_SPAN = (
+    _core.LOOP_MIN_CYCLE, _core.LOOP_MAX_CYCLE, _core.STOP_LOOP_REPEATS, _core.LOOP_RUN_SPAN)
+LOOP_RISK, ABSTAIN_MIN_TOKENS = _core.LOOP_RISK, _core.ABSTAIN_MIN_TOKENS
 
 
 # what the generator yields once the prompt is in (start() waits for it; iteration skips it)
@@ -175,30 +149,10 @@ class Stream:
             return LOOP_RISK
         return self._risk_sum / len(self.steps) if self.steps else None
 
-    def _abstains(self, final: bool) -> bool:
-        """Whether the running risk crossed ``abstain_above`` (judged once ABSTAIN_MIN_TOKENS are
-        in, or at the end of a shorter answer)."""
-        if self.abstain_above is None or not self.steps:
-            return False
-        if len(self.steps) < ABSTAIN_MIN_TOKENS and not final:
-            return False
-        return self.risk > self.abstain_above
-
-    def _held_back(self, text: str) -> int:
-        """Length of the longest suffix of ``text`` that could start a stop string."""
-        keep = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(text)), keep, -1):
-                if s.startswith(text[-k:]):
-                    keep = k
-                    break
-        return keep
-
     def _generate(self) -> Iterator[Any]:
         seq = self.sequence
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        emitted = 0
-        cut: Optional[int] = None  # where a stop string cut the text
+        held = ""  # what an end now would still show (the step's held text)
+        ended = False  # the answer's tracker ended it
         t0: Optional[float] = None  # start of decoding
         self._begun = True
         with seq.claim():
@@ -209,69 +163,50 @@ class Stream:
                 seq.configure(self.params)
                 budget = min(self.max_tokens, seq.n_ctx - len(self.ids) + 1)
                 bonus = [self.config.eos_bonus(i, budget) for i in range(budget)] if self.config.eos_boost > 0 else []
+                answer = Answer(self.max_tokens, self.ignore_eos, tuple(bonus), tuple(self.stop), self.abstain_above,
+                                self.stop_loops)
                 t_prefill = time.perf_counter()
                 try:
-                    seq.prefill(self.ids, Answer(self.max_tokens, self.ignore_eos, tuple(bonus)))
+                    seq.prefill(self.ids, answer)
                 finally:  # also when Ctrl-C or cancel() stops the prefill
                     self.prefill_seconds = time.perf_counter() - t_prefill
                 yield _STARTED
                 t0 = time.perf_counter()
-                for i in range(self.max_tokens):
+                asked = self.params.n_probs > 0
+                info = self.params.info_layer >= 0
+                while not ended:
                     if seq.cancelled():
                         self.finish_reason = "cancelled"
                         break
+                    i = len(self.tokens)
                     st = seq.sample(bonus[i] if i < len(bonus) else 0.0)
-                    if not self.ignore_eos and seq.is_eog(st.token):
-                        self.finish_reason = "abstained" if self._abstains(final=True) else "stop"
-                        break
-                    risk = token_risk(st.top_logprob)
-                    self._risk_sum += risk
-                    self.tokens.append(st.token)
-                    asked = self.params.n_probs > 0
-                    self.steps.append(
-                        StepInfo(
-                            token=st.token,
-                            premature_layer=None if st.premature_layer < 0 else st.premature_layer,
-                            jsd=st.jsd,
-                            mature_logprob=st.mature_logprob,
-                            score=st.score,
-                            entropy=st.entropy,
-                            activation_entropy=None if self.params.info_layer < 0 else st.activation_entropy,
-                            top_logprob=st.top_logprob,
-                            risk=risk,
-                            top_logprobs=list(zip(st.top_tokens, st.top_logprobs_mature)) if asked else [],
-                            dola_logprob=float(st.dola_logprob) if asked else None,
-                            dola_top_logprobs=list(zip(st.dola_top_tokens, st.dola_top_logprobs)) if asked else [],
+                    if st.counted:
+                        self._risk_sum += st.risk
+                        self.tokens.append(st.token)
+                        self.steps.append(
+                            StepInfo(
+                                token=st.token,
+                                premature_layer=None if st.premature_layer < 0 else st.premature_layer,
+                                jsd=st.jsd,
+                                mature_logprob=st.mature_logprob,
+                                score=st.score,
+                                entropy=st.entropy,
+                                activation_entropy=st.activation_entropy if info else None,
+                                top_logprob=st.top_logprob,
+                                risk=st.risk,
+                                top_logprobs=list(zip(st.top_tokens, st.top_logprobs_mature)) if asked else [],
+                                dola_logprob=float(st.dola_logprob) if asked else None,
+                                dola_top_logprobs=list(zip(st.dola_top_tokens, st.dola_top_logprobs)) if asked else [],
+                            )
                         )
-                    )
-                    self.text += decoder.decode(seq.piece(st.token))
-                    cut = self._find_stop(emitted)
-                    if cut is not None:
-                        self.text = self.text[:cut]
-                        self.finish_reason = "abstained" if self._abstains(final=True) else "stop"
-                        break
-                    if self.stop_loops:
-                        self.loop = loop_cycle(self.tokens)
-                        if self.loop:
-                            self.finish_reason = "loop"
-                            break
-                    if self._abstains(final=False):
-                        self.finish_reason = "abstained"
-                        break
-                    safe = len(self.text) - self._held_back(self.text[emitted:])
-                    if safe > emitted:
-                        piece, emitted = self.text[emitted:safe], safe
-                        yield piece
-                    if i + 1 == self.max_tokens:
-                        break
-                    if seq.n_cached >= seq.n_ctx:
-                        self.finish_reason = "length"
-                        break
-                    seq.accept(st.token)
-                else:
-                    self.finish_reason = "length"
-                if self.finish_reason == "length" and self._abstains(final=True):
-                    self.finish_reason = "abstained"
+                    held = st.held
+                    if st.finish:
+                        self.finish_reason, self.loop, ended = st.finish, st.loop, True
+                    if st.piece:
+                        self.text += st.piece
+                        yield st.piece
+                    if not ended:
+                        seq.accept(st.token)
             except _core.Cancelled:
                 self.finish_reason = "cancelled"
             except GeneratorExit:  # close(): the caller stopped it
@@ -282,16 +217,6 @@ class Stream:
                 raise
             finally:
                 self.decode_seconds = time.perf_counter() - t0 if t0 is not None else 0.0
-            if cut is None:
-                self.text += decoder.decode(b"", final=True)
-            if len(self.text) > emitted:
-                yield self.text[emitted:]
-
-    def _find_stop(self, emitted: int) -> Optional[int]:
-        if not self.stop:
-            return None
-        longest = max(len(s) for s in self.stop)
-        start = max(0, emitted - longest)
-        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-        return min(hits) if hits else None
-
+            if not ended and held:  # stopped from outside: what was held back is shown
+                self.text += held
+                yield held
