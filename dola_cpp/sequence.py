@@ -90,7 +90,6 @@ class SequenceContext(Protocol):
         """Append ``token`` to the sequence, computing the next position."""
 
 
-
 class Claim:
     """One call at a time on a context (a second concurrent one gets a clear error), and the
     cancellation of the call that holds it. A context manager: entering claims, leaving releases."""
