@@ -2,13 +2,16 @@
 tokens/s, request latency and time to the first token (p50/p95) at 1, 4 and 16 clients, with the
 official openai client over loopback. Both servers run as a user starts them (separate processes,
 the same model file, the same number of parallel sequences); dola-cpp is measured with plain
-decoding and with DoLa (`dola_layers: "high"`, normed premature layers).
+decoding and with DoLa (`dola_layers: "high"`, normed premature layers). The same requests also go
+through ``Model.stream`` in this process, one at a time (the engine without HTTP), and the table
+ends with the server's 1-client rate over that.
 
 llama-server is built from the llama.cpp source dola-cpp builds against (third_party/llama.cpp,
 fetched by the first `pip install`) into build/llama-server, unless `--llama-server PATH` names
 one; `--no-llama-server` measures dola-cpp alone.
 
     python benchmarks/bench_server.py [--model smollm2] [--parallel 4] [--requests 32] [--max-tokens 32]
+        [--no-llama-server] [--no-in-process]
 """
 
 from __future__ import annotations
@@ -142,6 +145,35 @@ def load(url: str, extra: dict, args: argparse.Namespace) -> list[tuple]:
     return rows
 
 
+def in_process(path: Path, layers: Optional[str], args: argparse.Namespace) -> tuple:
+    """The same requests through ``Model.stream`` in this process, one at a time, with the settings
+    the server decodes a chat with when a request leaves them unset: the engine without HTTP."""
+    from dola_cpp import Model, settings
+
+    model = Model(path, n_threads=args.threads)
+    kw = dict(layers=layers, premature_norm=settings.CHAT_PREMATURE_NORM, eos_boost=settings.CHAT_EOS_BOOST,
+              dry_multiplier=settings.CHAT_DRY_MULTIPLIER, stop_loops=True)
+    chats = [model.chat_tokens([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}])
+             for i in range(args.requests)]
+    model.generate(chats[0], max_tokens=4, **kw)  # warm-up
+    latency, ttft, tokens = [], [], 0
+    t0 = time.perf_counter()
+    for ids in chats:
+        t = time.perf_counter()
+        first = None
+        stream = model.stream(ids, args.max_tokens, **kw)
+        for piece in stream:
+            if piece and first is None:
+                first = time.perf_counter() - t
+        latency.append(time.perf_counter() - t)
+        ttft.append(first or 0.0)
+        tokens += len(stream.tokens)
+    wall = time.perf_counter() - t0
+    row = (1, tokens / wall, statistics.median(latency), pct(latency, 0.95), statistics.median(ttft), pct(ttft, 0.95))
+    print("   ", row, flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
@@ -153,6 +185,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=8192, help="llama-server's -c (shared by its slots)")
     ap.add_argument("--llama-server", type=Path, default=None, help="a llama-server binary (default: build it)")
     ap.add_argument("--no-llama-server", action="store_true", help="measure dola-cpp serve alone")
+    ap.add_argument("--no-in-process", action="store_true",
+                    help="skip the same requests through Model.stream in this process, one at a time")
     args = ap.parse_args()
 
     path = resolve_model(args.model)
@@ -177,6 +211,11 @@ def main() -> None:
     finally:
         stop(proc)
 
+    if not args.no_in_process:
+        for mode, layers in (("plain", None), ("DoLa high", "high")):
+            print(f"in-process Model.stream, {mode}", flush=True)
+            runs.append(("in-process Model.stream", mode, [in_process(path, layers, args)], None))
+
     base = {r[0]: r[1] for server, mode, rows, _ in runs if server == "llama-server" for r in rows}
     print(f"\n{path.name}, {args.parallel} parallel sequences, {args.threads} threads, {args.requests} streamed "
           f"chat requests per row, {args.max_tokens} tokens at most, greedy; {os.cpu_count()} cores")
@@ -189,6 +228,10 @@ def main() -> None:
             mem = f"{rss:.0f}" if rss is not None else ""
             print(f"| {server} | {mode} | {n} | {tps:.1f} | {ratio} | {l50:.2f} s | {l95:.2f} s "
                   f"| {f50:.2f} s | {f95:.2f} s | {mem} |")
+    alone = {mode: rows[0][1] for server, mode, rows, _ in runs if server.startswith("in-process")}
+    served = {mode: r[1] for server, mode, rows, _ in runs if server == "dola-cpp serve" for r in rows if r[0] == 1}
+    if alone and served:
+        print("\nserved at 1 client ÷ in-process: " + ", ".join(f"{m} {served[m] / alone[m]:.2f}" for m in alone))
 
 
 if __name__ == "__main__":
