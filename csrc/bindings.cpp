@@ -561,6 +561,7 @@ PYBIND11_MODULE(_core, m) {
             d["n_decoded_tokens"] = s.n_decoded_tokens;
             d["n_steps"] = s.n_steps;
             d["n_projections"] = s.n_projections;
+            d["n_fused"] = s.n_fused;
             d["decode_ms"] = s.decode_ms;
             d["step_ms"] = s.step_ms;
             return d;

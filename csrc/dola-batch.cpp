@@ -106,6 +106,9 @@ int64_t batch_engine::submit(batch_request req) {
         if (j->req.params.premature_norm && !projector_->norm_supported()) {
             throw error("premature_norm is not supported for architecture '" + model_->architecture() + "'");
         }
+        // as a session fuses (dola-session.cpp)
+        j->fuses = !j->dec->layers().empty() && j->mature == model_->n_layer() && !env_.no_fuse &&
+                   projector_->can_fuse_final();
     }
     const int64_t id = next_id_++;
     j->id = id;
@@ -243,7 +246,7 @@ void batch_engine::loop() {
     }
 }
 
-bool batch_engine::decode_call(const std::vector<call_token> & toks, int32_t row_begin, bool context) {
+bool batch_engine::decode_call(const std::vector<call_token> & toks, int32_t row_begin, bool context, bool fuse) {
     const int32_t n = (int32_t) toks.size();
     owned_batch b(n);
     llama_batch & bt = b.get();
@@ -255,6 +258,7 @@ bool batch_engine::decode_call(const std::vector<call_token> & toks, int32_t row
         bt.logits[i] = i >= row_begin;
     }
     bt.n_tokens = n;
+    capture_.set_final(fuse && n - row_begin == 1);
     capture_.expect(n, row_begin, n, context);
     const bool outputs_mode = capture_enabled_ && capture_.outputs_mode();
     if (outputs_mode && capture_.take_new_marks()) rebuild_graphs(ctx_.get());
@@ -292,7 +296,10 @@ void batch_engine::take_output(job & j, int32_t k, int32_t batch_index) {
                                      capture_.layers().begin());
         std::memcpy(j.hidden.data() + l * E, capture_.rows(s) + (size_t) k * E, E * sizeof(float));
     }
-    if (j.mature == model_->n_layer()) {
+    j.fused = capture_.final_seen();
+    if (j.fused) {
+        j.final_row.assign(capture_.final_row(), capture_.final_row() + E);
+    } else if (j.mature == model_->n_layer()) {
         const float * logits = llama_get_logits_ith(ctx_.get(), batch_index);
         if (!logits) {
             fail(j, "llama.cpp returned no logits");
@@ -318,7 +325,6 @@ void batch_engine::iterate(std::vector<job *> & work) {
     std::sort(layers.begin(), layers.end());
     layers.erase(std::unique(layers.begin(), layers.end()), layers.end());
     if (layers != capture_.layers()) capture_.set_layers(layers);
-    capture_.set_final(false);
     capture_.set_context_layer(ctx_layer);
     llama_memory_t mem = llama_get_memory(ctx_.get());
     emitted_.clear();
@@ -365,7 +371,7 @@ void batch_engine::iterate(std::vector<job *> & work) {
             }
             e = f;
         }
-        const bool ok = decode_call(toks, 0, false);
+        const bool ok = decode_call(toks, 0, false, run.size() == 1 && run[0]->fuses);
         for (int32_t g : fillers) llama_memory_seq_rm(mem, g, (llama_pos) slots_[g].tokens.size(), -1);
         for (size_t k = 0; k < run.size(); ++k) {
             job * j = run[k];
@@ -398,7 +404,7 @@ void batch_engine::iterate(std::vector<job *> & work) {
             toks.push_back({prompt[j->n_prompt_done + t], (llama_pos) (sl.tokens.size() + t), j->slot});
         }
         const bool context = j->ctx_layer >= 0;
-        if (!decode_call(toks, last ? take - 1 : take, context)) {
+        if (!decode_call(toks, last ? take - 1 : take, context, last && j->fuses)) {
             llama_memory_seq_rm(mem, j->slot, (llama_pos) sl.tokens.size(), -1);
             fail(*j, last_error_);
             continue;
@@ -424,8 +430,9 @@ void batch_engine::iterate(std::vector<job *> & work) {
     stats_.n_decoded_tokens += n_decoded_tokens_;
     stats_.decode_ms += decode_ms_;
     stats_.n_projections += n_projections_;
+    stats_.n_fused += n_fused_;
     stats_.step_ms += step_ms_;
-    n_decodes_ = n_decoded_tokens_ = n_projections_ = 0;
+    n_decodes_ = n_decoded_tokens_ = n_projections_ = n_fused_ = 0;
     decode_ms_ = step_ms_ = 0.0;
     for (auto & [j, ev] : emitted_) {
         if (ev.kind == batch_event::step) stats_.n_steps += 1;
@@ -443,8 +450,9 @@ void batch_engine::step_outputs(std::vector<job *> & outputs) {
     const int32_t N = model_->n_layer();
     const int64_t V = model_->n_vocab();
     // all rows of one norm through the output matrix together: the matrix streams once per norm
+    // (a fused job's final row follows its layers' rows, which are normed on the host when asked)
     size_t total = 0;
-    for (job * j : outputs) total += j->finished ? 0 : j->layers.size();
+    for (job * j : outputs) total += j->finished ? 0 : j->layers.size() + (j->fused ? 1 : 0);
     if (total > 0) {
         proj_.resize(total * V);
         size_t row = 0;
@@ -452,10 +460,16 @@ void batch_engine::step_outputs(std::vector<job *> & outputs) {
             hidden_.clear();
             const size_t first = row;
             for (job * j : outputs) {
-                if (j->finished || j->layers.empty() || j->req.params.premature_norm != norm) continue;
+                if (j->finished || j->layers.empty() || (j->req.params.premature_norm && !j->fused) != norm) continue;
                 j->proj_offset = row;
+                const size_t at = hidden_.size();
                 hidden_.insert(hidden_.end(), j->hidden.begin(), j->hidden.end());
-                row += j->layers.size();
+                if (j->fused) {
+                    float * rows = hidden_.data() + at;
+                    if (j->req.params.premature_norm) projector_->normalize(rows, (int32_t) j->layers.size(), rows);
+                    hidden_.insert(hidden_.end(), j->final_row.begin(), j->final_row.end());
+                }
+                row += j->layers.size() + (j->fused ? 1 : 0);
             }
             if (row > first) {
                 projector_->project(hidden_.data(), (int32_t) (row - first), norm, proj_.data() + first * V);
@@ -473,7 +487,10 @@ void batch_engine::step_outputs(std::vector<job *> & outputs) {
             rows.n_vocab = V;
             rows.n_threads = threads_now_;
             rows.projected = j->layers.empty() ? nullptr : proj_.data() + j->proj_offset * V;
-            if (j->mature == N) {
+            if (j->fused) {
+                rows.mature = rows.projected + j->layers.size() * V;
+                n_fused_ += 1;
+            } else if (j->mature == N) {
                 rows.mature = j->logits.data();
             } else {  // early exit: the mature layer's row, copied (the decoder may overwrite rows)
                 const size_t k = std::find(j->layers.begin(), j->layers.end(), j->mature) - j->layers.begin();

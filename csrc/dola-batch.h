@@ -54,6 +54,7 @@ struct batch_stats {
     int64_t n_decoded_tokens = 0;   // tokens they carried (prompt chunks and answers)
     int64_t n_steps = 0;            // tokens chosen
     int64_t n_projections = 0;      // calls of the output-matrix projection
+    int64_t n_fused = 0;            // steps whose final logits came from that projection, not llama.cpp's
     double decode_ms = 0.0, step_ms = 0.0;
 };
 
@@ -106,8 +107,13 @@ private:
         bool finished = false;     // no more steps (ended or failed); engine thread
         bool released = false;     // under mu_, with events
         std::deque<batch_event> events;
-        // this iteration's output: its layers' rows, the final logits, its rows in the projection
-        std::vector<float> hidden, logits;
+        // its logits may come from its own projection: the final normed row projected with the
+        // layers' rows, when a call's only output is its row (as alone)
+        bool fuses = false;
+        // this iteration's output: its layers' rows, then either the final logits or (fused) the
+        // final normed row; its rows in the projection
+        std::vector<float> hidden, logits, final_row;
+        bool fused = false;
         size_t proj_offset = 0;
     };
 
@@ -127,7 +133,9 @@ private:
     };
     // One llama_decode of toks, outputs from row_begin on, with the capture; false (last_error_)
     // when it fails.
-    bool decode_call(const std::vector<call_token> & toks, int32_t row_begin, bool context);
+    // fuse: the call's one output row is a job's that fuses (the capture takes its final normed
+    // row and stops the graph before llama.cpp's output matrix).
+    bool decode_call(const std::vector<call_token> & toks, int32_t row_begin, bool context, bool fuse = false);
     void take_output(job & j, int32_t k, int32_t batch_index);
     // engine thread, without the lock: the outputs' projections, decoders and samplers
     void step_outputs(std::vector<job *> & outputs);
@@ -158,7 +166,7 @@ private:
     int64_t next_id_ = 1;
     batch_stats stats_;
     // engine thread's counts, added to stats_ under the lock
-    int64_t n_projections_ = 0, n_decodes_ = 0, n_decoded_tokens_ = 0;
+    int64_t n_projections_ = 0, n_fused_ = 0, n_decodes_ = 0, n_decoded_tokens_ = 0;
     double step_ms_ = 0.0, decode_ms_ = 0.0;
     std::string last_error_;
     std::atomic<bool> stop_{false};

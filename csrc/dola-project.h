@@ -39,7 +39,7 @@ public:
     // matrix is not in plain host memory (a GPU's, or a repacked CPU layout): use project().
     bool output_rows(const int32_t * ids, int32_t n, float * out) const;
     // Hidden rows through the final norm (RMSNorm times its weight), on the host, as project()
-    // with norm=true computes them. [n_rows][n_embd].
+    // with norm=true computes them. [n_rows][n_embd]; out may be hidden (in place).
     void normalize(const float * hidden, int32_t n_rows, float * out);
     // The model's logits are exactly output @ result_norm (no bias, scale, soft-cap or LoRA), so
     // the engine may compute them itself together with the premature rows.

@@ -89,8 +89,9 @@ void session::configure(const decode_params & p) {
         }
     }
     // With projected layers and the final layer as mature, the logits come from the same
-    // projection as the projected rows: one pass over the output matrix instead of two.
-    const bool fuse = !dec->layers().empty() && mature == N && !p.premature_norm && !env_.no_fuse && projector_ &&
+    // projection as the projected rows: one pass over the output matrix instead of two (normed
+    // premature rows are normed on the host first, as the projection would norm them).
+    const bool fuse = !dec->layers().empty() && mature == N && !env_.no_fuse && projector_ &&
                       projector_->can_fuse_final();
     if (layers != capture_layers_ || fuse != fuse_final_) have_outputs_ = false;
     capture_layers_ = layers;
@@ -289,7 +290,11 @@ step_result session::sample(float eos_bonus) {
         for (int32_t s = 0; s < (int32_t) capture_layers_.size(); ++s) {
             std::memcpy(hidden_.data() + (size_t) s * E, capture_.rows(s), E * sizeof(float));
         }
-        if (fused) std::memcpy(hidden_.data() + (size_t) (n_proj - 1) * E, capture_.final_row(), E * sizeof(float));
+        if (fused) {
+            // the final row is normed already: the candidates join it normed
+            if (params_.premature_norm) projector_->normalize(hidden_.data(), n_proj - 1, hidden_.data());
+            std::memcpy(hidden_.data() + (size_t) (n_proj - 1) * E, capture_.final_row(), E * sizeof(float));
+        }
         // DoLa with the fused final row (the rows are exactly [candidates..., mature]) may run its
         // contrast where the projection ran and fetch two rows instead of all of them.
         if (fused && !params_.premature_norm && decoder_->wants_device_rows() &&
@@ -299,7 +304,7 @@ step_result session::sample(float eos_bonus) {
         }
         if (!on_device) {
             cand_logits_.resize((size_t) n_proj * V);
-            projector_->project(hidden_.data(), n_proj, params_.premature_norm, cand_logits_.data());
+            projector_->project(hidden_.data(), n_proj, params_.premature_norm && !fused, cand_logits_.data());
         }
     }
     if (on_device) {

@@ -229,7 +229,7 @@ def test_contrast_on_the_projection_backend_matches_the_host(smollm2_path, monke
 
 
 def test_contrast_on_the_projection_backend_leaves_other_decoding_to_the_host(smollm2_path, monkeypatch):
-    """Static DoLa (one candidate), premature_norm (no fused final row) and Activation Decoding keep
+    """Static DoLa (one candidate), premature_norm (rows normed on the host) and Activation Decoding keep
     the host kernels; their results do not depend on the setting."""
     results = {}
     for mode in ("on", "off"):

@@ -90,6 +90,23 @@ def test_a_mix_of_decoders_in_one_batch_gives_what_each_gives_alone(model, alone
     assert stats["n_steps"] >= sum(len(r.tokens) for r in results)
 
 
+@pytest.mark.parametrize("name", ["dola-high", "dola-low-normed"])
+def test_one_sequence_fuses_its_final_row_as_alone(model, alone, name):
+    """A call whose only output is one DoLa sequence's row projects its final normed row with the
+    premature rows (raw or normed) instead of running llama.cpp's output matrix too, as a session
+    does alone: the same scores to the bit. Several sequences in one call take llama.cpp's logits."""
+    batch = model.batch(parallel=2)
+    r = batch.generate([PROMPTS[0]], N_TOKENS, config=CONFIGS[name])[0]
+    a = alone(PROMPTS[0], name)
+    assert r.tokens == a.tokens
+    assert [s.score for s in r.steps] == [s.score for s in a.steps]
+    assert [s.mature_logprob for s in r.steps] == [s.mature_logprob for s in a.steps]
+    stats = batch.stats()
+    assert stats["n_fused"] == stats["n_steps"] >= len(r.tokens), stats  # (and the end token's step)
+    batch.generate(PROMPTS[:2], N_TOKENS, config=CONFIGS[name])
+    assert batch.stats()["n_fused"] < stats["n_fused"] + 2 * N_TOKENS, batch.stats()
+
+
 def test_generations_join_and_leave_mid_way(model, alone):
     batch = model.batch(parallel=3)
     first = batch.stream(PROMPTS[0], N_TOKENS, config=CONFIGS["dola-high"])

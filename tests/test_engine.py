@@ -562,6 +562,11 @@ def test_capture_callback_only_where_rows_are_captured(smollm2_path):
     k = len(m.resolve_layers("high").candidates)
     outputs = dola_cpp._core.capture_mode() == "outputs"
     assert s.timings()["n_capture_splits"] == (1 + 5) * (1 if outputs else k + 1)
+    # normed premature rows join the fused final row too (normed on the host first)
+    s.reset_timings()
+    s.clear()
+    m.generate(prompt, max_tokens=6, ignore_eos=True, layers="high", premature_norm=True)
+    assert s.timings()["n_capture_splits"] == (1 + 5) * (1 if outputs else k + 1)
     s.reset_timings()
     s.clear()
     assert m.generate(prompt, max_tokens=6, ignore_eos=True).tokens == plain.tokens
