@@ -4,14 +4,15 @@ official openai client over loopback. Both servers run as a user starts them (se
 the same model file, the same number of parallel sequences); dola-cpp is measured with plain
 decoding and with DoLa (`dola_layers: "high"`, normed premature layers). The same requests also go
 through ``Model.stream`` in this process, one at a time (the engine without HTTP), and the table
-ends with the server's 1-client rate over that.
+ends with the server's 1-client rate over that. The servers take turns over `--rounds` rounds
+and each row keeps its best round, for both alike (a VM's speed drifts between runs).
 
 llama-server is built from the llama.cpp source dola-cpp builds against (third_party/llama.cpp,
 fetched by the first `pip install`) into build/llama-server, unless `--llama-server PATH` names
 one; `--no-llama-server` measures dola-cpp alone.
 
     python benchmarks/bench_server.py [--model smollm2] [--parallel 4] [--requests 32] [--max-tokens 32]
-        [--no-llama-server] [--no-in-process]
+        [--rounds 2] [--no-llama-server] [--no-in-process]
 """
 
 from __future__ import annotations
@@ -185,40 +186,59 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=8192, help="llama-server's -c (shared by its slots)")
     ap.add_argument("--llama-server", type=Path, default=None, help="a llama-server binary (default: build it)")
     ap.add_argument("--no-llama-server", action="store_true", help="measure dola-cpp serve alone")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="rounds, the servers taking turns in each; every row keeps its best round (a VM's speed "
+                         "drifts between runs)")
     ap.add_argument("--no-in-process", action="store_true",
                     help="skip the same requests through Model.stream in this process, one at a time")
     args = ap.parse_args()
 
     path = resolve_model(args.model)
-    runs: list[tuple[str, str, list[tuple], Optional[float]]] = []
-    if not args.no_llama_server:
-        exe = args.llama_server or build_llama_server()
+    exe = None if args.no_llama_server else (args.llama_server or build_llama_server())
+    # (server, mode) -> the best row per client count over the rounds, and the largest RSS
+    best: dict[tuple[str, str], dict[int, tuple]] = {}
+    rss: dict[tuple[str, str], Optional[float]] = {}
+
+    def keep(server: str, mode: str, rows: list[tuple], mem: Optional[float]) -> None:
+        kept = best.setdefault((server, mode), {})
+        for row in rows:
+            if row[0] not in kept or row[1] > kept[row[0]][1]:
+                kept[row[0]] = row
+        if mem is not None:
+            rss[server, mode] = max(mem, rss.get((server, mode)) or 0.0)
+
+    for r in range(args.rounds):
+        print(f"round {r + 1} of {args.rounds}", flush=True)
+        if exe is not None:
+            port = free_port()
+            proc = start([str(exe), "-m", str(path), "--port", str(port), "-np", str(args.parallel), "-c",
+                          str(args.ctx), "-t", str(args.threads), "--no-webui"], port)
+            try:
+                print("llama-server, plain", flush=True)
+                rows = load(f"http://127.0.0.1:{port}/v1", {}, args)
+                keep("llama-server", "plain", rows, rss_mib(proc))
+            finally:
+                stop(proc)
         port = free_port()
-        proc = start([str(exe), "-m", str(path), "--port", str(port), "-np", str(args.parallel), "-c", str(args.ctx),
-                      "-t", str(args.threads), "--no-webui"], port)
+        proc = start([sys.executable, "-m", "dola_cpp", "serve", str(path), "--port", str(port),
+                      "--parallel", str(args.parallel), "--threads", str(args.threads), "--queue", "1024"], port)
         try:
-            print("llama-server, plain", flush=True)
-            runs.append(("llama-server", "plain", load(f"http://127.0.0.1:{port}/v1", {}, args), rss_mib(proc)))
+            for mode, extra in (("plain", {"dola_layers": "none"}), ("DoLa high", {"dola_layers": "high"})):
+                print(f"dola-cpp serve, {mode}", flush=True)
+                rows = load(f"http://127.0.0.1:{port}/v1", extra, args)
+                keep("dola-cpp serve", mode, rows, rss_mib(proc))
         finally:
             stop(proc)
-    port = free_port()
-    proc = start([sys.executable, "-m", "dola_cpp", "serve", str(path), "--port", str(port),
-                  "--parallel", str(args.parallel), "--threads", str(args.threads), "--queue", "1024"], port)
-    try:
-        for mode, extra in (("plain", {"dola_layers": "none"}), ("DoLa high", {"dola_layers": "high"})):
-            print(f"dola-cpp serve, {mode}", flush=True)
-            runs.append(("dola-cpp serve", mode, load(f"http://127.0.0.1:{port}/v1", extra, args), rss_mib(proc)))
-    finally:
-        stop(proc)
-
-    if not args.no_in_process:
-        for mode, layers in (("plain", None), ("DoLa high", "high")):
-            print(f"in-process Model.stream, {mode}", flush=True)
-            runs.append(("in-process Model.stream", mode, [in_process(path, layers, args)], None))
+        if not args.no_in_process:
+            for mode, layers in (("plain", None), ("DoLa high", "high")):
+                print(f"in-process Model.stream, {mode}", flush=True)
+                keep("in-process Model.stream", mode, [in_process(path, layers, args)], None)
+    runs = [(server, mode, [rows[n] for n in sorted(rows)], rss.get((server, mode))) for (server, mode), rows in best.items()]
 
     base = {r[0]: r[1] for server, mode, rows, _ in runs if server == "llama-server" for r in rows}
     print(f"\n{path.name}, {args.parallel} parallel sequences, {args.threads} threads, {args.requests} streamed "
-          f"chat requests per row, {args.max_tokens} tokens at most, greedy; {os.cpu_count()} cores")
+          f"chat requests per row, {args.max_tokens} tokens at most, greedy; {os.cpu_count()} cores; each row the "
+          f"best of {args.rounds} rounds, the servers taking turns")
     print("\n| server | decoding | clients | aggregate tok/s | × llama-server | latency p50 | p95 "
           "| first token p50 | p95 | RSS MiB |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
