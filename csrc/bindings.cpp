@@ -460,6 +460,12 @@ PYBIND11_MODULE(_core, m) {
         .def("sample", [](py_session & self, float eos_bonus) { return self.run([&] { return self.s.sample(eos_bonus); }); },
              py::arg("eos_bonus") = 0.0f)
         .def("accept", [](py_session & self, int32_t t) { self.run([&] { self.s.accept(t); }); }, py::arg("token"))
+        .def("run", [](py_session & self, dola::answer_text & answer, const std::vector<float> & eos_bonus, size_t first,
+                       int32_t max_steps) {
+            return self.run([&] { return self.s.run(answer, eos_bonus, first, max_steps); });
+        }, py::arg("answer"), py::arg("eos_bonus"), py::arg("first"), py::arg("max_steps"),
+           "Up to max_steps steps of the token loop in the core: sample, the answer's verdict, accept unless "
+           "it ended there")
         .def("clear", [](py_session & self) { self.s.clear(); })
         .def("cancel", [](py_session & self) { self.s.cancel(); })  // any thread, GIL not needed
         .def("layer_logits", [](py_session & self, py::handle ids, std::vector<int64_t> layers, bool premature_norm,

@@ -235,6 +235,20 @@ void session::prefill(const std::vector<llama_token> & prompt) {
     timings_.n_prefill += (int64_t) (prompt.size() - common);
 }
 
+std::vector<step_result> session::run(answer_text & answer, const std::vector<float> & eos_bonus, size_t first,
+                                      int32_t max_steps) {
+    std::vector<step_result> out;
+    for (int32_t k = 0; k < max_steps && !answer.ended(); ++k) {
+        const size_t i = first + (size_t) k;
+        step_result st = sample(i < eos_bonus.size() ? eos_bonus[i] : 0.0f);
+        answer.add(st);
+        const llama_token token = st.token;
+        out.push_back(std::move(st));
+        if (!answer.ended()) accept(token);
+    }
+    return out;
+}
+
 void session::accept(llama_token token) {
     model_->check_token(token);
     if (tokens_.size() >= n_ctx_) throw error("the context is full (" + std::to_string(n_ctx_) + " tokens)");

@@ -5,6 +5,7 @@
 #pragma once
 
 #include "decoders/decoder.h"
+#include "dola-answer.h"
 #include "dola-capture.h"
 #include "dola-context-entropy.h"
 #include "dola-model.h"
@@ -52,6 +53,11 @@ public:
     step_result sample(float eos_bonus = 0.0f);
     // Appends a token and decodes it.
     void accept(llama_token token);
+    // The token loop, up to max_steps times: sample (with eos_bonus[first + k], 0 past its end),
+    // the answer's verdict on the step, and accept unless the answer ended there. Its steps, in
+    // order: the last one ends the answer or is the max_steps-th (already decoded).
+    std::vector<step_result> run(answer_text & answer, const std::vector<float> & eos_bonus, size_t first,
+                                 int32_t max_steps);
     void clear();
 
     // Logits of `layers` (n_layer = final logits) at the last position of `prompt`:

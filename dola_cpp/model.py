@@ -20,6 +20,9 @@ from .sequence import Claim, SessionSequence
 from .stream import Stream
 
 _UNSET: Any = object()  # a keyword the caller did not pass: the config's value stands
+# Model.generate's steps per call of the core's token loop (Ctrl-C and cancel() are noticed
+# within a call too; up to this many chosen tokens beyond a cancelled answer's are decoded)
+GENERATE_AHEAD = 16
 
 
 class PromptTooLongError(ValueError):
@@ -340,7 +343,8 @@ class Model:
                       presence_penalty=presence_penalty, logit_bias=logit_bias, grammar=grammar,
                       top_logprobs=top_logprobs)
         cfg = config_with(cfg, json_schema)
-        run = Stream(self._sequence(), prompt, max_tokens, cfg, stop=stop, ignore_eos=ignore_eos,
+        # nobody reads the pieces as they come: the core runs the token loop, GENERATE_AHEAD steps a call
+        run = Stream(self._sequence(ahead=GENERATE_AHEAD), prompt, max_tokens, cfg, stop=stop, ignore_eos=ignore_eos,
                      add_special=add_special, parse_special=parse_special, abstain_above=abstain_above,
                      stop_loops=stop_loops)
         for _ in run:
@@ -576,9 +580,10 @@ class Model:
 
     # ------------------------------------------------------------------ internals
 
-    def _sequence(self) -> SessionSequence:
+    def _sequence(self, ahead: int = 1) -> SessionSequence:
         """This context as the sequence of one generation, on the session the model holds now."""
-        return SessionSequence(self._session, self._weights, self._claim, self._prompt_ids, self.resolve_layers)
+        return SessionSequence(self._session, self._weights, self._claim, self._prompt_ids, self.resolve_layers,
+                               ahead=ahead)
 
     def timings(self) -> dict:
         return self._session.timings()

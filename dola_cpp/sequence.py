@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import threading
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ContextManager, Optional, Protocol
 
@@ -122,7 +123,11 @@ class Claim:
 
 class SessionSequence:
     """A whole llama.cpp context (session) as one generation's sequence, with the model's vocabulary,
-    the context's claim, and the model's prompt checks and layer plans."""
+    the context's claim, and the model's prompt checks and layer plans.
+
+    ``ahead`` > 1: the core runs the token loop (sample, the answer's verdict, accept) that many
+    steps at a time without the GIL, and the stream takes the steps from there; 1 (a stream
+    whose reader sees each piece at once): a step when the stream asks for it."""
 
     def __init__(
         self,
@@ -131,13 +136,19 @@ class SessionSequence:
         claim: Claim,
         prompt_ids: Callable[[Prompt, bool, bool], list[int]],
         resolve_layers: Callable[[LayerSpec], LayerPlan],
+        ahead: int = 1,
     ) -> None:
         self._session = session
         self._vocab = vocab
         self._claim = claim
         self._prompt_ids = prompt_ids
         self._resolve_layers = resolve_layers
+        self._ahead_steps = max(1, ahead)
         self._answer: Optional[_core.AnswerText] = None
+        self._eos_bonus: list[float] = []
+        self._ahead: deque[_core.Step] = deque()
+        self._n_steps = 0
+        self._decoded = False  # the last step's token was decoded by the core's loop
 
     @property
     def n_layers(self) -> int:
@@ -172,12 +183,28 @@ class SessionSequence:
     def prefill(self, ids: list[int], answer: Answer) -> None:
         self._answer = _core.AnswerText(self._vocab, n_prompt=len(ids), n_ctx=self._session.n_ctx,
                                         **answer.core_rules())
+        self._eos_bonus = list(answer.eos_bonus)
+        self._ahead.clear()
+        self._n_steps = 0
+        self._decoded = False
         self._session.prefill(ids)
 
     def sample(self, eos_bonus: float) -> _core.Step:
-        step = self._session.sample(eos_bonus)
-        self._answer.add(step)
+        if self._answer is None:
+            raise RuntimeError("no outputs to sample from: prefill a prompt first")
+        if self._ahead_steps > 1:
+            if not self._ahead:
+                self._ahead.extend(self._session.run(self._answer, self._eos_bonus, self._n_steps, self._ahead_steps))
+            step = self._ahead.popleft()
+            self._decoded = True
+        else:
+            step = self._session.sample(eos_bonus)
+            self._answer.add(step)
+        self._n_steps += 1
         return step
 
     def accept(self, token: int) -> None:
+        if self._decoded:  # the core's loop decoded it
+            self._decoded = False
+            return
         self._session.accept(token)

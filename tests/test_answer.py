@@ -1,10 +1,13 @@
 """The core's answer tracker (``_core.AnswerText``, what ends an answer and what text it shows)
-on its own, token by token, and the batch engine ending a sequence where its answer ends instead
-of decoding ahead of its consumer."""
+on its own, token by token; the batch engine ending a sequence where its answer ends instead of
+decoding ahead of its consumer; and the session's token loop in the core (``Session.run``, what
+``Model.generate`` takes its steps from)."""
 
+import dataclasses
 import random
 import time
 
+import numpy as np
 import pytest
 
 from dola_cpp import _core
@@ -134,3 +137,78 @@ def test_the_engine_stops_a_sequence_where_its_answer_ends(smollm2):
     assert batch.stats()["n_steps"] == len(want.tokens)
     r = "".join(s)
     assert (r, s.finish_reason, s.tokens) == (want.text, "stop", want.tokens)
+
+
+# one answer per way it can end, and the settings that make a step depend on the ones before
+LOOP_CASES = {
+    "plain to the budget": dict(max_tokens=24, ignore_eos=True),
+    "an end token": dict(prompt="Q: What is the capital of France?\nA:", max_tokens=64),
+    "a stop string": dict(prompt="Q: Count from one to twenty.\nA: one, two, three", max_tokens=40,
+                          ignore_eos=True, stop=", six"),
+    "dola-high, penalties, eos_boost": dict(max_tokens=40, layers="high", repetition_penalty=1.2, eos_boost=30.0),
+    "sampled": dict(max_tokens=30, temperature=0.8, top_k=40, seed=3, top_logprobs=2),
+    "a loop": dict(prompt="Repeat after me: I am a robot. I am a robot. I am a robot.", max_tokens=60,
+                   ignore_eos=True, stop_loops=True, dry_multiplier=0.0),
+    "abstaining": dict(max_tokens=40, layers="high", abstain_above=0.05),
+    "a grammar": dict(max_tokens=40, json_schema={"type": "object", "properties": {"a": {"type": "integer"}},
+                                                  "required": ["a"]}),
+}
+
+
+@pytest.mark.parametrize("name", list(LOOP_CASES))
+def test_generate_runs_the_token_loop_in_the_core_with_the_streams_results(smollm2, name):
+    """Model.generate takes its steps from the core's loop (several per call, no Python between
+    them); a stream takes one when its reader asks. Both give the same answer, step for step, for
+    every way an answer ends."""
+    kw = dict(LOOP_CASES[name])
+    prompt = kw.pop("prompt", "Q: Why is the sky blue?\nA:")
+    whole = smollm2.generate(prompt, **kw)
+    stream = smollm2.stream(prompt, kw.pop("max_tokens"), **kw)
+    assert "".join(stream) == whole.text
+    got = stream.result()
+    assert (got.tokens, got.finish_reason, got.loop) == (whole.tokens, whole.finish_reason, whole.loop)
+    np.testing.assert_equal([dataclasses.asdict(st) for st in got.steps], [dataclasses.asdict(st) for st in whole.steps])
+    np.testing.assert_equal(got.risk, whole.risk)
+    if name == "dola-high, penalties, eos_boost":  # the boost ends it, at a step of the second call or later
+        assert whole.finish_reason == "stop" and 16 < len(whole.tokens) < 39, whole
+    if name == "a stop string":
+        assert whole.finish_reason == "stop"
+    if name == "a loop":
+        assert whole.finish_reason == "loop"
+    if name == "abstaining":
+        assert whole.finish_reason == "abstained"
+
+
+def test_the_core_loop_is_one_call_for_many_steps(smollm2):
+    """``Session.run``: up to ``max_steps`` steps a call, each token decoded unless the answer ended
+    there; the steps are those of sample-and-accept one at a time."""
+    session = smollm2._session
+    ids = smollm2.tokenize("Q: Count from one to twenty.\nA: one, two, three")
+    vocab = smollm2._weights
+
+    def tracker():
+        return _core.AnswerText(vocab, max_tokens=20, n_prompt=len(ids), n_ctx=session.n_ctx, ignore_eos=True,
+                                stop=[", six"])
+
+    session.configure(_core.DecodeParams())
+    session.prefill(ids)
+    answer, one_by_one = tracker(), []
+    while True:
+        st = session.sample(0.0)
+        answer.add(st)
+        one_by_one.append((st.token, st.piece, st.finish))
+        if st.finish:
+            break
+        session.accept(st.token)
+    assert one_by_one[-1][2] == "stop" and len(one_by_one) > 5
+    session.prefill(ids)
+    answer, steps = tracker(), []
+    calls = 0
+    while not steps or not steps[-1].finish:
+        got = session.run(answer, [], len(steps), 4)
+        assert 1 <= len(got) <= 4 and all(not s.finish for s in got[:-1])
+        steps += got
+        calls += 1
+    assert [(s.token, s.piece, s.finish) for s in steps] == one_by_one
+    assert calls == -(-len(one_by_one) // 4)
+    assert session.n_cached == len(ids) + len(one_by_one) - 1  # the ending token is not decoded

@@ -10,6 +10,7 @@ import pytest
 
 import dola_cpp
 from dola_cpp import DolaError, Model
+from dola_cpp.model import GENERATE_AHEAD
 
 PROMPT = "Q: What is the capital of France?\nA:"
 
@@ -269,11 +270,11 @@ def ctrl_c_raises():
 
 class Interrupter:
     """Sends SIGINT to the main thread as soon as ``condition()`` holds (checked every millisecond),
-    once; records the session's sample calls at that moment. A context manager: on leaving, the
+    once; records the session's calls of ``call`` at that moment. A context manager: on leaving, the
     watch ends, so no signal can reach a later test."""
 
-    def __init__(self, session: CountingSession, condition) -> None:
-        self.session, self.condition = session, condition
+    def __init__(self, session: CountingSession, condition, call: str = "sample") -> None:
+        self.session, self.condition, self.call = session, condition, call
         self.sent_at: int | None = None
         self._stop = threading.Event()
         self._main = threading.main_thread().ident
@@ -282,7 +283,7 @@ class Interrupter:
     def _watch(self) -> None:
         while not self._stop.is_set():
             if self.condition():
-                self.sent_at = self.session.calls["sample"]
+                self.sent_at = self.session.calls[self.call]
                 signal.pthread_kill(self._main, signal.SIGINT)
                 return
             time.sleep(0.001)
@@ -297,7 +298,7 @@ class Interrupter:
 
     def state(self) -> str:
         """For a failure message: what was sent, and how this process handles SIGINT now."""
-        return (f"sent after {self.sent_at} samples (None: never), sample calls now {self.session.calls['sample']}, "
+        return (f"sent after {self.sent_at} {self.call} calls (None: never), now {self.session.calls[self.call]}, "
                 f"SIGINT handler {signal.getsignal(signal.SIGINT)!r}, "
                 f"blocked: {signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])}")
 
@@ -333,38 +334,62 @@ def test_ctrl_c_during_prefill(smollm2_path, ctrl_c_raises):
     assert "Paris" in m.generate(PROMPT, max_tokens=8).text
 
 
-def test_ctrl_c_during_decode(counted, ctrl_c_raises):
-    """Ctrl-C after the fifth token stops the generation at the token being computed."""
+def _answer(model, how: str):
+    """A long answer, by Model.generate (the core's token loop: session.run, GENERATE_AHEAD steps a
+    call) or by a stream read to its end (session.sample, a step a call); what counts its calls."""
+    if how == "generate":
+        return model.generate(PROMPT, max_tokens=5000, ignore_eos=True)
+    stream = model.stream(PROMPT, max_tokens=5000, ignore_eos=True)
+    for _ in stream:
+        pass
+    return stream.result()
+
+
+CALL = {"generate": "run", "stream": "sample"}
+
+
+@pytest.mark.parametrize("how", list(CALL))
+def test_ctrl_c_during_decode(counted, ctrl_c_raises, how):
+    """Ctrl-C after the fifth step (generate: in its second call of the core's loop) stops the
+    generation at the call in flight: none begins after it, and that one stops at its token."""
     s = counted._session
-    with Interrupter(s, lambda: s.calls["sample"] >= 5) as ctrl_c:
+    call = CALL[how]
+    with Interrupter(s, lambda: s.calls[call] >= (2 if how == "generate" else 5), call) as ctrl_c:
         try:
-            counted.generate(PROMPT, max_tokens=5000, ignore_eos=True)
+            _answer(counted, how)
             pytest.fail("the generation was not interrupted: " + ctrl_c.state())
         except KeyboardInterrupt:
             pass
-    assert s.calls["sample"] - ctrl_c.sent_at <= 1  # at most the token in flight, then it stopped
+    assert s.calls[call] - ctrl_c.sent_at <= 1  # at most the call in flight, then it stopped
+    if how == "generate":
+        assert s.calls[call] == ctrl_c.sent_at  # the signal came inside a call: it ended there
+        assert s.n_cached < len(counted.tokenize(PROMPT)) + GENERATE_AHEAD * s.calls[call]
     assert "Paris" in counted.generate(PROMPT, max_tokens=8).text
 
 
-def test_cancel_from_another_thread(counted):
+@pytest.mark.parametrize("how", list(CALL))
+def test_cancel_from_another_thread(counted, how):
     s = counted._session
+    call = CALL[how]
     out = {}
 
     def work():
-        out["r"] = counted.generate(PROMPT, max_tokens=5000, ignore_eos=True)
+        out["r"] = _answer(counted, how)
 
     t = threading.Thread(target=work)
     t.start()
     deadline = time.monotonic() + 300  # a hang guard, not a bound
-    while s.calls["sample"] < 5 and t.is_alive() and time.monotonic() < deadline:
+    while s.calls[call] < (2 if how == "generate" else 5) and t.is_alive() and time.monotonic() < deadline:
         time.sleep(0.001)
-    at = s.calls["sample"]
+    at = s.calls[call]
     counted.cancel()
     t.join(timeout=300)
     assert not t.is_alive()
     r = out["r"]
-    assert r.finish_reason == "cancelled" and 5 <= at and len(r.tokens) <= at
-    assert s.calls["sample"] - at <= 1  # the token in flight at most
+    per_call = GENERATE_AHEAD if how == "generate" else 1
+    assert r.finish_reason == "cancelled" and (2 if how == "generate" else 5) <= at
+    assert len(r.tokens) <= at * per_call < 5000
+    assert s.calls[call] - at <= 1  # the call in flight at most
     assert "Paris" in counted.generate(PROMPT, max_tokens=8).text
 
 
