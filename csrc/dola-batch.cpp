@@ -106,9 +106,7 @@ int64_t batch_engine::submit(batch_request req) {
         if (j->req.params.premature_norm && !projector_->norm_supported()) {
             throw error("premature_norm is not supported for architecture '" + model_->architecture() + "'");
         }
-        // as a session fuses (dola-session.cpp)
-        j->fuses = !j->dec->layers().empty() && j->mature == model_->n_layer() && !env_.no_fuse &&
-                   projector_->can_fuse_final();
+        j->fuses = fuses_final(*j->dec, j->mature, *model_, env_, projector_.get());
     }
     const int64_t id = next_id_++;
     j->id = id;

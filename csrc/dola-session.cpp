@@ -88,11 +88,7 @@ void session::configure(const decode_params & p) {
             throw error("premature_norm is not supported for architecture '" + model_->architecture() + "'");
         }
     }
-    // With projected layers and the final layer as mature, the logits come from the same
-    // projection as the projected rows: one pass over the output matrix instead of two (normed
-    // premature rows are normed on the host first, as the projection would norm them).
-    const bool fuse = !dec->layers().empty() && mature == N && !env_.no_fuse && projector_ &&
-                      projector_->can_fuse_final();
+    const bool fuse = fuses_final(*dec, mature, *model_, env_, projector_.get());
     if (layers != capture_layers_ || fuse != fuse_final_) have_outputs_ = false;
     capture_layers_ = layers;
     fuse_final_ = fuse;

@@ -18,6 +18,10 @@ void check_finite(const float * logits, int64_t n) {
     }
 }
 
+bool fuses_final(const decoder & dec, int32_t mature, const model & m, const switches & env, const projector * proj) {
+    return !dec.layers().empty() && mature == m.n_layer() && !env.no_fuse && proj != nullptr && proj->can_fuse_final();
+}
+
 int32_t check_decode_params(const model & m, const decode_params & p) {
     const int32_t N = m.n_layer();
     const int32_t mature = p.mature < 0 ? N : p.mature;

@@ -5,6 +5,7 @@
 #include "decoders/decoder.h"
 #include "dola-capture.h"
 #include "dola-model.h"
+#include "dola-project.h"
 #include "dola-sampler.h"
 #include "dola-types.h"
 
@@ -20,6 +21,13 @@ void check_finite(const float * logits, int64_t n);
 // Throws dola::error on layers out of range for the model, sampling values or logit-bias ids it
 // cannot use, and Activation Decoding's values; returns the mature layer (-1 resolved to n_layer).
 int32_t check_decode_params(const model & m, const decode_params & p);
+
+// Whether a step's final logits may come from the same projection as the decoder's rows: the
+// captured final normed row through the output matrix with them, one pass instead of llama.cpp's
+// LM head and a second (a decoder with projected layers and the final layer as mature, where the
+// projector can and DOLA_CPP_NO_FUSE is not set). Normed premature rows are normed on the host
+// first, as the projection would norm them.
+bool fuses_final(const decoder & dec, int32_t mature, const model & m, const switches & env, const projector * proj);
 
 // scores and lp ([n_vocab]) as the decoder's step left them (lp: the mature log-softmax); history:
 // the tokens the sequence holds, the first n_prompt of them its prompt. Fills res's token, score,

@@ -146,7 +146,7 @@ class SessionSequence:
         self._ahead_steps = max(1, ahead)
         self._answer: Optional[_core.AnswerText] = None
         self._eos_bonus: list[float] = []
-        self._ahead: deque[_core.Step] = deque()
+        self._ready: deque[_core.Step] = deque()  # steps the core's loop made, not yet taken
         self._n_steps = 0
         self._decoded = False  # the last step's token was decoded by the core's loop
 
@@ -184,7 +184,7 @@ class SessionSequence:
         self._answer = _core.AnswerText(self._vocab, n_prompt=len(ids), n_ctx=self._session.n_ctx,
                                         **answer.core_rules())
         self._eos_bonus = list(answer.eos_bonus)
-        self._ahead.clear()
+        self._ready.clear()
         self._n_steps = 0
         self._decoded = False
         self._session.prefill(ids)
@@ -193,9 +193,9 @@ class SessionSequence:
         if self._answer is None:
             raise RuntimeError("no outputs to sample from: prefill a prompt first")
         if self._ahead_steps > 1:
-            if not self._ahead:
-                self._ahead.extend(self._session.run(self._answer, self._eos_bonus, self._n_steps, self._ahead_steps))
-            step = self._ahead.popleft()
+            if not self._ready:
+                self._ready.extend(self._session.run(self._answer, self._eos_bonus, self._n_steps, self._ahead_steps))
+            step = self._ready.popleft()
             self._decoded = True
         else:
             step = self._session.sample(eos_bonus)

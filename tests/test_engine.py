@@ -346,6 +346,8 @@ def _answer(model, how: str):
 
 
 CALL = {"generate": "run", "stream": "sample"}
+# the calls after which a test stops it: generate's second call of the loop, a stream's fifth step
+STOP_AFTER = {"generate": 2, "stream": 5}
 
 
 @pytest.mark.parametrize("how", list(CALL))
@@ -354,7 +356,7 @@ def test_ctrl_c_during_decode(counted, ctrl_c_raises, how):
     generation at the call in flight: none begins after it, and that one stops at its token."""
     s = counted._session
     call = CALL[how]
-    with Interrupter(s, lambda: s.calls[call] >= (2 if how == "generate" else 5), call) as ctrl_c:
+    with Interrupter(s, lambda: s.calls[call] >= STOP_AFTER[how], call) as ctrl_c:
         try:
             _answer(counted, how)
             pytest.fail("the generation was not interrupted: " + ctrl_c.state())
@@ -379,7 +381,7 @@ def test_cancel_from_another_thread(counted, how):
     t = threading.Thread(target=work)
     t.start()
     deadline = time.monotonic() + 300  # a hang guard, not a bound
-    while s.calls[call] < (2 if how == "generate" else 5) and t.is_alive() and time.monotonic() < deadline:
+    while s.calls[call] < STOP_AFTER[how] and t.is_alive() and time.monotonic() < deadline:
         time.sleep(0.001)
     at = s.calls[call]
     counted.cancel()
@@ -387,7 +389,7 @@ def test_cancel_from_another_thread(counted, how):
     assert not t.is_alive()
     r = out["r"]
     per_call = GENERATE_AHEAD if how == "generate" else 1
-    assert r.finish_reason == "cancelled" and (2 if how == "generate" else 5) <= at
+    assert r.finish_reason == "cancelled" and STOP_AFTER[how] <= at
     assert len(r.tokens) <= at * per_call < 5000
     assert s.calls[call] - at <= 1  # the call in flight at most
     assert "Paris" in counted.generate(PROMPT, max_tokens=8).text
