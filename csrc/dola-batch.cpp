@@ -106,8 +106,10 @@ int64_t batch_engine::submit(batch_request req) {
         if (j->req.params.premature_norm && !projector_->norm_supported()) {
             throw error("premature_norm is not supported for architecture '" + model_->architecture() + "'");
         }
-        j->fuses = fuses_final(*j->dec, j->mature, *model_, env_, projector_.get());
+    } else if (!projector_) {
+        projector_ = plain_final_projector(*j->dec, j->mature, *model_, env_, capture_enabled_);
     }
+    j->fuses = fuses_final(*j->dec, j->mature, *model_, env_, projector_.get());
     const int64_t id = next_id_++;
     j->id = id;
     queue_.push_back(j.get());
@@ -256,7 +258,7 @@ bool batch_engine::decode_call(const std::vector<call_token> & toks, int32_t row
         bt.logits[i] = i >= row_begin;
     }
     bt.n_tokens = n;
-    capture_.set_final(fuse && n - row_begin == 1);
+    capture_.set_final(fuse);
     capture_.expect(n, row_begin, n, context);
     const bool outputs_mode = capture_enabled_ && capture_.outputs_mode();
     if (outputs_mode && capture_.take_new_marks()) rebuild_graphs(ctx_.get());
@@ -296,7 +298,7 @@ void batch_engine::take_output(job & j, int32_t k, int32_t batch_index) {
     }
     j.fused = capture_.final_seen();
     if (j.fused) {
-        j.final_row.assign(capture_.final_row(), capture_.final_row() + E);
+        j.final_row.assign(capture_.final_row(k), capture_.final_row(k) + E);
     } else if (j.mature == model_->n_layer()) {
         const float * logits = llama_get_logits_ith(ctx_.get(), batch_index);
         if (!logits) {
@@ -369,7 +371,9 @@ void batch_engine::iterate(std::vector<job *> & work) {
             }
             e = f;
         }
-        const bool ok = decode_call(toks, 0, false, run.size() == 1 && run[0]->fuses);
+        // fused when every sequence in the call fuses (the fillers' rows are nobody's)
+        const bool fuse = std::all_of(run.begin(), run.end(), [](const job * j) { return !j || j->fuses; });
+        const bool ok = decode_call(toks, 0, false, fuse);
         for (int32_t g : fillers) llama_memory_seq_rm(mem, g, (llama_pos) slots_[g].tokens.size(), -1);
         for (size_t k = 0; k < run.size(); ++k) {
             job * j = run[k];
@@ -458,13 +462,17 @@ void batch_engine::step_outputs(std::vector<job *> & outputs) {
             hidden_.clear();
             const size_t first = row;
             for (job * j : outputs) {
-                if (j->finished || j->layers.empty() || (j->req.params.premature_norm && !j->fused) != norm) continue;
+                if (j->finished || (j->layers.empty() && !j->fused) || (j->req.params.premature_norm && !j->fused) != norm) {
+                    continue;
+                }
                 j->proj_offset = row;
                 const size_t at = hidden_.size();
                 hidden_.insert(hidden_.end(), j->hidden.begin(), j->hidden.end());
                 if (j->fused) {
                     float * rows = hidden_.data() + at;
-                    if (j->req.params.premature_norm) projector_->normalize(rows, (int32_t) j->layers.size(), rows);
+                    if (j->req.params.premature_norm && !j->layers.empty()) {
+                        projector_->normalize(rows, (int32_t) j->layers.size(), rows);
+                    }
                     hidden_.insert(hidden_.end(), j->final_row.begin(), j->final_row.end());
                 }
                 row += j->layers.size() + (j->fused ? 1 : 0);
@@ -484,7 +492,7 @@ void batch_engine::step_outputs(std::vector<job *> & outputs) {
             decoder_rows rows;
             rows.n_vocab = V;
             rows.n_threads = threads_now_;
-            rows.projected = j->layers.empty() ? nullptr : proj_.data() + j->proj_offset * V;
+            rows.projected = j->layers.empty() && !j->fused ? nullptr : proj_.data() + j->proj_offset * V;
             if (j->fused) {
                 rows.mature = rows.projected + j->layers.size() * V;
                 n_fused_ += 1;

@@ -107,8 +107,8 @@ private:
         bool finished = false;     // no more steps (ended or failed); engine thread
         bool released = false;     // under mu_, with events
         std::deque<batch_event> events;
-        // its logits may come from its own projection: the final normed row projected with the
-        // layers' rows, when a call's only output is its row (as alone)
+        // its logits may come from dola-cpp's projection of its final normed row (with its layers'
+        // rows), when every sequence of a call fuses (fuses_final)
         bool fuses = false;
         // this iteration's output: its layers' rows, then either the final logits or (fused) the
         // final normed row; its rows in the projection
@@ -133,8 +133,8 @@ private:
     };
     // One llama_decode of toks, outputs from row_begin on, with the capture; false (last_error_)
     // when it fails.
-    // fuse: the call's one output row is a job's that fuses (the capture takes its final normed
-    // row and stops the graph before llama.cpp's output matrix).
+    // fuse: every output row's job fuses (the capture takes the final normed rows and stops the
+    // graph before llama.cpp's output matrix).
     bool decode_call(const std::vector<call_token> & toks, int32_t row_begin, bool context, bool fuse = false);
     void take_output(job & j, int32_t k, int32_t batch_index);
     // engine thread, without the lock: the outputs' projections, decoders and samplers

@@ -161,9 +161,12 @@ bool layer_capture::callback(ggml_tensor * t, bool ask, void * user_data) {
     if (self->takes_final() && t->name[0] == 'r' && std::strcmp(t->name, "result_norm") == 0) {
         if (ask) return ++self->n_splits_, true;
         self->called_ = true;
-        if (t->type != GGML_TYPE_F32 || t->ne[0] != self->n_embd_ || t->ne[1] != 1) return true;  // compute on
-        self->final_row_.resize(self->n_embd_);
-        ggml_backend_tensor_get(t, self->final_row_.data(), 0, (size_t) self->n_embd_ * sizeof(float));
+        const int32_t n = self->n_rows();
+        if (t->type != GGML_TYPE_F32 || t->ne[0] != self->n_embd_ || t->ne[1] != n || !ggml_is_contiguous(t)) {
+            return true;  // compute on: llama.cpp's logits then
+        }
+        self->final_rows_.resize((size_t) n * self->n_embd_);
+        ggml_backend_tensor_get(t, self->final_rows_.data(), 0, self->final_rows_.size() * sizeof(float));
         self->final_seen_ = true;
         return false;  // stop here: the engine computes the logits itself
     }

@@ -31,12 +31,13 @@ public:
     void set_layers(const std::vector<int32_t> & layers);
     const std::vector<int32_t> & layers() const { return layers_; }
 
-    // Also keep the final normed hidden state ("result_norm", one row) and stop the graph right
-    // after it, skipping llama.cpp's own LM head: the engine then projects it together with the
-    // premature layers in one pass over the output matrix.
+    // Also keep the final normed hidden state ("result_norm": the ubatch's output rows) and stop
+    // the graph right after it, skipping llama.cpp's own LM head: the engine then projects it
+    // itself (with the premature layers, where there are any, in one pass over the output matrix).
     void set_final(bool on) { final_ = on; }
     bool final_seen() const { return final_seen_; }
-    const float * final_row() const { return final_row_.data(); }
+    // Output row k of the ubatch's final normed state (k < n_rows()).
+    const float * final_row(int32_t k = 0) const { return final_rows_.data() + (size_t) k * n_embd_; }
 
     // One more layer whose output is kept at every position of a ubatch (Activation Decoding's
     // info layer), when expect() asks for it; -1 = none. Never the last block (llama.cpp prunes
@@ -51,7 +52,7 @@ public:
 
     // Whether the ubatch of the last expect() has anything to capture (rows of the layers, or the
     // context layer).
-    bool active() const { return (!layers_.empty() && row_end_ > row_begin_) || want_context_; }
+    bool active() const { return ((!layers_.empty() || final_) && row_end_ > row_begin_) || want_context_; }
     // Whether that ubatch needs the eval callback: every capture in callback mode, only the fused
     // final row in outputs mode. When not, the callback is not installed at all.
     bool needs_callback() const;
@@ -103,8 +104,8 @@ public:
     int32_t n_splits() const { return n_splits_; }
 
 private:
-    // Whether the callback takes this ubatch's fused final row (one row, with layers to project).
-    bool takes_final() const { return final_ && n_rows() == 1 && !layers_.empty(); }
+    // Whether the callback takes this ubatch's fused final rows.
+    bool takes_final() const { return final_ && n_rows() > 0; }
     // The hidden layer a graph node outputs (transformers' numbering), or -1.
     int32_t layer_of(const ggml_tensor * t) const;
     // Copies rows [row_begin, row_end) of the ubatch (or every row, context) from a layer tensor.
@@ -125,7 +126,7 @@ private:
     bool type_error_ = false;
     bool final_ = false;
     bool final_seen_ = false;
-    std::vector<float> final_row_;
+    std::vector<float> final_rows_;
     int32_t context_layer_ = -1;
     bool want_context_ = false;
     bool context_seen_ = false;

@@ -63,6 +63,15 @@ bool is_cpu_extra_buffer_type(ggml_backend_buffer_type_t buft) {
     return std::find(extra.begin(), extra.end(), buft) != extra.end();
 }
 
+bool projector::kernel_reads(const llama_model * model, const switches & env) {
+    const ggml_tensor * out = model->output ? model->output : model->tok_embd;
+    const ggml_tensor * norm = model->output_norm;
+    return out && out->buffer && ggml_backend_buffer_is_host(out->buffer) &&
+           !is_cpu_extra_buffer_type(ggml_backend_buffer_get_type(out->buffer)) &&
+           rowmat_available(out->type, out->ne[0]) && env.kernel_mode() != switch_mode::off && ggml_is_contiguous(out) &&
+           (!norm || (norm->type == GGML_TYPE_F32 && norm->buffer && ggml_backend_buffer_is_host(norm->buffer)));
+}
+
 projector::projector(const llama_model * model, const switches & env) {
     output_ = model->output ? model->output : model->tok_embd;
     if (!output_ || !output_->buffer) throw error("this model has no output matrix to project layers with");
@@ -108,9 +117,7 @@ projector::projector(const llama_model * model, const switches & env) {
     // on (always ours), off (never).
     const switch_mode kernel_mode = env.kernel_mode();
     rowmat_always_ = kernel_mode == switch_mode::on;
-    use_rowmat_ = plain_host_ && rowmat_available(output_->type, n_embd_) && kernel_mode != switch_mode::off &&
-                  ggml_is_contiguous(output_) &&
-                  (!output_norm_ || (output_norm_->type == GGML_TYPE_F32 && ggml_backend_buffer_is_host(output_norm_->buffer)));
+    use_rowmat_ = plain_host_ && kernel_reads(model, env);
     if (use_rowmat_) {
         backend_name_ = std::string("CPU (dola-cpp's ") + ggml_type_name(output_->type) + " kernel, " + rowmat_isa() +
                         (rowmat_always_ ? ")" : ", or ggml's, whichever measures faster)");

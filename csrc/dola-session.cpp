@@ -88,6 +88,13 @@ void session::configure(const decode_params & p) {
             throw error("premature_norm is not supported for architecture '" + model_->architecture() + "'");
         }
     }
+    if (!projector_) {
+        projector_ = plain_final_projector(*dec, mature, *model_, env_, capture_enabled_);
+        if (projector_) {
+            projector_->set_n_threads(threads_now_);
+            context_.set_projector(projector_.get());
+        }
+    }
     const bool fuse = fuses_final(*dec, mature, *model_, env_, projector_.get());
     if (layers != capture_layers_ || fuse != fuse_final_) have_outputs_ = false;
     capture_layers_ = layers;
@@ -302,7 +309,7 @@ step_result session::sample(float eos_bonus) {
         }
         if (fused) {
             // the final row is normed already: the candidates join it normed
-            if (params_.premature_norm) projector_->normalize(hidden_.data(), n_proj - 1, hidden_.data());
+            if (params_.premature_norm && n_proj > 1) projector_->normalize(hidden_.data(), n_proj - 1, hidden_.data());
             std::memcpy(hidden_.data() + (size_t) (n_proj - 1) * E, capture_.final_row(), E * sizeof(float));
         }
         // DoLa with the fused final row (the rows are exactly [candidates..., mature]) may run its

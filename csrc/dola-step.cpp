@@ -19,7 +19,21 @@ void check_finite(const float * logits, int64_t n) {
 }
 
 bool fuses_final(const decoder & dec, int32_t mature, const model & m, const switches & env, const projector * proj) {
-    return !dec.layers().empty() && mature == m.n_layer() && !env.no_fuse && proj != nullptr && proj->can_fuse_final();
+    if (mature != m.n_layer() || env.no_fuse || proj == nullptr || !proj->can_fuse_final()) return false;
+    return !dec.layers().empty() || (dec.context_layer() < 0 && proj->host_kernel());
+}
+
+std::unique_ptr<projector> plain_final_projector(const decoder & dec, int32_t mature, const model & m,
+                                                 const switches & env, bool capture_enabled) {
+    if (!dec.layers().empty() || dec.context_layer() >= 0 || mature != m.n_layer() || env.no_fuse || !capture_enabled ||
+        !projector::kernel_reads(m.get(), env)) {
+        return nullptr;  // (where no kernel of ours reads the matrix, the projector would not fuse plain decoding)
+    }
+    try {
+        return std::make_unique<projector>(m.get(), env);
+    } catch (const error &) {  // an output matrix no projection reads: llama.cpp's LM head does
+        return nullptr;
+    }
 }
 
 int32_t check_decode_params(const model & m, const decode_params & p) {

@@ -10,6 +10,7 @@
 #include "dola-types.h"
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -22,12 +23,21 @@ void check_finite(const float * logits, int64_t n);
 // cannot use, and Activation Decoding's values; returns the mature layer (-1 resolved to n_layer).
 int32_t check_decode_params(const model & m, const decode_params & p);
 
-// Whether a step's final logits may come from the same projection as the decoder's rows: the
-// captured final normed row through the output matrix with them, one pass instead of llama.cpp's
-// LM head and a second (a decoder with projected layers and the final layer as mature, where the
-// projector can and DOLA_CPP_NO_FUSE is not set). Normed premature rows are normed on the host
-// first, as the projection would norm them.
+// Whether a step's final logits come from dola-cpp's projection of the captured final normed row
+// instead of llama.cpp's LM head (the graph stops before it), where the projector can and
+// DOLA_CPP_NO_FUSE is not set, with the final layer as mature: a decoder with projected layers
+// (the final row joins them: one pass over the output matrix instead of the LM head and a second;
+// normed premature rows are normed on the host first, as the projection would norm them), and
+// plain decoding where the projector's own kernel reads the matrix on the host (faster there than
+// the LM head; elsewhere, a GPU or a repacked layout, llama.cpp's head stays).
 bool fuses_final(const decoder & dec, int32_t mature, const model & m, const switches & env, const projector * proj);
+
+// For a decoder that projects no layers, where it would fuse its final row (plain decoding, the
+// final layer mature, capture on, DOLA_CPP_NO_FUSE unset, dola-cpp's kernel reading the output
+// matrix) and no projector was made yet: one for the model's output matrix, or null (plain
+// decoding then keeps llama.cpp's LM head, as it does without a projector).
+std::unique_ptr<projector> plain_final_projector(const decoder & dec, int32_t mature, const model & m,
+                                                 const switches & env, bool capture_enabled);
 
 // scores and lp ([n_vocab]) as the decoder's step left them (lp: the mature log-softmax); history:
 // the tokens the sequence holds, the first n_prompt of them its prompt. Fills res's token, score,

@@ -68,8 +68,8 @@ class Batch:
     def stats(self) -> dict[str, Any]:
         """The engine's counters: running and queued generations, llama.cpp calls and the tokens
         they carried, tokens chosen, projections (and the steps whose final logits came from one:
-        a call's only output row, whose final normed row went through the output matrix with the
-        layers' rows, as alone), and milliseconds decoding and choosing."""
+        the sequence's final normed row through the output matrix, with its layers' rows, as alone,
+        in calls whose every sequence fuses), and milliseconds decoding and choosing."""
         return dict(self._engine.stats())
 
     def stream(self, prompt: Prompt, max_tokens: int = 256, *, config: Optional[DecodeConfig] = None,

@@ -129,7 +129,8 @@ class Model:
     @property
     def projection_backend(self) -> str:
         """Where the early-exit projection runs and which buffer type holds the output matrix
-        ("" until DoLa or ``layer_logits`` first needs it)."""
+        ("" until a generation or ``layer_logits`` first needs it; plain decoding makes it only
+        where dola-cpp's own kernel reads the output matrix)."""
         return self._session.projection_backend
 
     @property

@@ -90,21 +90,49 @@ def test_a_mix_of_decoders_in_one_batch_gives_what_each_gives_alone(model, alone
     assert stats["n_steps"] >= sum(len(r.tokens) for r in results)
 
 
-@pytest.mark.parametrize("name", ["dola-high", "dola-low-normed"])
-def test_one_sequence_fuses_its_final_row_as_alone(model, alone, name):
-    """A call whose only output is one DoLa sequence's row projects its final normed row with the
-    premature rows (raw or normed) instead of running llama.cpp's output matrix too, as a session
-    does alone: the same scores to the bit. Several sequences in one call take llama.cpp's logits."""
+@pytest.mark.parametrize("name", ["plain", "dola-high", "dola-low-normed"])
+def test_sequences_fuse_their_final_rows_as_alone(model, alone, name):
+    """Each step's final logits come from dola-cpp's projection of the sequence's final normed row
+    (with its premature rows, raw or normed, for DoLa; plain decoding where dola-cpp's kernel reads
+    the output matrix, as on this model's Q8_0 one) instead of llama.cpp's output matrix, in calls
+    of one sequence and of several, as a session does alone: the same scores to the bit. A call
+    that carries a sequence which cannot fuse (Activation Decoding) takes llama.cpp's logits for
+    all of its rows."""
     batch = model.batch(parallel=2)
-    r = batch.generate([PROMPTS[0]], N_TOKENS, config=CONFIGS[name])[0]
-    a = alone(PROMPTS[0], name)
-    assert r.tokens == a.tokens
-    assert [s.score for s in r.steps] == [s.score for s in a.steps]
-    assert [s.mature_logprob for s in r.steps] == [s.mature_logprob for s in a.steps]
+    results = batch.generate(PROMPTS[:2], N_TOKENS, config=CONFIGS[name])
+    for prompt, r in zip(PROMPTS, results):
+        a = alone(prompt, name)
+        assert r.tokens == a.tokens
+        assert [s.score for s in r.steps] == [s.score for s in a.steps]
+        assert [s.mature_logprob for s in r.steps] == [s.mature_logprob for s in a.steps]
     stats = batch.stats()
-    assert stats["n_fused"] == stats["n_steps"] >= len(r.tokens), stats  # (and the end token's step)
-    batch.generate(PROMPTS[:2], N_TOKENS, config=CONFIGS[name])
-    assert batch.stats()["n_fused"] < stats["n_fused"] + 2 * N_TOKENS, batch.stats()
+    assert stats["n_decoded_tokens"] > stats["n_decodes"], stats  # calls of two sequences
+    assert stats["n_fused"] == stats["n_steps"] >= sum(len(r.tokens) for r in results), stats
+    batch.generate(PROMPTS[:2], N_TOKENS, configs=[CONFIGS[name], CONFIGS["activation"]])
+    assert batch.stats()["n_fused"] < stats["n_fused"] + N_TOKENS, batch.stats()
+
+
+def test_fused_plain_logits_are_llama_cpps(smollm2_path, monkeypatch):
+    """Plain decoding's logits from dola-cpp's projection of the final normed row are llama.cpp's
+    own (its output matrix, DOLA_CPP_NO_FUSE=1) to float rounding (on an AVX-512 CPU, to the bit),
+    alone and in a batch."""
+    config = CONFIGS["penalties-logprobs"]
+
+    def run() -> tuple[list, int]:  # (results alone and in a batch, the batch's fused steps)
+        m = Model(smollm2_path, n_ctx=512)
+        batch = m.batch(3)
+        return [m.generate(PROMPTS[2], 24, config=config), *batch.generate(PROMPTS[:3], 24, config=config)], batch.stats()["n_fused"]
+
+    fused, n_fused = run()
+    monkeypatch.setenv("DOLA_CPP_NO_FUSE", "1")
+    head, n_head = run()
+    assert n_fused >= 3 * 24 and n_head == 0
+    for a, b in zip(fused, head):
+        assert a.tokens == b.tokens
+        np.testing.assert_allclose([s.mature_logprob for s in a.steps], [s.mature_logprob for s in b.steps], atol=2e-4)
+        np.testing.assert_allclose([s.score for s in a.steps], [s.score for s in b.steps], atol=2e-4)
+        for x, y in zip(a.steps, b.steps):
+            assert [t for t, _ in x.top_logprobs] == [t for t, _ in y.top_logprobs]
 
 
 def test_generations_join_and_leave_mid_way(model, alone):

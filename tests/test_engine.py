@@ -570,21 +570,22 @@ def test_hostile_chat_template_is_never_executed(smollm2_path, tmp_path, looks_l
 
 def test_capture_callback_only_where_rows_are_captured(smollm2_path):
     """With the capture callback installed, ggml's scheduler computes a graph in pieces and waits
-    after each: a ubatch with nothing to capture runs without it. Prompt chunks before the last,
-    and plain decoding in a context made for DoLa, capture nothing. With the layers kept as graph
-    outputs, the only stop is at the fused final row, once per ubatch whatever K is."""
+    after each: a ubatch with nothing to capture runs without it. Prompt chunks before the last
+    capture nothing; plain decoding (this model's output matrix is one dola-cpp's kernel reads)
+    stops once per ubatch, at the final normed row it projects itself, and so does DoLa with the
+    layers kept as graph outputs, whatever K is."""
     m = Model(smollm2_path, n_ctx=256, n_batch=8)
     s = m._session
     prompt = "The history of the Roman Empire spans more than a thousand years, from its founding to its fall"
     n_prompt = len(m.tokenize(prompt))
     assert n_prompt > 16  # at least three chunks of 8
     plain = m.generate(prompt, max_tokens=6, ignore_eos=True)
-    assert s.timings()["n_captured_ubatches"] == 0
-    assert s.timings()["n_capture_splits"] == 0
+    # the prompt's last chunk, then each of the 5 decoded tokens
+    assert s.timings()["n_captured_ubatches"] == 1 + 5
+    assert s.timings()["n_capture_splits"] == 1 + 5
     s.reset_timings()
     s.clear()
     high = m.generate(prompt, max_tokens=6, ignore_eos=True, layers="high")
-    # the prompt's last chunk, then each of the 5 decoded tokens
     assert s.timings()["n_captured_ubatches"] == 1 + 5
     k = len(m.resolve_layers("high").candidates)
     outputs = dola_cpp._core.capture_mode() == "outputs"
@@ -597,8 +598,13 @@ def test_capture_callback_only_where_rows_are_captured(smollm2_path):
     s.reset_timings()
     s.clear()
     assert m.generate(prompt, max_tokens=6, ignore_eos=True).tokens == plain.tokens
-    assert s.timings()["n_captured_ubatches"] == 0
-    assert s.timings()["n_capture_splits"] == 0
+    assert s.timings()["n_captured_ubatches"] == 1 + 5
+    assert s.timings()["n_capture_splits"] == 1 + 5
+    # Activation Decoding keeps llama.cpp's logits: its prompt chunks capture the context layer
+    s.reset_timings()
+    s.clear()
+    m.generate(prompt, max_tokens=6, ignore_eos=True, decoder="activation")
+    assert s.timings()["n_capture_splits"] == (0 if outputs else -(-n_prompt // 8) + 5)
     # scoring takes the mature logits from llama.cpp: with outputs, no stop at all
     s.reset_timings()
     m.score("The capital of France is", " Paris, a city on the Seine.", layers="high")
