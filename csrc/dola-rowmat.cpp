@@ -299,20 +299,39 @@ constexpr int kQ8Offset = 0;
 
 struct q8_0_kernel : q8_0_rows {
     static constexpr int max_rows = 12;
+    int64_t n_pad;          // rows of dt, with room to load 16 from any group's first
+    std::vector<float> dt;  // the activation scales by block: [nb][n_pad]
 
     q8_0_kernel(const void * w_, size_t stride_, int64_t n_in, const float * x, int32_t n_rows)
-        : q8_0_rows(w_, stride_, n_in, x, n_rows, kQ8Offset) {}
+        : q8_0_rows(w_, stride_, n_in, x, n_rows, kQ8Offset), n_pad(n_rows + 16), dt((size_t) nb * n_pad, 0.0f) {
+        for (int32_t r = 0; r < n_rows; ++r) {
+            for (int64_t b = 0; b < nb; ++b) dt[(size_t) b * n_pad + r] = d[(size_t) r * nb + b];
+        }
+    }
 
+    // Per row and block: one load, one dot product (VNNI: started from minus the offset's
+    // correction, so nothing is subtracted after), one conversion and one multiply-add with the
+    // weight block's scale times the row's; for kTable rows or more, those products come from two
+    // vector multiplies per block for up to 16 rows (the same float products, so the same sums to
+    // the bit; 1.02-1.2x faster for 8-32 rows on a 2-core AVX-512 EPYC, none below 6 rows).
+    static constexpr int kTable = 6;
     template <int R>
     void row(int64_t o, int32_t r0, float * out) const {
         const block_q8_0 * wb = reinterpret_cast<const block_q8_0 *>(w + o * stride);
         __m256 acc[R];
         for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+        alignas(32) float scale[16];
         for (int64_t b = 0; b < nb; ++b) {
             const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(wb[b].qs));
             const __m256 dw = _mm256_set1_ps(fp16_to_fp32(wb[b].d));
+            if constexpr (R >= kTable) {
+                const float * db = dt.data() + (size_t) b * n_pad + r0;
+                _mm256_store_ps(scale, _mm256_mul_ps(dw, _mm256_loadu_ps(db)));
+                if constexpr (R > 8) _mm256_store_ps(scale + 8, _mm256_mul_ps(dw, _mm256_loadu_ps(db + 8)));
+            }
 #if defined(DOLA_DPBUSD256)
-            const __m256i corr = DOLA_DPBUSD256(_mm256_setzero_si256(), _mm256_set1_epi8((char) 0x80), wq);
+            const __m256i ncorr = _mm256_sub_epi32(_mm256_setzero_si256(),
+                                                   DOLA_DPBUSD256(_mm256_setzero_si256(), _mm256_set1_epi8((char) 0x80), wq));
 #else
             // AVX2: |w| times a with w's sign (ggml's way); Q8_0 values are in [-127, 127], so a
             // pair sums to at most 2 * 127 * 127 and never saturates
@@ -322,11 +341,12 @@ struct q8_0_kernel : q8_0_rows {
                 const size_t i = (size_t) (r0 + r) * nb + b;
                 const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(q.data() + i * QK8_0));
 #if defined(DOLA_DPBUSD256)
-                const __m256i dot = _mm256_sub_epi32(DOLA_DPBUSD256(_mm256_setzero_si256(), qa, wq), corr);
+                const __m256i dot = DOLA_DPBUSD256(ncorr, qa, wq);
 #else
                 const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(abs_w, _mm256_sign_epi8(qa, wq)), _mm256_set1_epi16(1));
 #endif
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dw, _mm256_set1_ps(d[i])), acc[r]);
+                const __m256 sr = R >= kTable ? _mm256_set1_ps(scale[r]) : _mm256_mul_ps(dw, _mm256_set1_ps(d[i]));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sr, acc[r]);
             }
         }
         for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
