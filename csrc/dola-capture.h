@@ -50,8 +50,8 @@ public:
     // also keep every row of the context layer.
     void expect(int32_t n_tokens, int32_t row_begin, int32_t row_end, bool context = false);
 
-    // Whether the ubatch of the last expect() has anything to capture (rows of the layers, or the
-    // context layer).
+    // Whether the ubatch of the last expect() has anything to capture (rows of the layers, the
+    // final normed rows, or the context layer).
     bool active() const { return ((!layers_.empty() || final_) && row_end_ > row_begin_) || want_context_; }
     // Whether that ubatch needs the eval callback: every capture in callback mode, only the fused
     // final row in outputs mode. When not, the callback is not installed at all.
