@@ -508,7 +508,10 @@ PYBIND11_MODULE(_core, m) {
 
     py::class_<dola::batch_engine, std::shared_ptr<dola::batch_engine>>(m, "BatchEngine")
         .def(py::init([](std::shared_ptr<dola::model> mdl, uint32_t n_ctx, int32_t n_seq, int32_t n_threads, uint32_t n_batch,
-                         const std::string & kv_type, bool capture, bool adaptive_threads) {
+                         const std::string & kv_type, bool capture, bool adaptive_threads, double cache_mib) {
+                 if (!(cache_mib >= 0.0 && cache_mib <= 1048576.0)) {
+                     throw dola::error("cache_mib must be in 0..1048576, got " + std::to_string(cache_mib));
+                 }
                  dola::context_params p;
                  p.env = dola::switches::from_environment();
                  p.kv_type = kv_type;
@@ -518,11 +521,11 @@ PYBIND11_MODULE(_core, m) {
                  p.n_threads = n_threads;
                  p.n_batch = n_batch;
                  py::gil_scoped_release release;
-                 return std::make_shared<dola::batch_engine>(std::move(mdl), p, n_seq);
+                 return std::make_shared<dola::batch_engine>(std::move(mdl), p, n_seq, (size_t) (cache_mib * 1048576.0));
              }),
              py::arg("model"), py::arg("n_ctx") = 2048, py::arg("n_seq") = 4, py::arg("n_threads") = 0,
              py::arg("n_batch") = 512, py::arg("kv_type") = "f16", py::arg("capture") = true,
-             py::arg("adaptive_threads") = true)
+             py::arg("adaptive_threads") = true, py::arg("cache_mib") = 0.0)
         .def_property_readonly("n_ctx", &dola::batch_engine::n_ctx)
         .def_property_readonly("adaptive_threads", &dola::batch_engine::adaptive_threads)
         .def_property_readonly("n_seq", &dola::batch_engine::n_seq)
@@ -568,6 +571,10 @@ PYBIND11_MODULE(_core, m) {
             d["n_steps"] = s.n_steps;
             d["n_projections"] = s.n_projections;
             d["n_fused"] = s.n_fused;
+            d["n_cache_hits"] = s.n_cache_hits;
+            d["n_cache_tokens"] = s.n_cache_tokens;
+            d["cache_bytes"] = s.cache_bytes;
+            d["cache_entries"] = s.cache_entries;
             d["decode_ms"] = s.decode_ms;
             d["step_ms"] = s.step_ms;
             return d;

@@ -23,7 +23,7 @@ double ms_since(clock_type::time_point t0) {
 
 }  // namespace
 
-batch_engine::batch_engine(std::shared_ptr<model> mdl, const context_params & params, int32_t n_seq)
+batch_engine::batch_engine(std::shared_ptr<model> mdl, const context_params & params, int32_t n_seq, size_t cache_bytes)
     : model_(std::move(mdl)),
       env_(params.env),
       n_seq_(n_seq),
@@ -45,6 +45,10 @@ batch_engine::batch_engine(std::shared_ptr<model> mdl, const context_params & pa
     ctx_.reset(llama_init_from_model(model_->get(), cp));
     if (!ctx_) throw error(with_detail("could not create a context of " + std::to_string(total) + " tokens"));
     slots_.resize(n_seq);
+    const llama_model * lm = model_->get();
+    if (!llama_model_is_recurrent(lm) && !llama_model_is_hybrid(lm) && llama_model_n_swa(lm) == 0) {
+        cache_limit_ = cache_bytes;
+    }
     thread_ = std::thread([this] { loop(); });
 }
 
@@ -154,6 +158,8 @@ batch_stats batch_engine::stats() {
     batch_stats s = stats_;
     s.n_queued = (int32_t) queue_.size();
     s.n_running = (int32_t) std::count_if(slots_.begin(), slots_.end(), [](const slot & sl) { return sl.active != nullptr; });
+    s.cache_bytes = (int64_t) cache_bytes_;
+    s.cache_entries = (int32_t) cache_.size();
     return s;
 }
 
@@ -170,9 +176,73 @@ void batch_engine::fail(job & j, const std::string & why) {
     j.finished = true;
 }
 
-void batch_engine::admit(job & j, int32_t s) {
+namespace {
+
+size_t common_prefix(const std::vector<llama_token> & a, const std::vector<llama_token> & b, size_t limit) {
+    size_t c = 0;
+    limit = std::min({limit, a.size(), b.size()});
+    while (c < limit && a[c] == b[c]) ++c;
+    return c;
+}
+
+}  // namespace
+
+batch_engine::cache_entry batch_engine::best_cached(const std::vector<llama_token> & prompt, size_t max_len,
+                                                    size_t & common) {
+    cache_entry best = cache_.end();
+    common = 0;
+    for (auto it = cache_.begin(); it != cache_.end(); ++it) {
+        const size_t c = common_prefix(it->tokens, prompt, max_len);
+        if (c > common) {
+            best = it;
+            common = c;
+        }
+    }
+    return best;
+}
+
+void batch_engine::save_prompt(int32_t s) {
+    const std::vector<llama_token> & toks = slots_[s].tokens;
+    if (cache_limit_ == 0 || toks.empty()) return;
+    auto holds = [&](const cached_prompt & e) {  // e's tokens start with all of toks
+        return e.tokens.size() >= toks.size() && std::equal(toks.begin(), toks.end(), e.tokens.begin());
+    };
+    for (auto it = cache_.begin(); it != cache_.end(); ++it) {
+        if (holds(*it)) {
+            cache_.splice(cache_.begin(), cache_, it);
+            return;
+        }
+    }
+    const size_t size = llama_state_seq_get_size(ctx_.get(), s);
+    if (size == 0 || size + toks.size() * sizeof(llama_token) > cache_limit_) return;  // too large to keep
+    cached_prompt e;
+    e.tokens = toks;
+    e.state.resize(size);
+    if (llama_state_seq_get_data(ctx_.get(), e.state.data(), size, s) != size) return;
+    for (auto it = cache_.begin(); it != cache_.end();) {  // entries these tokens extend are spent
+        if (it->tokens.size() <= toks.size() && std::equal(it->tokens.begin(), it->tokens.end(), toks.begin())) {
+            cache_bytes_ -= entry_bytes(*it);
+            it = cache_.erase(it);
+        } else {
+            ++it;
+        }
+    }
+    cache_bytes_ += entry_bytes(e);
+    cache_.push_front(std::move(e));
+    trim_cache();
+}
+
+void batch_engine::trim_cache() {
+    while (cache_bytes_ > cache_limit_ && !cache_.empty()) {
+        cache_bytes_ -= entry_bytes(cache_.back());
+        cache_.pop_back();
+    }
+}
+
+void batch_engine::admit(job & j, int32_t s, cache_entry entry) {
     slot & sl = slots_[s];
     sl.active = &j;
+    sl.last_admit = ++n_admitted_;
     j.slot = s;
     const std::vector<llama_token> & prompt = j.req.prompt;
     if (j.ctx_layer >= 0) {
@@ -186,8 +256,33 @@ void batch_engine::admit(job & j, int32_t s) {
     // keep the longest cached prefix, but always decode the prompt's last token (its output)
     size_t max_keep = prompt.size() - 1;
     if (j.ctx_layer >= 0) max_keep = std::min(max_keep, sl.context->n_rows());  // rows to rebuild H from
+    const bool from_cache = entry != cache_.end();
+    std::list<cached_prompt> taken;  // the entry, out of the cache while the sequence's cells are saved
+    if (from_cache) {
+        taken.splice(taken.begin(), cache_, entry);
+        cache_bytes_ -= entry_bytes(taken.front());
+    }
+    // what the request does not keep of the sequence goes to the prompt cache first
+    if (from_cache || common_prefix(sl.tokens, prompt, max_keep) < sl.tokens.size()) save_prompt(s);
+    if (from_cache) {
+        const cached_prompt & e = taken.front();
+        if (llama_state_seq_set_data(ctx_.get(), e.state.data(), e.state.size(), s) == 0) {
+            llama_memory_seq_rm(llama_get_memory(ctx_.get()), s, -1, -1);
+            sl.tokens.clear();
+        } else {
+            sl.tokens = e.tokens;
+        }
+        if (sl.context) sl.context->keep_prefix(0);  // its rows were of the tokens replaced
+        cache_bytes_ += entry_bytes(e);
+        cache_.splice(cache_.begin(), taken);
+        trim_cache();
+    }
     const size_t common = keep_common_prefix(ctx_.get(), s, sl.tokens, prompt, max_keep);
     if (sl.context) sl.context->keep_prefix(common);
+    if (from_cache && common > 0) {
+        stats_.n_cache_hits += 1;
+        stats_.n_cache_tokens += (int64_t) common;
+    }
     j.n_prompt_done = common;
 }
 
@@ -214,22 +309,35 @@ void batch_engine::loop() {
                     if (sl.active && sl.active->ctx_layer >= 0) info = sl.active->ctx_layer;
                 }
                 if (j.ctx_layer >= 0 && info >= 0 && info != j.ctx_layer) break;
+                // the free sequence sharing the longest prefix (ties: the one idle longest)
+                const size_t max_keep = j.req.prompt.size() - 1;
                 int32_t best = -1;
                 size_t best_common = 0;
                 for (int32_t s = 0; s < n_seq_; ++s) {
                     if (slots_[s].active) continue;
-                    const auto & t = slots_[s].tokens;
-                    size_t c = 0;
-                    const size_t lim = std::min(t.size(), j.req.prompt.size());
-                    while (c < lim && t[c] == j.req.prompt[c]) ++c;
-                    if (best < 0 || c > best_common) {
+                    const size_t c = common_prefix(slots_[s].tokens, j.req.prompt, max_keep);
+                    if (best < 0 || c > best_common || (c == best_common && slots_[s].last_admit < slots_[best].last_admit)) {
                         best = s;
                         best_common = c;
                     }
                 }
+                // or a saved prompt sharing more (Activation Decoding rebuilds rows from its own
+                // sequence's tokens: not from the cache)
+                cache_entry entry = cache_.end();
+                if (best >= 0 && j.ctx_layer < 0 && !cache_.empty()) {
+                    size_t cached = 0;
+                    entry = best_cached(j.req.prompt, max_keep, cached);
+                    if (cached <= best_common) {
+                        entry = cache_.end();
+                    } else {  // into the free sequence idle longest: its cells are saved first
+                        for (int32_t s = 0; s < n_seq_; ++s) {
+                            if (!slots_[s].active && slots_[s].last_admit < slots_[best].last_admit) best = s;
+                        }
+                    }
+                }
                 if (best < 0) break;
                 queue_.pop_front();
-                admit(j, best);
+                admit(j, best, entry);
             }
             work.clear();
             for (slot & sl : slots_) {

@@ -23,6 +23,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <list>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -55,13 +56,23 @@ struct batch_stats {
     int64_t n_steps = 0;            // tokens chosen
     int64_t n_projections = 0;      // calls of the output-matrix projection
     int64_t n_fused = 0;            // steps whose final logits came from that projection, not llama.cpp's
+    int64_t n_cache_hits = 0;       // requests that started from a saved prompt (the prompt cache)
+    int64_t n_cache_tokens = 0;     // prompt tokens those restores spared
+    int64_t cache_bytes = 0;        // what the prompt cache holds now
+    int32_t cache_entries = 0;
     double decode_ms = 0.0, step_ms = 0.0;
 };
 
 class batch_engine {
 public:
-    // params.n_ctx: positions per sequence (the cache holds n_seq times as many)
-    batch_engine(std::shared_ptr<model> mdl, const context_params & params, int32_t n_seq);
+    // params.n_ctx: positions per sequence (the cache holds n_seq times as many).
+    // cache_bytes: host memory for the prompt cache. A sequence about to be overwritten saves its
+    // KV cells (with its tokens) there first; a request whose prompt shares a longer prefix with a
+    // saved entry than with any free sequence starts from that entry's cells (the same bytes at the
+    // same positions: its results are unchanged), least recently used entries dropped beyond the
+    // budget. 0, or a model whose memory cannot be cut back to a prefix (recurrent, hybrid,
+    // sliding-window): no cache.
+    batch_engine(std::shared_ptr<model> mdl, const context_params & params, int32_t n_seq, size_t cache_bytes = 0);
     ~batch_engine();
     batch_engine(const batch_engine &) = delete;
     batch_engine & operator=(const batch_engine &) = delete;
@@ -90,6 +101,7 @@ private:
         std::vector<llama_token> tokens;  // what the KV cache holds for this sequence
         std::unique_ptr<context_entropy> context;  // Activation Decoding's rows of those tokens
         job * active = nullptr;
+        uint64_t last_admit = 0;  // when it last took a request (0: never)
     };
     struct job {
         int64_t id = 0;
@@ -121,8 +133,20 @@ private:
     bool abort_requested() const { return stop_.load(std::memory_order_relaxed); }
     static bool abort_cb(void * data);
     projector & need_projector();
-    // engine thread: puts a queued job on a free sequence (the one sharing the longest prefix)
-    void admit(job & j, int32_t s);
+    // engine thread: puts a queued job on a free sequence (the one sharing the longest prefix),
+    // first restoring the prompt cache's entry `entry` into it when not null
+    struct cached_prompt {
+        std::vector<llama_token> tokens;
+        std::vector<uint8_t> state;  // llama_state_seq_get_data of those tokens' cells
+    };
+    using cache_entry = std::list<cached_prompt>::iterator;
+    void admit(job & j, int32_t s, cache_entry entry);
+    static size_t entry_bytes(const cached_prompt & e) { return e.state.size() + e.tokens.size() * sizeof(llama_token); }
+    // engine thread: saves sequence s's cells and tokens (unless an entry already holds them)
+    void save_prompt(int32_t s);
+    void trim_cache();  // least recently used entries out until the cache fits its budget
+    // the entry sharing the longest prefix with prompt (counting at most max_len tokens), or end()
+    cache_entry best_cached(const std::vector<llama_token> & prompt, size_t max_len, size_t & common);
     // engine thread: one step of every running job (llama_decode calls, one projection, their
     // decoders and samplers)
     void iterate(std::vector<job *> & work);
@@ -158,12 +182,16 @@ private:
     std::vector<int32_t> marked_layers_;  // the union of the running jobs' layers, captured for all
     std::unique_ptr<projector> projector_;
     std::vector<slot> slots_;
+    // the prompt cache, most recently used first (engine thread, under mu_)
+    std::list<cached_prompt> cache_;
+    size_t cache_limit_ = 0, cache_bytes_ = 0;
 
     std::mutex mu_;
     std::condition_variable work_cv_, event_cv_;
     std::map<int64_t, std::unique_ptr<job>> jobs_;
     std::deque<job *> queue_;
     int64_t next_id_ = 1;
+    uint64_t n_admitted_ = 0;
     batch_stats stats_;
     // engine thread's counts, added to stats_ under the lock
     int64_t n_projections_ = 0, n_fused_ = 0, n_decodes_ = 0, n_decoded_tokens_ = 0;

@@ -214,7 +214,7 @@ class Session(metaclass=_pybind11_type):
 class BatchEngine(metaclass=_pybind11_type):
     def __init__(
         self, model: Model, n_ctx: int = 2048, n_seq: int = 4, n_threads: int = 0, n_batch: int = 512,
-        kv_type: str = "f16", capture: bool = True, adaptive_threads: bool = True,
+        kv_type: str = "f16", capture: bool = True, adaptive_threads: bool = True, cache_mib: float = 0.0,
     ) -> None: ...
     @property
     def n_ctx(self) -> int: ...

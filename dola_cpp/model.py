@@ -23,6 +23,8 @@ _UNSET: Any = object()  # a keyword the caller did not pass: the config's value 
 # Model.generate's steps per call of the core's token loop (Ctrl-C and cancel() are noticed
 # within a call too; up to this many chosen tokens beyond a cancelled answer's are decoded)
 GENERATE_AHEAD = 16
+# host memory (MiB) a batch keeps earlier prompts' KV cells in (Model.batch's cache_mib)
+DEFAULT_CACHE_MIB = 1024
 
 
 class PromptTooLongError(ValueError):
@@ -408,19 +410,27 @@ class Model:
                       add_special=add_special, parse_special=parse_special, abstain_above=abstain_above,
                       stop_loops=stop_loops)
 
-    def batch(self, parallel: int = 4, *, n_threads: Optional[int] = None, n_batch: int = 512) -> Batch:
+    def batch(self, parallel: int = 4, *, n_threads: Optional[int] = None, n_batch: int = 512,
+              cache_mib: float = DEFAULT_CACHE_MIB) -> Batch:
         """A :class:`~dola_cpp.batch.Batch`: ``parallel`` generations at once on one new llama.cpp
         context of these weights (continuous batching), each sequence ``n_ctx`` positions long;
         ``n_threads``: default all cores (fewer while other processes keep cores busy, as this
-        model's ``adaptive_threads``). Its streams decode together on the batch's own thread."""
+        model's ``adaptive_threads``). Its streams decode together on the batch's own thread.
+        ``cache_mib``: host memory (MiB) for its prompt cache: the KV cells of a sequence about to
+        be reused are saved there, and a later prompt that begins like a saved one (the next turn
+        of a chat, a question asked again) starts from them instead of decoding that prefix again,
+        with the same results; 0 turns it off (it is off anyway for recurrent, hybrid and
+        sliding-window models)."""
         for name, value, low, high in (("parallel", parallel, 1, 256), ("n_batch", n_batch, 1, 2**31 - 1)):
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise ValueError(f"{name} must be an integer in {low}..{high}, got {value!r}")
         if n_threads is not None and not 1 <= n_threads <= 512:
             raise ValueError(f"n_threads must be in 1..512, got {n_threads}")
+        if isinstance(cache_mib, bool) or not isinstance(cache_mib, (int, float)) or not 0 <= cache_mib <= 2**20:
+            raise ValueError(f"cache_mib must be a number of MiB in 0..1048576, got {cache_mib!r}")
         engine = _core.BatchEngine(self._weights, n_ctx=self.n_ctx, n_seq=parallel, n_threads=int(n_threads or 0),
                                    n_batch=n_batch, kv_type=self._kv_type, capture=self._capture,
-                                   adaptive_threads=self._session.adaptive_threads)
+                                   adaptive_threads=self._session.adaptive_threads, cache_mib=float(cache_mib))
         return Batch(engine, self._weights, self._prompt_ids, self.resolve_layers)
 
     def generate_batch(self, prompts: Sequence[Prompt], max_tokens: int = 256, *, parallel: Optional[int] = None,

@@ -48,7 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import CHAT_MAX_TOKENS, DecodeConfig, DolaConfig
 from .constrain import JSON_OBJECT_GRAMMAR, json_schema_grammar
-from .model import Model
+from .model import DEFAULT_CACHE_MIB, Model
 from .prompts import TRANSCRIPT_STOP
 from .server_http import (  # noqa: F401  (server_config and the timeouts: where they have always been imported from)
     BODY_TIMEOUT, HEADER_TIMEOUT, IDLE_TIMEOUT, BearerAuth, CountRequests, Metrics, read_body, server_config,
@@ -90,10 +90,10 @@ class Pool:
     (lanes beyond ``parallel``): its engine starts the next one in the step a sequence frees, with
     no Python between one answer's end and the next one's start."""
 
-    def __init__(self, model: Model, parallel: int, max_queue: int) -> None:
+    def __init__(self, model: Model, parallel: int, max_queue: int, cache_mib: float) -> None:
         self.model = model
         self.parallel = parallel
-        self.batch = model.batch(parallel, n_threads=model.n_threads)
+        self.batch = model.batch(parallel, n_threads=model.n_threads, cache_mib=cache_mib)
         self.scoring = threading.Lock()
         self.ahead = min(parallel, max_queue)  # waiting requests handed to the batch's own queue
         self.lanes = parallel + self.ahead
@@ -265,12 +265,14 @@ class Limits:
 
 def create_app(model: Model, *, parallel: int = 1, max_queue: Optional[int] = None, api_key: Optional[str] = None,
                model_name: Optional[str] = None, max_body: int = DEFAULT_MAX_BODY,
-               aliases: Sequence[str] = (), defaults: Optional[Mapping[str, Any]] = None) -> FastAPI:
+               aliases: Sequence[str] = (), defaults: Optional[Mapping[str, Any]] = None,
+               cache_mib: float = DEFAULT_CACHE_MIB) -> FastAPI:
     """The ASGI app serving ``model`` (already loaded) with ``parallel`` contexts. Serve it with
     :func:`server_config`'s timeouts. /v1/models lists ``model_name`` (default: the file's name),
     then ``aliases``; a request's ``model`` may name any model: the one loaded answers it.
     ``defaults``: request fields' values (``{"dola_layers": "high"}``) for requests that leave
-    them out, e.g. for clients that cannot send dola-cpp's fields."""
+    them out, e.g. for clients that cannot send dola-cpp's fields. ``cache_mib``: the batch's
+    prompt cache (:meth:`Model.batch`)."""
     if parallel < 1:
         raise ValueError(f"parallel must be at least 1, got {parallel}")
     if api_key is not None and not api_key.strip():
@@ -280,7 +282,7 @@ def create_app(model: Model, *, parallel: int = 1, max_queue: Optional[int] = No
     defaults = _checked_defaults(model, defaults or {})
     name = model_name or model.path.name
     names = list(dict.fromkeys([name, *(a for a in aliases if a)]))
-    pool = Pool(model, parallel, 4 * parallel if max_queue is None else max_queue)
+    pool = Pool(model, parallel, 4 * parallel if max_queue is None else max_queue, cache_mib)
     limits = Limits.of(model, max_body)
     created = int(time.time())
     templated = model.chat_template_supported  # else chats are plain transcripts, as in the CLI
@@ -323,10 +325,15 @@ def create_app(model: Model, *, parallel: int = 1, max_queue: Optional[int] = No
                   "requests_waiting": ("Requests waiting for a sequence.", float(pool.queued)),
                   "n_ctx": ("Tokens each sequence holds.", float(limits.n_ctx))}
         st = pool.batch.stats()
+        gauges["prompt_cache_bytes"] = ("Bytes of earlier prompts' KV cells kept (--cache-ram).", float(st["cache_bytes"]))
+        gauges["prompt_cache_entries"] = ("Earlier prompts kept.", float(st["cache_entries"]))
         counters = {"llama_calls_total": ("llama.cpp decode calls of the batch.", float(st["n_decodes"])),
                     "llama_call_tokens_total": ("Tokens those calls carried (answers' and prompts').",
                                                 float(st["n_decoded_tokens"])),
-                    "llama_call_seconds_total": ("Seconds spent in those calls.", st["decode_ms"] / 1000)}
+                    "llama_call_seconds_total": ("Seconds spent in those calls.", st["decode_ms"] / 1000),
+                    "prompt_cache_hits_total": ("Requests that started from a kept prompt.", float(st["n_cache_hits"])),
+                    "prompt_cache_tokens_total": ("Prompt tokens taken from kept prompts, not decoded.",
+                                                  float(st["n_cache_tokens"]))}
         return PlainTextResponse(metrics.text(gauges, counters), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")

@@ -186,6 +186,62 @@ def test_streams_on_threads_and_a_cancel_from_another_thread(model, alone):
         assert_same(out[i], alone(PROMPTS[i], "dola-high"), PROMPTS[i])
 
 
+def test_the_prompt_cache_restores_earlier_prompts_as_alone(model, alone):
+    """A sequence's cells are saved when another prompt takes it; a prompt that begins like a saved
+    one (asked again, or a chat's next turn) starts from those cells, in whichever sequence is free,
+    and gets what it gets alone, to the bit. Activation Decoding rebuilds its rows from its own
+    sequence, so it never starts from the cache, and its answers stay what they are alone."""
+    for name in ("dola-high", "plain"):
+        batch = model.batch(parallel=2)
+        batch.generate(PROMPTS[:2], N_TOKENS, config=CONFIGS[name])
+        batch.generate(PROMPTS[2:4], N_TOKENS, config=CONFIGS[name])  # both sequences saved, then taken
+        before = batch.stats()  # (the fourth prompt starts from the first's "Q: What is the")
+        assert before["cache_entries"] >= 2 and before["n_cache_hits"] == 1, before
+        again = batch.generate([PROMPTS[1], PROMPTS[0]], N_TOKENS, config=CONFIGS[name])
+        for prompt, r in zip([PROMPTS[1], PROMPTS[0]], again):
+            a = alone(prompt, name)
+            assert_same(r, a, f"{name}, from the cache: {prompt!r}")
+            assert [s.score for s in r.steps] == [s.score for s in a.steps]
+        stats = batch.stats()
+        n_prompt = [len(model.tokenize(p)) for p in PROMPTS[:2]]
+        assert stats["n_cache_hits"] - before["n_cache_hits"] == 2, stats
+        assert stats["n_cache_tokens"] - before["n_cache_tokens"] == sum(n_prompt) - 2, stats
+    # a chat's next turn: its previous prompt and answer come from the cache
+    follow = PROMPTS[0] + again[1].text + "\nQ: And of Germany?\nA:"
+    batch.generate(PROMPTS[4:6], N_TOKENS)
+    before = batch.stats()["n_cache_tokens"]
+    r = batch.generate([follow], N_TOKENS)[0]
+    assert r.tokens == model.generate(follow, N_TOKENS).tokens
+    assert batch.stats()["n_cache_tokens"] - before >= n_prompt[0] + len(again[1].tokens) - 2
+    # Activation Decoding: saved, never restored
+    batch = model.batch(parallel=1)
+    for prompt in (PROMPTS[0], PROMPTS[1], PROMPTS[0]):
+        assert_same(batch.generate([prompt], N_TOKENS, config=CONFIGS["activation"])[0],
+                    alone(prompt, "activation"), prompt)
+    assert batch.stats()["cache_entries"] >= 1 and batch.stats()["n_cache_hits"] == 0
+
+
+def test_the_prompt_cache_keeps_to_its_budget(model):
+    """Least recently used entries go beyond the budget; an entry larger than the budget is never
+    kept; 0 keeps nothing. Bad budgets are refused."""
+    sizes = {}
+    for mib in (0, 0.5, 1.5, 1024):
+        batch = model.batch(parallel=1, cache_mib=mib)
+        for p in PROMPTS:
+            batch.generate([p], N_TOKENS)
+        stats = batch.stats()
+        assert stats["cache_bytes"] <= mib * 2**20
+        sizes[mib] = stats["cache_entries"]
+        # the most recent evicted prompt comes back from the cache wherever one fits
+        batch.generate([PROMPTS[-2]], N_TOKENS)
+        assert batch.stats()["n_cache_hits"] - stats["n_cache_hits"] == (1 if sizes[mib] else 0), (mib, batch.stats())
+    # an entry of these prompts and answers is ~0.6 MiB: none fits in 0.5, a few in 1.5, all in 1024
+    assert sizes[0] == sizes[0.5] == 0 and 1 <= sizes[1.5] < sizes[1024] == len(PROMPTS) - 1, sizes
+    for bad in (-1, float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="cache_mib"):
+            model.batch(parallel=1, cache_mib=bad)
+
+
 def test_stops_budgets_and_grammars_end_answers_as_alone(model):
     cases = [
         dict(stop=["."], max_tokens=40),
@@ -264,3 +320,7 @@ def test_gemma_in_a_batch_of_four_is_exact_in_the_plain_layout(gemma_path):
         assert a.tokens == b.tokens
         assert [s.mature_logprob for s in a.steps] == [s.mature_logprob for s in b.steps]
         assert [s.premature_layer for s in a.steps] == [s.premature_layer for s in b.steps]
+    # sliding-window layers keep only their window's cells: no prompt cache
+    batch = m.batch(parallel=1)
+    batch.generate(prompts[:2], 4)
+    assert batch.stats()["cache_entries"] == 0

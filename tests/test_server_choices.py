@@ -237,6 +237,13 @@ def test_metrics_count_requests_tokens_and_decoders(weights):
         calls = values["dola_cpp_llama_calls_total"]
         assert 5 <= calls <= values["dola_cpp_llama_call_tokens_total"] and values["dola_cpp_llama_call_seconds_total"] > 0
         assert "# TYPE dola_cpp_requests_total counter" in text and "# TYPE dola_cpp_llama_calls_total counter" in text
+        # the chat's cells, saved when the completion took their sequence, serve it again
+        assert values["dola_cpp_prompt_cache_entries"] >= 1 and values["dola_cpp_prompt_cache_bytes"] > 0
+        again = request(s.url, "POST", "/v1/chat/completions", {"messages": STORY, "max_tokens": 5}).json()
+        values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                  for line in request(s.url, "GET", "/metrics").text.splitlines() if line and not line.startswith("#")}
+        assert values["dola_cpp_prompt_cache_hits_total"] == 1
+        assert values["dola_cpp_prompt_cache_tokens_total"] == again["usage"]["prompt_tokens"] - 1
     finally:
         s.stop()
 

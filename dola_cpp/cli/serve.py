@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..model import DEFAULT_CACHE_MIB
 from ._cli_utils import CLIError, CtxOpt, GpuLayersOpt, ModelArg, RepackOpt, RpcOpt, ThreadsOpt, examples, load_model
 
 # the server's defaults, without importing the server (its extra may be missing)
@@ -34,6 +35,11 @@ def serve(
     queue: Annotated[Optional[int], typer.Option("--queue", min=0, show_default=False,
                                                  help="Requests that may wait for a sequence; beyond them "
                                                       "HTTP 503 (default: 4 x --parallel).")] = None,
+    cache_ram: Annotated[float, typer.Option("--cache-ram", min=0, max=2**20, metavar="MIB",
+                                             help="Host memory for earlier prompts' KV cells: a request "
+                                                  "that begins like one (a chat's next turn, a question "
+                                                  "asked again) skips decoding that part; 0: off.")]
+    = DEFAULT_CACHE_MIB,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="DOLA_CPP_API_KEY", show_default=False,
                                                    help="Require 'Authorization: Bearer KEY' on /v1/.")] = None,
     name: Annotated[Optional[str], typer.Option("--name", show_default=False,
@@ -80,7 +86,8 @@ def serve(
     m = load_model(model, ctx, threads, gpu_layers, repack, rpc)
     try:
         app = create_app(m, parallel=parallel, max_queue=queue, api_key=api_key, model_name=name, max_body=max_body,
-                         aliases=aliases, defaults={"dola_layers": dola_layers} if dola_layers else None)
+                         aliases=aliases, defaults={"dola_layers": dola_layers} if dola_layers else None,
+                         cache_mib=cache_ram)
     except ValueError as e:
         raise CLIError(f"--dola-layers: {e}") from None
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
