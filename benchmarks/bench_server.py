@@ -12,7 +12,7 @@ fetched by the first `pip install`) into build/llama-server, unless `--llama-ser
 one; `--no-llama-server` measures dola-cpp alone.
 
     python benchmarks/bench_server.py [--model smollm2] [--parallel 4] [--requests 32] [--max-tokens 32]
-        [--rounds 2] [--no-llama-server] [--no-in-process]
+        [--rounds 2] [--no-llama-server] [--no-in-process] [--serve-args '--cache-ram 0' ...]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
+import shlex
 import shutil
 import socket
 import statistics
@@ -189,6 +190,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2,
                     help="rounds, the servers taking turns in each; every row keeps its best round (a VM's speed "
                          "drifts between runs)")
+    ap.add_argument("--serve-args", action="append", metavar="ARGS",
+                    help="options for dola-cpp serve, e.g. '--cache-ram 0' (named in its rows); repeated: one "
+                         "server of each in every round")
     ap.add_argument("--no-in-process", action="store_true",
                     help="skip the same requests through Model.stream in this process, one at a time")
     args = ap.parse_args()
@@ -207,6 +211,7 @@ def main() -> None:
         if mem is not None:
             rss[server, mode] = max(mem, rss.get((server, mode)) or 0.0)
 
+    variants = args.serve_args or [""]
     for r in range(args.rounds):
         print(f"round {r + 1} of {args.rounds}", flush=True)
         if exe is not None:
@@ -219,16 +224,19 @@ def main() -> None:
                 keep("llama-server", "plain", rows, rss_mib(proc))
             finally:
                 stop(proc)
-        port = free_port()
-        proc = start([sys.executable, "-m", "dola_cpp", "serve", str(path), "--port", str(port),
-                      "--parallel", str(args.parallel), "--threads", str(args.threads), "--queue", "1024"], port)
-        try:
-            for mode, extra in (("plain", {"dola_layers": "none"}), ("DoLa high", {"dola_layers": "high"})):
-                print(f"dola-cpp serve, {mode}", flush=True)
-                rows = load(f"http://127.0.0.1:{port}/v1", extra, args)
-                keep("dola-cpp serve", mode, rows, rss_mib(proc))
-        finally:
-            stop(proc)
+        for extra_args in variants:
+            name = " ".join(["dola-cpp serve", *shlex.split(extra_args)])
+            port = free_port()
+            proc = start([sys.executable, "-m", "dola_cpp", "serve", str(path), "--port", str(port),
+                          "--parallel", str(args.parallel), "--threads", str(args.threads), "--queue", "1024",
+                          *shlex.split(extra_args)], port)
+            try:
+                for mode, extra in (("plain", {"dola_layers": "none"}), ("DoLa high", {"dola_layers": "high"})):
+                    print(f"{name}, {mode}", flush=True)
+                    rows = load(f"http://127.0.0.1:{port}/v1", extra, args)
+                    keep(name, mode, rows, rss_mib(proc))
+            finally:
+                stop(proc)
         if not args.no_in_process:
             for mode, layers in (("plain", None), ("DoLa high", "high")):
                 print(f"in-process Model.stream, {mode}", flush=True)
@@ -249,7 +257,8 @@ def main() -> None:
             print(f"| {server} | {mode} | {n} | {tps:.1f} | {ratio} | {l50:.2f} s | {l95:.2f} s "
                   f"| {f50:.2f} s | {f95:.2f} s | {mem} |")
     alone = {mode: rows[0][1] for server, mode, rows, _ in runs if server.startswith("in-process")}
-    served = {mode: r[1] for server, mode, rows, _ in runs if server == "dola-cpp serve" for r in rows if r[0] == 1}
+    first = " ".join(["dola-cpp serve", *shlex.split(variants[0])])
+    served = {mode: r[1] for server, mode, rows, _ in runs if server == first for r in rows if r[0] == 1}
     if alone and served:
         print("\nserved at 1 client ÷ in-process: " + ", ".join(f"{m} {served[m] / alone[m]:.2f}" for m in alone))
 

@@ -444,9 +444,14 @@ void batch_engine::iterate(std::vector<job *> & work) {
     // alone). llama.cpp takes the sequences of one call in consecutive ids: an idle sequence
     // between two answering ones gets a throwaway token (its cell is removed after the call), one
     // row of work instead of a second call; a prefilling one splits the call.
+    // A sequence whose prompt lacks only its last token (the rest kept from its sequence or the
+    // prompt cache) brings that token to the same call.
     std::vector<job *> by_slot(n_seq_, nullptr);
+    auto next_token = [](const job * j) { return j->pending >= 0 ? j->pending : j->req.prompt.back(); };
     for (job * j : work) {
-        if (j->pending >= 0) by_slot[j->slot] = j;
+        const bool last_prompt_token = j->pending < 0 && !j->finished && j->n_chosen == 0 && j->ctx_layer < 0 &&
+                                       j->n_prompt_done + 1 == j->req.prompt.size();
+        if (j->pending >= 0 || last_prompt_token) by_slot[j->slot] = j;
     }
     auto fillable = [&](int32_t g) { return !slots_[g].active && slots_[g].tokens.size() < n_ctx_seq_; };
     std::vector<job *> run;
@@ -463,7 +468,7 @@ void batch_engine::iterate(std::vector<job *> & work) {
         while (e < n_seq_) {
             if (by_slot[e]) {
                 job * j = by_slot[e];
-                toks.push_back({j->pending, (llama_pos) slots_[e].tokens.size(), e});
+                toks.push_back({next_token(j), (llama_pos) slots_[e].tokens.size(), e});
                 run.push_back(j);
                 ++e;
                 continue;
@@ -473,7 +478,7 @@ void batch_engine::iterate(std::vector<job *> & work) {
             if (f == n_seq_ || !by_slot[f]) break;
             for (int32_t g = e; g < f; ++g) {
                 const auto & t = slots_[g].tokens;
-                toks.push_back({t.empty() ? by_slot[f]->pending : t.back(), (llama_pos) t.size(), g});
+                toks.push_back({t.empty() ? next_token(by_slot[f]) : t.back(), (llama_pos) t.size(), g});
                 run.push_back(nullptr);
                 fillers.push_back(g);
             }
@@ -491,8 +496,12 @@ void batch_engine::iterate(std::vector<job *> & work) {
                 fail(*j, last_error_);
                 continue;
             }
-            slots_[j->slot].tokens.push_back(j->pending);
-            j->pending = -1;
+            slots_[j->slot].tokens.push_back(next_token(j));
+            if (j->pending >= 0) {
+                j->pending = -1;
+            } else {
+                j->n_prompt_done += 1;
+            }
             take_output(*j, (int32_t) k, (int32_t) k);
             outputs.push_back(j);
         }
