@@ -586,11 +586,9 @@ void batch_engine::step_outputs(std::vector<job *> & outputs) {
                 const size_t at = hidden_.size();
                 hidden_.insert(hidden_.end(), j->hidden.begin(), j->hidden.end());
                 if (j->fused) {
-                    float * rows = hidden_.data() + at;
-                    if (j->req.params.premature_norm && !j->layers.empty()) {
-                        projector_->normalize(rows, (int32_t) j->layers.size(), rows);
-                    }
-                    hidden_.insert(hidden_.end(), j->final_row.begin(), j->final_row.end());
+                    hidden_.resize(hidden_.size() + j->final_row.size());
+                    projector_->join_final(hidden_.data() + at, (int32_t) j->layers.size(), j->req.params.premature_norm,
+                                           j->final_row.data());
                 }
                 row += j->layers.size() + (j->fused ? 1 : 0);
             }

@@ -200,6 +200,11 @@ bool projector::rowmat_faster(const float * hidden, int32_t n_rows, bool norm) {
     return rowmat_faster_[key] = ours <= ggml;
 }
 
+void projector::join_final(float * rows, int32_t n_layers, bool premature_norm, const float * final_row) {
+    if (premature_norm && n_layers > 0) normalize(rows, n_layers, rows);
+    std::memcpy(rows + (size_t) n_layers * n_embd_, final_row, (size_t) n_embd_ * sizeof(float));
+}
+
 void projector::normalize(const float * hidden, int32_t n_rows, float * out) {
     if (!norm_supported_) throw error("premature_norm is not supported for this architecture");
     if (norm_weight_.empty()) {

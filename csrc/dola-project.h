@@ -46,6 +46,10 @@ public:
     // Hidden rows through the final norm (RMSNorm times its weight), on the host, as project()
     // with norm=true computes them. [n_rows][n_embd]; out may be hidden (in place).
     void normalize(const float * hidden, int32_t n_rows, float * out);
+    // The rows of a fused projection, in place: rows holds n_layers premature rows (normed here
+    // when premature_norm) and room for one more, which takes final_row (normed already by the
+    // graph). Then project() them raw.
+    void join_final(float * rows, int32_t n_layers, bool premature_norm, const float * final_row);
     // The model's logits are exactly output @ result_norm (no bias, scale, soft-cap or LoRA), so
     // the engine may compute them itself together with the premature rows.
     bool can_fuse_final() const { return can_fuse_final_; }

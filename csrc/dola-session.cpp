@@ -307,11 +307,7 @@ step_result session::sample(float eos_bonus) {
         for (int32_t s = 0; s < (int32_t) capture_layers_.size(); ++s) {
             std::memcpy(hidden_.data() + (size_t) s * E, capture_.rows(s), E * sizeof(float));
         }
-        if (fused) {
-            // the final row is normed already: the candidates join it normed
-            if (params_.premature_norm && n_proj > 1) projector_->normalize(hidden_.data(), n_proj - 1, hidden_.data());
-            std::memcpy(hidden_.data() + (size_t) (n_proj - 1) * E, capture_.final_row(), E * sizeof(float));
-        }
+        if (fused) projector_->join_final(hidden_.data(), n_proj - 1, params_.premature_norm, capture_.final_row());
         // DoLa with the fused final row (the rows are exactly [candidates..., mature]) may run its
         // contrast where the projection ran and fetch two rows instead of all of them.
         if (fused && !params_.premature_norm && decoder_->wants_device_rows() &&

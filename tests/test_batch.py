@@ -135,6 +135,31 @@ def test_fused_plain_logits_are_llama_cpps(smollm2_path, monkeypatch):
             assert [t for t, _ in x.top_logprobs] == [t for t, _ in y.top_logprobs]
 
 
+def test_fused_dola_gives_what_the_unfused_path_gives(smollm2_path, monkeypatch):
+    """DoLa's fused step (the premature rows, normed on the host when asked, and the final normed
+    row through the output matrix in one projection) gives the tokens, premature layers and
+    scores of the unfused path (the premature rows projected alone, normed in the projection when
+    asked, and llama.cpp's own final logits: DOLA_CPP_NO_FUSE=1), alone and in a batch."""
+    names = ["dola-high", "dola-low-normed"]
+
+    def run() -> tuple[list, int]:
+        m = Model(smollm2_path, n_ctx=512)
+        batch = m.batch(2)
+        got = [m.generate(PROMPTS[3], 16, config=CONFIGS[n], ignore_eos=True) for n in names]
+        got += batch.generate(PROMPTS[3:5], 16, configs=[CONFIGS[n] for n in names], ignore_eos=True)
+        return got, batch.stats()["n_fused"]
+
+    fused, n_fused = run()
+    monkeypatch.setenv("DOLA_CPP_NO_FUSE", "1")
+    unfused, n_unfused = run()
+    assert n_fused >= 2 * 16 and n_unfused == 0
+    for a, b in zip(fused, unfused):
+        assert a.tokens == b.tokens
+        assert [s.premature_layer for s in a.steps] == [s.premature_layer for s in b.steps]
+        np.testing.assert_allclose([s.score for s in a.steps], [s.score for s in b.steps], atol=2e-4)
+        np.testing.assert_allclose([s.jsd for s in a.steps], [s.jsd for s in b.steps], atol=2e-4)
+
+
 def test_generations_join_and_leave_mid_way(model, alone):
     batch = model.batch(parallel=3)
     first = batch.stream(PROMPTS[0], N_TOKENS, config=CONFIGS["dola-high"])
