@@ -63,11 +63,14 @@ bool session::abort_cb(void * data) {
 }
 
 projector & session::need_projector() {
-    if (!projector_) {
-        projector_ = std::make_unique<projector>(model_->get(), env_);
-        context_.set_projector(projector_.get());
-    }
+    if (!projector_) adopt_projector(std::make_unique<projector>(model_->get(), env_));
     return *projector_;
+}
+
+void session::adopt_projector(std::unique_ptr<projector> p) {
+    if (!p) return;
+    projector_ = std::move(p);
+    context_.set_projector(projector_.get());
 }
 
 void session::configure(const decode_params & p) {
@@ -83,18 +86,14 @@ void session::configure(const decode_params & p) {
         throw error("this context was created without layer capture; DoLa, Activation Decoding and early exit need it");
     }
     if (!layers.empty() || ctx_layer >= 0) {
-        need_projector().set_n_threads(threads_now_);
+        need_projector();
         if (p.premature_norm && !projector_->norm_supported()) {
             throw error("premature_norm is not supported for architecture '" + model_->architecture() + "'");
         }
+    } else if (!projector_) {  // (plain_final_projector makes one: only when there is none)
+        adopt_projector(plain_final_projector(*dec, mature, *model_, env_, capture_enabled_));
     }
-    if (!projector_) {
-        projector_ = plain_final_projector(*dec, mature, *model_, env_, capture_enabled_);
-        if (projector_) {
-            projector_->set_n_threads(threads_now_);
-            context_.set_projector(projector_.get());
-        }
-    }
+    if (projector_) projector_->set_n_threads(threads_now_);
     const bool fuse = fuses_final(*dec, mature, *model_, env_, projector_.get());
     if (layers != capture_layers_ || fuse != fuse_final_) have_outputs_ = false;
     capture_layers_ = layers;

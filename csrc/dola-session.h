@@ -113,6 +113,8 @@ private:
     void update_threads();
     // The projector, made when a decoder first needs one (its errors say why a model cannot).
     projector & need_projector();
+    // Keeps p (null: nothing) as the projector, shared with the context entropy; there is none yet.
+    void adopt_projector(std::unique_ptr<projector> p);
     int32_t context_layer() const { return decoder_ ? decoder_->context_layer() : -1; }
     // Installs or removes the capture callback. With it, ggml's scheduler computes the graph in
     // pieces, up to each node the callback asks for, and waits after each; ubatches that need
