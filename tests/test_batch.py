@@ -112,25 +112,36 @@ def test_sequences_fuse_their_final_rows_as_alone(model, alone, name):
     assert batch.stats()["n_fused"] < stats["n_fused"] + N_TOKENS, batch.stats()
 
 
+def fused_and_unfused(path, monkeypatch, alone, batched, n_tokens):
+    """(prompt, config) pairs generated alone on a model's own context and together in one batch,
+    each n_tokens long, as the engine fuses final rows and again with DOLA_CPP_NO_FUSE=1 (the
+    final logits from llama.cpp's LM head): the pairs of results, after checking that every batch
+    step fused the first time and none the second, with the same tokens and scores within 2e-4."""
+
+    def run() -> tuple[list, int]:  # (the results, the batch's fused steps)
+        m = Model(path, n_ctx=512)
+        batch = m.batch(len(batched))
+        got = [m.generate(p, n_tokens, config=c, ignore_eos=True) for p, c in alone]
+        got += batch.generate([p for p, _ in batched], n_tokens, configs=[c for _, c in batched], ignore_eos=True)
+        return got, batch.stats()["n_fused"]
+
+    fused, n_fused = run()
+    monkeypatch.setenv("DOLA_CPP_NO_FUSE", "1")
+    unfused, n_unfused = run()
+    assert n_fused >= len(batched) * n_tokens and n_unfused == 0
+    for a, b in zip(fused, unfused):
+        assert a.tokens == b.tokens
+        np.testing.assert_allclose([s.score for s in a.steps], [s.score for s in b.steps], atol=2e-4)
+    return list(zip(fused, unfused))
+
+
 def test_fused_plain_logits_are_llama_cpps(smollm2_path, monkeypatch):
     """Plain decoding's logits from dola-cpp's projection of the final normed row are llama.cpp's
     own (its output matrix, DOLA_CPP_NO_FUSE=1) to float rounding (on an AVX-512 CPU, to the bit),
     alone and in a batch."""
     config = CONFIGS["penalties-logprobs"]
-
-    def run() -> tuple[list, int]:  # (results alone and in a batch, the batch's fused steps)
-        m = Model(smollm2_path, n_ctx=512)
-        batch = m.batch(3)
-        return [m.generate(PROMPTS[2], 24, config=config), *batch.generate(PROMPTS[:3], 24, config=config)], batch.stats()["n_fused"]
-
-    fused, n_fused = run()
-    monkeypatch.setenv("DOLA_CPP_NO_FUSE", "1")
-    head, n_head = run()
-    assert n_fused >= 3 * 24 and n_head == 0
-    for a, b in zip(fused, head):
-        assert a.tokens == b.tokens
+    for a, b in fused_and_unfused(smollm2_path, monkeypatch, [(PROMPTS[2], config)], [(p, config) for p in PROMPTS[:3]], 24):
         np.testing.assert_allclose([s.mature_logprob for s in a.steps], [s.mature_logprob for s in b.steps], atol=2e-4)
-        np.testing.assert_allclose([s.score for s in a.steps], [s.score for s in b.steps], atol=2e-4)
         for x, y in zip(a.steps, b.steps):
             assert [t for t, _ in x.top_logprobs] == [t for t, _ in y.top_logprobs]
 
@@ -140,23 +151,10 @@ def test_fused_dola_gives_what_the_unfused_path_gives(smollm2_path, monkeypatch)
     row through the output matrix in one projection) gives the tokens, premature layers and
     scores of the unfused path (the premature rows projected alone, normed in the projection when
     asked, and llama.cpp's own final logits: DOLA_CPP_NO_FUSE=1), alone and in a batch."""
-    names = ["dola-high", "dola-low-normed"]
-
-    def run() -> tuple[list, int]:
-        m = Model(smollm2_path, n_ctx=512)
-        batch = m.batch(2)
-        got = [m.generate(PROMPTS[3], 16, config=CONFIGS[n], ignore_eos=True) for n in names]
-        got += batch.generate(PROMPTS[3:5], 16, configs=[CONFIGS[n] for n in names], ignore_eos=True)
-        return got, batch.stats()["n_fused"]
-
-    fused, n_fused = run()
-    monkeypatch.setenv("DOLA_CPP_NO_FUSE", "1")
-    unfused, n_unfused = run()
-    assert n_fused >= 2 * 16 and n_unfused == 0
-    for a, b in zip(fused, unfused):
-        assert a.tokens == b.tokens
+    pairs = [(PROMPTS[3 + i], CONFIGS[n]) for i, n in enumerate(["dola-high", "dola-low-normed"])]
+    alone = [(PROMPTS[3], c) for _, c in pairs]
+    for a, b in fused_and_unfused(smollm2_path, monkeypatch, alone, pairs, 16):
         assert [s.premature_layer for s in a.steps] == [s.premature_layer for s in b.steps]
-        np.testing.assert_allclose([s.score for s in a.steps], [s.score for s in b.steps], atol=2e-4)
         np.testing.assert_allclose([s.jsd for s in a.steps], [s.jsd for s in b.steps], atol=2e-4)
 
 
