@@ -4,6 +4,7 @@
     python benchmarks/bench_decode.py --models llama3-8b-shape,qwen2.5-7b-shape --tokens 16 --no-prefill
     python benchmarks/bench_decode.py --load [--models smollm2]
     python benchmarks/bench_decode.py --activation [--rss 4096] [--models gemma3-270m]
+    python benchmarks/bench_decode.py --batch 1,4,16 [--models llama-7b-shape]
 
 Prints a table per model (SmolLM2-135M Q4_1 and Gemma-3-270M Q4_K_M, the PyPI demo models) with
 tokens/s, the ratio to plain llama.cpp (a context without the capture callback), and the DoLa
@@ -26,6 +27,10 @@ the same extra multiply-adds.
 ``--activation`` measures Activation Decoding (alone and on DoLa-high) against plain decoding:
 decode and prompt processing; ``--rss N`` adds, per decoder, the peak memory and the prompt time
 of one N-token prompt, each in a fresh process.
+
+``--batch N,...`` measures continuous batching instead (``Model.batch``): N prompts decoded together
+on one context, plain and DoLa-high, aggregate tokens/s (prompts included) and the ratio to one
+sequence.
 
 ``--load`` measures decoding on a busy machine instead: idle, then with one other process keeping
 a core busy (``yes > /dev/null``), each with a fixed thread count and with the adaptive one
@@ -353,6 +358,34 @@ def load_table(name: str, path: Path, args) -> list[str]:
     return lines
 
 
+def batch_table(name: str, path: Path, args) -> list[str]:
+    """Aggregate tok/s of N generations decoded together on one context, plain and DoLa-high
+    (its rows printed as they are measured)."""
+    counts = [int(n) for n in args.batch.split(",")]
+    m = Model(path, n_ctx=512, n_threads=args.threads)
+    prompts = [f"{PROMPT} {i}" for i in range(max(counts))]
+    m.generate(PROMPT, max_tokens=1, layers="high")  # (to read where the projection runs)
+    print(f"### {name}: continuous batching  ({args.tokens} tokens per generation, prompts included, "
+          f"threads={m.n_threads}, DoLa's projection on {m.projection_backend})\n\n"
+          "| generations at once | plain tok/s | DoLa high tok/s | high / plain | plain × 1 | high × 1 |\n"
+          "|---:|---:|---:|---:|---:|---:|", flush=True)
+    first: dict[str, float] = {}
+    for n in counts:
+        batch = m.batch(parallel=n, n_threads=args.threads, cache_mib=0)
+        batch.generate(prompts[:n], 4, layers="high", ignore_eos=True)  # warm up
+        runs: dict[str, list[float]] = {"plain": [], "high": []}
+        for _ in range(args.repeats):
+            for mode, layers in (("plain", None), ("high", "high")):
+                t0 = time.perf_counter()
+                results = batch.generate(prompts[:n], args.tokens, layers=layers, ignore_eos=True)
+                runs[mode].append(sum(len(r.tokens) for r in results) / (time.perf_counter() - t0))
+        p, h = statistics.median(runs["plain"]), statistics.median(runs["high"])
+        first = first or {"plain": p, "high": h}
+        print(f"| {n} | {p:.1f} | {h:.1f} | {h / p:.2f} | {p / first['plain']:.2f} | {h / first['high']:.2f} |",
+              flush=True)
+    return []
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=128)
@@ -364,11 +397,13 @@ def main() -> None:
     ap.add_argument("--load", action="store_true", help="decode idle and with one competing busy process")
     ap.add_argument("--activation", action="store_true", help="Activation Decoding against plain decoding")
     ap.add_argument("--rss", type=int, default=0, help="with --activation: peak memory of one prompt this long")
+    ap.add_argument("--batch", default="", metavar="N,...", help="continuous batching: N generations at once")
     args = ap.parse_args()
     print(_core.system_info())
     for name in args.models.split(","):
         path = model_path(name)
-        table = load_table if args.load else activation_table if args.activation else bench
+        table = (load_table if args.load else activation_table if args.activation
+                 else batch_table if args.batch else bench)
         print("\n".join(table(name, path, args)), "\n", flush=True)
 
 

@@ -184,6 +184,7 @@ def test_device_parity_script_runs():
     r = _device_parity()
     assert r.returncode == 0, r.stdout + r.stderr
     assert "| all offloaded |" in r.stdout and "| half offloaded |" in r.stdout
+    assert r.stdout.count("| the same") == 3, r.stdout  # continuous batching as each request alone
     cpu_only = "(no GPU in this build or machine: every placement ran on the CPU)" in r.stdout
     assert cpu_only == (not gpu_backends()), r.stdout
 
