@@ -99,12 +99,17 @@ def decode_rate(m: Model, layers, n_tokens: int, repeats: int = 3, **kw) -> floa
 
 
 def prefill_rate(m: Model, layers, repeats: int = 3, **kw) -> float:
+    """Median prompt tok/s of a 512-token prompt; ``layers`` a list of layer specs takes them in
+    turn, one per prompt (all timed). One untimed prompt first: a context's first prompt of a
+    size, or with new layers to keep, has llama.cpp reserve and build its graphs."""
     ids = m.tokenize(LONG_PROMPT)[:512]  # the synthetic models' byte vocabulary makes it longer
+    turns = layers if isinstance(layers, list) and layers and not isinstance(layers[0], int) else [layers]
     rates = []
-    for _ in range(repeats):
+    for i in range(1 + repeats * len(turns)):
         m.clear_cache()
-        r = m.generate(ids, max_tokens=1, layers=layers, **kw)
-        rates.append(len(ids) / r.prefill_seconds)
+        r = m.generate(ids, max_tokens=1, layers=turns[i % len(turns)], **kw)
+        if i:
+            rates.append(len(ids) / r.prefill_seconds)
     return statistics.median(rates)
 
 
@@ -253,9 +258,11 @@ def bench(name: str, path: Path, args) -> list[str]:
     if not args.no_prefill:
         pp_plain = prefill_rate(base, None, args.repeats)
         pp_dola = prefill_rate(m, "high", args.repeats)
+        pp_turns = prefill_rate(m, ["high", "low"], args.repeats)
         lines += ["", "| prompt processing | tok/s | × plain |", "|---|---:|---:|",
                   f"| plain llama.cpp | {pp_plain:.0f} | 1.00 |",
-                  f"| with DoLa-high capture | {pp_dola:.0f} | {pp_dola / pp_plain:.2f} |"]
+                  f"| with DoLa-high capture | {pp_dola:.0f} | {pp_dola / pp_plain:.2f} |",
+                  f"| DoLa high and low in turn, one prompt each | {pp_turns:.0f} | {pp_turns / pp_plain:.2f} |"]
     if not args.no_transformers and name not in SYNTHETIC:
         hf = transformers_rates(path, min(args.tokens, 48), args.threads)
         if isinstance(hf, str):
@@ -367,22 +374,28 @@ def batch_table(name: str, path: Path, args) -> list[str]:
     m.generate(PROMPT, max_tokens=1, layers="high")  # (to read where the projection runs)
     print(f"### {name}: continuous batching  ({args.tokens} tokens per generation, prompts included, "
           f"threads={m.n_threads}, DoLa's projection on {m.projection_backend})\n\n"
-          "| generations at once | plain tok/s | DoLa high tok/s | high / plain | plain × 1 | high × 1 |\n"
-          "|---:|---:|---:|---:|---:|---:|", flush=True)
+          "| generations at once | plain tok/s | DoLa high tok/s | high / plain | plain × 1 | high × 1 | "
+          "ms per llama.cpp call, plain: decoding + choosing | DoLa high |\n"
+          "|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     first: dict[str, float] = {}
     for n in counts:
         batch = m.batch(parallel=n, n_threads=args.threads, cache_mib=0)
         batch.generate(prompts[:n], 4, layers="high", ignore_eos=True)  # warm up
         runs: dict[str, list[float]] = {"plain": [], "high": []}
+        ms = {mode: np.zeros(3) for mode in runs}  # decode ms, choosing ms, llama.cpp calls
         for _ in range(args.repeats):
             for mode, layers in (("plain", None), ("high", "high")):
+                before = batch.stats()
                 t0 = time.perf_counter()
                 results = batch.generate(prompts[:n], args.tokens, layers=layers, ignore_eos=True)
                 runs[mode].append(sum(len(r.tokens) for r in results) / (time.perf_counter() - t0))
+                after = batch.stats()
+                ms[mode] += [after[k] - before[k] for k in ("decode_ms", "step_ms", "n_decodes")]
         p, h = statistics.median(runs["plain"]), statistics.median(runs["high"])
         first = first or {"plain": p, "high": h}
-        print(f"| {n} | {p:.1f} | {h:.1f} | {h / p:.2f} | {p / first['plain']:.2f} | {h / first['high']:.2f} |",
-              flush=True)
+        per_call = {mode: f"{v[0] / v[2]:.2f} + {v[1] / v[2]:.2f}" for mode, v in ms.items()}
+        print(f"| {n} | {p:.1f} | {h:.1f} | {h / p:.2f} | {p / first['plain']:.2f} | {h / first['high']:.2f} | "
+              f"{per_call['plain']} | {per_call['high']} |", flush=True)
     return []
 
 

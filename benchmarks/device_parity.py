@@ -4,9 +4,15 @@ memory). On a random-weight F32 llama written here (no download), with the exact
 greedy DoLa-high, static and plain generation, and a DoLa score, compared token by token with
 the CPU run (JSD and scores within tolerance). Then, on each placement, continuous batching
 (``Model.batch``): a mix of decoders in one batch, and prompts restored from the prompt cache,
-each against the same request alone on that placement. Batched matrix products may round
-differently from one row's, so a greedy token may flip where the two best scores tie within
-1e-3: the table reports such a flip as a tie, and anything else as a disagreement.
+each against the same request alone on that placement.
+
+Tolerances: one generated token's rows agree with the CPU's within 1e-3. Where rows go through a
+matrix product several at a time (score()'s continuation, a batch of sequences), llama.cpp's CUDA
+backend multiplies F32 matrices with cuBLAS in TF32 (a 10-bit mantissa): those results agree with
+one row's to ~1e-3 relative, which DoLa's contrast (a difference of log-probabilities) carries
+into its scores as ~1e-3 absolute, so they are compared within 1e-2 (measured on an H200,
+2026-12-04: up to 3e-3). A greedy token may then flip where the two best scores tie: the table
+reports such a flip as a tie, and anything else as a disagreement.
 
     python benchmarks/device_parity.py [--tokens 32]
 
@@ -28,6 +34,8 @@ from dola_cpp import DecodeConfig, Model
 from dola_cpp.synthetic import write_llama_gguf
 
 N_LAYER = 8
+ROW_TOL = dict(rtol=1e-3, atol=1e-3)  # one row at a time
+BATCHED_TOL = dict(rtol=1e-2, atol=1e-2)  # several rows per product (TF32 on CUDA)
 PROMPT = "the quick brown fox jumps over the lazy dog"
 PROMPTS = [PROMPT, "a lazy dog sleeps in the sun", "the brown fox runs away", "over the hills and far away"]
 # one of each decoder set-up; top_logprobs=2 gives each step's two best scores (to tell a tie)
@@ -57,18 +65,19 @@ def run(path: Path, n_gpu_layers: int, n_tokens: int) -> dict:
 
 def same_as_alone(batched, alone) -> str:
     """'' when a batched generation gives what it gives alone; 'tie at k' when they part at a step
-    whose two best scores (alone) were within 1e-3; else what differs."""
+    whose two best scores (alone) were within BATCHED_TOL; else what differs."""
     for k, (a, b) in enumerate(zip(batched.steps, alone.steps)):
         if a.token != b.token:
             top = b.dola_top_logprobs or b.top_logprobs
-            if len(top) == 2 and top[0][1] - top[1][1] < 1e-3:
+            if len(top) == 2 and top[0][1] - top[1][1] < BATCHED_TOL["atol"]:
                 return f"tie at {k}"
             return f"tokens differ from {k}"
         if a.premature_layer != b.premature_layer:
             return f"premature layer differs at {k}"
-        if not np.isclose(a.score, b.score, rtol=1e-3, atol=1e-3) or (
-                a.jsd.size and not np.allclose(a.jsd, b.jsd, rtol=1e-3, atol=1e-6)):
-            return f"score or JSD differs at {k}"
+        if not np.isclose(a.score, b.score, **BATCHED_TOL) or (
+                a.jsd.size and not np.allclose(a.jsd, b.jsd, rtol=BATCHED_TOL["rtol"], atol=1e-6)):
+            return (f"score or JSD differs at {k} (scores {a.score:.5f} vs {b.score:.5f}, JSD by "
+                    f"{np.max(np.abs(a.jsd - b.jsd), initial=0):.1e})")
     if len(batched.tokens) != len(alone.tokens):
         return "lengths differ"
     return ""
@@ -117,12 +126,12 @@ def compare(ref: dict, got: dict) -> list[str]:
             if sa.jsd.size and not np.allclose(sa.jsd, sb.jsd, rtol=1e-3, atol=1e-6):
                 problems.append(f"{name}: JSD differs beyond 1e-3 (max {np.max(np.abs(sa.jsd - sb.jsd)):.2e})")
                 break
-            if not np.isclose(sa.score, sb.score, rtol=1e-3, atol=1e-3):
+            if not np.isclose(sa.score, sb.score, **ROW_TOL):
                 problems.append(f"{name}: scores differ ({sa.score} vs {sb.score})")
                 break
     sa, sb = ref["score"], got["score"]
-    if sa.premature_layers != sb.premature_layers or not np.allclose(sa.token_scores, sb.token_scores, rtol=1e-3,
-                                                                     atol=1e-3):
+    if sa.premature_layers != sb.premature_layers or not np.allclose(sa.token_scores, sb.token_scores,
+                                                                     **BATCHED_TOL):
         problems.append("score(): premature layers or token scores differ")
     return problems
 

@@ -60,9 +60,10 @@ bool layer_capture::needs_callback() const {
 bool layer_capture::take_new_marks() {
     std::vector<int32_t> want = layers_;
     if (context_layer_ >= 0) want.push_back(context_layer_);
+    want.insert(want.end(), marked_.begin(), marked_.end());
     std::sort(want.begin(), want.end());
     want.erase(std::unique(want.begin(), want.end()), want.end());
-    if (want.empty() || want == marked_) return false;
+    if (want == marked_) return false;  // each layer wanted is marked already
     marked_ = std::move(want);
     return true;
 }

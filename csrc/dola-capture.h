@@ -62,9 +62,12 @@ public:
     static const char * capture_mode(bool callback);
     bool outputs_mode() const { return outputs_; }
 
-    // Outputs mode. Call before each llama_decode: true when the layers to mark differ from those
-    // llama.cpp's graphs were made with, so the caller must make llama.cpp reserve and rebuild
-    // them. An empty set keeps the marks (plain decoding leaves them unused, at no cost).
+    // Outputs mode. Call before each llama_decode: true when a layer to capture is not among those
+    // llama.cpp's graphs were made with as outputs, so the caller must make llama.cpp reserve and
+    // rebuild them (on a GPU that costs tens of milliseconds). The marks only grow: layers marked
+    // and no longer captured stay marked, unread (their outputs keep their memory in the compute
+    // buffer: n_batch x n_embd floats a layer), so requests that alternate between layer sets do
+    // not rebuild the graphs each time.
     bool take_new_marks();
     // While alive, graphs this thread has llama.cpp allocate get this capture's marks.
     class building {

@@ -165,7 +165,10 @@ void session::decode_batch(llama_batch & bt, int32_t row_begin, int32_t row_end,
     capture_.expect(bt.n_tokens, row_begin, row_end, context);
     const bool outputs = capture_enabled_ && capture_.outputs_mode();
     // new layers to keep as graph outputs: llama.cpp must reserve and rebuild its graphs
-    if (outputs && capture_.take_new_marks()) rebuild_graphs(ctx_.get());
+    if (outputs && capture_.take_new_marks()) {
+        rebuild_graphs(ctx_.get());
+        ++timings_.n_graph_rebuilds;
+    }
     set_capture_callback(capture_enabled_ && capture_.needs_callback());
     update_threads();
     int32_t rc;

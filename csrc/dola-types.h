@@ -118,6 +118,7 @@ struct timings {
     // llama_decode calls (ubatches) in which layer rows were captured
     int64_t n_captured_ubatches = 0;
     int64_t n_capture_splits = 0;  // times the capture callback had ggml stop the graph and wait
+    int64_t n_graph_rebuilds = 0;  // times new layers to keep made llama.cpp reserve and rebuild its graphs
 };
 
 }  // namespace dola

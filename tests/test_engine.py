@@ -616,6 +616,31 @@ def test_capture_callback_only_where_rows_are_captured(smollm2_path):
     assert one.generate(prompt, max_tokens=6, ignore_eos=True, layers="high").tokens == high.tokens
 
 
+def test_layers_kept_as_graph_outputs_only_grow(smollm2_path):
+    """With the layers kept as graph outputs, a layer llama.cpp's graphs were not made with has
+    them reserved and rebuilt (tens of milliseconds on a GPU); layers once kept stay kept, so
+    requests that alternate between layer sets rebuild nothing after each set's first use, and
+    the tokens are the same as on a fresh context."""
+    if dola_cpp._core.capture_mode() != "outputs":
+        pytest.skip("the eval callback copies the layers here (no graph outputs to rebuild)")
+    m = Model(smollm2_path, n_ctx=256)
+    s = m._session
+    prompt = "The capital of France is"
+    rebuilt = []
+    results = {}
+    for layers in ("high", "low", "high", "low", None, "high", [8], "low", [8]):
+        r = m.generate(prompt, max_tokens=4, ignore_eos=True, layers=layers)
+        results.setdefault(str(layers), []).append(r.tokens)
+        rebuilt.append(s.timings()["n_graph_rebuilds"])
+    # high, then low's layers, then [8] (within low's buckets or not: at most one more)
+    assert rebuilt[:6] == [1, 2, 2, 2, 2, 2], rebuilt
+    assert rebuilt[-1] == rebuilt[6] <= 3, rebuilt
+    for layers, runs in results.items():
+        assert all(t == runs[0] for t in runs), layers
+    fresh = Model(smollm2_path, n_ctx=256)
+    assert fresh.generate(prompt, max_tokens=4, ignore_eos=True, layers="low").tokens == results["low"][0]
+
+
 def test_metadata_strings_with_invalid_utf8_decode_with_replacement_characters(tmp_path):
     """A GGUF's strings are bytes from an untrusted file: invalid UTF-8 in them reads with U+FFFD
     (as Python's "replace" decodes it), in every string the model exposes, never an exception."""
