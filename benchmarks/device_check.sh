@@ -72,17 +72,18 @@ step "decode and prompt processing on a 7B-shaped model (plain vs DoLa)"
 (cd /tmp && timeout "$(left 300)" python3 "$REPO/benchmarks/bench_decode.py" --models llama-7b-shape --tokens 64 \
     --repeats 2 --no-transformers) | tee "$OUT/bench_7b.md"
 
-# compare WHAT OUTFILE VAR=VALUE: the 7B table again with one setting changed, if 90 s are left
+# compare WHAT OUTFILE VAR=VALUE: the 7B table again with one setting changed, if 60 s are left
 compare() {
-    if [ "$(left 1000)" -gt 90 ]; then
+    if [ "$(left 1000)" -gt 60 ]; then
         step "the same with $1 ($3), for comparison"
         (cd /tmp && env "$3" timeout "$(left 300)" python3 "$REPO/benchmarks/bench_decode.py" --models llama-7b-shape \
-            --tokens 64 --repeats 1 --no-transformers --no-prefill) | tee "$OUT/$2"
+            --tokens 64 --repeats 1 --no-transformers) | tee "$OUT/$2"
     else
         echo "(no time left for the comparison with $1: run it in a second call)"
     fi
 }
 compare "DoLa's contrast on the host" bench_7b_host_contrast.md DOLA_CPP_DEVICE_CONTRAST=off
 compare "the layers copied by the eval callback" bench_7b_callback_capture.md DOLA_CPP_CAPTURE=callback
+compare "no fused final row" bench_7b_no_fuse.md DOLA_CPP_NO_FUSE=1
 
 step done

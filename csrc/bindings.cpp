@@ -284,18 +284,19 @@ PYBIND11_MODULE(_core, m) {
 
     py::class_<dola::model, std::shared_ptr<dola::model>>(m, "Model")
         .def(py::init([](const std::string & path, int32_t n_gpu_layers, bool use_mmap, bool repack,
-                         std::vector<std::string> rpc) {
+                         std::vector<std::string> rpc, bool no_host) {
                  dola::model_params p;
                  p.n_gpu_layers = n_gpu_layers;
                  p.use_mmap = use_mmap;
                  p.repack = repack;
+                 p.no_host = no_host;
                  p.rpc = std::move(rpc);
                  p.verbose = dola::switches::from_environment().verbose;
                  py::gil_scoped_release release;  // loading reads hundreds of MB
                  return std::make_shared<dola::model>(path, p);
              }),
              py::arg("path"), py::arg("n_gpu_layers") = -1, py::arg("use_mmap") = true, py::arg("repack") = true,
-             py::arg("rpc") = std::vector<std::string>{})
+             py::arg("rpc") = std::vector<std::string>{}, py::arg("no_host") = false)
         .def_property_readonly("uses_rpc", &dola::model::uses_rpc)
         .def_property_readonly("n_layer", &dola::model::n_layer)
         .def_property_readonly("n_embd", &dola::model::n_embd)

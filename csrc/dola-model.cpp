@@ -20,6 +20,7 @@ model::model(const std::string & path, const model_params & params) {
     mp.n_gpu_layers = params.n_gpu_layers < 0 ? -1 : params.n_gpu_layers;
     if (!params.use_mmap) mp.load_mode = LLAMA_LOAD_MODE_NONE;
     mp.use_extra_bufts = params.repack;
+    mp.no_host = params.no_host;
     std::vector<ggml_backend_dev_t> devices;
     if (!params.rpc.empty()) {
         // this machine's GPUs, then the RPC servers' devices; the CPU keeps what is not offloaded

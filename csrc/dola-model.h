@@ -15,6 +15,9 @@ struct model_params {
     int32_t n_gpu_layers = -1;  // -1 = all
     bool use_mmap = true;
     bool repack = true;  // let llama.cpp put weights in the CPU's extra buffer types (AMX, CPU_REPACK, ...)
+    // a GPU build keeps the weights left on the CPU in the GPU's host buffer type (pinned memory)
+    // ahead of the extra buffer types; true skips it (llama.cpp's --no-host)
+    bool no_host = false;
     std::vector<std::string> rpc;  // RPC servers ("host:port") to offload layers to
     bool verbose = false;  // llama.cpp's log on stderr (switches::verbose; the first model decides)
 };

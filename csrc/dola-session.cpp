@@ -236,6 +236,9 @@ void session::prefill(const std::vector<llama_token> & prompt) {
     // the next prompt that extends this one.
     if (context_layer() >= 0) context_.begin(prompt.size() - 1, prompt.size());
     have_outputs_ = true;
+    // llama_decode returns once a GPU has the work queued, unless the capture stopped the graph:
+    // wait here, so that the prompt's time is the prompt's and not the first token's
+    llama_synchronize(ctx_.get());
     timings_.prefill_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     timings_.n_prefill += (int64_t) (prompt.size() - common);
 }

@@ -50,7 +50,9 @@ class Model:
     baseline).
 
     ``repack=False`` keeps every weight in ggml's plain layout (llama.cpp's ``--no-repack``): no
-    AMX, CPU_REPACK or KleidiAI buffers.
+    AMX, CPU_REPACK or KleidiAI buffers. In a GPU build, the weights left on the CPU go to the
+    GPU's pinned host memory (or stay mapped from the file) ahead of those layouts;
+    ``no_host=True`` skips that, so they take the CPU's repacked layouts (llama.cpp's ``--no-host``).
 
     ``rpc``: ggml RPC servers (``"host:port"``, a list or a comma-separated string; start them
     with ``dola-cpp rpc-server``) that the offloaded layers (``n_gpu_layers``) are split across.
@@ -70,6 +72,7 @@ class Model:
         capture: bool = True,
         use_mmap: bool = True,
         repack: bool = True,
+        no_host: bool = False,
         adaptive_threads: bool = True,
         rpc: Union[str, Sequence[str], None] = None,
         _weights: Optional[_core.Model] = None,
@@ -81,7 +84,7 @@ class Model:
             if self.path.is_dir():
                 raise IsADirectoryError(f"{self.path} is a directory; give the path of a .gguf file")
             _weights = _core.Model(str(self.path), n_gpu_layers=int(n_gpu_layers), use_mmap=use_mmap,
-                                   repack=bool(repack), rpc=rpc_endpoints(rpc))
+                                   repack=bool(repack), rpc=rpc_endpoints(rpc), no_host=bool(no_host))
         if not 0 <= n_ctx < 2**31:
             raise ValueError(f"n_ctx must be in 0..{2**31 - 1} (0 = the model's training context), got {n_ctx}")
         if n_threads is not None and not 1 <= n_threads <= 512:

@@ -44,8 +44,9 @@ def model_pair(request, tmp_path_factory):
         pytest.skip(_why_absent(buft))
     path = write_llama_gguf(tmp_path_factory.mktemp(buft) / "m.gguf", n_layer=6, n_embd=64, n_head=4, n_ff=128,
                             n_vocab=512, output_type=OUTPUT_TYPE[buft], seed=11)
-    # n_gpu_layers=0: the CPU's buffer types, also in a GPU build (which would otherwise offload)
-    repacked = Model(path, n_ctx=256, n_threads=2, repack=True, n_gpu_layers=0)
+    # n_gpu_layers=0 and no_host: the CPU's buffer types, also in a GPU build (which would otherwise
+    # offload, and keep the CPU's weights in its host buffer type ahead of them)
+    repacked = Model(path, n_ctx=256, n_threads=2, repack=True, n_gpu_layers=0, no_host=True)
     plain = Model(path, n_ctx=256, n_threads=2, repack=False, n_gpu_layers=0)
     return buft, repacked, plain
 
