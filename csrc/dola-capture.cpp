@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <iterator>
 
 namespace dola {
 
@@ -60,11 +61,14 @@ bool layer_capture::needs_callback() const {
 bool layer_capture::take_new_marks() {
     std::vector<int32_t> want = layers_;
     if (context_layer_ >= 0) want.push_back(context_layer_);
-    want.insert(want.end(), marked_.begin(), marked_.end());
     std::sort(want.begin(), want.end());
     want.erase(std::unique(want.begin(), want.end()), want.end());
-    if (want == marked_) return false;  // each layer wanted is marked already
-    marked_ = std::move(want);
+    if (std::includes(marked_.begin(), marked_.end(), want.begin(), want.end())) return false;
+    std::vector<int32_t> both;
+    std::set_union(marked_.begin(), marked_.end(), want.begin(), want.end(), std::back_inserter(both));
+    // grow while the marks stay within twice what is wanted (two layer sets taking turns);
+    // beyond that (a sweep over layers), start again from what is wanted
+    marked_ = both.size() <= 2 * want.size() + 2 ? std::move(both) : std::move(want);
     return true;
 }
 

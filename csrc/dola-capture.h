@@ -64,10 +64,10 @@ public:
 
     // Outputs mode. Call before each llama_decode: true when a layer to capture is not among those
     // llama.cpp's graphs were made with as outputs, so the caller must make llama.cpp reserve and
-    // rebuild them (on a GPU that costs tens of milliseconds). The marks only grow: layers marked
-    // and no longer captured stay marked, unread (their outputs keep their memory in the compute
-    // buffer: n_batch x n_embd floats a layer), so requests that alternate between layer sets do
-    // not rebuild the graphs each time.
+    // rebuild them. The marks grow: layers marked and no longer captured stay marked, unread
+    // (their outputs keep their memory in the compute buffer: n_batch x n_embd floats a layer),
+    // so requests that take turns between two layer sets do not rebuild the graphs each time;
+    // past twice the layers wanted (plus two) they start again from those wanted.
     bool take_new_marks();
     // While alive, graphs this thread has llama.cpp allocate get this capture's marks.
     class building {

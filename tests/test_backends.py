@@ -48,6 +48,9 @@ def model_pair(request, tmp_path_factory):
     # offload, and keep the CPU's weights in its host buffer type ahead of them)
     repacked = Model(path, n_ctx=256, n_threads=2, repack=True, n_gpu_layers=0, no_host=True)
     plain = Model(path, n_ctx=256, n_threads=2, repack=False, n_gpu_layers=0)
+    # every comparison below is vacuous unless the weights really took the layout
+    repacked.layer_logits(PROMPT, layers=[3])
+    assert f"in {buft}]" in repacked.projection_backend, repacked.projection_backend
     return buft, repacked, plain
 
 
