@@ -573,6 +573,7 @@ PYBIND11_MODULE(_core, m) {
             d["n_steps"] = s.n_steps;
             d["n_projections"] = s.n_projections;
             d["n_fused"] = s.n_fused;
+            d["n_device_contrasts"] = s.n_device_contrasts;
             d["n_cache_hits"] = s.n_cache_hits;
             d["n_cache_tokens"] = s.n_cache_tokens;
             d["cache_bytes"] = s.cache_bytes;

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <optional>
 
 namespace dola {
 
@@ -550,8 +551,9 @@ void batch_engine::iterate(std::vector<job *> & work) {
     stats_.decode_ms += decode_ms_;
     stats_.n_projections += n_projections_;
     stats_.n_fused += n_fused_;
+    stats_.n_device_contrasts += n_device_contrasts_;
     stats_.step_ms += step_ms_;
-    n_decodes_ = n_decoded_tokens_ = n_projections_ = n_fused_ = 0;
+    n_decodes_ = n_decoded_tokens_ = n_projections_ = n_fused_ = n_device_contrasts_ = 0;
     decode_ms_ = step_ms_ = 0.0;
     for (auto & [j, ev] : emitted_) {
         if (ev.kind == batch_event::step) stats_.n_steps += 1;
@@ -564,14 +566,57 @@ void batch_engine::iterate(std::vector<job *> & work) {
     event_cv_.notify_all();
 }
 
+void batch_engine::job_rows::log_softmax(int32_t n, const int32_t * rows, float * const * out) {
+    std::vector<int32_t> global(rows, rows + n);
+    for (int32_t & r : global) r += first_;
+    p_.fetch_log_softmax(n, global.data(), out);
+}
+
+void batch_engine::project_on_device(std::vector<job *> & outputs) {
+    // DoLa jobs (two candidates or more, the final layer as mature, fused, raw premature rows)
+    // whose contrast can run where the projection does: their rows go through one graph there,
+    // and only their JSD, entropies and, per job, two rows come back (projector::project_dola)
+    if (!projector_ || !projector_->device_contrast()) return;
+    std::vector<job *> jobs;
+    for (job * j : outputs) {
+        if (!j->finished && j->fused && !j->req.params.premature_norm && j->dec->wants_device_rows() &&
+            j->layers.size() == j->dec->layers().size()) {
+            jobs.push_back(j);
+        }
+    }
+    if (jobs.empty()) return;
+    hidden_.clear();
+    std::vector<int32_t> group_rows;
+    int32_t row = 0, n_jsd = 0;
+    for (job * j : jobs) {
+        const size_t at = hidden_.size();
+        hidden_.insert(hidden_.end(), j->hidden.begin(), j->hidden.end());
+        hidden_.resize(hidden_.size() + j->final_row.size());
+        projector_->join_final(hidden_.data() + at, (int32_t) j->layers.size(), false, j->final_row.data());
+        j->dev_row = row;
+        j->dev_jsd = n_jsd;
+        j->dev_group = (int32_t) group_rows.size();
+        group_rows.push_back((int32_t) j->layers.size() + 1);
+        row += group_rows.back();
+        n_jsd += (int32_t) j->layers.size();
+    }
+    dev_jsd_.resize(n_jsd);
+    dev_entropy_.resize(jobs.size());
+    if (!projector_->project_dola(hidden_.data(), group_rows, dev_jsd_.data(), dev_entropy_.data())) return;
+    n_projections_ += 1;
+    for (job * j : jobs) j->on_device = true;
+}
+
 void batch_engine::step_outputs(std::vector<job *> & outputs) {
     const auto t0 = clock_type::now();
     const int32_t N = model_->n_layer();
     const int64_t V = model_->n_vocab();
+    for (job * j : outputs) j->on_device = false;
+    project_on_device(outputs);
     // all rows of one norm through the output matrix together: the matrix streams once per norm
     // (a fused job's final row follows its layers' rows, which are normed on the host when asked)
     size_t total = 0;
-    for (job * j : outputs) total += j->finished ? 0 : j->layers.size() + (j->fused ? 1 : 0);
+    for (job * j : outputs) total += j->finished || j->on_device ? 0 : j->layers.size() + (j->fused ? 1 : 0);
     if (total > 0) {
         proj_.resize(total * V);
         size_t row = 0;
@@ -579,7 +624,8 @@ void batch_engine::step_outputs(std::vector<job *> & outputs) {
             hidden_.clear();
             const size_t first = row;
             for (job * j : outputs) {
-                if (j->finished || (j->layers.empty() && !j->fused) || (j->req.params.premature_norm && !j->fused) != norm) {
+                if (j->finished || j->on_device || (j->layers.empty() && !j->fused) ||
+                    (j->req.params.premature_norm && !j->fused) != norm) {
                     continue;
                 }
                 j->proj_offset = row;
@@ -607,18 +653,28 @@ void batch_engine::step_outputs(std::vector<job *> & outputs) {
             decoder_rows rows;
             rows.n_vocab = V;
             rows.n_threads = threads_now_;
-            rows.projected = j->layers.empty() && !j->fused ? nullptr : proj_.data() + j->proj_offset * V;
-            if (j->fused) {
-                rows.mature = rows.projected + j->layers.size() * V;
+            std::optional<job_rows> on_device;
+            if (j->on_device) {  // its JSD and entropy came back; its rows stay there
+                on_device.emplace(*projector_, j->dev_row);
+                on_device->jsd = dev_jsd_.data() + j->dev_jsd;
+                on_device->entropy = dev_entropy_[j->dev_group];
+                rows.device = &*on_device;
                 n_fused_ += 1;
-            } else if (j->mature == N) {
-                rows.mature = j->logits.data();
-            } else {  // early exit: the mature layer's row, copied (the decoder may overwrite rows)
-                const size_t k = std::find(j->layers.begin(), j->layers.end(), j->mature) - j->layers.begin();
-                mature_copy_.assign(rows.projected + k * V, rows.projected + (k + 1) * V);
-                rows.mature = mature_copy_.data();
+                n_device_contrasts_ += 1;
+            } else {
+                rows.projected = j->layers.empty() && !j->fused ? nullptr : proj_.data() + j->proj_offset * V;
+                if (j->fused) {
+                    rows.mature = rows.projected + j->layers.size() * V;
+                    n_fused_ += 1;
+                } else if (j->mature == N) {
+                    rows.mature = j->logits.data();
+                } else {  // early exit: the mature layer's row, copied (the decoder may overwrite rows)
+                    const size_t k = std::find(j->layers.begin(), j->layers.end(), j->mature) - j->layers.begin();
+                    mature_copy_.assign(rows.projected + k * V, rows.projected + (k + 1) * V);
+                    rows.mature = mature_copy_.data();
+                }
+                check_finite(rows.mature, V);
             }
-            check_finite(rows.mature, V);
             context_entropy * context = nullptr;
             if (j->ctx_layer >= 0) {
                 if (j->n_chosen == 0) sl.context->begin(j->req.prompt.size() - 1, j->req.prompt.size());
@@ -627,6 +683,7 @@ void batch_engine::step_outputs(std::vector<job *> & outputs) {
             }
             step_result res;
             j->dec->step(rows, lp_.data(), scores_.data(), res);
+            if (j->on_device) check_finite(lp_.data(), V);
             const int32_t i = j->n_chosen++;
             const float bonus = i < (int32_t) j->req.eos_bonus.size() ? j->req.eos_bonus[i] : 0.0f;
             finish_step(*j->smp, scores_.data(), lp_.data(), V, sl.tokens, j->req.prompt.size(), bonus,

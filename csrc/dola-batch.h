@@ -56,6 +56,7 @@ struct batch_stats {
     int64_t n_steps = 0;            // tokens chosen
     int64_t n_projections = 0;      // calls of the output-matrix projection
     int64_t n_fused = 0;            // steps whose final logits came from that projection, not llama.cpp's
+    int64_t n_device_contrasts = 0;  // of those, DoLa steps whose contrast ran where the projection did
     int64_t n_cache_hits = 0;       // requests that started from a saved prompt (the prompt cache)
     int64_t n_cache_tokens = 0;     // prompt tokens those restores spared
     int64_t cache_bytes = 0;        // what the prompt cache holds now
@@ -127,12 +128,29 @@ private:
         std::vector<float> hidden, logits, final_row;
         bool fused = false;
         size_t proj_offset = 0;
+        // this iteration's contrast ran where the projection did (projector::project_dola): its
+        // rows there start at dev_row, its JSD values in dev_jsd_ at dev_jsd
+        bool on_device = false;
+        int32_t dev_row = 0, dev_jsd = 0, dev_group = 0;
+    };
+    // A job's rows left on the projection's backend (its local row K is its mature one).
+    class job_rows : public device_rows {
+    public:
+        job_rows(projector & p, int32_t first) : p_(p), first_(first) {}
+        void log_softmax(int32_t n, const int32_t * rows, float * const * out) override;
+
+    private:
+        projector & p_;
+        int32_t first_;
     };
 
     void loop();
     bool abort_requested() const { return stop_.load(std::memory_order_relaxed); }
     static bool abort_cb(void * data);
     projector & need_projector();
+    // engine thread: the step's DoLa contrasts where the projection's backend can run them (sets
+    // each such job's on_device)
+    void project_on_device(std::vector<job *> & outputs);
     // engine thread: puts a queued job on a free sequence (the one sharing the longest prefix),
     // first restoring the prompt cache's entry `entry` into it when not null
     struct cached_prompt {
@@ -194,7 +212,7 @@ private:
     uint64_t n_admitted_ = 0;
     batch_stats stats_;
     // engine thread's counts, added to stats_ under the lock
-    int64_t n_projections_ = 0, n_fused_ = 0, n_decodes_ = 0, n_decoded_tokens_ = 0;
+    int64_t n_projections_ = 0, n_fused_ = 0, n_device_contrasts_ = 0, n_decodes_ = 0, n_decoded_tokens_ = 0;
     double step_ms_ = 0.0, decode_ms_ = 0.0;
     std::string last_error_;
     std::atomic<bool> stop_{false};
@@ -202,7 +220,8 @@ private:
 
     // engine-thread scratch
     std::vector<std::pair<job *, batch_event>> emitted_;
-    std::vector<float> hidden_, proj_, lp_, scores_, chosen_lp_, mature_copy_;
+    std::vector<float> hidden_, proj_, lp_, scores_, chosen_lp_, mature_copy_, dev_jsd_;
+    std::vector<double> dev_entropy_;
 };
 
 }  // namespace dola

@@ -274,18 +274,20 @@ void projector::project_ggml(const float * hidden, int32_t n_rows, bool norm, fl
 // tokens to underflow, and DoLa's contrast reads them), then each row's log-softmax
 // (z - max) - log(sum(exp(z - max))), and per candidate the JSD terms of transformers' formula,
 // M (2 log M - lp - lq) with M = (p + q) / 2, summed over the vocabulary.
-bool projector::build_dola(int32_t n_rows) {
+bool projector::build_dola(int32_t n_rows, int32_t n_groups) {
     ggml_init_params params = {
-        /*.mem_size   =*/ ggml_tensor_overhead() * 48 + ggml_graph_overhead(),
+        /*.mem_size   =*/ ggml_tensor_overhead() * 64 + ggml_graph_overhead(),
         /*.mem_buffer =*/ nullptr,
         /*.no_alloc   =*/ true,
     };
     ctx_d_.reset(ggml_init(params));
     ggml_context * c = ctx_d_.get();
-    const int32_t K = n_rows - 1;
-    const int64_t V = n_vocab_;
+    const int32_t n_cand = n_rows - n_groups;
     in_d_ = ggml_new_tensor_2d(c, GGML_TYPE_F32, n_embd_, n_rows);
-    ggml_set_input(in_d_);
+    cand_d_ = ggml_new_tensor_1d(c, GGML_TYPE_I32, n_cand);
+    of_cand_d_ = ggml_new_tensor_1d(c, GGML_TYPE_I32, n_cand);
+    mature_d_ = ggml_new_tensor_1d(c, GGML_TYPE_I32, n_groups);
+    for (ggml_tensor * t : {in_d_, cand_d_, of_cand_d_, mature_d_}) ggml_set_input(t);
     ggml_tensor * z = ggml_mul_mat(c, output_, in_d_);                       // [V, R]
     ggml_tensor * idx = ggml_argmax(c, z);                                   // [R]
     ggml_tensor * zt = ggml_cont(c, ggml_transpose(c, z));                   // [R, V]
@@ -296,47 +298,71 @@ bool projector::build_dola(int32_t n_rows) {
     lp_d_ = ggml_sub(c, zs, lse);                                            // [V, R]
     ggml_set_output(lp_d_);
     ggml_tensor * p = ggml_exp(c, lp_d_);
-    ggml_tensor * lpm = ggml_view_2d(c, lp_d_, V, 1, lp_d_->nb[1], (size_t) K * lp_d_->nb[1]);
-    ggml_tensor * pm = ggml_view_2d(c, p, V, 1, p->nb[1], (size_t) K * p->nb[1]);
-    ggml_tensor * lpc = ggml_view_2d(c, lp_d_, V, K, lp_d_->nb[1], 0);
-    ggml_tensor * pc = ggml_view_2d(c, p, V, K, p->nb[1], 0);
-    ggml_tensor * m = ggml_scale(c, ggml_add(c, pc, pm), 0.5f);              // [V, K]
+    ggml_tensor * lpc = ggml_get_rows(c, lp_d_, cand_d_);                    // [V, C]: the candidates
+    ggml_tensor * pc = ggml_get_rows(c, p, cand_d_);
+    ggml_tensor * lpm = ggml_get_rows(c, lp_d_, of_cand_d_);                 // [V, C]: their mature rows
+    ggml_tensor * pm = ggml_get_rows(c, p, of_cand_d_);
+    ggml_tensor * m = ggml_scale(c, ggml_add(c, pc, pm), 0.5f);
     ggml_tensor * lm = ggml_log(c, ggml_clamp(c, m, 1e-30f, 3.0e38f));
     ggml_tensor * x = ggml_sub(c, ggml_sub(c, ggml_scale(c, lm, 2.0f), lpm), lpc);
-    ggml_tensor * jsd = ggml_sum_rows(c, ggml_mul(c, m, x));                // [1, K]
-    ggml_tensor * ent = ggml_sum_rows(c, ggml_mul(c, pm, lpm));             // [1, 1]
-    sums_d_ = ggml_concat(c, jsd, ent, 1);                                  // [1, K + 1]
+    ggml_tensor * jsd = ggml_sum_rows(c, ggml_mul(c, m, x));                // [1, C]
+    ggml_tensor * ent = ggml_sum_rows(c, ggml_mul(c, ggml_get_rows(c, p, mature_d_),
+                                                  ggml_get_rows(c, lp_d_, mature_d_)));  // [1, G]
+    sums_d_ = ggml_concat(c, jsd, ent, 1);                                  // [1, C + G]
     ggml_set_output(sums_d_);
     graph_d_ = ggml_new_graph(c);
     ggml_build_forward_expand(graph_d_, lp_d_);
     ggml_build_forward_expand(graph_d_, sums_d_);
     built_d_rows_ = n_rows;
+    built_d_groups_ = n_groups;
     d_supported_ = first_unsupported(backend_.get(), graph_d_) == nullptr;
     if (!d_supported_) return false;  // the host contrast it is
     if (!ggml_gallocr_alloc_graph(galloc_d_.get(), graph_d_)) throw error("could not allocate the contrast graph");
     return true;
 }
 
-bool projector::project_dola(const float * hidden, int32_t n_rows, float * jsd, double * entropy) {
-    if (!device_contrast_ || n_rows < 3) return false;
-    if (n_rows != built_d_rows_) {
-        if (!build_dola(n_rows)) return false;
+bool projector::project_dola(const float * hidden, const std::vector<int32_t> & group_rows, float * jsd,
+                             double * entropy) {
+    if (!device_contrast_ || group_rows.empty()) return false;
+    int32_t n_rows = 0;
+    for (int32_t r : group_rows) {
+        if (r < 3) return false;  // at least two candidates: else the host's contrast is as cheap
+        n_rows += r;
+    }
+    const int32_t n_groups = (int32_t) group_rows.size();
+    if (n_rows != built_d_rows_ || n_groups != built_d_groups_) {
+        if (!build_dola(n_rows, n_groups)) return false;
     } else if (!d_supported_) {
         return false;
     } else if (!ggml_gallocr_alloc_graph(galloc_d_.get(), graph_d_)) {
         throw error("could not allocate the contrast graph");
     }
+    const int32_t n_cand = n_rows - n_groups;
+    index_.resize((size_t) 2 * n_cand + n_groups);
+    int32_t * cand = index_.data();
+    int32_t * of_cand = cand + n_cand;
+    int32_t * mature = of_cand + n_cand;
+    for (int32_t gi = 0, row = 0, k = 0; gi < n_groups; row += group_rows[gi], ++gi) {
+        mature[gi] = row + group_rows[gi] - 1;
+        for (int32_t r = 0; r < group_rows[gi] - 1; ++r, ++k) {
+            cand[k] = row + r;
+            of_cand[k] = mature[gi];
+        }
+    }
     // queued on the backend, one wait at the end
-    ggml_backend_tensor_set_async(backend_.get(), in_d_, hidden, 0, (size_t) n_embd_ * n_rows * sizeof(float));
-    if (ggml_backend_graph_compute_async(backend_.get(), graph_d_) != GGML_STATUS_SUCCESS) {
+    ggml_backend_t b = backend_.get();
+    ggml_backend_tensor_set_async(b, in_d_, hidden, 0, (size_t) n_embd_ * n_rows * sizeof(float));
+    ggml_backend_tensor_set_async(b, cand_d_, cand, 0, (size_t) n_cand * sizeof(int32_t));
+    ggml_backend_tensor_set_async(b, of_cand_d_, of_cand, 0, (size_t) n_cand * sizeof(int32_t));
+    ggml_backend_tensor_set_async(b, mature_d_, mature, 0, (size_t) n_groups * sizeof(int32_t));
+    if (ggml_backend_graph_compute_async(b, graph_d_) != GGML_STATUS_SUCCESS) {
         throw error("the DoLa contrast failed on backend " + backend_name_);
     }
-    const int32_t K = n_rows - 1;
-    sums_.resize(n_rows);
-    ggml_backend_tensor_get_async(backend_.get(), sums_d_, sums_.data(), 0, (size_t) n_rows * sizeof(float));
-    ggml_backend_synchronize(backend_.get());
-    for (int32_t k = 0; k < K; ++k) jsd[k] = (float) (0.5 * (double) sums_[k] / (double) n_vocab_);
-    *entropy = -(double) sums_[K];
+    sums_.resize(n_cand + n_groups);
+    ggml_backend_tensor_get_async(b, sums_d_, sums_.data(), 0, sums_.size() * sizeof(float));
+    ggml_backend_synchronize(b);
+    for (int32_t k = 0; k < n_cand; ++k) jsd[k] = (float) (0.5 * (double) sums_[k] / (double) n_vocab_);
+    for (int32_t gi = 0; gi < n_groups; ++gi) entropy[gi] = -(double) sums_[n_cand + gi];
     return true;
 }
 

@@ -60,14 +60,16 @@ public:
     const std::string & backend_name() const { return backend_name_; }
 
     // DoLa's contrast where the logits are (switches::device_contrast: auto = on a GPU's own
-    // buffers, on = on any backend, off): project n_rows hidden rows ([K candidates..., mature],
-    // raw: the fused final row is already normed), compute every row's log-softmax, each
-    // candidate's JSD against the mature row and the mature entropy on the backend, and bring back
-    // only jsd[K] and the entropy. False (nothing computed) where that is off or the backend lacks
-    // an op: use project().
-    bool project_dola(const float * hidden, int32_t n_rows, float * jsd, double * entropy);
-    // Rows rows[0..n) of the last project_dola()'s log-softmax (row n_rows-1 is the mature one),
-    // [n_vocab] each, one wait for all.
+    // buffers, on = on any backend, off): project hidden rows in groups, each [K candidates...,
+    // mature] (raw: the fused final row is already normed; group_rows[g] = K_g + 1, K_g >= 2),
+    // compute every row's log-softmax, each candidate's JSD against its group's mature row and each
+    // mature entropy on the backend, in one graph, and bring back only jsd (K_0 values, then K_1,
+    // ...) and entropy (one per group). False (nothing computed) where that is off or the backend
+    // lacks an op: use project().
+    bool project_dola(const float * hidden, const std::vector<int32_t> & group_rows, float * jsd, double * entropy);
+    bool device_contrast() const { return device_contrast_; }
+    // Rows rows[0..n) of the last project_dola()'s log-softmax (rows counted over all its groups:
+    // a group's mature row is its last), [n_vocab] each, one wait for all.
     void fetch_log_softmax(int32_t n, const int32_t * rows, float * const * out);
 
 private:
@@ -75,7 +77,7 @@ private:
     bool rowmat_faster(const float * hidden, int32_t n_rows, bool norm);
     void project_rowmat(const float * hidden, int32_t n_rows, bool norm, float * out);
     void project_ggml(const float * hidden, int32_t n_rows, bool norm, float * out);
-    bool build_dola(int32_t n_rows);
+    bool build_dola(int32_t n_rows, int32_t n_groups);
 
     ggml_tensor * output_ = nullptr;
     ggml_tensor * output_norm_ = nullptr;
@@ -109,12 +111,17 @@ private:
     ggml_context_ptr ctx_d_;
     ggml_cgraph * graph_d_ = nullptr;
     ggml_tensor * in_d_ = nullptr;
+    ggml_tensor * cand_d_ = nullptr;     // [sum K]: each candidate's row
+    ggml_tensor * of_cand_d_ = nullptr;  // [sum K]: its group's mature row
+    ggml_tensor * mature_d_ = nullptr;   // [n_groups]: each group's mature row
     ggml_tensor * lp_d_ = nullptr;   // [n_vocab, n_rows] log-softmax of every row
-    // [1, K + 1]: per candidate the sum over the vocabulary of the JSD terms, then the mature
-    // row's sum of p log p (one read for both)
+    // [1, sum K + n_groups]: per candidate the sum over the vocabulary of the JSD terms, then each
+    // mature row's sum of p log p (one read for both)
     ggml_tensor * sums_d_ = nullptr;
     std::vector<float> sums_;
+    std::vector<int32_t> index_;  // the three index inputs' values, one after the other
     int32_t built_d_rows_ = -1;
+    int32_t built_d_groups_ = -1;
     bool d_supported_ = false;
 };
 

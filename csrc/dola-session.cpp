@@ -318,7 +318,7 @@ step_result session::sample(float eos_bonus) {
         if (fused && !params_.premature_norm && decoder_->wants_device_rows() &&
             (int32_t) decoder_->layers().size() == n_proj - 1) {
             device_jsd_.resize(n_proj - 1);
-            on_device = projector_->project_dola(hidden_.data(), n_proj, device_jsd_.data(), &device_rows_.entropy);
+            on_device = projector_->project_dola(hidden_.data(), {n_proj}, device_jsd_.data(), &device_rows_.entropy);
         }
         if (!on_device) {
             cand_logits_.resize((size_t) n_proj * V);

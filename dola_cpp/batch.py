@@ -69,7 +69,8 @@ class Batch:
         """The engine's counters: running and queued generations, llama.cpp calls and the tokens
         they carried, tokens chosen, projections (and the steps whose final logits came from one:
         the sequence's final normed row through the output matrix, with its layers' rows, as alone,
-        in calls whose every sequence fuses), milliseconds decoding and choosing, and the prompt
+        in calls whose every sequence fuses; of those, the DoLa steps whose contrast ran where the
+        projection did, a GPU: ``n_device_contrasts``), milliseconds decoding and choosing, and the prompt
         cache's hits, the prompt tokens they spared, its bytes and entries (:meth:`Model.batch`'s
         ``cache_mib``)."""
         return dict(self._engine.stats())

@@ -158,6 +158,35 @@ def test_fused_dola_gives_what_the_unfused_path_gives(smollm2_path, monkeypatch)
         np.testing.assert_allclose([s.jsd for s in a.steps], [s.jsd for s in b.steps], atol=2e-4)
 
 
+def test_the_contrast_where_the_projection_runs_gives_what_it_gives_alone(smollm2_path, monkeypatch):
+    """DOLA_CPP_DEVICE_CONTRAST=on (what a GPU does by default): the DoLa sequences of a step (two
+    candidates or more, raw premature rows) go through one contrast graph on the projection's
+    backend, here the CPU's, each candidate against its own sequence's mature row, and bring back
+    only their JSD, entropies and two rows each; the others (static, normed, Activation, plain)
+    take the host's. Each gives what it gives alone with the same setting (the session's
+    one-sequence graph), to float rounding."""
+    monkeypatch.setenv("DOLA_CPP_DEVICE_CONTRAST", "on")  # read when the projection is first needed
+    m = Model(smollm2_path, n_ctx=512)
+    names = ["dola-high", "sampled", "plain", "dola-low-normed", "dola-static", "activation-dola", "dola-high"]
+    configs = [CONFIGS[n].replace(layers="low") if i == len(names) - 1 else CONFIGS[n] for i, n in enumerate(names)]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(names))]
+    alone = [m.generate(p, N_TOKENS, config=c, ignore_eos=True) for p, c in zip(prompts, configs)]
+    batch = m.batch(parallel=len(names))
+    got = batch.generate(prompts, N_TOKENS, configs=configs, ignore_eos=True)
+    for name, r, a in zip(names, got, alone):
+        assert_same(r, a, name)
+        np.testing.assert_allclose([s.entropy for s in r.steps], [s.entropy for s in a.steps], rtol=1e-5, atol=1e-6)
+    stats = batch.stats()
+    # dola-high, sampled and dola-low: every step of theirs, and no other
+    assert stats["n_device_contrasts"] == 3 * N_TOKENS, stats
+    monkeypatch.setenv("DOLA_CPP_DEVICE_CONTRAST", "off")
+    host = Model(smollm2_path, n_ctx=512).batch(parallel=len(names))
+    for name, r, h in zip(names, got, host.generate(prompts, N_TOKENS, configs=configs, ignore_eos=True)):
+        assert r.tokens == h.tokens and [s.premature_layer for s in r.steps] == [s.premature_layer for s in h.steps]
+        np.testing.assert_allclose([s.score for s in r.steps], [s.score for s in h.steps], rtol=1e-4, atol=1e-3)
+    assert host.stats()["n_device_contrasts"] == 0
+
+
 def test_generations_join_and_leave_mid_way(model, alone):
     batch = model.batch(parallel=3)
     first = batch.stream(PROMPTS[0], N_TOKENS, config=CONFIGS["dola-high"])
