@@ -68,22 +68,27 @@ step "continuous batching on a 7B-shaped model: 1, 4 and 16 generations at once"
 (cd /tmp && timeout "$(left 200)" python3 "$REPO/benchmarks/bench_decode.py" --models llama-7b-shape --batch 1,4,16 \
     --tokens 64 --repeats 2) | tee "$OUT/bench_7b_batch.md"
 
+step "the same with DoLa's contrast on the host (DOLA_CPP_DEVICE_CONTRAST=off), for comparison"
+(cd /tmp && DOLA_CPP_DEVICE_CONTRAST=off timeout "$(left 120)" python3 "$REPO/benchmarks/bench_decode.py" \
+    --models llama-7b-shape --batch 1,4,16 --tokens 64 --repeats 1) | tee "$OUT/bench_7b_batch_host_contrast.md"
+
 step "decode and prompt processing on a 7B-shaped model (plain vs DoLa)"
 (cd /tmp && timeout "$(left 300)" python3 "$REPO/benchmarks/bench_decode.py" --models llama-7b-shape --tokens 64 \
     --repeats 2 --no-transformers) | tee "$OUT/bench_7b.md"
 
-# compare WHAT OUTFILE VAR=VALUE: the 7B table again with one setting changed, if 60 s are left
+# compare WHAT VAR=VALUE: the 7B table again with one setting changed, if 60 s are left (in the log
+# only: at most 8 files come back from the machine)
 compare() {
     if [ "$(left 1000)" -gt 60 ]; then
-        step "the same with $1 ($3), for comparison"
-        (cd /tmp && env "$3" timeout "$(left 300)" python3 "$REPO/benchmarks/bench_decode.py" --models llama-7b-shape \
-            --tokens 64 --repeats 1 --no-transformers) | tee "$OUT/$2"
+        step "the same with $1 ($2), for comparison"
+        (cd /tmp && env "$2" timeout "$(left 300)" python3 "$REPO/benchmarks/bench_decode.py" --models llama-7b-shape \
+            --tokens 64 --repeats 1 --no-transformers)
     else
         echo "(no time left for the comparison with $1: run it in a second call)"
     fi
 }
-compare "DoLa's contrast on the host" bench_7b_host_contrast.md DOLA_CPP_DEVICE_CONTRAST=off
-compare "the layers copied by the eval callback" bench_7b_callback_capture.md DOLA_CPP_CAPTURE=callback
-compare "no fused final row" bench_7b_no_fuse.md DOLA_CPP_NO_FUSE=1
+compare "DoLa's contrast on the host" DOLA_CPP_DEVICE_CONTRAST=off
+compare "the layers copied by the eval callback" DOLA_CPP_CAPTURE=callback
+compare "no fused final row" DOLA_CPP_NO_FUSE=1
 
 step done
