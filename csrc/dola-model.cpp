@@ -53,7 +53,17 @@ model::model(const std::string & path, const model_params & params) {
 }
 
 model::~model() {
-    if (rpc_lost()) (void) model_.release();  // freeing would talk to a dead server
+    if (!free_remote([this] { model_.reset(); })) (void) model_.release();  // a dead server: left
+}
+
+bool model::free_remote(const std::function<void()> & fn) const noexcept {
+    if (rpc_lost()) return false;  // freeing would talk to a dead server
+    try {
+        call(fn);
+        return true;
+    } catch (...) {
+        return false;
+    }
 }
 
 void model::call(const std::function<void()> & fn, const std::function<void()> & poll) const {

@@ -32,6 +32,11 @@ public:
     void call(const std::function<void()> & fn, const std::function<void()> & poll = {}) const;
     // An RPC server this model may use died: it must not be used or freed.
     bool rpc_lost() const;
+    // Runs fn, which frees objects of this model's (a context, a projector, the weights): for an
+    // RPC-backed model through call(), so that a server that died while idle is noticed as an
+    // error there instead of parking the calling thread in ggml's abort. False when it was not
+    // freed (a server is gone): the caller then leaves what is left unfreed.
+    bool free_remote(const std::function<void()> & fn) const noexcept;
 
     llama_model * get() const { return model_.get(); }
     const llama_vocab * vocab() const { return vocab_; }

@@ -42,7 +42,10 @@ session::session(std::shared_ptr<model> mdl, const context_params & params)
 }
 
 session::~session() {
-    if (model_->rpc_lost()) {  // freeing would talk to a dead server
+    if (!model_->free_remote([this] {
+            ctx_.reset();
+            projector_.reset();
+        })) {  // a server is gone: what is left stays unfreed
         (void) ctx_.release();
         (void) projector_.release();
     }

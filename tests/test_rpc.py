@@ -81,6 +81,40 @@ def test_dola_with_layers_on_two_rpc_servers_equals_local(servers, smollm2_path)
     np.testing.assert_allclose(a.token_scores, b.token_scores, rtol=2e-6, atol=1e-4)
 
 
+FREE_AFTER_SERVERS_DIE = """
+import gc, sys, time
+import dola_cpp
+m = dola_cpp.Model(sys.argv[1], n_ctx=256, n_threads=1, rpc=sys.argv[2])
+m.generate("Hello", max_tokens=4, layers="high")
+print("generated", flush=True)
+sys.stdin.readline()  # the servers are gone now
+t0 = time.monotonic()
+del m
+gc.collect()
+print(f"freed in {time.monotonic() - t0:.1f} s", flush=True)
+"""
+
+
+def test_a_model_whose_servers_died_while_idle_can_be_freed(servers, smollm2_path, tmp_path):
+    """Servers that die between calls are noticed when the model is freed (its context and
+    weights free their remote buffers through the guarded call): the process goes on, where the
+    freeing thread used to park for good in ggml's abort. In a subprocess, so that a hang is a
+    failure here and not the suite's."""
+    script = tmp_path / "free.py"
+    script.write_text(FREE_AFTER_SERVERS_DIE)
+    child = subprocess.Popen([sys.executable, str(script), str(smollm2_path), ",".join(s.endpoint for s in servers)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=tmp_path)
+    try:
+        assert child.stdout.readline().strip() == "generated", child.stderr.read()
+        for s in servers:
+            s.kill()
+        out, err = child.communicate("go\n", timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 0 and out.startswith("freed in"), (out, err)
+
+
 def test_a_server_that_dies_mid_generation_is_a_clear_error(servers, smollm2_path):
     m = dola_cpp.Model(smollm2_path, n_ctx=512, n_threads=1, rpc=[s.endpoint for s in servers])
     outcome = {}
