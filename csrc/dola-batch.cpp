@@ -566,10 +566,14 @@ void batch_engine::iterate(std::vector<job *> & work) {
     event_cv_.notify_all();
 }
 
-void batch_engine::job_rows::log_softmax(int32_t n, const int32_t * rows, float * const * out) {
-    std::vector<int32_t> global(rows, rows + n);
-    for (int32_t & r : global) r += first_;
-    p_.fetch_log_softmax(n, global.data(), out);
+void batch_engine::append_rows(const job & j) {
+    const size_t at = hidden_.size();
+    hidden_.insert(hidden_.end(), j.hidden.begin(), j.hidden.end());
+    if (j.fused) {
+        hidden_.resize(hidden_.size() + j.final_row.size());
+        projector_->join_final(hidden_.data() + at, (int32_t) j.layers.size(), j.req.params.premature_norm,
+                               j.final_row.data());
+    }
 }
 
 void batch_engine::project_on_device(std::vector<job *> & outputs) {
@@ -579,8 +583,7 @@ void batch_engine::project_on_device(std::vector<job *> & outputs) {
     if (!projector_ || !projector_->device_contrast()) return;
     std::vector<job *> jobs;
     for (job * j : outputs) {
-        if (!j->finished && j->fused && !j->req.params.premature_norm && j->dec->wants_device_rows() &&
-            j->layers.size() == j->dec->layers().size()) {
+        if (!j->finished && contrast_on_device(*j->dec, j->fused, j->req.params.premature_norm, j->layers.size())) {
             jobs.push_back(j);
         }
     }
@@ -589,10 +592,7 @@ void batch_engine::project_on_device(std::vector<job *> & outputs) {
     std::vector<int32_t> group_rows;
     int32_t row = 0, n_jsd = 0;
     for (job * j : jobs) {
-        const size_t at = hidden_.size();
-        hidden_.insert(hidden_.end(), j->hidden.begin(), j->hidden.end());
-        hidden_.resize(hidden_.size() + j->final_row.size());
-        projector_->join_final(hidden_.data() + at, (int32_t) j->layers.size(), false, j->final_row.data());
+        append_rows(*j);
         j->dev_row = row;
         j->dev_jsd = n_jsd;
         j->dev_group = (int32_t) group_rows.size();
@@ -629,13 +629,7 @@ void batch_engine::step_outputs(std::vector<job *> & outputs) {
                     continue;
                 }
                 j->proj_offset = row;
-                const size_t at = hidden_.size();
-                hidden_.insert(hidden_.end(), j->hidden.begin(), j->hidden.end());
-                if (j->fused) {
-                    hidden_.resize(hidden_.size() + j->final_row.size());
-                    projector_->join_final(hidden_.data() + at, (int32_t) j->layers.size(), j->req.params.premature_norm,
-                                           j->final_row.data());
-                }
+                append_rows(*j);
                 row += j->layers.size() + (j->fused ? 1 : 0);
             }
             if (row > first) {
@@ -653,19 +647,18 @@ void batch_engine::step_outputs(std::vector<job *> & outputs) {
             decoder_rows rows;
             rows.n_vocab = V;
             rows.n_threads = threads_now_;
-            std::optional<job_rows> on_device;
+            n_fused_ += j->fused ? 1 : 0;
+            std::optional<projected_rows> on_device;
             if (j->on_device) {  // its JSD and entropy came back; its rows stay there
                 on_device.emplace(*projector_, j->dev_row);
                 on_device->jsd = dev_jsd_.data() + j->dev_jsd;
                 on_device->entropy = dev_entropy_[j->dev_group];
                 rows.device = &*on_device;
-                n_fused_ += 1;
                 n_device_contrasts_ += 1;
             } else {
                 rows.projected = j->layers.empty() && !j->fused ? nullptr : proj_.data() + j->proj_offset * V;
                 if (j->fused) {
                     rows.mature = rows.projected + j->layers.size() * V;
-                    n_fused_ += 1;
                 } else if (j->mature == N) {
                     rows.mature = j->logits.data();
                 } else {  // early exit: the mature layer's row, copied (the decoder may overwrite rows)

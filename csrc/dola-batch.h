@@ -133,16 +133,6 @@ private:
         bool on_device = false;
         int32_t dev_row = 0, dev_jsd = 0, dev_group = 0;
     };
-    // A job's rows left on the projection's backend (its local row K is its mature one).
-    class job_rows : public device_rows {
-    public:
-        job_rows(projector & p, int32_t first) : p_(p), first_(first) {}
-        void log_softmax(int32_t n, const int32_t * rows, float * const * out) override;
-
-    private:
-        projector & p_;
-        int32_t first_;
-    };
 
     void loop();
     bool abort_requested() const { return stop_.load(std::memory_order_relaxed); }
@@ -151,6 +141,9 @@ private:
     // engine thread: the step's DoLa contrasts where the projection's backend can run them (sets
     // each such job's on_device)
     void project_on_device(std::vector<job *> & outputs);
+    // engine thread: appends a job's rows to hidden_ for the projection: its layers' rows, then
+    // (fused) its final normed row (projector::join_final)
+    void append_rows(const job & j);
     // engine thread: puts a queued job on a free sequence (the one sharing the longest prefix),
     // first restoring the prompt cache's entry `entry` into it when not null
     struct cached_prompt {

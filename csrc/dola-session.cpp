@@ -309,6 +309,7 @@ step_result session::sample(float eos_bonus) {
     const bool fused = fuse_final_ && capture_.final_seen();
     const int32_t n_proj = (int32_t) capture_layers_.size() + (fused ? 1 : 0);
     bool on_device = false;
+    double device_entropy = 0.0;
     if (n_proj > 0) {
         const int32_t E = model_->n_embd();
         hidden_.resize((size_t) n_proj * E);
@@ -318,10 +319,9 @@ step_result session::sample(float eos_bonus) {
         if (fused) projector_->join_final(hidden_.data(), n_proj - 1, params_.premature_norm, capture_.final_row());
         // DoLa with the fused final row (the rows are exactly [candidates..., mature]) may run its
         // contrast where the projection ran and fetch two rows instead of all of them.
-        if (fused && !params_.premature_norm && decoder_->wants_device_rows() &&
-            (int32_t) decoder_->layers().size() == n_proj - 1) {
+        if (contrast_on_device(*decoder_, fused, params_.premature_norm, capture_layers_.size())) {
             device_jsd_.resize(n_proj - 1);
-            on_device = projector_->project_dola(hidden_.data(), {n_proj}, device_jsd_.data(), &device_rows_.entropy);
+            on_device = projector_->project_dola(hidden_.data(), {n_proj}, device_jsd_.data(), &device_entropy);
         }
         if (!on_device) {
             cand_logits_.resize((size_t) n_proj * V);
@@ -332,8 +332,10 @@ step_result session::sample(float eos_bonus) {
         decoder_rows rows;
         rows.n_vocab = V;
         rows.n_threads = threads_now_;
-        device_rows_.jsd = device_jsd_.data();
-        rows.device = &device_rows_;
+        projected_rows device(*projector_, 0);
+        device.jsd = device_jsd_.data();
+        device.entropy = device_entropy;
+        rows.device = &device;
         decoder_->step(rows, lp_.data(), scores_.data(), res);
         check_finite(lp_.data(), V);
     } else {

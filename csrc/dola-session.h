@@ -124,17 +124,6 @@ private:
     // decode (row_proj: that row's projected layers, in capture order), for step and score.
     decoder_rows rows_for(const float * row_proj, int32_t row);
 
-    // The rows of the last projection, left on its backend with DoLa's JSD computed there.
-    class projected_rows : public device_rows {
-    public:
-        explicit projected_rows(session & s) : s_(s) {}
-        void log_softmax(int32_t n, const int32_t * rows, float * const * out) override {
-            s_.projector_->fetch_log_softmax(n, rows, out);
-        }
-
-    private:
-        session & s_;
-    };
     // For calls that capture other rows than decoding does (layer_logits, score): on return or
     // throw, puts the capture back to the configured layers and fused-final state; the outputs
     // they leave are not sampleable.
@@ -168,7 +157,6 @@ private:
     std::vector<llama_token> tokens_;  // what the KV cache holds
     size_t n_prompt_ = 0;              // where the answer begins in tokens_ (the last prefill's prompt)
     bool have_outputs_ = false;        // the last decode's last row is available
-    projected_rows device_rows_{*this};
     std::vector<float> device_jsd_;
     std::vector<float> mature_hidden_logits_;  // scratch
     std::vector<float> cand_logits_, lp_, scores_, hidden_;

@@ -23,6 +23,16 @@ bool fuses_final(const decoder & dec, int32_t mature, const model & m, const swi
     return !dec.layers().empty() || (dec.context_layer() < 0 && proj->host_kernel());
 }
 
+bool contrast_on_device(const decoder & dec, bool fused, bool premature_norm, size_t n_layers) {
+    return fused && !premature_norm && dec.wants_device_rows() && dec.layers().size() == n_layers;
+}
+
+void projected_rows::log_softmax(int32_t n, const int32_t * rows, float * const * out) {
+    std::vector<int32_t> all(rows, rows + n);
+    for (int32_t & r : all) r += first_;
+    p_.fetch_log_softmax(n, all.data(), out);
+}
+
 std::unique_ptr<projector> plain_final_projector(const decoder & dec, int32_t mature, const model & m,
                                                  const switches & env, bool capture_enabled) {
     if (!dec.layers().empty() || dec.context_layer() >= 0 || mature != m.n_layer() || env.no_fuse || !capture_enabled ||

@@ -32,6 +32,23 @@ int32_t check_decode_params(const model & m, const decode_params & p);
 // the LM head; elsewhere, a GPU or a repacked layout, llama.cpp's head stays).
 bool fuses_final(const decoder & dec, int32_t mature, const model & m, const switches & env, const projector * proj);
 
+// Whether a step's rows can go to projector::project_dola as one group [candidates..., mature]:
+// the final row fused, the premature rows raw, a decoder that takes device rows (DoLa with two
+// candidates or more) and whose candidates are exactly the n_layers rows projected before it.
+bool contrast_on_device(const decoder & dec, bool fused, bool premature_norm, size_t n_layers);
+
+// A group's rows left by projector::project_dola on its backend, from row `first` on (its local
+// row K is its mature one): a decoder fetches only those it needs.
+class projected_rows : public device_rows {
+public:
+    projected_rows(projector & p, int32_t first) : p_(p), first_(first) {}
+    void log_softmax(int32_t n, const int32_t * rows, float * const * out) override;
+
+private:
+    projector & p_;
+    int32_t first_;
+};
+
 // For a decoder that projects no layers, where it would fuse its final row (plain decoding, the
 // final layer mature, capture on, DOLA_CPP_NO_FUSE unset, dola-cpp's kernel reading the output
 // matrix) and no projector was made yet: one for the model's output matrix, or null (plain
