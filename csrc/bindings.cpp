@@ -504,6 +504,7 @@ PYBIND11_MODULE(_core, m) {
             d["n_captured_ubatches"] = t.n_captured_ubatches;
             d["n_capture_splits"] = t.n_capture_splits;
             d["n_graph_rebuilds"] = t.n_graph_rebuilds;
+            d["n_score_rows"] = t.n_score_rows;
             return d;
         })
         .def("reset_timings", [](py_session & self) { self.s.stats() = dola::timings{}; });

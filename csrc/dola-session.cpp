@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <map>
 #include <thread>
 
 namespace dola {
@@ -435,23 +436,31 @@ std::vector<score_result> session::score_batch(const std::vector<scored_text> & 
     std::vector<float> proj, lp(V), diff(V), top_vals;
     std::vector<int32_t> top_ids;
     const score_options opt{post_softmax, relative_top, mask_value};
-    // the decoder's score of token y of text j from a row's outputs
-    auto score_row = [&](const decoder_rows & rows, size_t j, llama_token y) {
-        score_result & res = results[j];
+    // The decoder's scores of one row, appended to each text (j) that continues with its token (y)
+    // there: a row the texts share is scored once for all of them.
+    using targets = std::vector<std::pair<size_t, llama_token>>;
+    std::vector<std::pair<int32_t, float>> top;
+    auto score_row = [&](const decoder_rows & rows, const targets & to) {
         score_detail d;
-        const float s = decoder_->score(rows, y, opt, lp.data(), diff.data(), d);
-        res.token_scores.push_back(s);
-        res.premature_layers.push_back(d.layer);
-        res.jsd.push_back(d.jsd);
-        res.mature_logprobs.push_back(lp[y]);
-        res.top_logprobs.push_back(*std::max_element(lp.begin(), lp.end()));
-        res.entropies.push_back((float) entropy(lp.data(), V));
+        const float * s = decoder_->score(rows, opt, lp.data(), diff.data(), d);
+        const float top_lp = *std::max_element(lp.begin(), lp.end());
+        const float h = (float) entropy(lp.data(), V);
         if (params_.n_probs > 0) {
             top_n(lp.data(), V, params_.n_probs, top_ids, top_vals);
-            auto & row = res.top_tokens.emplace_back();
-            for (size_t k = 0; k < top_ids.size(); ++k) row.emplace_back(top_ids[k], top_vals[k]);
+            top.clear();
+            for (size_t k = 0; k < top_ids.size(); ++k) top.emplace_back(top_ids[k], top_vals[k]);
         }
-        res.total += s;
+        for (const auto & [j, y] : to) {
+            score_result & res = results[j];
+            res.token_scores.push_back(s[y]);
+            res.premature_layers.push_back(d.layer);
+            res.jsd.push_back(d.jsd);
+            res.mature_logprobs.push_back(lp[y]);
+            res.top_logprobs.push_back(top_lp);
+            res.entropies.push_back(h);
+            if (params_.n_probs > 0) res.top_tokens.push_back(top);
+            res.total += s[y];
+        }
     };
     // projects rows [slot][row][E] of the capture into proj, [row][slot][V]
     auto project_rows = [&](const int32_t * rows, int32_t n_rows) {
@@ -473,11 +482,9 @@ std::vector<score_result> session::score_batch(const std::vector<scored_text> & 
     if (same_prefix) {
         const int32_t row = 0;
         project_rows(&row, 1);
-        const std::vector<float> shared_proj = proj;  // the decoder may overwrite its rows
-        for (size_t j = 0; j < texts.size(); ++j) {
-            std::copy(shared_proj.begin(), shared_proj.end(), proj.begin());
-            score_row(rows_for(proj.data(), -1), j, texts[j].tokens[shared]);
-        }
+        targets to;
+        for (size_t j = 0; j < texts.size(); ++j) to.emplace_back(j, texts[j].tokens[shared]);
+        score_row(rows_for(proj.data(), -1), to);
     }
 
     // A call's rows: llama.cpp's logits for them within ~128 MB. The rows' projections (K a row)
@@ -507,36 +514,54 @@ std::vector<score_result> session::score_batch(const std::vector<scored_text> & 
         }
         seqs.n = (int32_t) (g1 - g0);
         for (int32_t s = 1; s <= seqs.n; ++s) llama_memory_seq_cp(mem, 0, s, -1, -1);
-        // every token of the group, text by text: (text, position)
-        std::vector<std::pair<size_t, size_t>> flat;
+        // The group's texts as a tree: a token at the same position after the same tokens is one row
+        // (and one cache cell) in the sequences of all the texts it belongs to, so answers that begin
+        // alike decode and score their common beginning once. Rows are numbered as the texts meet
+        // them, so each text's rows come in the order of its positions.
+        struct node {
+            llama_token token;
+            llama_pos pos;
+            std::vector<llama_seq_id> seqs;
+            targets to;  // the texts whose next token this row predicts
+        };
+        std::vector<node> nodes;
+        std::map<std::pair<int32_t, llama_token>, int32_t> child;  // (parent row, token) -> row; -1: the prefix
+        std::vector<std::vector<int32_t>> paths(context ? g1 - g0 : 0);
         for (size_t j = g0; j < g1; ++j) {
-            const size_t n_in = context ? texts[j].tokens.size() : texts[j].tokens.size() - 1;
-            for (size_t p = shared; p < n_in; ++p) flat.emplace_back(j, p);
+            const std::vector<llama_token> & toks = texts[j].tokens;
+            const size_t n_in = context ? toks.size() : toks.size() - 1;
+            int32_t parent = -1;
+            for (size_t p = shared; p < n_in; ++p) {
+                const auto [it, added] = child.try_emplace({parent, toks[p]}, (int32_t) nodes.size());
+                if (added) nodes.push_back(node{toks[p], (llama_pos) p, {}, {}});
+                node & nd = nodes[it->second];
+                nd.seqs.push_back((llama_seq_id) (1 + j - g0));
+                if (p + 1 >= texts[j].n_prefix && p + 1 < toks.size()) nd.to.emplace_back(j, toks[p + 1]);
+                if (context) paths[j - g0].push_back(it->second);
+                parent = it->second;
+            }
         }
-        std::vector<std::vector<float>> context_rows(context ? g1 - g0 : 0);
-        for (size_t c0 = 0; c0 < flat.size(); c0 += rows_per_call) {
-            const int32_t n = (int32_t) std::min(rows_per_call, flat.size() - c0);
-            owned_batch b(n);
+        std::vector<float> node_context(context ? nodes.size() * E : 0);
+        for (size_t c0 = 0; c0 < nodes.size(); c0 += rows_per_call) {
+            const int32_t n = (int32_t) std::min(rows_per_call, nodes.size() - c0);
+            owned_batch b(n, seqs.n);
             llama_batch & bt = b.get();
             std::vector<int32_t> scored;  // rows of this call that predict a continuation token
             for (int32_t i = 0; i < n; ++i) {
-                const auto [j, p] = flat[c0 + i];
-                bt.token[i] = texts[j].tokens[p];
-                bt.pos[i] = (llama_pos) p;
-                bt.n_seq_id[i] = 1;
-                bt.seq_id[i][0] = (llama_seq_id) (1 + j - g0);
+                const node & nd = nodes[c0 + i];
+                bt.token[i] = nd.token;
+                bt.pos[i] = nd.pos;
+                bt.n_seq_id[i] = (int32_t) nd.seqs.size();
+                std::copy(nd.seqs.begin(), nd.seqs.end(), bt.seq_id[i]);
                 bt.logits[i] = 1;  // every row: the rows to keep must be one range of the call
-                if (p + 1 >= texts[j].n_prefix && p + 1 < texts[j].tokens.size()) scored.push_back(i);
+                if (!nd.to.empty()) scored.push_back(i);
             }
             bt.n_tokens = n;
             decode_batch(bt, 0, n, context);
+            timings_.n_score_rows += n;
             if (context) {
                 check_context_captured();
-                for (int32_t i = 0; i < n; ++i) {
-                    auto & rows = context_rows[flat[c0 + i].first - g0];
-                    const float * src = capture_.context_rows() + (size_t) i * E;
-                    rows.insert(rows.end(), src, src + E);
-                }
+                std::memcpy(node_context.data() + c0 * E, capture_.context_rows(), (size_t) n * E * sizeof(float));
             }
             if (!scored.empty()) check_layers_captured();
             for (size_t r0 = 0; r0 < scored.size(); r0 += rows_per_projection) {
@@ -544,8 +569,7 @@ std::vector<score_result> session::score_batch(const std::vector<scored_text> & 
                 const int32_t * rows = scored.data() + r0;
                 project_rows(rows, n_rows);
                 for (int32_t r = 0; r < n_rows; ++r) {
-                    const auto [j, p] = flat[c0 + rows[r]];
-                    score_row(rows_for(proj.data() + (size_t) r * n_proj * V, rows[r]), j, texts[j].tokens[p + 1]);
+                    score_row(rows_for(proj.data() + (size_t) r * n_proj * V, rows[r]), nodes[c0 + rows[r]].to);
                 }
             }
         }
@@ -556,7 +580,12 @@ std::vector<score_result> session::score_batch(const std::vector<scored_text> & 
             for (size_t j = g0; j < g1; ++j) {
                 const std::vector<llama_token> & toks = texts[j].tokens;
                 const size_t n_prefix = texts[j].n_prefix;
-                context_.append_rows(context_rows[j - g0].data(), (int32_t) (toks.size() - shared));
+                std::vector<float> rows;  // the text's rows, position by position
+                rows.reserve(paths[j - g0].size() * E);
+                for (int32_t r : paths[j - g0]) {
+                    rows.insert(rows.end(), node_context.begin() + (size_t) r * E, node_context.begin() + (size_t) (r + 1) * E);
+                }
+                context_.append_rows(rows.data(), (int32_t) (toks.size() - shared));
                 context_.begin(n_prefix - 1, toks.size());
                 std::vector<float> h(toks.size() - n_prefix);
                 context_.entropy_of(toks.data() + n_prefix, (int32_t) h.size(), h.data());  // one batch

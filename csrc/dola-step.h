@@ -90,7 +90,8 @@ llama_context_params context_params_for(uint32_t n_ctx, uint32_t n_batch, int32_
 // llama_batch_init's arrays, freed however the decode ends (llama.cpp ships no deleter for it).
 class owned_batch {
 public:
-    explicit owned_batch(int32_t n) : b_(llama_batch_init(n, 0, 1)) {}
+    // n tokens, each in up to n_seq sequences
+    explicit owned_batch(int32_t n, int32_t n_seq = 1) : b_(llama_batch_init(n, 0, n_seq)) {}
     ~owned_batch() { llama_batch_free(b_); }
     owned_batch(const owned_batch &) = delete;
     owned_batch & operator=(const owned_batch &) = delete;

@@ -119,6 +119,7 @@ struct timings {
     int64_t n_captured_ubatches = 0;
     int64_t n_capture_splits = 0;  // times the capture callback had ggml stop the graph and wait
     int64_t n_graph_rebuilds = 0;  // times new layers to keep made llama.cpp reserve and rebuild its graphs
+    int64_t n_score_rows = 0;  // rows of scored texts decoded beside their shared prefix (texts that begin alike share theirs)
 };
 
 }  // namespace dola

@@ -100,3 +100,26 @@ def test_refusals(f32_model):
         f32_model.score_batch(f32_model.tokenize(prompt), [[1, 2], [f32_model.n_vocab + 5]])
     # nothing was decoded for the refused calls: the model still scores as before
     assert_same([f32_model.score(prompt, " Four.")], f32_model.score_batch(prompt, [" Four."]))
+
+
+def test_texts_that_begin_alike_decode_their_common_tokens_once(f32_model):
+    # answers sharing their first words, one the beginning of another, one given twice: each token
+    # at a position after the same tokens is one row of the calls, and each text's scores are still
+    # its own
+    prompt = "Q: What is the capital of France?\nA:"
+    answers = [" The capital of France is Paris.", " The capital of France is Lyon.", " The capital of France",
+               " The capital of France is Paris.", " Paris.", " It is Paris, of course."]
+    n_prefix = len(f32_model.tokenize(prompt))
+    texts = [f32_model.tokenize(prompt + a)[n_prefix:] for a in answers]
+    for kw in ({}, dict(layers="high"), dict(decoder="activation", layers="high"), dict(top_logprobs=2)):
+        # rows: every distinct beginning of a text that predicts another of its tokens (Activation
+        # Decoding's entropy also covers each text's last position)
+        last = 1 if kw.get("decoder") == "activation" else 0
+        rows = {tuple(t[:k]) for t in texts for k in range(1, len(t) + last)}
+        assert len(rows) < sum(len(t) - 1 + last for t in texts) - 8  # the case under test: much is shared
+        alone = [f32_model.score(prompt, a, **kw) for a in answers]
+        before = f32_model.timings()["n_score_rows"]
+        batch = f32_model.score_batch(prompt, answers, **kw)
+        assert f32_model.timings()["n_score_rows"] - before == len(rows)
+        assert_same(alone, batch)
+        assert batch[0].score == batch[3].score and batch[0].score != batch[1].score

@@ -53,9 +53,9 @@ public:
         }
     }
 
-    float score(const decoder_rows & rows, int32_t y, const score_options & opt, float * lp, float * work,
-                score_detail & detail) override {
-        return inner_->score(rows, y, opt, lp, work, detail);
+    const float * score(const decoder_rows & rows, const score_options & opt, float * lp, float * work,
+                        score_detail & detail) override {
+        return inner_->score(rows, opt, lp, work, detail);
     }
 
     float context_score(int32_t y, context_entropy_source & context) const override {

@@ -73,10 +73,10 @@ public:
     // lp: n_vocab, the mature log-softmax (for diagnostics); scores: n_vocab, what the repetition
     // penalty and the sampler see. Fills the step's diagnostics except token/score/mature_logprob.
     virtual void step(const decoder_rows & rows, float * lp, float * scores, step_result & res) = 0;
-    // The score of token y at this position (work: n_vocab scratch; lp: n_vocab, left holding the
-    // mature log-softmax).
-    virtual float score(const decoder_rows & rows, int32_t y, const score_options & opt, float * lp, float * work,
-                        score_detail & detail) = 0;
+    // The scores of every token at this position: returns n_vocab values, lp or work (work: n_vocab
+    // scratch; lp: n_vocab, left holding the mature log-softmax). May overwrite the rows' projections.
+    virtual const float * score(const decoder_rows & rows, const score_options & opt, float * lp, float * work,
+                                score_detail & detail) = 0;
     // A layer whose rows the decoder needs at every context position, reduced to a per-vocabulary
     // entropy over positions (decoder_rows::context_entropy); -1 for none.
     virtual int32_t context_layer() const { return -1; }

@@ -44,8 +44,8 @@ public:
         res.entropy = (float) c.entropy;
     }
 
-    float score(const decoder_rows & rows, int32_t y, const score_options & opt, float * lp, float * work,
-                score_detail & detail) override {
+    const float * score(const decoder_rows & rows, const score_options & opt, float * lp, float * work,
+                        score_detail & detail) override {
         const int64_t V = rows.n_vocab;
         contrast_result c = dola_step(rows.mature, rows.projected, (int32_t) candidates_.size(), V, 0.0, lp, nullptr,
                                       rows.n_threads);
@@ -53,7 +53,7 @@ public:
         if (!c.jsd.empty()) detail.jsd = c.jsd[c.premature_index];
         lm_score_diff(lp, rows.projected + (size_t) c.premature_index * V, V, opt.post_softmax, opt.relative_top,
                       opt.mask_value, work);
-        return work[y];
+        return work;
     }
 
 private:

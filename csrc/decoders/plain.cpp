@@ -19,10 +19,10 @@ public:
         std::memcpy(scores, rows.mature, rows.n_vocab * sizeof(float));
     }
 
-    float score(const decoder_rows & rows, int32_t y, const score_options &, float * lp, float *,
-                score_detail &) override {
+    const float * score(const decoder_rows & rows, const score_options &, float * lp, float *,
+                        score_detail &) override {
         log_softmax(rows.mature, lp, rows.n_vocab);
-        return lp[y];
+        return lp;
     }
 
 private:
