@@ -462,30 +462,17 @@ std::vector<score_result> session::score_batch(const std::vector<scored_text> & 
             res.total += s[y];
         }
     };
-    // projects rows [slot][row][E] of the capture into proj, [row][slot][V]
-    auto project_rows = [&](const int32_t * rows, int32_t n_rows) {
+    // projects rows [slot][row][E] of the capture (the call's rows from row0 on) into proj, [row][slot][V]
+    auto project_rows = [&](const int32_t * rows, int32_t n_rows, int32_t row0) {
         if (n_proj == 0) return;
         hidden_.resize((size_t) n_rows * n_proj * E);
         for (int32_t r = 0; r < n_rows; ++r)
             for (int32_t s = 0; s < n_proj; ++s)
-                std::memcpy(hidden_.data() + ((size_t) r * n_proj + s) * E, capture_.rows(s) + (size_t) rows[r] * E,
-                            E * sizeof(float));
+                std::memcpy(hidden_.data() + ((size_t) r * n_proj + s) * E,
+                            capture_.rows(s) + (size_t) (rows[r] - row0) * E, E * sizeof(float));
         proj.resize((size_t) n_rows * n_proj * V);
         projector_->project(hidden_.data(), n_rows * n_proj, params_.premature_norm, proj.data());
     };
-
-    for (size_t i = common; i < shared; i += n_batch_) {
-        const int32_t n = (int32_t) std::min<size_t>(n_batch_, shared - i);
-        const bool last = same_prefix && i + n == shared;
-        decode_chunk(first.data() + i, n, last ? n - 1 : 0, last ? n : 0, true);
-    }
-    if (same_prefix) {
-        const int32_t row = 0;
-        project_rows(&row, 1);
-        targets to;
-        for (size_t j = 0; j < texts.size(); ++j) to.emplace_back(j, texts[j].tokens[shared]);
-        score_row(rows_for(proj.data(), -1), to);
-    }
 
     // A call's rows: llama.cpp's logits for them within ~128 MB. The rows' projections (K a row)
     // are made and read a few rows at a time, within ~16 MB, so they are read back from cache.
@@ -523,8 +510,20 @@ std::vector<score_result> session::score_batch(const std::vector<scored_text> & 
             llama_pos pos;
             std::vector<llama_seq_id> seqs;
             targets to;  // the texts whose next token this row predicts
+            bool prefix;  // a token of the prefix: also the session's (sequence 0)
         };
         std::vector<node> nodes;
+        if (g0 == 0) {
+            // the prefix's tokens not cached, in the first calls as rows of sequence 0 and of every
+            // text: one chain the texts hang from, its last row (when the texts share the whole
+            // prefix) predicting every text's first token
+            std::vector<llama_seq_id> all(1 + seqs.n);
+            for (int32_t s = 0; s <= seqs.n; ++s) all[s] = s;
+            for (size_t p = common; p < shared; ++p) nodes.push_back(node{first[p], (llama_pos) p, all, {}, true});
+            if (same_prefix) {
+                for (size_t j = 0; j < texts.size(); ++j) nodes.back().to.emplace_back(j, texts[j].tokens[shared]);
+            }
+        }
         std::map<std::pair<int32_t, llama_token>, int32_t> child;  // (parent row, token) -> row; -1: the prefix
         std::vector<std::vector<int32_t>> paths(context ? g1 - g0 : 0);
         for (size_t j = g0; j < g1; ++j) {
@@ -533,7 +532,7 @@ std::vector<score_result> session::score_batch(const std::vector<scored_text> & 
             int32_t parent = -1;
             for (size_t p = shared; p < n_in; ++p) {
                 const auto [it, added] = child.try_emplace({parent, toks[p]}, (int32_t) nodes.size());
-                if (added) nodes.push_back(node{toks[p], (llama_pos) p, {}, {}});
+                if (added) nodes.push_back(node{toks[p], (llama_pos) p, {}, {}, false});
                 node & nd = nodes[it->second];
                 nd.seqs.push_back((llama_seq_id) (1 + j - g0));
                 if (p + 1 >= texts[j].n_prefix && p + 1 < toks.size()) nd.to.emplace_back(j, toks[p + 1]);
@@ -544,21 +543,32 @@ std::vector<score_result> session::score_batch(const std::vector<scored_text> & 
         std::vector<float> node_context(context ? nodes.size() * E : 0);
         for (size_t c0 = 0; c0 < nodes.size(); c0 += rows_per_call) {
             const int32_t n = (int32_t) std::min(rows_per_call, nodes.size() - c0);
-            owned_batch b(n, seqs.n);
+            owned_batch b(n, 1 + seqs.n);
             llama_batch & bt = b.get();
             std::vector<int32_t> scored;  // rows of this call that predict a continuation token
+            // the rows kept are one range, from the first that is not the prefix's alone (the
+            // prefix's rows come first and only its last may predict a text's token)
+            int32_t row0 = n, n_prefix_rows = 0;
             for (int32_t i = 0; i < n; ++i) {
                 const node & nd = nodes[c0 + i];
                 bt.token[i] = nd.token;
                 bt.pos[i] = nd.pos;
                 bt.n_seq_id[i] = (int32_t) nd.seqs.size();
                 std::copy(nd.seqs.begin(), nd.seqs.end(), bt.seq_id[i]);
-                bt.logits[i] = 1;  // every row: the rows to keep must be one range of the call
                 if (!nd.to.empty()) scored.push_back(i);
+                if (row0 == n && (!nd.prefix || !nd.to.empty())) row0 = i;
+                n_prefix_rows += nd.prefix ? 1 : 0;
             }
+            for (int32_t i = 0; i < n; ++i) bt.logits[i] = i >= row0;
             bt.n_tokens = n;
-            decode_batch(bt, 0, n, context);
-            timings_.n_score_rows += n;
+            decode_batch(bt, row0, n, context);
+            // the prefix's rows are the session's now, as decode_chunk would have left them
+            if (context && n_prefix_rows > 0 && context_.n_rows() == tokens_.size()) {
+                check_context_captured();
+                context_.append_rows(capture_.context_rows(), n_prefix_rows);
+            }
+            for (int32_t i = 0; i < n_prefix_rows; ++i) tokens_.push_back(nodes[c0 + i].token);
+            timings_.n_score_rows += n - n_prefix_rows;
             if (context) {
                 check_context_captured();
                 std::memcpy(node_context.data() + c0 * E, capture_.context_rows(), (size_t) n * E * sizeof(float));
@@ -567,7 +577,7 @@ std::vector<score_result> session::score_batch(const std::vector<scored_text> & 
             for (size_t r0 = 0; r0 < scored.size(); r0 += rows_per_projection) {
                 const int32_t n_rows = (int32_t) std::min(rows_per_projection, scored.size() - r0);
                 const int32_t * rows = scored.data() + r0;
-                project_rows(rows, n_rows);
+                project_rows(rows, n_rows, row0);
                 for (int32_t r = 0; r < n_rows; ++r) {
                     score_row(rows_for(proj.data() + (size_t) r * n_proj * V, rows[r]), nodes[c0 + rows[r]].to);
                 }
