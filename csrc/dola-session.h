@@ -75,8 +75,9 @@ public:
     // prefix they share is decoded once, as sequence 0 (and stays cached, as score() leaves its
     // prefix), and each text's own tokens decode as a sequence of their own on that prefix's
     // cells (shared, not recomputed), in the same calls as the prefix's uncached part; texts that
-    // go on alike share those tokens' rows and cells too, up to where they part. Up to max_score_texts texts per call; more, or more tokens than
-    // the context holds beside the prefix, go in several calls.
+    // go on alike share those tokens' rows and cells too, up to where they part. Up to
+    // max_score_texts texts per call; more, or more tokens than the context holds beside the
+    // prefix, go in several calls.
     std::vector<score_result> score_batch(const std::vector<scored_text> & texts, bool post_softmax,
                                           double relative_top, float mask_value);
     static constexpr int32_t max_score_texts = 15;
