@@ -157,12 +157,14 @@ void session::decode_chunk(const llama_token * toks, int32_t n, int32_t row_begi
     }
     bt.n_tokens = n;
     decode_batch(bt, row_begin, row_end, context);
-    if (context) {
-        check_context_captured();
-        if (context_.n_rows() == tokens_.size()) context_.append_rows(capture_.context_rows(), n);
-    }
-    tokens_.insert(tokens_.end(), toks, toks + n);
+    if (context) check_context_captured();
+    append_decoded(toks, n, context);
     if (row_end > row_begin) check_layers_captured();
+}
+
+void session::append_decoded(const llama_token * toks, int32_t n, bool context) {
+    if (context && context_.n_rows() == tokens_.size()) context_.append_rows(capture_.context_rows(), n);
+    tokens_.insert(tokens_.end(), toks, toks + n);
 }
 
 void session::decode_batch(llama_batch & bt, int32_t row_begin, int32_t row_end, bool context) {
@@ -562,17 +564,13 @@ std::vector<score_result> session::score_batch(const std::vector<scored_text> & 
             for (int32_t i = 0; i < n; ++i) bt.logits[i] = i >= row0;
             bt.n_tokens = n;
             decode_batch(bt, row0, n, context);
-            // the prefix's rows are the session's now, as decode_chunk would have left them
-            if (context && n_prefix_rows > 0 && context_.n_rows() == tokens_.size()) {
-                check_context_captured();
-                context_.append_rows(capture_.context_rows(), n_prefix_rows);
-            }
-            for (int32_t i = 0; i < n_prefix_rows; ++i) tokens_.push_back(nodes[c0 + i].token);
-            timings_.n_score_rows += n - n_prefix_rows;
             if (context) {
                 check_context_captured();
                 std::memcpy(node_context.data() + c0 * E, capture_.context_rows(), (size_t) n * E * sizeof(float));
             }
+            // the prefix's rows are the session's now
+            if (n_prefix_rows > 0) append_decoded(first.data() + nodes[c0].pos, n_prefix_rows, context);
+            timings_.n_score_rows += n - n_prefix_rows;
             if (!scored.empty()) check_layers_captured();
             for (size_t r0 = 0; r0 < scored.size(); r0 += rows_per_projection) {
                 const int32_t n_rows = (int32_t) std::min(rows_per_projection, scored.size() - r0);

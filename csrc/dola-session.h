@@ -102,6 +102,9 @@ private:
     // Decodes toks as the next tokens of sequence 0 (the cache tokens_ describes). context: keep
     // the context layer's rows of these tokens (Activation Decoding)
     void decode_chunk(const llama_token * toks, int32_t n, int32_t row_begin, int32_t row_end, bool context = false);
+    // toks, just decoded as the first n rows of a call into sequence 0, become the session's tokens,
+    // with their context layer's rows (captured) when context
+    void append_decoded(const llama_token * toks, int32_t n, bool context);
     // One llama_decode of bt, capturing the layers' rows [row_begin, row_end) of it (and every row
     // of the context layer with context); throws on failure, with the cache of sequence 0 synced.
     void decode_batch(llama_batch & bt, int32_t row_begin, int32_t row_end, bool context);
